@@ -1,0 +1,142 @@
+"""Every command-line flag, defined once, in groups.
+
+The entry scripts build their parsers from these groups, and run.py reuses the same groups both
+to validate a command line and to forward it to the step it runs, so a flag means the same thing
+everywhere. Names and defaults follow the Xeon LLM example scripts users already know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from llmbench.errors import USER_ERROR_EXIT
+
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("stock", "ipex")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one `error: ...` line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+# Each group is a function that adds its flags to a parser and returns the argparse group, so a
+# caller can later find which flags belong to which group (see forward_argv).
+GroupAdder = Callable[[argparse.ArgumentParser], argparse._ArgumentGroup]
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "-m", "--model-name-or-path", "--model-id", dest="model_name_or_path", default=None,
+        help="hub id, local folder, or .gguf file; omitted: the embedded SmolLM2-135M-Instruct",
+    )
+    group.add_argument("--dtype", choices=DTYPES, default="float32",
+                       help="dtype of the weights and of the computation (default float32)")
+    group.add_argument("--config-file", default=None,
+                       help="JSON whose keys override the model's config (see utils/model_config/)")
+    group.add_argument("--backend", choices=BACKENDS, default="stock",
+                       help="stock: transformers eager; ipex: ipex.llm.optimize (must import)")
+    group.add_argument("--ipex", action="store_true",
+                       help="same as --backend ipex (Intel Extension for PyTorch)")
+    return group
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--input-tokens", type=positive_int, default=None,
+                       help="prompt of exactly N tokens from prompt.json (default 32)")
+    group.add_argument("--prompt", default=None, help="use this prompt text instead")
+    group.add_argument("--max-new-tokens", type=positive_int, default=32,
+                       help="tokens generated per iteration, exactly (default 32)")
+    group.add_argument("--batch-size", type=positive_int, default=1,
+                       help="the prompt replicated N times (default 1)")
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy search (default: 4-beam search)")
+    mode.add_argument("--sample", action="store_true", help="multinomial sampling (seeded)")
+    group.add_argument("--num-beams", type=positive_int, default=4,
+                       help="beams for beam search, the default decoding mode (default 4)")
+    group.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    group.add_argument("--generation-config", default=None, metavar="K=V,...",
+                       help="extra generation settings, e.g. temperature=0.7,top_k=50")
+    group.add_argument("--streaming", action="store_true",
+                       help="print tokens as they are generated (one beam, batch 1)")
+    return group
+
+
+def add_benchmark_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--num-iter", type=positive_int, default=10,
+                       help="measured iterations (default 10)")
+    group.add_argument("--num-warmup", type=non_negative_int, default=2,
+                       help="warm-up iterations, run first and never counted (default 2)")
+    group.add_argument("--token-latency", action="store_true",
+                       help="time every decoding step: first-token and next-token latency")
+    group.add_argument("--profile", action="store_true",
+                       help="profile one extra iteration: operator table and a trace file")
+    group.add_argument("--output-dir", default="./saved_results",
+                       help="where reports are written (default ./saved_results)")
+    return group
+
+
+def generation_groups() -> tuple[GroupAdder, ...]:
+    """The flags of single_instance/run_generation.py."""
+    return (add_model_flags, add_generation_flags, add_benchmark_flags)
+
+
+def build_parser(prog: str, description: str, groups: Sequence[GroupAdder]) -> Parser:
+    parser = Parser(prog=prog, description=description)
+    for add in groups:
+        add(parser)
+    return parser
+
+
+def group_dests(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup) -> list[str]:
+    return [action.dest for action in group._group_actions]
+
+
+def forward_argv(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 dests: Sequence[str]) -> list[str]:
+    """Rebuild the command-line flags for `dests` that differ from their defaults.
+
+    run.py uses this to pass a step exactly the flags the user gave it, in canonical form.
+    """
+    argv: list[str] = []
+    for action in parser._actions:
+        if action.dest not in dests or isinstance(action, argparse._HelpAction):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv

@@ -1,0 +1,121 @@
+"""The single-instance generation benchmark (single_instance/run_generation.py)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from llmbench import backends, flags
+from llmbench.bench import BenchmarkRun, run_benchmark
+from llmbench.decoding import decoding_settings
+from llmbench.environment import collect_environment
+from llmbench.errors import UserError
+from llmbench.models import load_model
+from llmbench.precision import check_dtype
+from llmbench.prompts import build_prompt
+from llmbench.report import (REPORT_SCHEMA, ReportWriter, compute_statistics, report_stem,
+                             summary_lines)
+
+DESCRIPTION = "Generation latency benchmark of a Hugging Face causal LM on CPU."
+
+
+def build_parser(prog: str = "run_generation.py") -> flags.Parser:
+    return flags.build_parser(prog, DESCRIPTION, flags.generation_groups())
+
+
+def resolve_backend(args: argparse.Namespace) -> str:
+    if args.ipex and args.backend not in ("stock", "ipex"):
+        raise UserError(f"--ipex contradicts --backend {args.backend}")
+    return "ipex" if args.ipex else args.backend
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    backend = resolve_backend(args)
+    mode, generate_kwargs = decoding_settings(
+        greedy=args.greedy, sample=args.sample, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
+    if args.streaming and (generate_kwargs["num_beams"] > 1 or args.batch_size > 1):
+        raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
+    notes = check_dtype(args.dtype)
+
+    loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
+    prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
+                                family=loaded.family.model_type)
+    prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                          input_tokens=args.input_tokens, prompt_text=args.prompt,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          seq2seq=loaded.family.seq2seq)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
+          f"{args.dtype} | backend {backend} | {mode} | load {loaded.load_seconds:.2f} s", flush=True)
+    print(f"---- Prompt size: {prompt.tokens}", flush=True)
+
+    writer = ReportWriter(args.output_dir,
+                          report_stem(loaded.family.model_type, args.dtype, backend, mode),
+                          base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes))
+
+    def stats_of(run: BenchmarkRun) -> dict[str, Any]:
+        return compute_statistics(run, args.batch_size, loaded.weight_bytes)
+
+    try:
+        run = run_benchmark(
+            prepared.model, loaded.tokenizer, prompt, generate_kwargs,
+            seq2seq=loaded.family.seq2seq, num_iter=args.num_iter, num_warmup=args.num_warmup,
+            token_latency=args.token_latency, streaming=args.streaming, profile=args.profile,
+            seed=args.seed, trace_dir=writer.json_path.parent,
+            on_iteration=lambda partial: writer.update("running", partial, stats_of(partial)))
+    except UserError as exc:
+        writer.fail(str(exc))
+        raise
+    except BaseException as exc:
+        writer.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    stats = stats_of(run)
+    writer.update("complete", run, stats, profile_trace=run.trace_path)
+
+    if run.profile_table:
+        print(run.profile_table)
+        if run.trace_path:
+            print(f"profile trace: {run.trace_path}")
+    print(f"generated (first sequence): {run.generated_text[0]!r}")
+    for line in summary_lines(stats):
+        print(line)
+    print(f"Model load: {loaded.load_seconds:.2f} s"
+          + (f" (+{loaded.conversion_seconds:.1f} s converting GGUF, first run only)"
+             if loaded.conversion_seconds else ""))
+    print(f"Peak RSS: {writer.report['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"report: {writer.json_path}")
+    print(f"summary: {writer.markdown_path}", flush=True)
+    return 0
+
+
+def base_report(args: argparse.Namespace, loaded: Any, prepared: backends.PreparedModel,
+                prompt: Any, mode: str, generate_kwargs: dict[str, Any],
+                notes: list[str]) -> dict[str, Any]:
+    return {
+        "schema": REPORT_SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "started",
+        "config": vars(args),
+        "model": {
+            "name": loaded.source.display_name,
+            "source": loaded.source.kind,
+            "path": loaded.source.path,
+            "gguf_file": loaded.source.gguf_file,
+            "gguf_sha256": loaded.source.gguf_sha256,
+            "family": loaded.family.model_type,
+            "dtype": loaded.dtype,
+            "parameters": loaded.num_parameters,
+            "weight_bytes": loaded.weight_bytes,
+            "load_seconds": loaded.load_seconds,
+            "gguf_conversion_seconds": loaded.conversion_seconds,
+        },
+        "backend": {"name": prepared.backend, **prepared.details},
+        "decoding": {"mode": mode, "generate_kwargs": generate_kwargs},
+        "prompt": {"tokens": prompt.tokens, "source": prompt.source, "text": prompt.text},
+        "notes": notes,
+        "environment": collect_environment(),
+    }

