@@ -206,34 +206,43 @@ def family_for(model_type: str | None) -> Family:
     raise UserError(f"model type {model_type!r} is not supported (supported: {supported})")
 
 
+def read_config_file(config_file: str) -> dict[str, Any]:
+    try:
+        with open(config_file) as handle:
+            overrides = json.load(handle)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read --config-file {config_file}: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise UserError(f"--config-file {config_file} must hold a JSON object")
+    return overrides
+
+
 def load_config(source: ModelSource, config_file: str | None) -> tuple[Any, Family]:
+    """The model's config, with --config-file's keys over it. A config file may also replace a
+    remote-code config by a native one (e.g. an old falcon checkpoint's 'RefinedWeb' config,
+    see utils/model_config/), so the family is decided after the override."""
     from transformers import AutoConfig
 
     config_dict = read_config_dict(source)
-    family = family_for(config_dict.get("model_type"))
-    overrides: dict[str, Any] = dict(family.config_overrides)
-    if config_file is not None:
-        try:
-            with open(config_file) as handle:
-                file_overrides = json.load(handle)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read --config-file {config_file}: {exc}") from exc
-        if not isinstance(file_overrides, dict):
-            raise UserError(f"--config-file {config_file} must hold a JSON object")
-        file_type = file_overrides.get("model_type", family.model_type)
-        if file_type != family.model_type:
-            raise UserError(f"--config-file {config_file} is for model type {file_type!r}, "
-                            f"but the model is {family.model_type!r}")
-        overrides.update(file_overrides)
+    file_overrides = read_config_file(config_file) if config_file else {}
+    family = family_for(file_overrides.get("model_type", config_dict.get("model_type")))
     remote = family.model_type in REMOTE_CODE_FAMILIES
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=remote, **overrides)
+        if file_overrides:
+            merged = {key: value for key, value in config_dict.items() if key != "auto_map"}
+            merged.update(file_overrides)
+            merged.update(family.config_overrides)
+            merged["model_type"] = family.model_type
+            config = AutoConfig.for_model(**merged)
+        else:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=remote,
+                                                **family.config_overrides)
     except Exception as exc:
         if remote:
             raise UserError(
                 f"model family '{family.model_type}' needs its own modeling code "
                 f"(trust_remote_code), which could not be loaded: {exc}") from exc
-        raise UserError(f"cannot read the config of {source.display_name}: {exc}") from exc
+        raise UserError(f"cannot build the config of {source.display_name}: {exc}") from exc
     return config, family
 
 

@@ -178,3 +178,28 @@ def test_run_py_passes_a_failed_step_on(tmp_path):
 
 def test_run_py_with_nothing_to_run():
     assert_one_line_error(run_entry("run.py", "--greedy"), "nothing to run")
+
+
+def test_config_file_overrides_the_model_config(tmp_path, embedded_model_dir):
+    """--config-file keys go over config.json, and may replace an unsupported (remote-code)
+    model_type by a native one, as utils/model_config/ does for old falcon checkpoints."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for item in embedded_model_dir.iterdir():
+        (model_dir / item.name).symlink_to(item)
+    (model_dir / "config.json").unlink()
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    config["model_type"] = "SomeRemoteCodeName"  # what the file below replaces
+    (model_dir / "config.json").write_text(json.dumps(config))
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    out = tmp_path / "out"
+    assert generation_main(["-m", str(model_dir), "--config-file", str(override), "--greedy",
+                            "--max-new-tokens", "2", "--num-iter", "1", "--num-warmup", "0",
+                            "--output-dir", str(out)]) == 0
+    report = only_report(out)
+    assert report["model"]["family"] == "llama"
+    # 30 layers of 3.54M parameters each are gone.
+    assert report["model"]["parameters"] < 135_000_000 - 25 * 3_500_000
+    result = run_entry("single_instance/run_generation.py", "-m", str(model_dir))
+    assert_one_line_error(result, "model type 'SomeRemoteCodeName' is not supported")
