@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from llmbench.errors import USER_ERROR_EXIT
 
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("stock", "ipex")
+BACKENDS = ("stock", "native", "ipex")
+KV_CACHE_DTYPES = ("auto", "fp8_e5m2")
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,7 +63,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--config-file", default=None,
                        help="JSON whose keys override the model's config (see utils/model_config/)")
     group.add_argument("--backend", choices=BACKENDS, default="stock",
-                       help="stock: transformers eager; ipex: ipex.llm.optimize (must import)")
+                       help="stock: transformers eager (default); native: our fused model and "
+                            "kernels; ipex: ipex.llm.optimize (must import)")
+    group.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                       help="native backend: KV cache in the model's dtype (auto) or fp8_e5m2")
     group.add_argument("--ipex", action="store_true",
                        help="same as --backend ipex (Intel Extension for PyTorch)")
     return group
@@ -108,6 +112,87 @@ def add_benchmark_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
 def generation_groups() -> tuple[GroupAdder, ...]:
     """The flags of single_instance/run_generation.py."""
     return (add_model_flags, add_generation_flags, add_benchmark_flags)
+
+
+def eval_limit(text: str) -> int | float:
+    """lm-eval's --limit: N documents per task, or a fraction of each task when below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value >= 1 and value == int(value):
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or a fraction in (0, 1), "
+                                     f"got {text}")
+
+
+def add_accuracy_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """What single_instance/run_accuracy.py evaluates (run.py forwards them with --accuracy-only).
+    --batch-size and --output-dir are shared with the benchmark: see add_accuracy_run_flags."""
+    group = parser.add_argument_group("accuracy (lm-eval)")
+    group.add_argument("--tasks", default=None, metavar="NAME,...",
+                       help="lm-eval task names, comma-separated, e.g. lambada_openai,hellaswag "
+                            "(default: the shipped llmbench/data/lambada_local.jsonl, offline)")
+    group.add_argument("--tasks-file", default=None, metavar="FILE.yaml",
+                       help="an lm-eval task definition (YAML) to evaluate as well")
+    group.add_argument("--lambada-file", default=None, metavar="FILE.jsonl",
+                       help='{"text": ...} per line, scored as lambada_openai: last-word '
+                            "accuracy and perplexity")
+    group.add_argument("--limit", type=eval_limit, default=None,
+                       help="evaluate the first N documents of each task (or a fraction < 1)")
+    return group
+
+
+def add_accuracy_run_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The accuracy script's own --batch-size and --output-dir; in run.py these two come from the
+    generation and benchmark groups, with the same defaults, and mean the same thing."""
+    group = parser.add_argument_group("accuracy run")
+    group.add_argument("--batch-size", type=positive_int, default=1,
+                       help="documents per forward pass (default 1)")
+    group.add_argument("--output-dir", default="./saved_results",
+                       help="where results are written (default ./saved_results)")
+    return group
+
+
+def accuracy_groups() -> tuple[GroupAdder, ...]:
+    """The flags of single_instance/run_accuracy.py."""
+    return (add_model_flags, add_accuracy_flags, add_accuracy_run_flags)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """run.py's distributed switches (launched by `deepspeed ... run.py --autotp`)."""
+    group = parser.add_argument_group("distributed (DeepSpeed AutoTP)")
+    group.add_argument("--autotp", action="store_true",
+                       help="run the benchmark tensor parallel across the launcher's ranks "
+                            "(distributed/run_generation_with_deepspeed.py)")
+    group.add_argument("--shard-model", action="store_true",
+                       help="first write the weights as small files to "
+                            "--output-dir/<family>_local_shard and run from there")
+    group.add_argument("--max-shard-size", default="500MB",
+                       help="largest file --shard-model writes (default 500MB)")
+    return group
+
+
+def add_rank_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """What a launcher passes every rank, and how long a rank waits for the others."""
+    group = parser.add_argument_group("ranks")
+    group.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                       help="set by the launcher (the LOCAL_RANK variable takes precedence)")
+    group.add_argument("--dist-timeout", type=positive_float, default=1800.0,
+                       help="seconds a rank waits for the others before failing (default 1800)")
+    return group
 
 
 def build_parser(prog: str, description: str, groups: Sequence[GroupAdder]) -> Parser:

@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
     prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
-                                family=loaded.family.model_type)
+                                family=loaded.family.model_type,
+                                kv_cache_dtype=args.kv_cache_dtype)
+    loaded.model = prepared.model  # a backend that rebuilt the model frees the original
+    if "fallback_reason" in prepared.details:
+        notes.append(prepared.details["fallback_reason"])
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
                           input_tokens=args.input_tokens, prompt_text=args.prompt,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -50,15 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}", flush=True)
     print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-          f"{args.dtype} | backend {backend} | {mode} | load {loaded.load_seconds:.2f} s", flush=True)
+          f"{args.dtype} | backend {prepared.backend} | {mode} | load {loaded.load_seconds:.2f} s", flush=True)
     print(f"---- Prompt size: {prompt.tokens}", flush=True)
 
     writer = ReportWriter(args.output_dir,
-                          report_stem(loaded.family.model_type, args.dtype, backend, mode),
+                          report_stem(loaded.family.model_type, args.dtype, prepared.backend, mode),
                           base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes))
 
     def stats_of(run: BenchmarkRun) -> dict[str, Any]:
-        return compute_statistics(run, args.batch_size, loaded.weight_bytes)
+        return compute_statistics(run, args.batch_size, loaded.decode_weight_bytes)
 
     try:
         run = run_benchmark(
@@ -110,6 +114,7 @@ def base_report(args: argparse.Namespace, loaded: Any, prepared: backends.Prepar
             "dtype": loaded.dtype,
             "parameters": loaded.num_parameters,
             "weight_bytes": loaded.weight_bytes,
+            "decode_weight_bytes": loaded.decode_weight_bytes,
             "load_seconds": loaded.load_seconds,
             "gguf_conversion_seconds": loaded.conversion_seconds,
         },

@@ -53,8 +53,7 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3"),
         Family("phi"),
         Family("phi3"),
-        # The mamba CUDA kernels don't exist on CPU; the pure-PyTorch path does.
-        Family("jamba", config_overrides={"use_mamba_kernels": False}),
+        Family("jamba"),  # transformers falls back to its PyTorch mamba path on CPU by itself
         Family("deepseek_v2"),
         Family("deepseek_v3"),
         Family("gemma"),
@@ -89,6 +88,9 @@ class LoadedModel:
     conversion_seconds: float  # GGUF -> safetensors, first run only
     num_parameters: int
     weight_bytes: int
+    # What one decode step reads: all weights but an untied embedding (and a seq2seq encoder).
+    # For mixture-of-experts families it is an upper bound: only routed experts are read.
+    decode_weight_bytes: int
 
 
 def embedded_gguf_path() -> Path:
@@ -279,6 +281,16 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
     if tokenizer.pad_token is None:  # batches need a pad token; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     params = list(model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    decode_weight_bytes = weight_bytes - (0 if tied else embedding.numel() * embedding.element_size())
+    if family.seq2seq:  # decode steps run the decoder only (and the embedding it shares)
+        shared = {p.data_ptr() for p in model.get_decoder().parameters()}
+        decode_weight_bytes -= sum(p.numel() * p.element_size()
+                                   for p in model.get_encoder().parameters()
+                                   if p.data_ptr() not in shared)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -289,5 +301,6 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
         load_seconds=load_seconds,
         conversion_seconds=conversion_seconds,
         num_parameters=sum(p.numel() for p in params),
-        weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        weight_bytes=weight_bytes,
+        decode_weight_bytes=decode_weight_bytes,
     )

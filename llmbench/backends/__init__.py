@@ -1,6 +1,7 @@
 """Optimization backends: each takes a loaded model and returns the model to run.
 
-stock: transformers eager, as loaded. ipex: ipex.llm.optimize, only where it imports.
+stock: transformers eager, as loaded. native: our own model over llmbench.kernels (native.py).
+ipex: ipex.llm.optimize, only where it imports.
 A backend that can't run here stops with a message; nothing silently runs something else.
 """
 
@@ -19,7 +20,14 @@ class PreparedModel:
     details: dict[str, Any] = field(default_factory=dict)  # recorded in the report
 
 
-def prepare(model: Any, *, backend: str, dtype: str, family: str) -> PreparedModel:
+def prepare(model: Any, *, backend: str, dtype: str, family: str,
+            kv_cache_dtype: str = "auto") -> PreparedModel:
+    if kv_cache_dtype != "auto" and backend != "native":
+        raise UserError(f"--kv-cache-dtype {kv_cache_dtype} needs --backend native")
+    if backend == "native":
+        from llmbench.backends import native
+
+        return native.prepare(model, dtype=dtype, family=family, kv_cache_dtype=kv_cache_dtype)
     if backend == "stock":
         from llmbench.backends import stock
 

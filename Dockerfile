@@ -1,0 +1,19 @@
+# llmbench on a CPU-only image. Sets up with the same script a user runs (tools/env_setup.sh).
+# Not built here (no Docker engine on the development machines): see README, "Not tried here".
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git g++ numactl libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/llmbench
+COPY . .
+# torch==2.13.0 from PyPI: the CPU wheel index is added so pip never pulls the CUDA build.
+ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
+    PIP_NO_CACHE_DIR=1
+RUN bash tools/env_setup.sh
+# Convert the embedded model's GGUF once at build time, so the first run starts in seconds.
+RUN python -c "from llmbench.models import materialize_gguf, resolve_source; \
+materialize_gguf(resolve_source(None))"
+
+CMD ["bash", "-c", "source tools/env_activate.sh && python run.py --benchmark --token-latency"]

@@ -1,0 +1,437 @@
+"""The native backend: what ipex.llm.optimize does, from upstream PyTorch and our own kernels.
+
+For llama-like decoders it replaces transformers' model by a plain one in the manner of
+gpt-fast, whose whole generation path reads top to bottom here:
+
+- weights are taken over once: fused QKV and gate/up projections, stored in the model's dtype
+  (fp32 or bf16) and multiplied by llmbench.kernels, which stream the weights at close to the
+  memory bandwidth for decode (M <= 16) and use torch's GEMM for prefill; activations are fp32,
+  so bf16 weights never mean bf16 arithmetic on CPUs without it (only the logits are rounded to
+  bf16, as stock's are, so both break near-ties alike and pick the same tokens);
+- the KV cache is preallocated from prompt + output length; the prompt's keys and values are
+  computed and stored once per sequence, not once per beam;
+- beam search never copies the cache: each beam keeps a table of which cache slot holds its key
+  at each generated position (IPEX's "indirect access KV cache"), and attention reads through it;
+- `--kv-cache-dtype fp8_e5m2` stores keys and values in fp8.
+
+Families outside NATIVE_FAMILIES run stock, and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmbench import kernels
+from llmbench.backends import PreparedModel
+from llmbench.errors import UserError
+
+NATIVE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+KV_CACHE_DTYPES = ("auto", "fp8_e5m2")
+# generate() settings the native loop implements; anything else is refused, never ignored.
+SUPPORTED_GENERATE_KEYS = {"input_ids", "attention_mask", "pad_token_id", "max_new_tokens",
+                           "min_new_tokens", "do_sample", "num_beams", "stopping_criteria",
+                           "streamer", "temperature", "top_k", "top_p", "eos_token_id",
+                           "length_penalty", "early_stopping"}
+
+
+class Linear:
+    """y = x @ W.T (+ b) with W kept in its storage dtype; x and y are fp32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight.contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        if self.weight.dtype == torch.float32:
+            self.kernel = kernels.linear_f32
+        elif self.weight.dtype == torch.bfloat16:
+            self.kernel = kernels.linear_bf16w
+        else:
+            raise UserError(f"native backend: no kernel for {self.weight.dtype} weights")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self.weight, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def fuse(*linears: torch.nn.Linear) -> Linear:
+    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    biases = [lin.bias for lin in linears]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else torch.zeros(lin.out_features, dtype=lin.weight.dtype)
+         for b, lin in zip(biases, linears, strict=True)])
+    return Linear(weight, bias)
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    mlp_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+    q_norm: torch.Tensor | None = None  # qwen3 normalizes each head's q and k
+    k_norm: torch.Tensor | None = None
+
+
+class KVCache:
+    """One layer's keys and values: the prompt's once per sequence [B, kv, P, d], the generated
+    tokens' per beam slot [B*beams, kv, N, d]. `history[r, j]` is the slot whose entry at
+    generated position j belongs to beam row r, so reordering beams rewrites that small table
+    instead of the cache."""
+
+    def __init__(self, batch: int, beams: int, kv_heads: int, head_dim: int, prompt_len: int,
+                 new_tokens: int, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.prompt_k = torch.zeros(batch, kv_heads, prompt_len, head_dim, dtype=dtype)
+        self.prompt_v = torch.zeros_like(self.prompt_k)
+        self.gen_k = torch.zeros(batch * beams, kv_heads, new_tokens, head_dim, dtype=dtype)
+        self.gen_v = torch.zeros_like(self.gen_k)
+
+
+class BeamHistory:
+    """The indirection table shared by all layers' caches."""
+
+    def __init__(self, rows: int, new_tokens: int, indirect: bool) -> None:
+        self.indirect = indirect
+        self.table = torch.arange(rows).unsqueeze(1).repeat(1, new_tokens)
+        self.length = 0  # generated positions stored so far
+
+    def reorder(self, parents: torch.Tensor) -> None:
+        # Beam row r now continues beam parents[r]: it inherits that beam's history.
+        self.table[:, : self.length] = self.table[parents, : self.length]
+
+
+class NativeModel:
+    """A llama-like decoder over our kernels, with a generate() for the benchmark loop."""
+
+    def __init__(self, hf_model: Any, kv_cache_dtype: str) -> None:
+        config = hf_model.config
+        inner = hf_model.model
+        self.config = config
+        self.generation_config = hf_model.generation_config
+        self.rotary = inner.rotary_emb  # transformers' own: every rope type, exact same tables
+        attn0 = inner.layers[0].self_attn
+        self.head_dim = attn0.head_dim
+        self.scaling = attn0.scaling
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.eps = config.rms_norm_eps
+        self.sliding_window = getattr(config, "sliding_window", None)
+        self.weight_dtype = inner.embed_tokens.weight.dtype
+        self.kv_dtype = {"auto": self.weight_dtype, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
+        self.embed = inner.embed_tokens.weight.detach()
+        self.final_norm = inner.norm.weight.detach().float()
+        self.layers = [self._take_layer(layer) for layer in inner.layers]
+        lm_head = hf_model.lm_head
+        self.lm_head = Linear(lm_head.weight.detach(),
+                              None if lm_head.bias is None else lm_head.bias.detach())
+        self.tied = lm_head.weight.data_ptr() == self.embed.data_ptr()
+
+    def _take_layer(self, layer: Any) -> Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        if hasattr(attn, "qkv_proj"):  # phi3 ships them fused already
+            qkv = Linear(attn.qkv_proj.weight.detach(), None)
+            gate_up = Linear(mlp.gate_up_proj.weight.detach(), None)
+        else:
+            qkv = fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+            gate_up = fuse(mlp.gate_proj, mlp.up_proj)
+        q_norm = getattr(attn, "q_norm", None)
+        k_norm = getattr(attn, "k_norm", None)
+        return Layer(
+            attn_norm=layer.input_layernorm.weight.detach().float(),
+            qkv=qkv,
+            o=Linear(attn.o_proj.weight.detach(),
+                     None if attn.o_proj.bias is None else attn.o_proj.bias.detach()),
+            mlp_norm=layer.post_attention_layernorm.weight.detach().float(),
+            gate_up=gate_up,
+            down=Linear(mlp.down_proj.weight.detach(), None),
+            q_norm=None if q_norm is None else q_norm.weight.detach().float(),
+            k_norm=None if k_norm is None else k_norm.weight.detach().float(),
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        total = sum(lin.nbytes for layer in self.layers
+                    for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return total + self.lm_head.nbytes
+
+    # ---- the forward pass -------------------------------------------------------------------
+
+    def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length).unsqueeze(0)
+        cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
+        return cos[0].float(), sin[0].float()  # [length, rotary_dim]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        half = rot // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        out = x_rot * cos + rotated * sin
+        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
+
+    def _qkv(self, layer: Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h [R, S, H] -> q [R, heads, S, d], k and v [R, kv, S, d], rope applied."""
+        rows, seq, _ = h.shape
+        x = F.rms_norm(h, (h.shape[-1],), layer.attn_norm, self.eps)
+        qkv = layer.qkv(x.view(rows * seq, -1))
+        d = self.head_dim
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = q.view(rows, seq, self.heads, d).transpose(1, 2)
+        k = k.view(rows, seq, self.kv_heads, d).transpose(1, 2)
+        v = v.view(rows, seq, self.kv_heads, d).transpose(1, 2)
+        if layer.q_norm is not None:
+            q = F.rms_norm(q, (d,), layer.q_norm, self.eps)
+            k = F.rms_norm(k, (d,), layer.k_norm, self.eps)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+
+    def _mlp_and_output(self, layer: Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        rows, seq, hidden = h.shape
+        h = h + layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
+        x = F.rms_norm(h, (hidden,), layer.mlp_norm, self.eps).view(rows * seq, hidden)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return h + layer.down(F.silu(gate) * up).view(rows, seq, hidden)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed).float()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(F.rms_norm(h, (h.shape[-1],), self.final_norm, self.eps))
+        if self.weight_dtype != torch.float32:
+            # Stock returns logits in the weights' dtype: bf16's coarse steps turn near-ties
+            # into exact ties, which argmax and top-k break by index. Rounding ours the same
+            # way makes the same choices; everything before the logits stays fp32.
+            logits = logits.to(self.weight_dtype).float()
+        return logits
+
+    def prefill(self, ids: torch.Tensor, caches: list[KVCache], cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """ids [B, P] -> logits of the last position [B, V]; fills the caches' prompt part."""
+        seq = ids.shape[1]
+        h = self._embed(ids)
+        c, s = cos[:seq], sin[:seq]
+        for layer, cache in zip(self.layers, caches, strict=True):
+            q, k, v = self._qkv(layer, h, c, s)
+            cache.prompt_k.copy_(k)
+            cache.prompt_v.copy_(v)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                                  enable_gqa=True)
+            h = self._mlp_and_output(layer, h, attn.transpose(1, 2))
+        return self._logits(h[:, -1])
+
+    def decode(self, ids: torch.Tensor, caches: list[KVCache], history: BeamHistory,
+               beams: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One token per row: ids [B*beams] -> logits [B*beams, V]."""
+        rows = ids.shape[0]
+        batch = rows // beams
+        position = caches[0].prompt_k.shape[2] + history.length
+        step = history.length
+        c, s = cos[position: position + 1], sin[position: position + 1]
+        h = self._embed(ids).unsqueeze(1)  # [R, 1, H]
+        group = self.heads // self.kv_heads
+        d = self.head_dim
+        for layer, cache in zip(self.layers, caches, strict=True):
+            q, k, v = self._qkv(layer, h, c, s)  # q [R, heads, 1, d], k/v [R, kv, 1, d]
+            cache.gen_k[:, :, step: step + 1].copy_(k)
+            cache.gen_v[:, :, step: step + 1].copy_(v)
+            # Scores against the prompt, shared by the beams of a sequence: [B, kv, beams*g, P].
+            qp = q.view(batch, beams, self.kv_heads, group, d).permute(0, 2, 1, 3, 4)
+            qp = qp.reshape(batch, self.kv_heads, beams * group, d)
+            pk, pv = cache.prompt_k, cache.prompt_v
+            if pk.dtype != torch.float32:
+                pk, pv = pk.float(), pv.float()
+            scores_prompt = torch.matmul(qp, pk.transpose(-1, -2)) * self.scaling
+            # Scores against generated tokens, read through the beam history: [R, kv, g, t].
+            gk, gv = self._generated(cache, history, step + 1)
+            qg = q.view(rows, self.kv_heads, group, d)
+            scores_gen = torch.matmul(qg, gk.transpose(-1, -2)) * self.scaling
+            scores_prompt = scores_prompt.view(batch, self.kv_heads, beams, group, -1)
+            scores_prompt = scores_prompt.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads,
+                                                                         group, -1)
+            probs = torch.softmax(torch.cat((scores_prompt, scores_gen), dim=-1), dim=-1)
+            prompt_len = pk.shape[2]
+            probs_prompt = probs[..., :prompt_len].reshape(batch, beams, self.kv_heads, group,
+                                                          prompt_len)
+            probs_prompt = probs_prompt.permute(0, 2, 1, 3, 4).reshape(batch, self.kv_heads,
+                                                                       beams * group, prompt_len)
+            out_prompt = torch.matmul(probs_prompt, pv).view(batch, self.kv_heads, beams, group, d)
+            out_prompt = out_prompt.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads, group, d)
+            out = out_prompt + torch.matmul(probs[..., prompt_len:], gv)
+            h = self._mlp_and_output(layer, h, out.reshape(rows, 1, self.heads * d))
+        history.length += 1
+        return self._logits(h[:, 0])
+
+    def _generated(self, cache: KVCache, history: BeamHistory, length: int):
+        k, v = cache.gen_k[:, :, :length], cache.gen_v[:, :, :length]
+        if history.indirect:
+            # k[r, :, j] = gen_k[table[r, j], :, j]: gather through the beam history.
+            slots = history.table[:, :length]
+            positions = torch.arange(length)
+            k = cache.gen_k[slots, :, positions].transpose(1, 2)
+            v = cache.gen_v[slots, :, positions].transpose(1, 2)
+        if k.dtype != torch.float32:
+            k, v = k.float(), v.float()
+        return k, v
+
+    # ---- generate() -------------------------------------------------------------------------
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        unsupported = sorted(set(kwargs) - SUPPORTED_GENERATE_KEYS)
+        if unsupported:
+            raise UserError(f"native backend: generation settings not implemented: "
+                            f"{', '.join(unsupported)}")
+        ids: torch.Tensor = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise UserError("native backend: padded prompts are not supported")
+        new_tokens = int(kwargs["max_new_tokens"])
+        if int(kwargs.get("min_new_tokens") or 0) != new_tokens:
+            raise UserError("native backend generates a fixed number of tokens "
+                            "(min_new_tokens == max_new_tokens)")
+        beams = int(kwargs.get("num_beams") or 1)
+        do_sample = bool(kwargs.get("do_sample"))
+        if beams > 1 and do_sample:
+            raise UserError("native backend: beam sampling is not implemented")
+        criteria = kwargs.get("stopping_criteria") or []
+        streamer = kwargs.get("streamer")
+        settings = self._sampling_settings(kwargs)
+        banned = self._eos_ids(kwargs)
+
+        batch, prompt_len = ids.shape
+        total = prompt_len + new_tokens
+        if self.sliding_window and total > self.sliding_window:
+            raise UserError(f"native backend: {total} tokens exceed the sliding window "
+                            f"({self.sliding_window})")
+        cos, sin = self._rope_tables(total)
+        caches = [KVCache(batch, beams, self.kv_heads, self.head_dim, prompt_len, new_tokens,
+                          self.kv_dtype) for _ in self.layers]
+        history = BeamHistory(batch * beams, new_tokens, indirect=beams > 1)
+        if streamer is not None:
+            streamer.put(ids.cpu())
+
+        with torch.inference_mode():
+            logits = self.prefill(ids, caches, cos, sin)
+            if beams > 1:
+                sequences = self._beam_search(ids, logits, caches, history, beams, new_tokens,
+                                              banned, criteria, cos, sin)
+            else:
+                sequences = ids
+                for step in range(new_tokens):
+                    if step:
+                        logits = self.decode(sequences[:, -1], caches, history, 1, cos, sin)
+                    token = self._pick(logits, banned, do_sample, settings)
+                    sequences = torch.cat((sequences, token[:, None]), dim=1)
+                    if streamer is not None:
+                        streamer.put(token.cpu())
+                    for criterion in criteria:
+                        criterion(sequences, None)
+        if streamer is not None:
+            streamer.end()
+        return sequences
+
+    def _beam_search(self, ids, logits, caches, history, beams, new_tokens, banned, criteria,
+                     cos, sin) -> torch.Tensor:
+        """Beam search over a fixed length: every hypothesis ends at the same length, so the
+        best is the one with the highest summed log-probability (length penalty can't reorder
+        them), as in transformers' beam search with min_new_tokens == max_new_tokens."""
+        batch = ids.shape[0]
+        vocab = logits.shape[-1]
+        logprobs = self._log_softmax(logits, banned)  # [B, V]: all beams start the same
+        scores, tokens = logprobs.topk(beams, dim=-1)  # [B, beams]
+        rows = batch * beams
+        generated = tokens.reshape(rows, 1)
+        beam_scores = scores.reshape(rows)
+        offsets = (torch.arange(batch) * beams).repeat_interleave(beams)
+        full = torch.cat((ids.repeat_interleave(beams, dim=0), generated), dim=1)
+        for criterion in criteria:
+            criterion(full, None)
+        for _ in range(1, new_tokens):
+            logits = self.decode(generated[:, -1], caches, history, beams, cos, sin)
+            logprobs = self._log_softmax(logits, banned) + beam_scores[:, None]
+            flat = logprobs.view(batch, beams * vocab)
+            top_scores, top_index = flat.topk(beams, dim=-1)
+            parents = (top_index // vocab).reshape(rows) + offsets
+            next_tokens = (top_index % vocab).reshape(rows)
+            history.reorder(parents)
+            generated = torch.cat((generated[parents], next_tokens[:, None]), dim=1)
+            beam_scores = top_scores.reshape(rows)
+            full = torch.cat((ids.repeat_interleave(beams, dim=0), generated), dim=1)
+            for criterion in criteria:
+                criterion(full, None)
+        best = beam_scores.view(batch, beams).argmax(dim=-1) + torch.arange(batch) * beams
+        return torch.cat((ids, generated[best]), dim=1)
+
+    @staticmethod
+    def _log_softmax(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if banned:
+            logprobs[:, banned] = -math.inf
+        return logprobs
+
+    def _eos_ids(self, kwargs: dict[str, Any]) -> list[int]:
+        eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
+
+    def _sampling_settings(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # transformers' defaults apply when sampling (top_k 50), as in stock generate().
+        defaults = self.generation_config
+        return {"temperature": kwargs.get("temperature", defaults.temperature or 1.0),
+                "top_k": kwargs.get("top_k", defaults.top_k if defaults.top_k is not None else 50),
+                "top_p": kwargs.get("top_p", defaults.top_p if defaults.top_p is not None else 1.0)}
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, banned: list[int], do_sample: bool,
+              settings: dict[str, Any]) -> torch.Tensor:
+        logits = logits.float()
+        if banned:  # min_new_tokens: end-of-sequence can't be chosen before the last token
+            logits[:, banned] = -math.inf
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / settings["temperature"]
+        top_k = int(settings["top_k"] or 0)
+        if 0 < top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        top_p = float(settings["top_p"])
+        if top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=False)
+            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+            remove = cumulative <= 1 - top_p
+            remove[:, -1] = False
+            logits = logits.masked_fill(remove.scatter(1, order, remove), -math.inf)
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1)[:, 0]
+
+
+def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str) -> PreparedModel:
+    if family not in NATIVE_FAMILIES:
+        from llmbench.backends import stock
+
+        prepared = stock.prepare(model)
+        note = (f"native backend does not cover family '{family}' yet "
+                f"(covered: {', '.join(NATIVE_FAMILIES)}): this run is STOCK transformers")
+        return PreparedModel(model=prepared.model, backend="stock",
+                             details={**prepared.details, "requested": "native",
+                                      "fallback_reason": note})
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"native backend runs float32 and bfloat16 weights, not {dtype}")
+    native = NativeModel(model, kv_cache_dtype)
+    return PreparedModel(model=native, backend="native", details={
+        "kernels": kernels.isa(),
+        "kernels_built": kernels.available(),
+        "kernels_import_error": kernels.import_error(),
+        "activation_dtype": "float32",
+        "kv_cache_dtype": str(native.kv_dtype).replace("torch.", ""),
+        "tied_embedding": native.tied,
+        "weight_bytes_per_token": native.weight_bytes,
+    })
