@@ -66,7 +66,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="stock: transformers eager (default); native: our fused model and "
                             "kernels; ipex: ipex.llm.optimize (must import)")
     group.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                       help="native backend: KV cache in the model's dtype (auto) or fp8_e5m2")
+                       help="native backend: KV cache in fp32, the activations' dtype "
+                            "(auto), or fp8_e5m2")
     group.add_argument("--ipex", action="store_true",
                        help="same as --backend ipex (Intel Extension for PyTorch)")
     return group
@@ -82,7 +83,8 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--batch-size", type=positive_int, default=1,
                        help="the prompt replicated N times (default 1)")
     mode = group.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true", help="greedy search (default: 4-beam search)")
+    mode.add_argument("--greedy", action="store_true",
+                      help="greedy search (default: 4-beam search)")
     mode.add_argument("--sample", action="store_true", help="multinomial sampling (seeded)")
     group.add_argument("--num-beams", type=positive_int, default=4,
                        help="beams for beam search, the default decoding mode (default 4)")
@@ -192,6 +194,67 @@ def add_rank_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="set by the launcher (the LOCAL_RANK variable takes precedence)")
     group.add_argument("--dist-timeout", type=positive_float, default=1800.0,
                        help="seconds a rank waits for the others before failing (default 1800)")
+    return group
+
+
+def alpha_value(text: str) -> str:
+    """SmoothQuant's --alpha: a number in [0, 1] or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'auto': {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] or 'auto', got {text}")
+    return text
+
+
+def add_quantization_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Quantization (llmbench/quant): run.py's two steps, single_instance/run_quantization.py,
+    and run_generation.py --quantized-model-path. Names follow the Xeon example scripts."""
+    group = parser.add_argument_group("quantization")
+    group.add_argument("--ipex-weight-only-quantization", action="store_true",
+                       help="weight-only quantization (round to nearest), saved to --output-dir")
+    group.add_argument("--weight-dtype", choices=("INT8", "INT4", "NF4", "FP8"), default="INT8",
+                       help="weight-only storage type (default INT8)")
+    group.add_argument("--group-size", type=int, default=0,
+                       help="input channels per scale: 0 automatic (128 for 4-bit, per-channel "
+                            "otherwise), -1 per-channel, or a power of two >= 32")
+    group.add_argument("--woq-sym-quant-weight", action="store_true",
+                       help="symmetric weights (no zero points)")
+    group.add_argument("--lowp-mode", choices=("AUTO", "FP32", "BF16", "FP16", "INT8"),
+                       default="AUTO", help="compute dtype of quantized projections (ours: fp32)")
+    group.add_argument("--quant-with-amp", action="store_true",
+                       help="bf16 for the layers that are not quantized (same as --dtype "
+                            "bfloat16)")
+    group.add_argument("--act-quant-mode", default=None,
+                       help="activation quantization for --lowp-mode INT8 (not supported here)")
+    group.add_argument("--low-precision-checkpoint", default=None, metavar="FILE",
+                       help="a GPTQ/AWQ INT4 checkpoint (safetensors) for the model")
+    group.add_argument("--ipex-smooth-quant", action="store_true",
+                       help="SmoothQuant static INT8 (weights and activations), calibrated")
+    group.add_argument("--alpha", type=alpha_value, default="0.5",
+                       help="SmoothQuant migration strength in [0, 1], or auto (default 0.5)")
+    group.add_argument("--calib-len", type=positive_int, default=512,
+                       help="tokens per calibration sample (default 512)")
+    group.add_argument("--calib-iters", type=positive_int, default=32,
+                       help="calibration samples (default 32)")
+    group.add_argument("--calib-shuffle", action="store_true",
+                       help="shuffle the calibration samples (seeded)")
+    group.add_argument("--calib-padding", action="store_true",
+                       help="pad every calibration sample to --calib-len")
+    group.add_argument("--fallback-add", default=None, metavar="NAME,...",
+                       help="SmoothQuant: projections kept in fp32 besides the automatic ones "
+                            "(module names or name suffixes, e.g. lm_head,down_proj)")
+    group.add_argument("--dataset", default=None, metavar="FILE",
+                       help="calibration text: a .txt, or JSONL with a 'text' field (default: "
+                            "llmbench/data/lambada_local.jsonl)")
+    group.add_argument("--qconfig-summary-file", default=None, metavar="FILE.json",
+                       help="SmoothQuant recipe: reused when the file exists, else written")
+    group.add_argument("--quantized-model-path", default=None, metavar="FILE",
+                       help="a saved quantized model (best_model.safetensors) to benchmark; "
+                            "run.py then skips the quantization step")
     return group
 
 

@@ -20,6 +20,7 @@ Families outside NATIVE_FAMILIES run stock, and the report says so.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,28 +73,35 @@ def fuse(*linears: torch.nn.Linear) -> Linear:
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
-    qkv: Linear
-    o: Linear
+    qkv: Any  # Linear, or a quantized linear put in by map_linears
+    o: Any
     mlp_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: Any
+    down: Any
     q_norm: torch.Tensor | None = None  # qwen3 normalizes each head's q and k
     k_norm: torch.Tensor | None = None
 
 
 class KVCache:
     """One layer's keys and values: the prompt's once per sequence [B, kv, P, d], the generated
-    tokens' per beam slot [B*beams, kv, N, d]. `history[r, j]` is the slot whose entry at
-    generated position j belongs to beam row r, so reordering beams rewrites that small table
-    instead of the cache."""
+    tokens' per beam slot [B*beams, kv, N, d]. With one beam both are views of one buffer
+    [B, kv, P+N, d], so a decode step attends over a plain prefix of it. With several,
+    `BeamHistory.table[r, j]` is the slot whose entry at generated position j belongs to beam
+    row r, so reordering beams rewrites that small table instead of the cache."""
 
     def __init__(self, batch: int, beams: int, kv_heads: int, head_dim: int, prompt_len: int,
                  new_tokens: int, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.prompt_k = torch.zeros(batch, kv_heads, prompt_len, head_dim, dtype=dtype)
-        self.prompt_v = torch.zeros_like(self.prompt_k)
-        self.gen_k = torch.zeros(batch * beams, kv_heads, new_tokens, head_dim, dtype=dtype)
-        self.gen_v = torch.zeros_like(self.gen_k)
+        if beams == 1:
+            self.k = torch.zeros(batch, kv_heads, prompt_len + new_tokens, head_dim, dtype=dtype)
+            self.v = torch.zeros_like(self.k)
+            self.prompt_k, self.gen_k = self.k[:, :, :prompt_len], self.k[:, :, prompt_len:]
+            self.prompt_v, self.gen_v = self.v[:, :, :prompt_len], self.v[:, :, prompt_len:]
+        else:
+            self.prompt_k = torch.zeros(batch, kv_heads, prompt_len, head_dim, dtype=dtype)
+            self.prompt_v = torch.zeros_like(self.prompt_k)
+            self.gen_k = torch.zeros(batch * beams, kv_heads, new_tokens, head_dim, dtype=dtype)
+            self.gen_v = torch.zeros_like(self.gen_k)
 
 
 class BeamHistory:
@@ -126,7 +134,8 @@ class NativeModel:
         self.eps = config.rms_norm_eps
         self.sliding_window = getattr(config, "sliding_window", None)
         self.weight_dtype = inner.embed_tokens.weight.dtype
-        self.kv_dtype = {"auto": self.weight_dtype, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
+        # auto: the activations' dtype (fp32), so attention reads the cache without converting.
+        self.kv_dtype = {"auto": torch.float32, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
         self.embed = inner.embed_tokens.weight.detach()
         self.final_norm = inner.norm.weight.detach().float()
         self.layers = [self._take_layer(layer) for layer in inner.layers]
@@ -156,6 +165,15 @@ class NativeModel:
             q_norm=None if q_norm is None else q_norm.weight.detach().float(),
             k_norm=None if k_norm is None else k_norm.weight.detach().float(),
         )
+
+    def map_linears(self, convert: Callable[[str, Linear], Any]) -> None:
+        """Replace each projection by convert(name, linear), e.g. a quantized one: anything with
+        __call__(x fp32 [M, K]) -> fp32 [M, N] and an `nbytes` property fits. Names are
+        "layers.<i>.<qkv|o|gate_up|down>" and "lm_head"."""
+        for index, layer in enumerate(self.layers):
+            for attr in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, attr, convert(f"layers.{index}.{attr}", getattr(layer, attr)))
+        self.lm_head = convert("lm_head", self.lm_head)
 
     @property
     def weight_bytes(self) -> int:
@@ -243,6 +261,14 @@ class NativeModel:
             q, k, v = self._qkv(layer, h, c, s)  # q [R, heads, 1, d], k/v [R, kv, 1, d]
             cache.gen_k[:, :, step: step + 1].copy_(k)
             cache.gen_v[:, :, step: step + 1].copy_(v)
+            if beams == 1:  # attend over the buffer's filled prefix in one call
+                keys, values = cache.k[:, :, : position + 1], cache.v[:, :, : position + 1]
+                if keys.dtype != torch.float32:
+                    keys, values = keys.float(), values.float()
+                attn = F.scaled_dot_product_attention(q, keys, values, scale=self.scaling,
+                                                      enable_gqa=True)
+                h = self._mlp_and_output(layer, h, attn.view(rows, 1, self.heads * d))
+                continue
             # Scores against the prompt, shared by the beams of a sequence: [B, kv, beams*g, P].
             qp = q.view(batch, beams, self.kv_heads, group, d).permute(0, 2, 1, 3, 4)
             qp = qp.reshape(batch, self.kv_heads, beams * group, d)

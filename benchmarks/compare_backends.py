@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Every backend and precision side by side, in one run, on the same model, prompt, tokens and
+threads: first-token and next-token latency, tokens/s, weight-read GB/s, % of the machine's read
+bandwidth (measured here, first), and the ratio to stock fp32.
+
+Run by hand on a quiet machine (nothing else busy: two cores measure contention otherwise):
+
+    python benchmarks/compare_backends.py                      # embedded SmolLM2-135M
+    python benchmarks/compare_backends.py --model tinyllama-1b # random weights, TinyLlama shape
+
+Writes the table as markdown and JSON into --output-dir (benchmarks/results by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from llmbench.backends import prepare  # noqa: E402
+from llmbench.bench import run_benchmark  # noqa: E402
+from llmbench.environment import collect_environment  # noqa: E402
+from llmbench.models import cache_root, load_model  # noqa: E402
+from llmbench.prompts import Prompt, build_prompt  # noqa: E402
+from llmbench.report import compute_statistics, write_atomic  # noqa: E402
+
+# (name, backend, dtype, extra prepare() settings)
+CONFIGS = {
+    "stock-fp32": ("stock", "float32", {}),
+    "stock-bf16": ("stock", "bfloat16", {}),
+    "native-fp32": ("native", "float32", {}),
+    "native-bf16": ("native", "bfloat16", {}),
+    "native-bf16-fp8kv": ("native", "bfloat16", {"kv_cache_dtype": "fp8_e5m2"}),
+    "ipex-fp32": ("ipex", "float32", {}),
+}
+# TinyLlama-1.1B's shape, random weights: big enough that per-token overheads don't hide the
+# kernels. Its vocab (32000) is smaller than the SmolLM2 tokenizer used for the prompt, so the
+# prompt's ids are taken modulo the vocab.
+TINYLLAMA_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def read_bandwidth_gb_per_s(gib: float = 1.0, repeats: int = 7) -> float:
+    """Median rate of summing a large fp32 tensor: what streaming weights can reach here."""
+    data = torch.ones(int(gib * 2**30) // 4)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+def random_tinyllama(tokenizer_dir: Path) -> Path:
+    """Build (once, cached) a random-weight model of TinyLlama-1.1B's shape."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = cache_root() / "random-tinyllama-1.1b"
+    if (folder / "config.json").is_file():
+        return folder
+    print("building a random-weight TinyLlama-1.1B-shaped model (once)...", flush=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINYLLAMA_SHAPE, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def resolve_model(name: str) -> str | None:
+    if name == "smollm2":
+        return None
+    if name == "tinyllama-1b":
+        from llmbench.models import materialize_gguf, resolve_source
+
+        tokenizer_dir = Path(materialize_gguf(resolve_source(None))[0].path)
+        return str(random_tinyllama(tokenizer_dir))
+    return name  # any -m value
+
+
+def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    backend, dtype, extra = CONFIGS[config_name]
+    loaded = load_model(model_arg, dtype)
+    prepared = prepare(loaded.model, backend=backend, dtype=dtype,
+                       family=loaded.family.model_type, **extra)
+    loaded.model = prepared.model
+    prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                          input_tokens=args.input_tokens, prompt_text=None, batch_size=1,
+                          max_new_tokens=args.max_new_tokens)
+    vocab = loaded.config.vocab_size
+    prompt = Prompt(prompt.input_ids % vocab, prompt.attention_mask, prompt.text, prompt.tokens,
+                    prompt.source)
+    run = run_benchmark(prepared.model, loaded.tokenizer, prompt,
+                        {"do_sample": False, "num_beams": 1,
+                         "max_new_tokens": args.max_new_tokens,
+                         "min_new_tokens": args.max_new_tokens},
+                        seq2seq=False, num_iter=args.num_iter, num_warmup=args.num_warmup,
+                        token_latency=True, streaming=False, profile=False, seed=0)
+    weight_bytes = prepared.details.get("weight_bytes_per_token", loaded.decode_weight_bytes)
+    stats = compute_statistics(run, 1, weight_bytes)
+    result = {
+        "config": config_name, "backend": prepared.backend, "dtype": dtype,
+        "backend_details": prepared.details,
+        "first_token_ms": stats["first_token_latency_s"]["p50"] * 1000,
+        "next_token_ms": stats["next_token_latency_s"]["p50"] * 1000,
+        "next_token_mean_ms": stats["next_token_latency_s"]["mean"] * 1000,
+        "tokens_per_s": stats["generated_tokens_per_s"],
+        "weight_bytes": weight_bytes,
+        "gb_per_s": weight_bytes / stats["next_token_latency_s"]["p50"] / 1e9,
+        "text": run.generated_text[0][:80],
+    }
+    del loaded, prepared, run
+    gc.collect()
+    return result
+
+
+def table(rows: list[dict[str, Any]], bandwidth: float) -> str:
+    base = next((r for r in rows if r["config"] == "stock-fp32"), None)
+    lines = ["| config | ran as | first token ms | next token ms | tokens/s | GB/s | % of read BW "
+             "| floor ms | x floor | first vs stock fp32 | next vs stock fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | not run: {r['error']} |" + " |" * 9)
+            continue
+        floor_ms = r["weight_bytes"] / bandwidth / 1e6
+        first = f"{base['first_token_ms'] / r['first_token_ms']:.2f}x" if base else "-"
+        nxt = f"{base['next_token_ms'] / r['next_token_ms']:.2f}x" if base else "-"
+        ran_as = f"{r['backend']} ({r['backend_details'].get('kernels', 'transformers')})"
+        lines.append(f"| {r['config']} | {ran_as} | {r['first_token_ms']:.1f} | "
+                     f"{r['next_token_ms']:.2f} | {r['tokens_per_s']:.1f} | {r['gb_per_s']:.1f} | "
+                     f"{100 * r['gb_per_s'] / bandwidth:.0f}% | {floor_ms:.2f} | "
+                     f"{r['next_token_ms'] / floor_ms:.2f} | {first} | {nxt} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (embedded), tinyllama-1b (random weights), or any -m value")
+    default_configs = ",".join(c for c in CONFIGS if c != "native-bf16-fp8kv")
+    parser.add_argument("--configs", default=default_configs,
+                        help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--input-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--num-iter", type=int, default=5)
+    parser.add_argument("--num-warmup", type=int, default=1)
+    parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs: {', '.join(unknown)}")
+
+    model_arg = resolve_model(args.model)
+    bandwidth = read_bandwidth_gb_per_s()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s with {torch.get_num_threads()} threads",
+          flush=True)
+    rows = []
+    for name in configs:
+        try:
+            row = measure(model_arg, name, args)
+        except Exception as exc:  # e.g. ipex not importable: shown in the table, not hidden
+            row = {"config": name, "error": " ".join(str(exc).split())[:120]}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "backend_details"}), flush=True)
+    markdown = (f"# compare_backends: {args.model}, {args.input_tokens} in / "
+                f"{args.max_new_tokens} out, greedy, batch 1, {torch.get_num_threads()} threads\n\n"
+                f"Read bandwidth measured first: {bandwidth:.1f} GB/s. Latencies are medians "
+                f"over {args.num_iter} iterations after {args.num_warmup} warm-up. floor = "
+                "weight bytes per token / read bandwidth.\n\n" + table(rows, bandwidth) + "\n")
+    print(markdown)
+    out = Path(args.output_dir)
+    stem = f"compare-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_atomic(out / f"{stem}.md", markdown)
+    write_atomic(out / f"{stem}.json", json.dumps(
+        {"model": args.model, "bandwidth_gb_per_s": bandwidth, "rows": rows,
+         "settings": vars(args), "environment": collect_environment()}, indent=1, default=str))
+    print(f"written: {out / stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Weight-streaming linear kernels for small-M (decode) LLM inference on CPU.
+
+``y = x @ W.T (+ bias)`` for activations x float32 [..., K] and weights W
+[N, K] stored as float32, bfloat16, int8 (per-row scale) or packed int4
+(group-wise scale/zero).  All math is float32 (weights are widened in
+registers), results are float32 [..., N].
+
+Public API (all accept x of shape [K] or [..., K]; M = number of rows of x):
+
+  linear_f32(x, w, bias=None)                    w float32 [N, K]
+  linear_bf16w(x, w, bias=None)                  w bfloat16 [N, K]
+  linear_int8w(x, qweight, scales, bias=None)    qweight int8 [N, K], scales float32 [N]
+                                                 y = (x @ q.T) * scales (+ bias)
+  linear_int4w(x, qweight, scales, zeros, group_size, bias=None)
+        qweight uint8 [N, K/2] from pack_int4 (K even); scales, zeros float32
+        [N, K/group_size]; group_size = K or a power of two >= 32 dividing K.
+        w = (q - zeros) * scales, group-wise along K.
+  pack_int4(q) / unpack_int4(packed)             q uint8 in [0, 15], [N, K] <-> [N, K/2]
+  quantize_int8(w) -> (qweight, scales); quantize_int4(w, group_size) -> (packed, scales, zeros)
+  dequantize_int8(...), dequantize_int4(...)     -> float32 [N, K]
+
+int4 packing layout (per row): each full block of 32 elements is 16 bytes, and
+byte i of a block holds element i in its low nibble and element i+16 in its
+high nibble; a trailing partial block of even length L (only when K is not a
+multiple of 32, i.e. per-channel group_size == K) holds elements i / i+L/2.
+
+Dispatch: for 1 <= M <= SMALL_M_MAX (16) the compiled kernels run (memory
+bound: weights streamed once, OpenMP over blocks of 4 output rows, honours
+torch.set_num_threads).  For M > 16 (prefill, compute bound) the weights are
+widened/dequantized to float32 and torch's GEMM (oneDNN/MKL) is used -- the
+same code as the pure-PyTorch reference (:mod:`llmbench.kernels.reference`).
+The float32 dequantized copy is NOT cached; callers doing many large-M calls
+should dequantize once and call torch themselves.
+
+When the extension ``llmbench.kernels._C`` is not built (or fails to import,
+or LLMBENCH_NO_KERNELS=1), every function falls back to the reference with
+identical semantics and ``available()`` is False.  Build it with
+``python tools/build_kernels.py`` (or ``llmbench.kernels.build()``); importing
+this package never compiles anything.
+
+The ISA path is chosen at run time (avx512 > avx2 > generic); force one with
+``set_isa(name)`` or the env var LLMBENCH_KERNELS_ISA=generic|avx2|avx512.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+
+import torch
+
+from . import reference
+from .reference import (
+    dequantize_int4,
+    dequantize_int8,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
+__all__ = [
+    "available",
+    "isa",
+    "supported_isas",
+    "set_isa",
+    "build",
+    "import_error",
+    "force_fallback",
+    "SMALL_M_MAX",
+    "linear_f32",
+    "linear_bf16w",
+    "linear_int8w",
+    "linear_int4w",
+    "pack_int4",
+    "unpack_int4",
+    "quantize_int8",
+    "quantize_int4",
+    "dequantize_int8",
+    "dequantize_int4",
+    "reference",
+]
+
+SMALL_M_MAX = 16
+
+_C = None
+_IMPORT_ERROR: str | None = None
+_FORCE_FALLBACK = False
+
+
+def _load() -> None:
+    global _C, _IMPORT_ERROR
+    if os.environ.get("LLMBENCH_NO_KERNELS", "") not in ("", "0"):
+        _C, _IMPORT_ERROR = None, "disabled by LLMBENCH_NO_KERNELS"
+        return
+    try:
+        _C = importlib.import_module("._C", __name__)
+        _IMPORT_ERROR = None
+    except Exception as e:  # not built, or built against another torch (ABI)
+        _C, _IMPORT_ERROR = None, f"{type(e).__name__}: {e}"
+        return
+    want = os.environ.get("LLMBENCH_KERNELS_ISA", "").strip().lower()
+    if want:
+        try:
+            _C.set_isa(want)
+        except RuntimeError as e:
+            warnings.warn(f"LLMBENCH_KERNELS_ISA={want!r} ignored: {e}", RuntimeWarning, stacklevel=2)
+
+
+_load()
+
+
+def available() -> bool:
+    """True when the compiled kernels are importable (and not forced off)."""
+    return _C is not None and not _FORCE_FALLBACK
+
+
+def isa() -> str:
+    """Active path: "avx512", "avx2", "generic", or "torch-fallback"."""
+    return _C.isa() if available() else "torch-fallback"
+
+
+def supported_isas() -> list[str]:
+    """ISA paths usable on this CPU with this build ([] without the extension)."""
+    return list(_C.supported_isas()) if _C is not None else []
+
+
+def set_isa(name: str) -> str:
+    """Force a compiled path ("generic", "avx2", "avx512", or "auto")."""
+    if _C is None:
+        raise RuntimeError(f"llmbench.kernels extension not available ({_IMPORT_ERROR})")
+    return _C.set_isa(name)
+
+
+def import_error() -> str | None:
+    """Why the extension could not be imported (None when it was)."""
+    return _IMPORT_ERROR
+
+
+def build(verbose: bool = True, force: bool = False) -> str:
+    """Compile the extension in place (explicit; see tools/build_kernels.py) and load it."""
+    from ._build import build as _build
+
+    path = _build(verbose=verbose, force=force)
+    _load()
+    return path
+
+
+@contextlib.contextmanager
+def force_fallback(enabled: bool = True):
+    """Context manager: route every call to the pure-PyTorch path (tests/benchmarks)."""
+    global _FORCE_FALLBACK
+    old = _FORCE_FALLBACK
+    _FORCE_FALLBACK = enabled
+    try:
+        yield
+    finally:
+        _FORCE_FALLBACK = old
+
+
+# ---------------------------------------------------------------------------
+# wrappers
+# ---------------------------------------------------------------------------
+
+
+# Fast path: x [..., K] with 1 <= M <= SMALL_M_MAX rows goes straight to C++,
+# which flattens the leading dims, does all dtype/shape checks (raising
+# TypeError/ValueError like the fallback) and copies non-contiguous inputs.
+# Everything else takes _slow().
+
+
+def _prep_x(x: torch.Tensor, K: int, fn: str) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        raise TypeError(f"{fn}: x must be float32, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"{fn}: x has shape {tuple(x.shape)}, expected [..., {K}]")
+    return x.reshape(-1, K)
+
+
+def _check_w(w: torch.Tensor, dtype: torch.dtype, fn: str, name: str) -> None:
+    if w.dtype != dtype or w.dim() != 2:
+        raise TypeError(f"{fn}: {name} must be a 2-D {dtype} tensor, got {w.dtype} {tuple(w.shape)}")
+
+
+def _slow(fn: str, x, w, wdtype, K: int, ref, *rest):
+    """Validated pure-torch path: M == 0, M > SMALL_M_MAX (prefill), or no extension."""
+    _check_w(w, wdtype, fn, "qweight" if wdtype in (torch.int8, torch.uint8) else "w")
+    y = ref(_prep_x(x, K, fn), w, *rest)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x float32 [..., K], w float32 [N, K] -> float32 [..., N]."""
+    if _C is not None and not _FORCE_FALLBACK and x.dim() and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]:
+        return _C.linear_f32(x, w, bias)
+    return _slow("linear_f32", x, w, torch.float32, w.shape[-1], reference.linear_f32, bias)
+
+
+def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x float32 [..., K], w bfloat16 [N, K] -> float32 [..., N] (fp32 math)."""
+    if _C is not None and not _FORCE_FALLBACK and x.dim() and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]:
+        return _C.linear_bf16w(x, w, bias)
+    return _slow("linear_bf16w", x, w, torch.bfloat16, w.shape[-1], reference.linear_bf16w, bias)
+
+
+def linear_int8w(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x float32 [..., K], qweight int8 [N, K], scales float32 [N] -> float32 [..., N]."""
+    if _C is not None and not _FORCE_FALLBACK and x.dim() and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]:
+        return _C.linear_int8w(x, qweight, scales, bias)
+    return _slow("linear_int8w", x, qweight, torch.int8, qweight.shape[-1], reference.linear_int8w,
+                 scales, bias)
+
+
+def linear_int4w(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x float32 [..., K], packed uint8 [N, K/2], scales/zeros float32 [N, K/group_size]."""
+    if _C is not None and not _FORCE_FALLBACK and x.dim() and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]:
+        return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias)
+    _check_w(qweight, torch.uint8, "linear_int4w", "qweight")
+    K = 2 * qweight.shape[-1]
+    reference.check_int4_group(K, int(group_size))
+    return _slow("linear_int4w", x, qweight, torch.uint8, K, reference.linear_int4w,
+                 scales, zeros, int(group_size), bias)

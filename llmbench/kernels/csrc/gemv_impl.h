@@ -1,0 +1,232 @@
+// ISA-agnostic GEMV kernel templates.
+//
+// NOT a normal header: it is #included *inside* an anonymous namespace of each
+// ISA translation unit (kernels_generic.cpp / kernels_avx2.cpp /
+// kernels_avx512.cpp), after that unit has defined its vector shim:
+//
+//   using V = <vector of W floats>;  constexpr int W;
+//   V vzero(); V vset1(float); V vadd(V, V); V vmul(V, V); V vfma(V a, V b, V c) /* a*b+c */;
+//   float vhsum(V);
+//   V vld_f32(const float*);  V vld_bf16(const uint16_t*);  V vld_i8(const int8_t*);
+//   void vld_i4x32(const uint8_t* p, V* q);  // 16 bytes -> 32 floats in [0,15],
+//                                            // q[j] = elements [j*W, (j+1)*W)
+//
+// Because of the anonymous namespace every instantiation has internal linkage,
+// so the same template compiled with different `#pragma GCC target` flags in
+// different TUs never gets merged by the linker.
+//
+// Blocking: each call computes a tile of R weight rows x MT activation rows,
+// holding R*MT vector accumulators in registers; weights are streamed once
+// per tile, activations are re-read from L1.  Rows are processed in blocks of
+// 4 (so 4 independent weight streams are in flight), then a 1-row tail.
+// M is tiled in chunks of <= 4; for M > 4 the weight block is re-read from
+// L1/L2 for each M chunk (it is small: 4 rows).
+
+// ---------------------------------------------------------------------------
+// element formats for the dense kernels (f32, bf16, int8)
+// ---------------------------------------------------------------------------
+inline float bf16_bits_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+struct FmtF32 {
+  using T = float;
+  static constexpr bool kRowScale = false;
+  static V load(const T* p) { return vld_f32(p); }
+  static float scalar(const T* p) { return *p; }
+};
+struct FmtBF16 {
+  using T = uint16_t;
+  static constexpr bool kRowScale = false;
+  static V load(const T* p) { return vld_bf16(p); }
+  static float scalar(const T* p) { return bf16_bits_to_f32(*p); }
+};
+struct FmtI8 {  // per-output-row scale applied after the dot product
+  using T = int8_t;
+  static constexpr bool kRowScale = true;
+  static V load(const T* p) { return vld_i8(p); }
+  static float scalar(const T* p) { return static_cast<float>(*p); }
+};
+
+template <class F, int R, int MT>
+inline void dense_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
+  const int64_t K = a.K, ldx = a.ldx;
+  const typename F::T* w = static_cast<const typename F::T*>(a.w) + n0 * K;
+  const float* x = a.x + m0 * ldx;
+  V acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = vzero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    for (int r = 0; r < R; ++r) {
+      const V wv = F::load(w + r * K + k);
+      for (int m = 0; m < MT; ++m)
+        acc[r][m] = vfma(wv, vld_f32(x + m * ldx + k), acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    for (int m = 0; m < MT; ++m) {
+      float s = vhsum(acc[r][m]);
+      for (int64_t kk = k; kk < K; ++kk)  // scalar K tail
+        s += F::scalar(w + r * K + kk) * x[m * ldx + kk];
+      if (F::kRowScale) s *= a.scales[n];
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + m) * a.ldy + n] = s;
+    }
+  }
+}
+
+template <class F>
+struct DenseKern {
+  template <int NR, int MT>
+  static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    constexpr int RMAX = (MT <= 3) ? 4 : 2;  // <= 12 accumulators
+    constexpr int R = NR < RMAX ? NR : RMAX;
+    for (int i = 0; i < NR; i += R) dense_tile<F, R, MT>(a, n + i, m0);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// int4, asymmetric, group-wise.  Packed layout (see kernels/__init__.py):
+// per row, each full block of 32 elements is 16 bytes; byte i holds element
+// i in its low nibble and element i+16 in its high nibble.  A trailing
+// partial block of (even) length L stores element i (low) and i+L/2 (high)
+// in byte i.
+//
+// Math: y = sum_g s_g * (sum_{k in g} x_k q_k  -  z_g * sum_{k in g} x_k)
+// The inner dot runs on raw q (0..15) in per-group vector accumulators, the
+// scale is applied once per group with one FMA per accumulator, and the
+// zero-point term is one vectorized dot over groups per output,
+// sum_g s_g z_g xsum_g, with the per-group activation sums xsum precomputed
+// once per call (ops.cpp).
+// ---------------------------------------------------------------------------
+// sum_g s[g] * z[g] * xs[g]
+inline float dot3(const float* s, const float* z, const float* xs, int64_t n) {
+  V acc = vzero();
+  int64_t g = 0;
+  for (; g + W <= n; g += W) acc = vfma(vmul(vld_f32(s + g), vld_f32(z + g)), vld_f32(xs + g), acc);
+  float t = vhsum(acc);
+  for (; g < n; ++g) t += s[g] * z[g] * xs[g];
+  return t;
+}
+
+// NB: full 32-element blocks per group if known at compile time (1, 2, 4 for
+// group_size 32/64/128), else 0 = read from a.group_size at run time.
+template <int R, int MT, int NA, int NB>
+inline void i4_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
+  constexpr int NV = 32 / W;
+  const int64_t K = a.K, ldx = a.ldx, G = a.group_size, NG = a.ngroups;
+  const int64_t rowb = K / 2;
+  const uint8_t* wp = static_cast<const uint8_t*>(a.w) + n0 * rowb;
+  const float* x = a.x + m0 * ldx;
+  const float* sc = a.scales + n0 * NG;
+  const float* zp = a.zeros + n0 * NG;
+  const float* xsum = a.xsum + m0 * NG;
+  const int64_t nblk = NB ? NB : G / 32;  // full blocks per group
+  V tot[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) tot[r][m] = vzero();
+  for (int64_t g = 0; g < NG; ++g) {
+    V ga[R][MT][NA];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m)
+        for (int i = 0; i < NA; ++i) ga[r][m][i] = vzero();
+    const uint8_t* pg = wp + g * (G / 2);
+    const float* xg = x + g * G;
+    for (int64_t b = 0; b < nblk; ++b) {
+      for (int r = 0; r < R; ++r) {
+        V q[NV];
+        vld_i4x32(pg + r * rowb + b * 16, q);
+        for (int j = 0; j < NV; ++j)
+          for (int m = 0; m < MT; ++m)
+            ga[r][m][j % NA] =
+                vfma(q[j], vld_f32(xg + m * ldx + b * 32 + j * W), ga[r][m][j % NA]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const V s = vset1(sc[r * NG + g]);
+      for (int m = 0; m < MT; ++m) {
+        V t = ga[r][m][0];
+        for (int i = 1; i < NA; ++i) t = vadd(t, ga[r][m][i]);
+        tot[r][m] = vfma(s, t, tot[r][m]);
+      }
+    }
+  }
+  // Partial trailing block: only possible when group_size == K (NG == 1).
+  const int64_t kt = nblk * 32;
+  const int64_t L = NB ? 0 : G - kt;
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    for (int m = 0; m < MT; ++m) {
+      float s = vhsum(tot[r][m]);
+      if (L > 0) {
+        const float* xm = x + m * ldx;
+        const uint8_t* p = wp + r * rowb + kt / 2;
+        const int64_t h = L / 2;
+        float t = 0.f;
+        for (int64_t i = 0; i < h; ++i)
+          t += static_cast<float>(p[i] & 15) * xm[kt + i] +
+               static_cast<float>(p[i] >> 4) * xm[kt + h + i];
+        s += t * sc[r * NG];
+      }
+      s -= dot3(sc + r * NG, zp + r * NG, xsum + m * NG, NG);  // zero-point term
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + m) * a.ldy + n] = s;
+    }
+  }
+}
+
+template <int NB>
+struct I4Kern {
+  template <int NR, int MT>
+  static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    // accumulators: R*MT*NA (group) + R*MT (total) <= 12
+    constexpr int RMAX = (MT == 1) ? 4 : (MT <= 3 ? 2 : 1);
+    constexpr int NA = (MT == 1) ? 2 : 1;
+    constexpr int R = NR < RMAX ? NR : RMAX;
+    for (int i = 0; i < NR; i += R) i4_tile<R, MT, NA, NB>(a, n + i, m0);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// row-range driver
+// ---------------------------------------------------------------------------
+template <class Kern, int NR>
+inline void all_m(const GemvArgs& a, int64_t n) {
+  int64_t m0 = 0;
+  for (; a.M - m0 >= 4; m0 += 4) Kern::template block<NR, 4>(a, n, m0);
+  switch (a.M - m0) {
+    case 3: Kern::template block<NR, 3>(a, n, m0); break;
+    case 2: Kern::template block<NR, 2>(a, n, m0); break;
+    case 1: Kern::template block<NR, 1>(a, n, m0); break;
+    default: break;
+  }
+}
+
+template <class Kern>
+void rows(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) all_m<Kern, 4>(a, n);
+  for (; n < n_end; ++n) all_m<Kern, 1>(a, n);
+}
+
+void rows_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  switch (a.group_size) {
+    case 32: rows<I4Kern<1>>(a, n_begin, n_end); break;
+    case 64: rows<I4Kern<2>>(a, n_begin, n_end); break;
+    case 128: rows<I4Kern<4>>(a, n_begin, n_end); break;
+    default: rows<I4Kern<0>>(a, n_begin, n_end); break;
+  }
+}
+
+#define LLMB_KERNEL_TABLE(NAME)                                        \
+  {                                                                    \
+    NAME, {                                                            \
+      &rows<DenseKern<FmtF32>>, &rows<DenseKern<FmtBF16>>,             \
+          &rows<DenseKern<FmtI8>>, &rows_i4                            \
+    }                                                                  \
+  }

@@ -1,0 +1,43 @@
+// Portable scalar path (any CPU, e.g. Arm or x86 without AVX2).  Compiled with
+// the baseline flags only; the blocked loops still give the compiler several
+// independent accumulators to work with.
+#include <cstdint>
+#include <cstring>
+
+#include "common.h"
+
+namespace llmb {
+namespace {
+
+using V = float;
+constexpr int W = 1;
+inline V vzero() { return 0.f; }
+inline V vset1(float f) { return f; }
+inline V vadd(V a, V b) { return a + b; }
+inline V vmul(V a, V b) { return a * b; }
+inline V vfma(V a, V b, V c) { return a * b + c; }
+inline float vhsum(V v) { return v; }
+inline V vld_f32(const float* p) { return *p; }
+inline V vld_bf16(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline V vld_i8(const int8_t* p) { return static_cast<float>(*p); }
+inline void vld_i4x32(const uint8_t* p, V* q) {
+  for (int i = 0; i < 16; ++i) {
+    q[i] = static_cast<float>(p[i] & 15);
+    q[16 + i] = static_cast<float>(p[i] >> 4);
+  }
+}
+
+#include "gemv_impl.h"
+
+const KernelTable kTable = LLMB_KERNEL_TABLE("generic");
+
+}  // namespace
+
+const KernelTable* generic_table() { return &kTable; }
+
+}  // namespace llmb

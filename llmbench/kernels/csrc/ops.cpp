@@ -1,0 +1,241 @@
+// Torch bindings, argument checks, run-time ISA dispatch and threading for
+// the llmbench weight-streaming GEMV kernels (small-M linear layers).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace llmb {
+namespace {
+
+bool cpu_has_avx2() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+const KernelTable* table_for(const std::string& name) {
+  if (name == "generic") return generic_table();
+  if (name == "avx2") return (avx2_table() && cpu_has_avx2()) ? avx2_table() : nullptr;
+  if (name == "avx512") return (avx512_table() && cpu_has_avx512()) ? avx512_table() : nullptr;
+  return nullptr;
+}
+
+const KernelTable* best_table() {
+  if (auto* t = table_for("avx512")) return t;
+  if (auto* t = table_for("avx2")) return t;
+  return generic_table();
+}
+
+const KernelTable*& active_table() {
+  static const KernelTable* t = best_table();
+  return t;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out{"generic"};
+  if (table_for("avx2")) out.push_back("avx2");
+  if (table_for("avx512")) out.push_back("avx512");
+  return out;
+}
+
+std::string isa() { return active_table()->name; }
+
+std::string set_isa(const std::string& name) {
+  const KernelTable* t = (name == "auto") ? best_table() : table_for(name);
+  TORCH_CHECK(t != nullptr, "llmbench.kernels: ISA '", name,
+              "' is not supported on this CPU/build (supported: auto, ",
+              c10::Join(", ", supported_isas()), ")");
+  active_table() = t;
+  return t->name;
+}
+
+// Splits the N output rows over the intra-op thread pool (OpenMP; honours
+// torch.set_num_threads) in chunks that are multiples of the 4-row block.
+void run(Fmt fmt, const GemvArgs& a, double weight_bytes_per_row) {
+  if (a.N == 0 || a.M == 0) return;
+  const RowsFn fn = active_table()->fn[fmt];
+  const int64_t nquads = (a.N + 3) / 4;
+  // Each task streams at least ~64 KiB of weights so that tiny matrices do
+  // not pay the fork/join cost for nothing.
+  const int64_t grain =
+      std::max<int64_t>(1, static_cast<int64_t>(65536.0 / (4.0 * weight_bytes_per_row + 1.0)));
+  at::parallel_for(0, nquads, grain, [&](int64_t b, int64_t e) {
+    fn(a, b * 4, std::min<int64_t>(e * 4, a.N));
+  });
+}
+
+// Type problems raise TypeError, shape/value problems ValueError (same as the
+// Python fallback).  Non-contiguous inputs are copied (the Python wrappers pass
+// contiguous tensors; weights should be contiguous to avoid a per-call copy).
+at::Tensor prep_x(const at::Tensor& x, const char* fn) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, fn, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), fn, ": x must be a CPU tensor");
+  TORCH_CHECK_VALUE(x.dim() >= 1, fn, ": x must be [..., K], got a 0-d tensor");
+  at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
+  if (x2.size(1) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  return x2;
+}
+
+at::Tensor prep_w(const at::Tensor& w, at::ScalarType dt, int64_t cols, const char* fn,
+                  const char* name) {
+  TORCH_CHECK_TYPE(w.scalar_type() == dt && w.dim() == 2, fn, ": ", name, " must be a 2-D ", dt,
+                   " tensor, got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK_VALUE(w.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK_VALUE(w.size(1) == cols, fn, ": x has shape [..., ", (dt == at::kByte ? 2 * cols : cols),
+                    "] but ", name, " has shape ", w.sizes());
+  return w.is_contiguous() ? w : w.contiguous();
+}
+
+at::Tensor prep_vec(const at::Tensor& t, int64_t n, const char* what, const char* fn) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, fn, ": ", what, " must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.numel() == n, fn, ": ", what, " must be a CPU tensor with ",
+                    n, " elements, got ", t.sizes());
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+// Holds (possibly copied) inputs alive for the duration of the call.
+struct Prepared {
+  at::Tensor x, w, bias, y, y_view;
+  GemvArgs a{};
+};
+
+void prepare(Prepared& p, const at::Tensor& x, const at::Tensor& w, at::ScalarType wdt,
+             int64_t wcols_per_k2, const std::optional<at::Tensor>& bias, const char* fn,
+             const char* wname) {
+  p.x = prep_x(x, fn);
+  const int64_t K = p.x.size(1);
+  int64_t wcols = K;
+  if (wcols_per_k2) {  // int4: [N, K/2]
+    TORCH_CHECK_VALUE(K % 2 == 0, fn, ": K must be even for packed int4, got ", K);
+    wcols = K / 2;
+  }
+  p.w = prep_w(w, wdt, wcols, fn, wname);
+  const int64_t N = p.w.size(0);
+  GemvArgs& a = p.a;
+  a.x = p.x.data_ptr<float>();
+  a.M = p.x.size(0);
+  a.K = K;
+  a.ldx = a.M > 1 ? p.x.stride(0) : K;
+  a.w = p.w.data_ptr();
+  a.N = N;
+  if (bias.has_value() && bias->defined()) {
+    p.bias = prep_vec(*bias, N, "bias", fn);
+    a.bias = p.bias.data_ptr<float>();
+  }
+  p.y = at::empty({a.M, N}, p.x.options());
+  a.y = p.y.data_ptr<float>();
+  a.ldy = N;
+  if (x.dim() != 2) {  // y has x's leading dims
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    p.y_view = p.y.view(shape);
+  } else {
+    p.y_view = p.y;
+  }
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
+                      const std::optional<at::Tensor>& bias) {
+  Prepared p;
+  prepare(p, x, w, at::kFloat, 0, bias, "linear_f32", "w");
+  run(kF32, p.a, 4.0 * p.a.K);
+  return p.y_view;
+}
+
+at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w,
+                        const std::optional<at::Tensor>& bias) {
+  Prepared p;
+  prepare(p, x, w, at::kBFloat16, 0, bias, "linear_bf16w", "w");
+  run(kBF16, p.a, 2.0 * p.a.K);
+  return p.y_view;
+}
+
+at::Tensor linear_int8w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& bias) {
+  const char* fn = "linear_int8w";
+  Prepared p;
+  prepare(p, x, qweight, at::kChar, 0, bias, fn, "qweight");
+  const at::Tensor s = prep_vec(scales, p.a.N, "scales", fn);
+  p.a.scales = s.data_ptr<float>();
+  run(kI8, p.a, 1.0 * p.a.K);
+  return p.y_view;
+}
+
+at::Tensor linear_int4w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& zeros, int64_t group_size,
+                        const std::optional<at::Tensor>& bias) {
+  const char* fn = "linear_int4w";
+  Prepared p;
+  prepare(p, x, qweight, at::kByte, 1, bias, fn, "qweight");
+  GemvArgs& a = p.a;
+  const int64_t K = a.K;
+  TORCH_CHECK_VALUE(group_size == K || (group_size >= 32 && (group_size & (group_size - 1)) == 0 &&
+                                        K % group_size == 0),
+                    fn, ": group_size must be K or a power of two >= 32 dividing K (K=", K,
+                    ", group_size=", group_size, ")");
+  const int64_t NG = K / group_size;
+  const at::Tensor s = prep_vec(scales, a.N * NG, "scales", fn);
+  const at::Tensor z = prep_vec(zeros, a.N * NG, "zeros", fn);
+  a.scales = s.data_ptr<float>();
+  a.zeros = z.data_ptr<float>();
+  a.group_size = group_size;
+  a.ngroups = NG;
+  // per-group activation sums for the zero-point term (M*K adds; negligible)
+  std::vector<float> xsum(static_cast<size_t>(a.M * NG));
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t g = 0; g < NG; ++g) {
+      const float* q = a.x + m * a.ldx + g * group_size;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      int64_t k = 0;
+      for (; k + 4 <= group_size; k += 4) {
+        s0 += q[k];
+        s1 += q[k + 1];
+        s2 += q[k + 2];
+        s3 += q[k + 3];
+      }
+      for (; k < group_size; ++k) s0 += q[k];
+      xsum[m * NG + g] = (s0 + s1) + (s2 + s3);
+    }
+  a.xsum = xsum.data();
+  run(kI4, a, 0.5 * K + 8.0 * NG);
+  return p.y_view;
+}
+
+}  // namespace
+}  // namespace llmb
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "llmbench small-M (decode) linear kernels: AVX-512/AVX2/generic, run-time dispatch";
+  m.def("linear_f32", &llmb::linear_f32, py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
+  m.def("linear_bf16w", &llmb::linear_bf16w, py::arg("x"), py::arg("w"),
+        py::arg("bias") = py::none());
+  m.def("linear_int8w", &llmb::linear_int8w, py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("bias") = py::none());
+  m.def("linear_int4w", &llmb::linear_int4w, py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
+  m.def("isa", &llmb::isa, "name of the active kernel path");
+  m.def("set_isa", &llmb::set_isa, py::arg("name"),
+        "force 'generic'/'avx2'/'avx512' or 'auto'; returns the active name");
+  m.def("supported_isas", &llmb::supported_isas);
+}

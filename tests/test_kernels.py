@@ -1,0 +1,296 @@
+"""Tests for llmbench.kernels (compiled small-M linear kernels + torch fallback).
+
+The compiled-path tests FAIL when the extension is not built (build it with
+`python tools/build_kernels.py`), unless LLMBENCH_ALLOW_NO_KERNELS=1, in which
+case they are skipped.  Every ISA path usable on this CPU (generic, avx2,
+avx512) is tested.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import llmbench.kernels as K  # noqa: E402
+from llmbench.kernels import reference as R  # noqa: E402
+
+ALLOW_NO_KERNELS = os.environ.get("LLMBENCH_ALLOW_NO_KERNELS", "") == "1"
+ISAS = K.supported_isas() or ["<not built>"]
+
+# (M, N, K, int4 group_size)
+SHAPES = [
+    (1, 37, 577, None),  # odd K: vector body + 1..15-element scalar tail; N % 4 != 0
+    (3, 64, 100, 100),  # K % 8 != 0; int4 per-channel with a partial 32-block
+    (16, 130, 576, 64),  # M = SMALL_M_MAX, N % 4 == 2
+    (2, 5, 1536, 128),
+    (5, 9, 96, 32),  # M = 4 + 1 tile split, int4 smallest group
+    (1, 3, 6, 6),  # K < vector width: tail only
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The test shapes are below the kernels' per-thread grain anyway (except in
+    # test_thread_count_invariance); one thread keeps torch's reference ops fast
+    # on a busy 2-core machine.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not K.supported_isas():
+        msg = (
+            "llmbench.kernels C++ extension is not built/importable "
+            f"({K.import_error()}). Build it with `python tools/build_kernels.py` "
+            "(set LLMBENCH_ALLOW_NO_KERNELS=1 to skip these tests)."
+        )
+        if ALLOW_NO_KERNELS:
+            pytest.skip(msg)
+        pytest.fail(msg, pytrace=False)
+    K.set_isa(request.param)
+    assert K.isa() == request.param
+    try:
+        yield request.param
+    finally:
+        K.set_isa("auto")
+
+
+def _data(M, N, Kd, bias, seed=0):
+    g = torch.Generator().manual_seed(seed * 1000003 + M * 7919 + N * 31 + Kd)
+    x = torch.randn(M, Kd, generator=g)
+    w = torch.randn(N, Kd, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    return x, w, b
+
+
+def _check(y, ref, x, w_deq, b, tol=1e-5):
+    """|y - ref| <= tol * (|x| @ |W|^T + |b|): reassociation-level error only."""
+    assert y.dtype == torch.float32 and y.shape == ref.shape, (y.dtype, y.shape, ref.shape)
+    bound = x.abs().reshape(-1, x.shape[-1]) @ w_deq.abs().T
+    if b is not None:
+        bound = bound + b.abs()
+    bound = bound.reshape(ref.shape) + 1e-30
+    err = ((y - ref).abs() / bound).max().item() if y.numel() else 0.0
+    assert err <= tol, f"max relative error {err:.3e} > {tol:.0e}"
+
+
+def _int4(w, gs):
+    return R.quantize_int4(w, gs if gs else w.shape[1])
+
+
+# --------------------------------------------------------------------------
+# compiled kernels vs reference
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M,N,Kd,gs", SHAPES)
+def test_linear_f32(isa, M, N, Kd, gs, bias):
+    x, w, b = _data(M, N, Kd, bias)
+    _check(K.linear_f32(x, w, b), R.linear_f32(x, w, b), x, w, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M,N,Kd,gs", SHAPES)
+def test_linear_bf16w(isa, M, N, Kd, gs, bias):
+    x, w, b = _data(M, N, Kd, bias)
+    wb = w.bfloat16()
+    _check(K.linear_bf16w(x, wb, b), R.linear_bf16w(x, wb, b), x, wb.float(), b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M,N,Kd,gs", SHAPES)
+def test_linear_int8w(isa, M, N, Kd, gs, bias):
+    x, w, b = _data(M, N, Kd, bias)
+    q, s = R.quantize_int8(w)
+    _check(K.linear_int8w(x, q, s, b), R.linear_int8w(x, q, s, b), x, R.dequantize_int8(q, s), b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M,N,Kd,gs", [s for s in SHAPES if s[2] % 2 == 0])
+def test_linear_int4w(isa, M, N, Kd, gs, bias):
+    x, w, b = _data(M, N, Kd, bias)
+    gs = gs or Kd
+    p, s, z = R.quantize_int4(w, gs)
+    # non-integer zeros are allowed too
+    z = z + torch.rand(z.shape, generator=torch.Generator().manual_seed(1)) - 0.5
+    ref = R.linear_int4w(x, p, s, z, gs, b)
+    _check(K.linear_int4w(x, p, s, z, gs, b), ref, x, R.dequantize_int4(p, s, z, gs), b)
+
+
+def test_int4_group_sizes(isa):
+    x, w, b = _data(2, 12, 512, True)
+    for gs in (32, 64, 128, 256, 512):
+        p, s, z = R.quantize_int4(w, gs)
+        _check(K.linear_int4w(x, p, s, z, gs, b), R.linear_int4w(x, p, s, z, gs, b), x,
+               R.dequantize_int4(p, s, z, gs), b)
+
+
+def test_leading_dims_strides_and_large_m(isa):
+    # x [2, 3, K] -> y [2, 3, N]; strided rows; 1-D x; M > 16 goes to torch
+    _, w, b = _data(1, 20, 200, True)
+    big = torch.randn(6, 300)
+    xs = big[:, 50:250]  # row stride 300
+    assert xs.stride() == (300, 1)
+    _check(K.linear_f32(xs, w, b), R.linear_f32(xs, w, b), xs, w, b)
+    x3 = torch.randn(2, 3, 200)
+    y = K.linear_bf16w(x3, w.bfloat16(), b)
+    assert y.shape == (2, 3, 20)
+    _check(y, R.linear_bf16w(x3, w.bfloat16(), b), x3, w.bfloat16().float(), b)
+    x1 = torch.randn(200)
+    assert K.linear_f32(x1, w).shape == (20,)
+    x3l = torch.randn(2, 9, 200)  # 18 rows > SMALL_M_MAX: torch path
+    y = K.linear_f32(x3l, w, b)
+    assert y.shape == (2, 9, 20)
+    _check(y, R.linear_f32(x3l, w, b), x3l, w, b)
+    xl = torch.randn(K.SMALL_M_MAX + 3, 200)
+    q, s = R.quantize_int8(w)
+    _check(K.linear_int8w(xl, q, s, b), R.linear_int8w(xl, q, s, b), xl, R.dequantize_int8(q, s), b)
+    p, s4, z4 = R.quantize_int4(w, 200)
+    _check(K.linear_int4w(xl, p, s4, z4, 200), R.linear_int4w(xl, p, s4, z4, 200), xl,
+           R.dequantize_int4(p, s4, z4, 200), None)
+
+
+def test_thread_count_invariance(isa):
+    x, w, b = _data(3, 1000, 256, True)
+    wb = w.bfloat16()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = K.linear_bf16w(x, wb, b)
+        torch.set_num_threads(2)
+        y2 = K.linear_bf16w(x, wb, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y1, y2)  # each output is computed by exactly one thread
+
+
+def _validation_checks():
+    x, w, _ = _data(1, 8, 64, False)
+    with pytest.raises(TypeError):
+        K.linear_f32(x.double(), w)
+    with pytest.raises(TypeError):
+        K.linear_bf16w(x, w)  # fp32 weight given to the bf16 kernel
+    with pytest.raises(TypeError):
+        K.linear_int8w(x, w, torch.ones(8))
+    with pytest.raises(ValueError):
+        K.linear_f32(torch.randn(1, 63), w)
+    p, s, z = R.quantize_int4(w, 32)
+    with pytest.raises(ValueError):
+        K.linear_int4w(x, p, s, z, 48)
+    with pytest.raises(ValueError):
+        K.linear_int4w(x, p, s[:, :1], z, 32)
+    # non-contiguous inputs are accepted (copied)
+    wt = torch.randn(64, 8).t()
+    xt = torch.randn(64, 2).t()
+    b = torch.randn(16)[::2]
+    _check(K.linear_f32(xt, wt, b), R.linear_f32(xt, wt, b), xt, wt, b)
+
+
+def test_compiled_input_validation(isa):
+    _validation_checks()
+
+
+def test_fallback_input_validation():
+    with K.force_fallback():
+        _validation_checks()
+
+
+def test_isa_reporting():
+    if not K.supported_isas():
+        assert not K.available() and K.isa() == "torch-fallback"
+        return
+    assert K.available()
+    assert K.isa() in ("avx512", "avx2", "generic")
+    assert "generic" in K.supported_isas()
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        if " avx2" in flags and " fma" in flags:
+            assert "avx2" in K.supported_isas()
+
+
+# --------------------------------------------------------------------------
+# pure-torch fallback (always runs)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M,N,Kd,gs", [SHAPES[1], SHAPES[2]])
+def test_fallback_matches_reference(M, N, Kd, gs):
+    x, w, b = _data(M, N, Kd, True)
+    wb = w.bfloat16()
+    q, s = R.quantize_int8(w)
+    p, s4, z4 = R.quantize_int4(w, gs)
+    with K.force_fallback():
+        assert not K.available() and K.isa() == "torch-fallback"
+        outs = [
+            K.linear_f32(x, w, b),
+            K.linear_bf16w(x, wb, b),
+            K.linear_int8w(x, q, s, b),
+            K.linear_int4w(x, p, s4, z4, gs, b),
+        ]
+    refs = [
+        R.linear_f32(x, w, b),
+        R.linear_bf16w(x, wb, b),
+        R.linear_int8w(x, q, s, b),
+        R.linear_int4w(x, p, s4, z4, gs, b),
+    ]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    if K.supported_isas():  # compiled and fallback agree
+        deq = [w, wb.float(), R.dequantize_int8(q, s), R.dequantize_int4(p, s4, z4, gs)]
+        comp = [
+            K.linear_f32(x, w, b),
+            K.linear_bf16w(x, wb, b),
+            K.linear_int8w(x, q, s, b),
+            K.linear_int4w(x, p, s4, z4, gs, b),
+        ]
+        for c, o, d in zip(comp, outs, deq):
+            _check(c, o, x, d, b)
+
+
+def test_quantizers_are_sane():
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    q, s = R.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (16,)
+    assert (R.dequantize_int8(q, s) - w).abs().max() <= s.max() * 0.5 + 1e-6
+    p, s4, z4 = R.quantize_int4(w, 64)
+    assert p.dtype == torch.uint8 and p.shape == (16, 128) and s4.shape == z4.shape == (16, 4)
+    err = (R.dequantize_int4(p, s4, z4, 64) - w).abs().view(16, 4, 64).amax(-1)
+    assert (err <= s4 * 0.5 + 1e-5).all()
+
+
+def test_pack_int4_layout_and_roundtrip():
+    # full block: byte i = q[i] | q[i + 16] << 4
+    q = (torch.arange(64) % 16).to(torch.uint8).view(1, 64).flip(1).contiguous()
+    p = K.pack_int4(q)
+    assert p.shape == (1, 32) and p.dtype == torch.uint8
+    for blk in range(2):
+        for i in range(16):
+            k0 = 32 * blk
+            assert int(p[0, 16 * blk + i]) == int(q[0, k0 + i]) | (int(q[0, k0 + 16 + i]) << 4)
+    # partial trailing block of length L=4 (K=36): byte i = q[32+i] | q[32+2+i] << 4
+    q = torch.randint(0, 16, (3, 36), dtype=torch.uint8)
+    p = K.pack_int4(q)
+    assert p.shape == (3, 18)
+    assert int(p[1, 16]) == int(q[1, 32]) | (int(q[1, 34]) << 4)
+    assert int(p[1, 17]) == int(q[1, 33]) | (int(q[1, 35]) << 4)
+    for Kd in (2, 30, 32, 100, 576):
+        q = torch.randint(0, 16, (5, Kd), dtype=torch.uint8)
+        assert torch.equal(K.unpack_int4(K.pack_int4(q)), q)
+    with pytest.raises(ValueError):
+        K.pack_int4(torch.full((1, 4), 16, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        K.pack_int4(torch.zeros((1, 3), dtype=torch.uint8))
