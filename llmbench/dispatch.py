@@ -27,24 +27,130 @@ def add_dispatch_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     group = parser.add_argument_group("what to run")
     group.add_argument("--benchmark", action="store_true",
                        help="run the generation benchmark (single_instance/run_generation.py)")
+    group.add_argument("--accuracy-only", action="store_true",
+                       help="run lm-eval accuracy (single_instance/run_accuracy.py)")
     return group
 
 
 def build_parser() -> flags.Parser:
     parser = flags.build_parser("run.py", DESCRIPTION, flags.generation_groups())
     add_dispatch_flags(parser)
+    flags.add_accuracy_flags(parser)
+    flags.add_distributed_flags(parser)
+    flags.add_rank_flags(parser)
+    flags.add_quantization_flags(parser)
     return parser
 
 
 def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Step]:
-    generation_parser = flags.build_parser("run_generation.py", "", flags.generation_groups())
+    generation_parser = flags.build_parser("run_generation.py", "", (
+        *flags.generation_groups(), flags.add_quantization_flags))
     generation_dests = [action.dest for action in generation_parser._actions]
-    steps = []
-    if args.benchmark:
+    steps = autotp_steps(parser, args)
+    quantized_argv = quantization_steps(parser, args, steps)
+    if args.benchmark and not args.autotp:
         steps.append(Step("benchmark", "single_instance/run_generation.py",
-                          flags.forward_argv(parser, args, generation_dests)))
+                          flags.forward_argv(parser, args, generation_dests) + quantized_argv))
+    accuracy_steps(parser, args, steps)
     if not steps:
-        raise UserError("nothing to run: pass --benchmark")
+        raise UserError("nothing to run: pass --benchmark and/or --accuracy-only")
+    return steps
+
+
+def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       steps: list[Step]) -> list[str]:
+    """--ipex-weight-only-quantization (or another scheme): first quantize and save to
+    --output-dir (single_instance/run_quantization.py), then the benchmark loads the saved model;
+    --quantized-model-path skips the first step. Returns what the benchmark step adds."""
+    from pathlib import Path
+
+    from llmbench.quant import cli
+
+    scheme = cli.scheme_from_args(args)  # refuses bad combinations before anything runs
+    path = args.quantized_model_path
+    if scheme is None and path is None:
+        scratch = flags.Parser()
+        only_quant = flags.group_dests(scratch, flags.add_quantization_flags(scratch))
+        given = [flag for flag in flags.forward_argv(parser, args, only_quant)
+                 if flag.startswith("--")]
+        if given:
+            raise UserError(f"{given[0]} only applies with --ipex-weight-only-quantization, "
+                            "--ipex-smooth-quant or --quantized-model-path")
+        return []
+    if args.autotp or args.accuracy_only:
+        raise UserError("quantized models run with --benchmark only here (not with --autotp or "
+                        "--accuracy-only)")
+    if path is not None:
+        return []
+    quantize_dests = [action.dest for action in cli.build_parser()._actions]
+    steps.append(Step("quantize", "single_instance/run_quantization.py",
+                      flags.forward_argv(parser, args, quantize_dests)))
+    return ["--quantized-model-path", str(Path(args.output_dir) / "best_model.safetensors")]
+
+
+def accuracy_steps(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   steps: list[Step]) -> None:
+    """--accuracy-only adds the lm-eval step; its flags without it would do nothing, so refuse."""
+    accuracy_parser = flags.build_parser("run_accuracy.py", "", flags.accuracy_groups())
+    accuracy_dests = [action.dest for action in accuracy_parser._actions]
+    if args.accuracy_only:
+        steps.append(Step("accuracy", "single_instance/run_accuracy.py",
+                          flags.forward_argv(parser, args, accuracy_dests)))
+        return
+    scratch = flags.Parser()
+    only_accuracy = flags.group_dests(scratch, flags.add_accuracy_flags(scratch))
+    given = flags.forward_argv(parser, args, only_accuracy)
+    if given:
+        raise UserError(f"{given[0]} only applies with --accuracy-only")
+
+
+def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Step]:
+    """--autotp: the benchmark on every rank of a `deepspeed` launch (run.py runs on each rank and
+    starts the rank's script), after --shard-model's step; their flags without it are refused."""
+    scratch = flags.Parser()
+    only_distributed = [*flags.group_dests(scratch, flags.add_distributed_flags(scratch)),
+                        *flags.group_dests(scratch, flags.add_rank_flags(scratch))]
+    given = [flag for flag in flags.forward_argv(parser, args, only_distributed)
+             if flag.startswith("--")]
+    if not args.autotp:
+        if args.local_rank is not None:
+            raise UserError("run.py was started on several ranks (--local_rank) without --autotp: "
+                            "add --autotp, or run it without the distributed launcher")
+        if given:
+            raise UserError(f"{given[0]} only applies with --autotp")
+        return []
+    if not args.benchmark:
+        raise UserError("--autotp runs the generation benchmark: pass --benchmark")
+    if getattr(args, "accuracy_only", False):
+        raise UserError("--autotp runs the generation benchmark only; run --accuracy-only "
+                        "without it")
+    if args.max_shard_size != "500MB" and not args.shard_model:
+        raise UserError("--max-shard-size only applies with --shard-model")
+    if args.ipex or args.backend != "stock":
+        raise UserError("--autotp runs transformers' own model (--backend stock)")
+    from llmbench.distributed import build_parser as rank_parser
+
+    rank_dests = [action.dest for action in rank_parser()._actions]
+    rank_flags = flags.forward_argv(parser, args, ["local_rank", "dist_timeout"])
+    steps = []
+    if args.shard_model:
+        from llmbench.distributed import default_shard_path
+
+        save_path = str(default_shard_path(args.model_name_or_path, args.output_dir,
+                                           args.config_file))
+        shard_argv = ["--save-path", save_path, "--max-shard-size", args.max_shard_size]
+        if args.model_name_or_path is not None:
+            shard_argv += ["-m", args.model_name_or_path]
+        if args.config_file is not None:  # applied once, saved in the shard's config
+            shard_argv += ["--config-file", args.config_file]
+        steps.append(Step("shard", "utils/create_shard_model.py", shard_argv + rank_flags))
+        rank_dests = [dest for dest in rank_dests
+                      if dest not in ("model_name_or_path", "config_file")]
+        steps.append(Step("benchmark", "distributed/run_generation_with_deepspeed.py",
+                          ["-m", save_path, *flags.forward_argv(parser, args, rank_dests)]))
+    else:
+        steps.append(Step("benchmark", "distributed/run_generation_with_deepspeed.py",
+                          flags.forward_argv(parser, args, rank_dests)))
     return steps
 
 

@@ -23,7 +23,11 @@ if ! command -v numactl >/dev/null 2>&1; then
   fi
 fi
 
-if [ -f "$root/tools/build_kernels.py" ]; then
-  "$python" "$root/tools/build_kernels.py"
-fi
+# Our C++ kernels (llmbench/kernels) for --backend native and quantized runs. Without them a
+# pure-PyTorch path with the same results runs, and every report says which one ran.
+"$python" "$root/tools/build_kernels.py" --quiet ||
+  echo "llmbench setup: warning: kernels not built; the native backend runs its slower PyTorch path"
+# DeepSpeed's shared-memory all-reduce op, compiled now rather than in the first --autotp run.
+"$python" "$root/tools/build_deepspeed_ops.py" ||
+  echo "llmbench setup: warning: DeepSpeed's CPU op not prebuilt; the first --autotp run builds it"
 echo "llmbench setup: done"

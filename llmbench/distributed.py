@@ -1,0 +1,989 @@
+"""Distributed inference with DeepSpeed AutoTP (tensor parallel), and model sharding.
+
+One process per rank, started by a launcher (`deepspeed`, `torchrun`, mpirun): each builds the
+model on the meta device, and `deepspeed.init_inference` loads the checkpoint shard by shard,
+keeping only this rank's slice of every Linear layer. Generation, timing and the report are those
+of the single-instance benchmark; rank 0 prints the summary and writes the report, which adds
+the world size, every rank's cores and peak RSS, and the communication backend.
+
+DeepSpeed pitfalls on CPU, each guarded here so a user can't hit them:
+- without Intel's oneCCL bindings DeepSpeed uses gloo plus its shared-memory all-reduce op, whose
+  C++ side reads LOCAL_SIZE; a launcher that doesn't set it (torchrun) made that op segfault, so
+  LOCAL_SIZE is set from the launcher's own variables (`setup_environment`), and when the ranks
+  are not all on one machine the shared-memory path is switched off (`guard_shm_all_reduce`);
+- a checkpoint passed to init_inference is silently not loaded into a model whose weights are not
+  on the meta device, and not at all with one rank: `init_autotp` asserts both;
+- files written by init_inference's `save_mp_checkpoint_path` can't be loaded back on CPU: never
+  used, and refused if someone passes it;
+- weights DeepSpeed's loader doesn't know are left on the meta device, and non-persistent buffers
+  (rotary inv_freq) are cast or emptied: both are put back from the checkpoint / the model.
+
+A rank that fails prints `error: rank N: ...` and exits at once (`run_rank`); the launcher then
+stops the other ranks, and a rank waiting on a dead peer fails after --dist-timeout at the latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from llmbench import flags
+from llmbench.errors import USER_ERROR_EXIT, UserError
+
+SHARD_SUFFIX = "_local_shard"
+SHARD_MARKER = "llmbench_shard.json"
+SHARD_SCHEMA = "llmbench.shard/1"
+# A testing aid: the rank named here fails on purpose right after joining the process group, so
+# the tests can check that one failing rank fails the whole run instead of hanging the others.
+FAIL_RANK_ENV = "LLMBENCH_FAIL_RANK"
+BACKEND_NAME = "deepspeed-autotp"
+
+DESCRIPTION = ("Generation latency benchmark, tensor parallel across ranks with DeepSpeed AutoTP "
+               "(one process per rank: launch with `deepspeed` or through run.py --autotp).")
+SHARD_DESCRIPTION = ("Write a model's weights resharded into small safetensors files, for "
+                     "distributed runs to load shard by shard (pass the folder as -m).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks and the process group
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_size: int
+
+
+def env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def setup_environment(local_rank_flag: int | None = None) -> RankInfo:
+    """Fill in what the launcher left out, before DeepSpeed reads it. Without a launcher this is
+    a one-rank run (useful to check a command line); with one, LOCAL_SIZE is what DeepSpeed's
+    shared-memory all-reduce needs (the `deepspeed` launcher sets it, torchrun and mpirun don't)."""
+    rank = env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    world = env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    if rank is None or world is None:
+        rank, world = 0, 1
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+    if local_rank is None:
+        local_rank = local_rank_flag if local_rank_flag is not None else rank
+    local_size = env_int("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                         "MPI_LOCALNRANKS")
+    if local_size is None:
+        local_size = world
+    if not 0 <= rank < world:
+        raise UserError(f"RANK {rank} is outside WORLD_SIZE {world}")
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank),
+                        ("LOCAL_SIZE", local_size)):
+        os.environ[name] = str(value)
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise UserError("MASTER_ADDR and MASTER_PORT are not set: start the ranks with a launcher "
+                        "(deepspeed, torchrun, mpirun)")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a CPU benchmark, even on a GPU machine
+    return RankInfo(rank=rank, world_size=world, local_rank=local_rank, local_size=local_size)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def current_rank() -> int | None:
+    return env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def init_process_group(info: RankInfo, timeout_s: float) -> str:
+    """deepspeed.init_distributed with a timeout, so a rank waiting on a dead peer gives up.
+    Returns the communication backend (ccl with oneCCL's bindings, else gloo)."""
+    import logging
+
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False,
+                               auto_mpi_discovery=False)
+    if dist.get_world_size() != info.world_size or dist.get_rank() != info.rank:
+        raise UserError(f"the process group has rank {dist.get_rank()} of "
+                        f"{dist.get_world_size()}, the environment said {info.rank} of "
+                        f"{info.world_size}")
+    guard_shm_all_reduce(info)
+    return str(dist.get_backend())
+
+
+def guard_shm_all_reduce(info: RankInfo) -> None:
+    """DeepSpeed's shared-memory all-reduce (the gloo path) only works when every rank is on this
+    machine; otherwise its C++ side is never initialized and would crash: fall back to the process
+    group's own all-reduce. (oneCCL's backend does this check itself.)"""
+    from deepspeed.comm import comm
+
+    backend = comm.cdb
+    if getattr(backend, "shm_comm_op", None) is not None and info.local_size != info.world_size:
+        backend.shm_vector_kernel_level = 0
+
+
+def all_reduce_path(dtype: str, info: RankInfo) -> str:
+    """How AutoTP's all-reduces run, as DeepSpeed will choose (deepspeed/comm/torch.py)."""
+    import torch.distributed as dist
+    from deepspeed.comm import comm
+
+    backend = comm.cdb
+    if info.world_size == 1:
+        return "none (one rank)"
+    if getattr(backend, "shm_comm_op", None) is None:
+        return f"{dist.get_backend()} process group"
+    level = getattr(backend, "shm_vector_kernel_level", 0)
+    needed = 1 if dtype == "float32" else 2  # bf16/fp16 kernels need avx512bw
+    if level >= needed:
+        return "deepspeed shared-memory all-reduce"
+    return f"{dist.get_backend()} process group (shared-memory kernel unavailable for {dtype})"
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_rank(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """The entry guard of a rank: any failure becomes `error: rank N: <one line>` (a bug also
+    shows its traceback first) and the process exits at once, without waiting in the process
+    group's teardown, so the launcher sees the failure and stops the other ranks."""
+    status = 1
+    try:
+        status = main(argv)
+    except UserError as exc:
+        _rank_error(" ".join(str(exc).split()))
+        status = USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        _rank_error("interrupted")
+        status = 130
+    except SystemExit as exc:  # argparse's own exit (--help, bad flags)
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        text = " ".join(str(exc).split()) or "(no message)"
+        if is_peer_failure(exc):
+            _rank_error(f"lost another rank (it failed or was stopped): {text[:300]}")
+        else:
+            traceback.print_exc()
+            _rank_error(f"{type(exc).__name__}: {text}")
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status != 0:
+        os._exit(status)
+    sys.exit(0)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective that failed because another rank died or never answered: not a bug here."""
+    text = str(exc)
+    return (type(exc).__name__ in ("DistBackendError", "DistNetworkError")
+            or "Connection closed by peer" in text or "Connection reset by peer" in text
+            or ("gloo" in text.lower() and "timed out" in text.lower()))
+
+
+class PeerWatchdog:
+    """DeepSpeed's shared-memory all-reduce waits on flags in shared memory, with no timeout: if a
+    rank on this machine dies, its peers would spin forever. This thread checks every second that
+    the other ranks of the machine are alive, and ends this rank if one is gone before the run
+    is over (`stop()` before the final barrier, which every rank must enter before any exits)."""
+
+    def __init__(self, info: RankInfo) -> None:
+        import threading
+
+        self.peers = {record["rank"]: record["pid"] for record in
+                      gather({"rank": info.rank, "host": socket.gethostname(),
+                              "pid": os.getpid()})
+                      if record["host"] == socket.gethostname() and record["rank"] != info.rank}
+        self.stopped = threading.Event()
+        self.on_abort: Callable[[str], None] | None = None  # e.g. mark the report failed
+        self.thread = threading.Thread(target=self._watch, name="llmbench-peer-watchdog",
+                                       daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(1.0):
+            for rank, pid in self.peers.items():
+                if not _alive(pid) and not self.stopped.is_set():
+                    message = (f"rank {rank} (pid {pid}) on this machine has exited before the "
+                               "run was over; stopping")
+                    with contextlib.suppress(Exception):
+                        if self.on_abort is not None:
+                            self.on_abort(message)
+                    _rank_error(message)
+                    os._exit(1)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is gone too
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _rank_error(message: str) -> None:
+    rank = current_rank()
+    where = f"rank {rank}: " if rank is not None else ""
+    print(f"error: {where}{message}", file=sys.stderr, flush=True)
+
+
+def inject_failure(info: RankInfo) -> None:
+    wanted = os.environ.get(FAIL_RANK_ENV)
+    if wanted is not None and wanted.strip() == str(info.rank):
+        raise UserError(f"failure injected on purpose ({FAIL_RANK_ENV}={wanted})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a model's weights are, and the GGUF cache under a lock
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between the ranks of one machine (a GGUF is converted once, not once per
+    rank)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_local(name_or_path: str | None) -> tuple[Any, float]:
+    """models.resolve_source, with a GGUF converted (once per machine) to its cached folder."""
+    from llmbench.models import cache_root, materialize_gguf, resolve_source
+
+    source = resolve_source(name_or_path)
+    seconds = 0.0
+    if source.gguf_file is not None:
+        with file_lock(cache_root() / "gguf" / ".convert.lock"):
+            source, seconds = materialize_gguf(source)
+    return source, seconds
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint files of a model folder: safetensors if any, else PyTorch .bin files."""
+    for pattern in ("*.safetensors", "*.bin"):
+        files = sorted(path for path in folder.glob(pattern) if path.is_file()
+                       and not path.name.startswith("training_args"))
+        if files:
+            return files
+    return []
+
+
+def safetensors_keys(files: list[Path]) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    keys: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                keys[key] = path
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding (utils/create_shard_model.py, run.py --shard-model)
+
+
+def shard_folder_name(model_type: str | None) -> str:
+    """`<family>_local_shard`, the family from the registry (config.model_type), never the path."""
+    name = (model_type or "model").strip().replace("/", "_") or "model"
+    return f"{name}{SHARD_SUFFIX}"
+
+
+def default_shard_path(name_or_path: str | None, output_dir: str,
+                       config_file: str | None = None) -> Path:
+    from llmbench.models import load_config
+
+    source, _ = resolve_local(name_or_path)
+    _, family = load_config(source, config_file)
+    return Path(output_dir) / shard_folder_name(family.model_type)
+
+
+def shard_identity(source: Any, config_file: str | None, dtype: str,
+                   max_shard_size: str) -> dict[str, Any]:
+    """What makes two shards the same: the same weights, overrides, dtype and file size."""
+    origin = source.gguf_sha256 or (str(Path(source.path).resolve()) if source.kind != "hub"
+                                    else source.path)
+    return {"origin": origin,
+            "config_file": str(Path(config_file).resolve()) if config_file else None,
+            "dtype": dtype, "max_shard_size": max_shard_size}
+
+
+def read_shard_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / SHARD_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def existing_shard(save_path: Path, identity: dict[str, Any]) -> bool:
+    """True if save_path holds this very shard; refuse to overwrite anything else."""
+    if not save_path.exists():
+        return False
+    marker = read_shard_marker(save_path)
+    if marker is None:
+        raise UserError(f"{save_path} exists and is not a shard written by llmbench; remove it or "
+                        "choose another --save-path / --output-dir")
+    if marker.get("identity") != identity:
+        raise UserError(f"{save_path} already holds a shard of {marker.get('source')} "
+                        f"({marker.get('identity')}); remove it or choose another --save-path "
+                        "/ --output-dir")
+    return True
+
+
+def create_shard(name_or_path: str | None, save_path: Path, *, dtype: str = "auto",
+                 max_shard_size: str = "500MB", config_file: str | None = None) -> Path:
+    """Load the model once and save it as safetensors files of at most max_shard_size, with its
+    tokenizer, config (overrides applied) and a marker; written to a staging folder and renamed,
+    so a half-written shard is never used."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from llmbench.models import REMOTE_CODE_FAMILIES, load_config
+
+    hf_logging.disable_progress_bar()
+    source, _ = resolve_local(name_or_path)
+    identity = shard_identity(source, config_file, dtype, max_shard_size)
+    if existing_shard(save_path, identity):
+        print(f"shard: {save_path} already holds this model's shard; reusing it", flush=True)
+        return save_path
+    config, family = load_config(source, config_file)
+    remote = family.model_type in REMOTE_CODE_FAMILIES
+    auto_class = AutoModelForSeq2SeqLM if family.seq2seq else AutoModelForCausalLM
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=remote)
+        model = auto_class.from_pretrained(
+            source.path, config=config, trust_remote_code=remote,
+            dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    except Exception as exc:
+        raise UserError(f"cannot load {source.display_name} to shard it: {exc}") from exc
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{save_path.name}.staging-", dir=save_path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the shard from other users
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        files = [path.name for path in weight_files(staging)]
+        marker = {"schema": SHARD_SCHEMA, "source": source.display_name, "identity": identity,
+                  "family": family.model_type, "dtype": str(model.dtype).replace("torch.", ""),
+                  "files": files, "seconds": round(time.perf_counter() - start, 3),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (staging / SHARD_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        os.replace(staging, save_path)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not existing_shard(save_path, identity):  # not another machine that won the race
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"shard: wrote {len(files)} files of at most {max_shard_size} to {save_path} "
+          f"in {time.perf_counter() - start:.1f} s", flush=True)
+    return save_path
+
+
+def wait_for_shard(name_or_path: str | None, save_path: Path, identity_args: dict[str, Any],
+                   timeout_s: float, local_rank: int) -> Path:
+    """The other ranks of a machine wait for its local rank 0 to write the shard."""
+    from llmbench.models import resolve_source
+
+    source = resolve_source(name_or_path)
+    print(f"shard: local rank {local_rank} waits for local rank 0 to write {save_path}",
+          flush=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (save_path / SHARD_MARKER).is_file():
+            if source.gguf_file is None:  # a GGUF's identity is its hash: read the converted one
+                existing_shard(save_path, shard_identity(source, **identity_args))
+            return save_path
+        time.sleep(0.5)
+    raise UserError(f"local rank 0 did not write the shard {save_path} within {timeout_s:.0f} s "
+                    "(--dist-timeout)")
+
+
+def build_shard_parser(prog: str = "create_shard_model.py") -> flags.Parser:
+    parser = flags.Parser(prog=prog, description=SHARD_DESCRIPTION)
+    parser.add_argument("-m", "--model-name-or-path", "--model-id", dest="model_name_or_path",
+                        default=None, help="hub id, local folder, or .gguf file; omitted: the "
+                                           "embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--save-path", default=None,
+                        help="folder to write (default: --output-dir/<family>_local_shard)")
+    parser.add_argument("--output-dir", default="./saved_results",
+                        help="where the default --save-path goes (default ./saved_results)")
+    parser.add_argument("--dtype", choices=("auto", *flags.DTYPES), default="auto",
+                        help="dtype of the saved weights (default auto: as stored)")
+    parser.add_argument("--max-shard-size", default="500MB",
+                        help="largest file written, e.g. 500MB or 2GB (default 500MB)")
+    parser.add_argument("--config-file", default=None,
+                        help="JSON whose keys override the model's config (saved with the shard)")
+    flags.add_rank_flags(parser)
+    return parser
+
+
+def shard_main(argv: list[str] | None = None) -> int:
+    args = build_shard_parser().parse_args(argv)
+    save_path = (Path(args.save_path) if args.save_path else
+                 default_shard_path(args.model_name_or_path, args.output_dir, args.config_file))
+    local_rank = env_int("LOCAL_RANK")
+    if local_rank is None:
+        local_rank = args.local_rank or 0
+    if local_rank != 0:
+        wait_for_shard(args.model_name_or_path, save_path,
+                       {"config_file": args.config_file, "dtype": args.dtype,
+                        "max_shard_size": args.max_shard_size}, args.dist_timeout, local_rank)
+        return 0
+    create_shard(args.model_name_or_path, save_path, dtype=args.dtype,
+                 max_shard_size=args.max_shard_size, config_file=args.config_file)
+    print(f"shard: {save_path}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, tensor parallel
+
+
+@dataclass
+class AutoTPModel:
+    """What load_autotp_model returns: a models.LoadedModel (model is the sharded module) plus
+    how it was loaded."""
+
+    loaded: Any
+    load_path: str  # "meta+checkpoint" or "whole model per rank"
+    checkpoint_files: list[str] = field(default_factory=list)
+    local_weight_bytes: int = 0  # this rank's slice
+    notes: list[str] = field(default_factory=list)
+
+
+def _module_and_leaf(model: Any, name: str) -> tuple[Any, str]:
+    owner_name, _, leaf = name.rpartition(".")
+    return (model.get_submodule(owner_name) if owner_name else model), leaf
+
+
+def meta_load_problem(model: Any, files: list[Path]) -> str | None:
+    """Why DeepSpeed could not load this meta model from these files (None: it can): the files'
+    names must cover every parameter, and the first parameter (what `model.device` reports) must
+    be one DeepSpeed's loader fills, or init_inference would empty the loaded weights again."""
+    from deepspeed.module_inject.auto_tp import Loading
+    from deepspeed.module_inject.replace_module import skip_level_0_prefix
+
+    if not files or any(path.suffix != ".safetensors" for path in files):
+        return "the checkpoint is not in safetensors files"
+    available = safetensors_keys(files)
+    if skip_level_0_prefix(model, available):
+        return "DeepSpeed would look its tensors up without their first prefix (bloom, opt)"
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    missing = [names[0] for names in by_tensor.values()
+               if not any(name in available for name in names)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        return f"the checkpoint's tensor names don't cover the model's ({shown})"
+    first_name = next(iter(model.named_parameters()))[0]
+    owner, _ = _module_and_leaf(model, first_name)
+    if not Loading.is_load_module(owner):
+        return f"DeepSpeed's loader does not know {type(owner).__name__}"
+    return None
+
+
+def fill_from_checkpoint(module: Any, files: list[Path], dtype: Any) -> list[str]:
+    """Put in the weights DeepSpeed's loader left on the meta device (modules it doesn't know;
+    they are never tensor-parallel, so the whole tensor is the right one). Returns their names."""
+    import torch
+    from safetensors import safe_open
+
+    left = [(name, tensor) for name, tensor in
+            [*module.named_parameters(remove_duplicate=False), *module.named_buffers()]
+            if tensor.is_meta]
+    if not left:
+        return []
+    available = safetensors_keys(files) if files else {}
+    filled = []
+    for name, tensor in left:
+        if name not in available:
+            raise UserError(f"weight {name} was not loaded and is not in the checkpoint")
+        with safe_open(str(available[name]), framework="pt") as handle:
+            value = handle.get_tensor(name)
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise UserError(f"weight {name} has shape {tuple(value.shape)} in the checkpoint, "
+                            f"{tuple(tensor.shape)} in the tensor-parallel model")
+        owner, leaf = _module_and_leaf(module, name)
+        value = value.to(tensor.dtype if tensor.is_floating_point() else value.dtype)
+        if isinstance(tensor, torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=False))
+        else:
+            owner._buffers[leaf] = value
+        filled.append(name)
+    return filled
+
+
+def init_autotp(model: Any, *, world_size: int, dtype: Any, checkpoint_json: str | None,
+                options: dict[str, Any] | None = None) -> Any:
+    """deepspeed.init_inference with AutoTP, never in a way that silently loses the weights.
+    `options` are more init_inference settings (e.g. for weight-only quantization later)."""
+    import deepspeed
+
+    refuse_unsupported_inference_options(options or {})
+    if checkpoint_json is not None:
+        not_meta = [name for name, param in model.named_parameters() if not param.is_meta]
+        assert not not_meta, (
+            "a checkpoint is only loaded into weights on the meta device; these are not: "
+            f"{not_meta[:3]}")
+        assert world_size > 1, "with one rank init_inference ignores the checkpoint"
+    kwargs: dict[str, Any] = {
+        "tensor_parallel": {"tp_size": world_size},
+        "dtype": dtype,  # DeepSpeed's default would be float16
+        "replace_with_kernel_inject": False,  # AutoTP; the injected kernels are GPU-only
+        "keep_module_on_host": True,  # CPU anyway; lets fill_from_checkpoint see what's left
+    }
+    kwargs.update(options or {})
+    if checkpoint_json is not None:
+        kwargs["checkpoint"] = checkpoint_json
+    quiet = io.StringIO()
+    rank = env_int("RANK") or 0
+    with contextlib.redirect_stdout(quiet if rank != 0 else sys.stdout), compact_each_shard():
+        engine = deepspeed.init_inference(model, **kwargs)
+    compact_storage(engine.module)
+    return engine.module
+
+
+def compact_storage(module: Any) -> int:
+    """Give every weight memory of its own, so what DeepSpeed loaded from is freed. AutoTP's
+    slices are views of the whole tensors they were cut from, and the weights it keeps whole
+    (norms) are views into the memory-mapped checkpoint file; either keeps every rank at the
+    whole model's size. A view of a tensor that is itself kept whole (a tied embedding) stays.
+    Returns the number of tensors copied."""
+    import torch
+
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if not t.is_meta]
+
+    def own_bytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    mapped = checkpoint_mappings()
+    whole = {t.untyped_storage().data_ptr() for t in tensors
+             if t.untyped_storage().nbytes() == own_bytes(t)}
+    copied = 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        in_file = any(start <= pointer < end for start, end in mapped)
+        if in_file or (storage.nbytes() > own_bytes(tensor) and pointer not in whole):
+            tensor.data = tensor.data.clone()
+            copied += 1
+    return copied
+
+
+def checkpoint_mappings() -> list[tuple[int, int]]:
+    """Address ranges of the checkpoint files mapped into this process (Linux)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as handle:
+            for line in handle:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].endswith((".safetensors", ".bin")):
+                    start, end = (int(value, 16) for value in parts[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+    return ranges
+
+
+@contextlib.contextmanager
+def compact_each_shard() -> Iterator[None]:
+    """DeepSpeed loads a checkpoint one file at a time (module_inject.replace_module); compact
+    after each file, so a rank's peak memory is its slice plus one file, not the whole model."""
+    import gc
+
+    from deepspeed.module_inject import replace_module as target
+
+    original = getattr(target, "replace_module", None)
+    if original is None:  # another DeepSpeed layout: compact once at the end only
+        yield
+        return
+
+    def replace_then_compact(model: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(model, *args, **kwargs)
+        compact_storage(model)
+        gc.collect()
+        return result
+
+    target.replace_module = replace_then_compact
+    try:
+        yield
+    finally:
+        target.replace_module = original
+
+
+def refuse_unsupported_inference_options(options: dict[str, Any]) -> None:
+    if options.get("save_mp_checkpoint_path"):
+        raise UserError("save_mp_checkpoint_path is not supported: DeepSpeed's tensor-parallel "
+                        "checkpoints can't be loaded back on CPU; use --shard-model instead")
+
+
+def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | None,
+                      info: RankInfo) -> AutoTPModel:
+    """The model, tensor parallel over the process group's ranks.
+
+    A local folder of safetensors (a --shard-model shard, a converted GGUF, a downloaded model)
+    is built on the meta device and loaded by DeepSpeed shard by shard, each rank keeping its
+    slice; anything else (a hub id, .bin files, names DeepSpeed can't match) is loaded whole on
+    every rank and then sliced, which needs the whole model's memory on each rank."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from llmbench.models import REMOTE_CODE_FAMILIES, LoadedModel, load_config
+
+    hf_logging.disable_progress_bar()
+    torch_dtype = getattr(torch, dtype)
+    notes: list[str] = []
+    # One rank per machine converts a GGUF; the others then find it in the cache.
+    if info.local_rank == 0:
+        source, conversion_seconds = resolve_local(name_or_path)
+    barrier()
+    if info.local_rank != 0:
+        source, conversion_seconds = resolve_local(name_or_path)
+    config, family = load_config(source, config_file)
+    remote = family.model_type in REMOTE_CODE_FAMILIES
+    auto_class = AutoModelForSeq2SeqLM if family.seq2seq else AutoModelForCausalLM
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=remote)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of {source.display_name}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    files = weight_files(Path(source.path)) if source.kind != "hub" else []
+    model = None
+    problem = "one rank: nothing to split" if info.world_size == 1 else None
+    if problem is None and not files:
+        problem = "no local checkpoint files (a hub id: pass --shard-model to make a local shard)"
+    if problem is None:
+        with init_empty_weights(include_buffers=False):
+            model = auto_class.from_config(config, dtype=torch_dtype, trust_remote_code=remote)
+        model.tie_weights()  # from_pretrained ties them, from_config doesn't
+        problem = meta_load_problem(model, files)
+        if problem is not None:
+            model = None
+    if model is not None:
+        load_path = "meta+checkpoint"
+    else:
+        load_path = "whole model per rank"
+        if info.world_size > 1:
+            notes.append(f"loading the whole model on every rank: {problem}")
+        try:
+            model = auto_class.from_pretrained(source.path, config=config, dtype=torch_dtype,
+                                               trust_remote_code=remote)
+        except Exception as exc:
+            raise UserError(f"cannot load {source.display_name}: {exc}") from exc
+    model.eval()
+
+    params = list(model.parameters())
+    num_parameters = sum(p.numel() for p in params)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    decode_weight_bytes = weight_bytes - (0 if tied else embedding.numel()
+                                          * embedding.element_size())
+    # Computed at construction, not saved in checkpoints: init_inference casts (or empties) them.
+    kept_buffers = {name: buffer.clone() for name, buffer in model.named_buffers()
+                    if not buffer.is_meta and _is_non_persistent(model, name)}
+
+    checkpoint_json = None
+    if load_path == "meta+checkpoint":
+        fd, checkpoint_json = tempfile.mkstemp(prefix="llmbench-ds-checkpoint-", suffix=".json")
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"type": "ds_model", "checkpoints": [str(p) for p in files],
+                       "version": 1.0}, handle)
+    try:
+        module = init_autotp(model, world_size=info.world_size, dtype=torch_dtype,
+                             checkpoint_json=checkpoint_json)
+    finally:
+        if checkpoint_json is not None:
+            os.unlink(checkpoint_json)
+    filled = fill_from_checkpoint(module, files if load_path == "meta+checkpoint" else [],
+                                  torch_dtype)
+    if filled:
+        notes.append(f"{len(filled)} weights DeepSpeed's loader skipped were loaded by llmbench")
+    for name, buffer in kept_buffers.items():
+        owner, leaf = _module_and_leaf(module, name)
+        owner._buffers[leaf] = buffer
+    module.eval()
+    left = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+            if tensor.is_meta]
+    if left:
+        raise UserError(f"weights were not loaded: {', '.join(left[:3])}")
+    load_seconds = time.perf_counter() - start
+
+    values: dict[str, Any] = dict(
+        model=module, tokenizer=tokenizer, config=config, family=family, source=source,
+        dtype=dtype, load_seconds=load_seconds, conversion_seconds=conversion_seconds,
+        num_parameters=num_parameters, weight_bytes=weight_bytes,
+        decode_weight_bytes=decode_weight_bytes)
+    known = {item.name for item in fields(LoadedModel)}
+    loaded = LoadedModel(**{key: value for key, value in values.items() if key in known})
+    local = sum(p.numel() * p.element_size() for p in module.parameters())
+    return AutoTPModel(loaded=loaded, load_path=load_path,
+                       checkpoint_files=[str(p) for p in files] if checkpoint_json else [],
+                       local_weight_bytes=local, notes=notes)
+
+
+def _is_non_persistent(model: Any, name: str) -> bool:
+    owner, leaf = _module_and_leaf(model, name)
+    return leaf in owner._non_persistent_buffers_set
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark on every rank
+
+
+class RecordingModel:
+    """Passes generate() through and keeps its last output, so the report can hold the token
+    ids every rank generated (the test compares them with a single-instance run)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.last_output: Any = None
+
+    def generate(self, **kwargs: Any) -> Any:
+        self.last_output = self.model.generate(**kwargs)
+        return self.last_output
+
+
+def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser:
+    return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
+                                                  flags.add_rank_flags))
+
+
+def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]]) -> dict[str, Any]:
+    import torch
+
+    from llmbench.environment import peak_rss_bytes
+
+    return {
+        "rank": info.rank,
+        "local_rank": info.local_rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else None,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "local_weight_bytes": tp.local_weight_bytes,
+        "load_seconds": tp.loaded.load_seconds,
+        "generated_token_ids": token_ids,
+    }
+
+
+def gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmbench.backends import PreparedModel
+    from llmbench.bench import BenchmarkRun, run_benchmark
+    from llmbench.decoding import decoding_settings
+    from llmbench.generation import base_report
+    from llmbench.models import resolve_source
+    from llmbench.precision import check_dtype
+    from llmbench.prompts import build_prompt
+    from llmbench.report import (
+        ReportWriter,
+        compute_statistics,
+        markdown,
+        report_stem,
+        summary_lines,
+        write_atomic,
+    )
+
+    args = build_parser().parse_args(argv)
+    backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
+    if backend != "stock":
+        raise UserError(f"--autotp runs transformers' own model (--backend stock), not {backend}")
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        raise UserError("--kv-cache-dtype needs --backend native, which --autotp does not run")
+    mode, generate_kwargs = decoding_settings(
+        greedy=args.greedy, sample=args.sample, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
+    if args.streaming and (generate_kwargs["num_beams"] > 1 or args.batch_size > 1):
+        raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
+    notes = check_dtype(args.dtype)
+
+    resolve_source(args.model_name_or_path)  # every rank stops here alike on a wrong -m
+    info = setup_environment(args.local_rank)
+    comm_backend = init_process_group(info, args.dist_timeout)
+    watchdog = PeerWatchdog(info)
+    inject_failure(info)
+    is_root = info.rank == 0
+    if info.world_size == 1:
+        notes.append("one rank: nothing is tensor parallel; launch with `deepspeed "
+                     "--num_accelerators N --bind_cores_to_rank run.py --autotp ...`")
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if info.local_size > 1 and len(affinity) >= (os.cpu_count() or 1) > 1:
+        notes.append("the ranks on this machine share all its cores: bind each to its own "
+                     "(deepspeed --bind_cores_to_rank, or numactl)")
+
+    tp = load_autotp_model(args.model_name_or_path, args.dtype, args.config_file, info)
+    loaded = tp.loaded
+    notes += tp.notes
+    prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                          input_tokens=args.input_tokens, prompt_text=args.prompt,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          seq2seq=loaded.family.seq2seq)
+    all_reduce = all_reduce_path(args.dtype, info)
+    prepared = PreparedModel(model=loaded.model, backend=BACKEND_NAME, details={
+        "tp_size": info.world_size, "communication_backend": comm_backend,
+        "all_reduce": all_reduce, "load_path": tp.load_path,
+        "attention": getattr(loaded.config, "_attn_implementation", None)})
+    if is_root:
+        for note in notes:
+            print(f"note: {note}", flush=True)
+        print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
+              f"{args.dtype} | {BACKEND_NAME} x{info.world_size} ({comm_backend}, {all_reduce}) "
+              f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
+        print(f"---- Prompt size: {prompt.tokens}", flush=True)
+
+    writer = None
+    if is_root:
+        writer = ReportWriter(args.output_dir, report_stem(
+            loaded.family.model_type, args.dtype, f"autotp{info.world_size}", mode),
+            base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes))
+        writer.report["distributed"] = {
+            "world_size": info.world_size, "communication_backend": comm_backend,
+            "all_reduce": all_reduce, "load_path": tp.load_path,
+            "checkpoint_files": tp.checkpoint_files,
+            "launcher_env": {name: os.environ[name] for name in (
+                "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_SIZE", "DS_ACCELERATOR",
+                "CCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if name in os.environ}}
+        watchdog.on_abort = writer.fail
+    decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
+
+    def stats_of(run: BenchmarkRun) -> dict[str, Any]:
+        return compute_statistics(run, args.batch_size, decode_bytes)
+
+    recorder = RecordingModel(loaded.model)
+    try:
+        run = run_benchmark(
+            recorder, loaded.tokenizer, prompt, generate_kwargs,
+            seq2seq=loaded.family.seq2seq, num_iter=args.num_iter, num_warmup=args.num_warmup,
+            token_latency=args.token_latency, streaming=args.streaming and is_root,
+            profile=args.profile, seed=args.seed,
+            trace_dir=writer.json_path.parent if writer else None,
+            on_iteration=(lambda partial: writer.update("running", partial, stats_of(partial)))
+            if writer else None)
+        token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
+        ranks = gather(rank_record(info, tp, token_ids))
+    except BaseException as exc:
+        if writer is not None:
+            writer.fail(" ".join(str(exc).split()) if isinstance(exc, UserError)
+                        else f"{type(exc).__name__}: {exc}")
+        raise
+    if writer is not None:
+        agree = all(record["generated_token_ids"] == token_ids for record in ranks)
+        writer.report["distributed"].update(ranks=ranks, ranks_agree=agree)
+        writer.update("complete", run, stats_of(run), profile_trace=run.trace_path,
+                      generated_token_ids=token_ids)
+        if not agree:  # tensor parallel went wrong: the numbers measure something broken
+            message = "the ranks generated different tokens (see the report's distributed.ranks)"
+            writer.fail(message)
+            raise UserError(message)
+        write_atomic(writer.markdown_path, markdown(writer.report) + rank_table(writer.report))
+        if run.profile_table:
+            print(run.profile_table)
+            if run.trace_path:
+                print(f"profile trace: {run.trace_path}")
+        print(f"generated (first sequence): {run.generated_text[0]!r}")
+        for line in summary_lines(stats_of(run)):
+            print(line)
+        print(f"Model load: {loaded.load_seconds:.2f} s ({tp.load_path})")
+        for record in ranks:
+            print(f"Rank {record['rank']}: cores {compact_cores(record['cpu_affinity'])}, "
+                  f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB, "
+                  f"{record['local_weight_bytes'] / 2**20:.0f} MiB of weights")
+        print(f"report: {writer.json_path}")
+        print(f"summary: {writer.markdown_path}", flush=True)
+    watchdog.stop()
+    barrier()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return 0
+
+
+def compact_cores(cores: list[int] | None) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    if not cores:
+        return "?"
+    spans: list[list[int]] = []
+    for core in cores:
+        if spans and core == spans[-1][1] + 1:
+            spans[-1][1] = core
+        else:
+            spans.append([core, core])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
+
+
+def rank_table(report: dict[str, Any]) -> str:
+    dist_info = report["distributed"]
+    lines = ["", f"## {dist_info['world_size']} ranks: {dist_info['communication_backend']}, "
+                 f"{dist_info['all_reduce']}, {dist_info['load_path']}", "",
+             "| rank | host | cores | threads | peak RSS | weights |", "|---|---|---|---|---|---|"]
+    for record in dist_info.get("ranks", []):
+        lines.append(f"| {record['rank']} | {record['host']} | "
+                     f"{compact_cores(record['cpu_affinity'])} | {record['torch_threads']} | "
+                     f"{record['peak_rss_bytes'] / 2**20:.0f} MiB | "
+                     f"{record['local_weight_bytes'] / 2**20:.0f} MiB |")
+    return "\n".join(lines) + "\n"
