@@ -42,6 +42,12 @@ CONFIGS = {
     "native-bf16": ("native", "bfloat16", {}),
     "native-bf16-fp8kv": ("native", "bfloat16", {"kv_cache_dtype": "fp8_e5m2"}),
     "ipex-fp32": ("ipex", "float32", {}),
+    # Weight-only quantization (llmbench.quant, round to nearest) on our int8 / int4 kernels; the
+    # 4-bit schemes keep lm_head at int8. "woq" is (weight dtype, group size, symmetric).
+    "native-int8": ("native", "float32", {"woq": ("INT8", -1, True)}),
+    "native-int4": ("native", "float32", {"woq": ("INT4", 128, False)}),
+    "native-int4-g32": ("native", "float32", {"woq": ("INT4", 32, False)}),
+    "stock-int8": ("stock", "float32", {"woq": ("INT8", -1, True)}),
 }
 # TinyLlama-1.1B's shape, random weights: big enough that per-token overheads don't hide the
 # kernels. Its vocab (32000) is smaller than the SmolLM2 tokenizer used for the prompt, so the
@@ -91,8 +97,19 @@ def resolve_model(name: str) -> str | None:
 def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -> dict[str, Any]:
     backend, dtype, extra = CONFIGS[config_name]
     loaded = load_model(model_arg, dtype)
-    prepared = prepare(loaded.model, backend=backend, dtype=dtype,
-                       family=loaded.family.model_type, **extra)
+    extra = dict(extra)
+    woq = extra.pop("woq", None)
+    if woq is not None:
+        from llmbench.quant import apply
+        from llmbench.quant.scheme import Scheme
+
+        scheme = Scheme("woq", *woq)
+        prepared = apply.prepare_quantized(loaded, apply.quantize_rtn(loaded.model, scheme),
+                                           backend=backend, dtype=dtype, scheme=scheme,
+                                           kv_cache_dtype=extra.get("kv_cache_dtype", "auto"))
+    else:
+        prepared = prepare(loaded.model, backend=backend, dtype=dtype,
+                           family=loaded.family.model_type, **extra)
     loaded.model = prepared.model
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
                           input_tokens=args.input_tokens, prompt_text=None, batch_size=1,

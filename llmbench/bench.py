@@ -93,7 +93,8 @@ def run_benchmark(model: Any, tokenizer: Any, prompt: Prompt, generate_kwargs: d
     return run
 
 
-def profile_once(one_iteration: Callable[[], Any], trace_dir: Path | None) -> tuple[str, str | None]:
+def profile_once(one_iteration: Callable[[], Any],
+                 trace_dir: Path | None) -> tuple[str, str | None]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 

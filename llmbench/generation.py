@@ -14,14 +14,20 @@ from llmbench.errors import UserError
 from llmbench.models import load_model
 from llmbench.precision import check_dtype
 from llmbench.prompts import build_prompt
-from llmbench.report import (REPORT_SCHEMA, ReportWriter, compute_statistics, report_stem,
-                             summary_lines)
+from llmbench.report import (
+    REPORT_SCHEMA,
+    ReportWriter,
+    compute_statistics,
+    report_stem,
+    summary_lines,
+)
 
 DESCRIPTION = "Generation latency benchmark of a Hugging Face causal LM on CPU."
 
 
 def build_parser(prog: str = "run_generation.py") -> flags.Parser:
-    return flags.build_parser(prog, DESCRIPTION, flags.generation_groups())
+    return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
+                                                  flags.add_quantization_flags))
 
 
 def resolve_backend(args: argparse.Namespace) -> str:
@@ -38,12 +44,26 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
     if args.streaming and (generate_kwargs["num_beams"] > 1 or args.batch_size > 1):
         raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
+    if args.quantized_model_path is None:
+        from llmbench.quant.cli import scheme_from_args
+
+        if scheme_from_args(args) is not None:
+            raise UserError("run_generation.py benchmarks a saved quantized model: pass "
+                            "--quantized-model-path (run.py with --ipex-weight-only-quantization "
+                            "makes one first)")
+    if args.quant_with_amp:
+        args.dtype = "bfloat16"  # the layers left unquantized run in bf16
     notes = check_dtype(args.dtype)
 
     loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
-    prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
-                                family=loaded.family.model_type,
-                                kv_cache_dtype=args.kv_cache_dtype)
+    if args.quantized_model_path is not None:  # a model saved by run_quantization.py
+        from llmbench.quant.cli import prepare_saved
+
+        prepared = prepare_saved(args, loaded, backend)
+    else:
+        prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
+                                    family=loaded.family.model_type,
+                                    kv_cache_dtype=args.kv_cache_dtype)
     loaded.model = prepared.model  # a backend that rebuilt the model frees the original
     if "fallback_reason" in prepared.details:
         notes.append(prepared.details["fallback_reason"])
@@ -54,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}", flush=True)
     print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-          f"{args.dtype} | backend {prepared.backend} | {mode} | load {loaded.load_seconds:.2f} s", flush=True)
+          f"{args.dtype} | backend {prepared.backend} | {mode} | "
+          f"load {loaded.load_seconds:.2f} s", flush=True)
     print(f"---- Prompt size: {prompt.tokens}", flush=True)
 
     writer = ReportWriter(args.output_dir,

@@ -252,7 +252,6 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
     """Resolve, (convert,) and load a model and its tokenizer in `dtype`, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor progress bars would bury the results
@@ -285,7 +284,8 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
-    decode_weight_bytes = weight_bytes - (0 if tied else embedding.numel() * embedding.element_size())
+    embedding_bytes = embedding.numel() * embedding.element_size()
+    decode_weight_bytes = weight_bytes - (0 if tied else embedding_bytes)
     if family.seq2seq:  # decode steps run the decoder only (and the embedding it shares)
         shared = {p.data_ptr() for p in model.get_decoder().parameters()}
         decode_weight_bytes -= sum(p.numel() * p.element_size()

@@ -1,0 +1,10 @@
+"""Quantization: weight-only (INT8/INT4/NF4/FP8, round to nearest), INT4 GPTQ/AWQ checkpoints
+and our own GPTQ, SmoothQuant static INT8; saved as best_model.safetensors + best_model.json.
+
+- scheme.py: what a run does (as data) and round-to-nearest quantization of one weight;
+- linears.py: the quantized projections (over llmbench.kernels) and the nn.Module wrapper;
+- apply.py: putting them into a model (native map_linears or nn.Linear swap), save and load;
+- quality.py: perplexity and greedy agreement against the float model;
+- (not yet: GPTQ/AWQ checkpoints, utils/run_gptq.py, SmoothQuant; their flags are refused);
+- cli.py: single_instance/run_quantization.py.
+"""

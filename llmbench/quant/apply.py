@@ -1,0 +1,340 @@
+"""Putting quantized projections into a model, and the saved format.
+
+Quantized projections are keyed by their Hugging Face module name ("model.layers.0.self_attn.
+q_proj", "lm_head"). They go into a model one of two ways:
+- `--backend native` on a llama-like family: NativeModel.map_linears, the fused qkv / gate_up
+  projections built by concatenating the quantized parts along the output dimension;
+- anything else: each nn.Linear module swapped for a QuantizedLinear calling the same kernels.
+
+Saved: `best_model.safetensors` (the quantized tensors, "<module>.<tensor>", plus any float
+weight a method changed, e.g. SmoothQuant's norms, as "float.<parameter>") and
+`best_model.json` (format, scheme, per-projection layout, the source model's identity, quality).
+Both are written to temp files and renamed at the end, so a failed run leaves neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmbench.errors import UserError
+from llmbench.quant.linears import (
+    LINEAR_CLASSES,
+    FloatLinear,
+    Int4Linear,
+    NF4Linear,
+    QuantizedLinear,
+    fuse,
+)
+from llmbench.quant.scheme import MIN_IN_FEATURES, Scheme, quantize_weight
+
+FORMAT = "llmbench.quantized/1"
+MODEL_FILE = "best_model.safetensors"
+META_FILE = "best_model.json"
+FLOAT_PREFIX = "float."
+# Config keys that say how a model was loaded or saved, not what it is.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "_name_or_path",
+                         "_commit_hash", "_attn_implementation", "_attn_implementation_internal",
+                         "quantization_config", "use_cache", "output_attentions",
+                         "output_hidden_states", "return_dict"}
+
+
+def linear_modules(model: torch.nn.Module, lm_head: bool = True) -> dict[str, torch.nn.Linear]:
+    """The nn.Linear modules quantization covers, by name: every one at least MIN_IN_FEATURES
+    wide (and, unless lm_head, not the output projection)."""
+    output = model.get_output_embeddings()
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module.in_features < MIN_IN_FEATURES:
+            continue
+        if module is output and not lm_head:
+            continue
+        found[name] = module
+    return found
+
+
+def quantize_rtn(model: torch.nn.Module, scheme: Scheme) -> dict[str, Any]:
+    """Every projection in the scheme's format, but the output projection (lm_head) of a 4-bit
+    scheme, which is INT8 per channel: it is the projection most sensitive to 4-bit error
+    (llama.cpp likewise keeps output.weight at 6+ bits)."""
+    output = model.get_output_embeddings()
+    head_scheme = Scheme(scheme.method, "INT8", -1, True)
+    return {name: quantize_weight(module.weight, module.bias,
+                                  head_scheme if (module is output and scheme.weight_dtype in
+                                                  ("INT4", "NF4")) else scheme)
+            for name, module in linear_modules(model, scheme.lm_head).items()}
+
+
+# ---- identity of the source model ----------------------------------------------------------
+
+def config_sha256(config: Any) -> str:
+    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a strided sample of every linear weight, rounded to bf16 so an fp32 and a bf16
+    load of the same model agree. Taken before any module is swapped."""
+    digest = hashlib.sha256()
+    for name, module in sorted(linear_modules(model).items()):
+        flat = module.weight.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_identity(loaded: Any) -> dict[str, Any]:
+    return {"name": loaded.source.display_name, "kind": loaded.source.kind,
+            "path": loaded.source.path, "gguf_sha256": loaded.source.gguf_sha256,
+            "family": loaded.family.model_type, "config_sha256": config_sha256(loaded.config),
+            "weights_fingerprint": weights_fingerprint(loaded.model)}
+
+
+def check_identity(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    for key, what in (("config_sha256", "config"), ("weights_fingerprint", "weights")):
+        if saved.get(key) != current.get(key):
+            raise UserError(f"{path} was quantized from another model ({saved.get('name')}, "
+                            f"{what} differ from {current.get('name')}): quantize this model "
+                            "again, or pass the -m it was made from")
+
+
+# ---- installing ------------------------------------------------------------------------------
+
+def install_hf(model: torch.nn.Module, qlinears: dict[str, Any]) -> None:
+    for name, linear in qlinears.items():
+        model.set_submodule(name, QuantizedLinear(linear))
+
+
+# NativeModel projection -> the HF modules it fuses, per layer (first match wins).
+_NATIVE_PARTS = {
+    "qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.qkv_proj",)),
+    "o": (("self_attn.o_proj",),),
+    "gate_up": (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",)),
+    "down": (("mlp.down_proj",),),
+}
+
+
+def install_native(native: Any, qlinears: dict[str, Any], prefix: str = "model.") -> int:
+    """Map quantized projections into a NativeModel; returns how many projections it replaced."""
+    replaced = 0
+
+    def convert(name: str, linear: Any) -> Any:
+        nonlocal replaced
+        if name == "lm_head":
+            hf_names: tuple[str, ...] = ("lm_head",) if "lm_head" in qlinears else ()
+        else:
+            _, index, kind = name.split(".")
+            hf_names = ()
+            for option in _NATIVE_PARTS[kind]:
+                names = tuple(f"{prefix}layers.{index}.{part}" for part in option)
+                if all(n in qlinears for n in names):
+                    hf_names = names
+                    break
+        if not hf_names:
+            return linear
+        replaced += 1
+        return fuse([qlinears[n] for n in hf_names])
+
+    native.map_linears(convert)
+    return replaced
+
+
+def float_bytes_outside(model: torch.nn.Module, swapped: set[str]) -> int:
+    """Bytes of float parameters a decode step reads that are not in swapped modules (the input
+    embedding is read one row per token, so it doesn't count)."""
+    embedding = model.get_input_embeddings().weight
+    total = 0
+    for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if owner in swapped or param.data_ptr() == embedding.data_ptr():
+            continue
+        total += param.numel() * param.element_size()
+    return total
+
+
+def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dtype: str,
+                      kv_cache_dtype: str, scheme: Scheme,
+                      float_overrides: dict[str, torch.Tensor] | None = None) -> Any:
+    """The loaded float model with its projections replaced, on `backend` (native or stock).
+    Returns a backends.PreparedModel whose details describe the quantization."""
+    from llmbench import backends
+
+    if backend == "ipex":
+        raise UserError("quantized models run on --backend stock or native here; IPEX's own "
+                        "quantization path is not wired in")
+    model = loaded.model
+    if float_overrides:
+        params = dict(model.named_parameters())
+        for name, tensor in float_overrides.items():
+            if name not in params or params[name].shape != tensor.shape:
+                raise UserError(f"saved float tensor {name} does not match the model")
+            with torch.no_grad():
+                params[name].copy_(tensor.to(params[name].dtype))
+    swapped = set(qlinears)
+    stock_bytes = float_bytes_outside(model, swapped) + sum(q.nbytes for q in qlinears.values())
+    prepared = backends.prepare(model, backend=backend, dtype=dtype,
+                                family=loaded.family.model_type, kv_cache_dtype=kv_cache_dtype)
+    kinds = sorted({q.kind for q in qlinears.values()})
+    details: dict[str, Any] = {"scheme": scheme.to_dict(), "description": scheme.describe(),
+                               "quantized_projections": len(qlinears), "formats": kinds}
+    if prepared.backend == "native":
+        details["native_projections_replaced"] = install_native(prepared.model, qlinears)
+        weight_bytes = prepared.model.weight_bytes
+    else:
+        install_hf(prepared.model, qlinears)
+        weight_bytes = stock_bytes
+    details["weight_bytes_per_token"] = weight_bytes
+    pure_torch = [k for k in kinds if k in ("nf4", "fp8")]
+    if pure_torch:
+        details["note"] = (f"{', '.join(pure_torch)} weights are dequantized in pure torch on "
+                           "every call (no kernel): correct, not fast")
+    loaded.decode_weight_bytes = weight_bytes
+    prepared.details.update({"quantization": details, "weight_bytes_per_token": weight_bytes})
+    return prepared
+
+
+# ---- saving and loading ----------------------------------------------------------------------
+
+def _layout(linear: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"kind": linear.kind, "in_features": linear.in_features,
+                             "out_features": linear.out_features}
+    if isinstance(linear, Int4Linear | NF4Linear):
+        entry["group_size"] = linear.group_size
+    return entry
+
+
+def save(output_dir: str | Path, qlinears: dict[str, Any], scheme: Scheme,
+         identity: dict[str, Any], quality: dict[str, Any] | None = None,
+         float_overrides: dict[str, torch.Tensor] | None = None,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write best_model.safetensors and best_model.json atomically; returns the model path."""
+    from safetensors.torch import save_file
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, linear in qlinears.items():
+        for key, tensor in linear.tensors().items():
+            tensors[f"{name}.{key}"] = tensor.contiguous()
+    for name, tensor in (float_overrides or {}).items():
+        tensors[f"{FLOAT_PREFIX}{name}"] = tensor.detach().float().contiguous()
+    meta = {"format": FORMAT, "scheme": scheme.to_dict(), "description": scheme.describe(),
+            "source_model": identity, "layout": {n: _layout(q) for n, q in qlinears.items()},
+            "float_tensors": sorted(float_overrides or {}),
+            "weight_bytes": sum(q.nbytes for q in qlinears.values()),
+            "quality": quality, **(extra or {})}
+    temps: list[str] = []
+    try:
+        fd, tmp_model = tempfile.mkstemp(prefix=f".{MODEL_FILE}.", dir=out)
+        os.close(fd)
+        temps.append(tmp_model)
+        save_file(tensors, tmp_model, metadata={"format": FORMAT})
+        fd, tmp_meta = tempfile.mkstemp(prefix=f".{META_FILE}.", dir=out)
+        temps.append(tmp_meta)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(meta, handle, indent=1, default=str)
+            handle.write("\n")
+        for tmp in temps:
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temp file, not the result
+        os.replace(tmp_model, out / MODEL_FILE)
+        os.replace(tmp_meta, out / META_FILE)
+    except BaseException:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return out / MODEL_FILE
+
+
+def meta_path_for(model_path: str | Path) -> Path:
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    return path.with_suffix(".json")
+
+
+def load(model_path: str | Path) -> tuple[dict[str, Any], Scheme, dict[str, Any],
+                                          dict[str, torch.Tensor]]:
+    """Read a saved quantized model: (projections by module name, scheme, metadata, float
+    tensors). Refuses files that aren't ours or don't agree with their metadata."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    meta_file = meta_path_for(path)
+    if not path.is_file():
+        raise UserError(f"--quantized-model-path {path}: no such file")
+    if not meta_file.is_file():
+        raise UserError(f"--quantized-model-path {path}: its scheme file {meta_file.name} is "
+                        "missing")
+    try:
+        meta = json.loads(meta_file.read_text())
+        tensors = load_file(str(path))
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
+        raise UserError(f"cannot read the quantized model {path}: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{meta_file} is not an llmbench quantized model (format "
+                        f"{meta.get('format')!r})")
+    scheme = Scheme.from_dict(meta["scheme"])
+    qlinears = {}
+    for name, entry in meta["layout"].items():
+        parts = {key[len(name) + 1:]: t for key, t in tensors.items()
+                 if key.startswith(name + ".") and "." not in key[len(name) + 1:]}
+        qlinears[name] = build_linear(entry, parts, name)
+    floats = {key[len(FLOAT_PREFIX):]: t for key, t in tensors.items()
+              if key.startswith(FLOAT_PREFIX)}
+    return qlinears, scheme, meta, floats
+
+
+def build_linear(entry: dict[str, Any], parts: dict[str, torch.Tensor], name: str) -> Any:
+    kind = entry["kind"]
+    if kind not in LINEAR_CLASSES:
+        raise UserError(f"saved projection {name} has unknown format {kind!r}")
+    try:
+        if kind == "int4":
+            linear = Int4Linear(parts["qweight"], parts["scales"], parts["zeros"],
+                                entry["group_size"], entry["in_features"], parts.get("bias"),
+                                parts.get("perm"))
+        elif kind == "nf4":
+            linear = NF4Linear(parts["qweight"], parts["scales"], entry["group_size"],
+                               entry["in_features"], parts.get("bias"))
+        elif kind == "float":
+            linear = FloatLinear(parts["weight"], parts.get("bias"))
+        elif kind == "w8a8":
+            linear = LINEAR_CLASSES[kind](parts["qweight"], parts["scales"], parts["act_scale"],
+                                          parts.get("bias"))
+        elif kind == "int8":
+            linear = LINEAR_CLASSES[kind](parts["qweight"], parts["scales"], parts.get("zeros"),
+                                          parts.get("bias"))
+        else:
+            linear = LINEAR_CLASSES[kind](parts["qweight"], parts["scales"], parts.get("bias"))
+    except KeyError as exc:
+        raise UserError(f"saved projection {name} lacks its tensor {exc}") from exc
+    if (linear.out_features, linear.in_features) != (entry["out_features"],
+                                                     entry["in_features"]):
+        raise UserError(f"saved projection {name} does not match its recorded shape")
+    return linear
+
+
+def check_against_model(qlinears: dict[str, Any], model: torch.nn.Module, source: str) -> None:
+    """Every quantized projection must name a linear of the model with the same shape."""
+    modules = dict(model.named_modules())
+    for name, linear in qlinears.items():
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear):
+            raise UserError(f"{source}: {name} is not a linear layer of this model")
+        if (module.out_features, module.in_features) != (linear.out_features,
+                                                         linear.in_features):
+            raise UserError(f"{source}: {name} is {linear.out_features}x{linear.in_features}, "
+                            f"the model's is {module.out_features}x{module.in_features}")

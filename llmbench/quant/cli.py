@@ -1,0 +1,154 @@
+"""single_instance/run_quantization.py: quantize a model, measure what it costs in quality, and
+save it to --output-dir as best_model.safetensors + best_model.json (run.py's first step)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from llmbench import flags
+from llmbench.errors import UserError
+from llmbench.quant.scheme import Scheme, check_lowp_mode, resolve_group_size
+
+DESCRIPTION = "Quantize a causal LM (weight-only, round to nearest) and save it."
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-dir", default="./saved_results",
+                       help="where best_model.safetensors and best_model.json go")
+    group.add_argument("--skip-quality", action="store_true",
+                       help="don't measure perplexity and greedy agreement against fp32")
+    return group
+
+
+def build_parser(prog: str = "run_quantization.py") -> flags.Parser:
+    return flags.build_parser(prog, DESCRIPTION, (flags.add_model_flags,
+                                                  flags.add_quantization_flags,
+                                                  add_output_flags))
+
+
+def method_of(args: argparse.Namespace) -> str | None:
+    chosen = [name for name, on in (("woq", args.ipex_weight_only_quantization),
+                                    ("smoothquant", args.ipex_smooth_quant)) if on]
+    if len(chosen) > 1:
+        raise UserError("--ipex-weight-only-quantization and --ipex-smooth-quant exclude each "
+                        "other: pick one")
+    if args.low_precision_checkpoint is not None:
+        if args.ipex_smooth_quant:
+            raise UserError("--low-precision-checkpoint is an INT4 weight-only checkpoint; it "
+                            "does not combine with --ipex-smooth-quant")
+        return "checkpoint"
+    return chosen[0] if chosen else None
+
+
+def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
+    """The scheme the flags ask for (None: no quantization flag given); bad combinations are
+    refused here, before anything is loaded."""
+    method = method_of(args)
+    if method is None:
+        return None
+    check_lowp_mode(args.lowp_mode, args.act_quant_mode)
+    if method in ("smoothquant", "checkpoint"):
+        flag = ("--ipex-smooth-quant" if method == "smoothquant"
+                else "--low-precision-checkpoint")
+        raise UserError(f"{flag} is not implemented yet in llmbench (weight-only INT8/INT4/NF4/"
+                        "FP8 are: --ipex-weight-only-quantization); nothing was run")
+    if method == "smoothquant":
+        if args.weight_dtype != "INT8" or args.group_size not in (0, -1):
+            raise UserError("--ipex-smooth-quant is static INT8 per-channel: --weight-dtype and "
+                            "--group-size don't apply")
+        return Scheme("smoothquant", "INT8", -1, True, args.lowp_mode, True,
+                      {"alpha": args.alpha})
+    if method == "checkpoint":
+        return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode)
+    group = resolve_group_size(args.weight_dtype, args.group_size)
+    sym = args.woq_sym_quant_weight or args.weight_dtype in ("NF4", "FP8")
+    return Scheme("woq", args.weight_dtype, group, sym, args.lowp_mode)
+
+
+def check_saved_scheme(saved: Scheme, wanted: Scheme | None, path: str) -> None:
+    """A saved model must be what the flags ask for (when they ask for something)."""
+    if wanted is None:
+        return
+    if wanted.method == "checkpoint":
+        raise UserError("--low-precision-checkpoint and --quantized-model-path both give the "
+                        "weights: pass one")
+    same = (saved.method == wanted.method or (saved.method in ("gptq", "awq")
+                                              and wanted.method == "woq"))
+    if wanted.method == "woq":
+        same = same and (saved.weight_dtype, saved.group_size, saved.sym) == (
+            wanted.weight_dtype, wanted.group_size, wanted.sym)
+    if wanted.method == "smoothquant":
+        same = same and str(saved.extra.get("alpha")) == str(wanted.extra.get("alpha"))
+    if not same:
+        raise UserError(f"{path} holds {saved.describe()}, but the flags ask for "
+                        f"{wanted.describe()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    scheme = scheme_from_args(args)
+    if scheme is None:
+        raise UserError("nothing to quantize: pass --ipex-weight-only-quantization, "
+                        "--ipex-smooth-quant or --low-precision-checkpoint")
+    if args.quantized_model_path is not None:
+        raise UserError("--quantized-model-path is already quantized: benchmark it with "
+                        "run_generation.py (or run.py --benchmark)")
+    if args.backend == "ipex" or args.ipex:
+        raise UserError("quantization runs on our kernels (--backend stock or native), not IPEX")
+
+    from llmbench.models import load_model
+    from llmbench.quant import apply, quality
+
+    start = time.perf_counter()
+    loaded = load_model(args.model_name_or_path, "float32", args.config_file)
+    identity = apply.model_identity(loaded)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
+          f"quantizing: {scheme.describe()}", flush=True)
+    reference = None if args.skip_quality else quality.measure_reference(model, tokenizer)
+
+    extra: dict[str, Any] = {}
+    float_overrides: dict[str, Any] = {}
+    if scheme.method == "woq":
+        qlinears = apply.quantize_rtn(model, scheme)
+    else:  # refused in scheme_from_args; kept for when they land
+        raise UserError(f"{scheme.method} is not implemented yet")
+    quantize_seconds = time.perf_counter() - start
+    apply.install_hf(model, qlinears)
+
+    result = None
+    if reference is not None:
+        result = quality.compare(reference, model, tokenizer)
+        print(f"quality ({scheme.describe()}): {quality.summary(result)}", flush=True)
+    extra["quantize_seconds"] = quantize_seconds
+    path = apply.save(args.output_dir, qlinears, scheme, identity, result, float_overrides,
+                      extra)
+    weight_bytes = sum(q.nbytes for q in qlinears.values())
+    print(f"quantized {len(qlinears)} projections ({weight_bytes / 2**20:.1f} MiB) in "
+          f"{quantize_seconds:.1f} s", flush=True)
+    print(f"saved: {path} and {apply.meta_path_for(path).name}", flush=True)
+    return 0
+
+
+def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
+    """run_generation.py --quantized-model-path: the saved projections put into the loaded
+    float model, after checking it is the model and the scheme they were made for."""
+    from llmbench.quant import apply
+
+    path = args.quantized_model_path
+    wanted = scheme_from_args(args)
+    qlinears, scheme, meta, floats = apply.load(path)
+    check_saved_scheme(scheme, wanted, path)
+    apply.check_identity(meta["source_model"], apply.model_identity(loaded), path)
+    apply.check_against_model(qlinears, loaded.model, path)
+    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,
+                                       kv_cache_dtype=args.kv_cache_dtype, scheme=scheme,
+                                       float_overrides=floats)
+    prepared.details["quantization"].update({"path": str(path), "quality": meta.get("quality")})
+    print(f"quantized: {scheme.describe()} from {path} "
+          f"({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB read per token)",
+          flush=True)
+    return prepared

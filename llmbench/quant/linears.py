@@ -1,0 +1,349 @@
+"""Quantized projections: one small class per storage format, each a callable
+`x fp32 [M, K] -> fp32 [M, N]` with an `nbytes` property, so it fits both
+`NativeModel.map_linears` (llama-like families on --backend native) and, wrapped in
+`QuantizedLinear` (an nn.Module), any Hugging Face model whose nn.Linear modules are swapped.
+
+INT8 and INT4 run through llmbench.kernels (AVX2 weight-streaming GEMV for decode, torch GEMM on
+the dequantized weights for prefill). NF4 and FP8 have no compiled kernel: they dequantize in
+pure torch on every call (correct, not fast), and the report says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmbench import kernels
+
+# The 16 NormalFloat4 levels of QLoRA (Dettmers et al. 2023), as bitsandbytes ships them.
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+
+
+def _bias_bytes(bias: torch.Tensor | None) -> int:
+    return 0 if bias is None else bias.numel() * bias.element_size()
+
+
+def _cat_bias(parts: list[Any]) -> torch.Tensor | None:
+    if all(p.bias is None for p in parts):
+        return None
+    return torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features)
+                      for p in parts])
+
+
+class Int8Linear:
+    """w = (q - z) * s per output channel; z is None for symmetric weights. The zero point is
+    applied after the kernel: x @ w.T = s * (x @ q.T) - sum(x) * (s * z)."""
+
+    kind = "int8"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+        self.qweight = qweight.contiguous()
+        self.scales = scales.float().contiguous()
+        self.zeros = None if zeros is None else zeros.float().contiguous()
+        self.zero_term = None if zeros is None else (self.scales * self.zeros)
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.out_features, self.in_features = self.qweight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.linear_int8w(x, self.qweight, self.scales, self.bias)
+        if self.zero_term is not None:
+            y = y - x.sum(-1, keepdim=True) * self.zero_term
+        return y
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.qweight.float()
+        if self.zeros is not None:
+            q = q - self.zeros[:, None]
+        return q * self.scales[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.zeros is None else 2 * self.scales.numel() * 4
+        return self.qweight.numel() + self.scales.numel() * 4 + extra + _bias_bytes(self.bias)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    @classmethod
+    def fuse(cls, parts: list[Int8Linear]) -> Int8Linear:
+        sym = {p.zeros is None for p in parts}
+        if len(sym) != 1:
+            raise ValueError("cannot fuse symmetric and asymmetric int8 projections")
+        zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])
+        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                   zeros, _cat_bias(parts))
+
+
+class Int4Linear:
+    """Packed 4-bit (llmbench.kernels layout), w = (q - zero) * scale per group of `group_size`
+    input channels. K is zero-padded up to a multiple of the group size (a partial last group,
+    e.g. K = 576 with groups of 128); `perm` reorders the input channels (GPTQ act-order)."""
+
+    kind = "int4"
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, in_features: int, bias: torch.Tensor | None = None,
+                 perm: torch.Tensor | None = None) -> None:
+        self.packed = packed.contiguous()
+        self.scales = scales.float().contiguous()
+        self.zeros = zeros.float().contiguous()
+        self.group_size = int(group_size)
+        self.in_features = int(in_features)
+        self.padded_in = 2 * self.packed.shape[1]
+        self.out_features = self.packed.shape[0]
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.perm = None if perm is None else perm.long().contiguous()
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
+        return x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int4w(self._input(x), self.packed, self.scales, self.zeros,
+                                    self.group_size, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        w = kernels.dequantize_int4(self.packed, self.scales, self.zeros, self.group_size)
+        w = w[:, : self.in_features]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + 2 * self.scales.numel() * 4 + _bias_bytes(self.bias)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.packed, "scales": self.scales, "zeros": self.zeros}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        if self.perm is not None:
+            out["perm"] = self.perm
+        return out
+
+    @classmethod
+    def fuse(cls, parts: list[Int4Linear]) -> Int4Linear:
+        first = parts[0]
+        if any(p.group_size != first.group_size or p.in_features != first.in_features
+               or (p.perm is None) != (first.perm is None)
+               or (p.perm is not None and not torch.equal(p.perm, first.perm)) for p in parts):
+            # Different groupings or input permutations can't share one packed tensor: the
+            # parts run side by side on the same input.
+            return _Concat(parts)  # type: ignore[return-value]
+        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts]),
+                   torch.cat([p.zeros for p in parts]), first.group_size, first.in_features,
+                   _cat_bias(parts), first.perm)
+
+
+class NF4Linear:
+    """NormalFloat4 levels (a 16-entry lookup table) times a per-group absmax scale, dequantized
+    in pure torch on every call: there is no NF4 kernel."""
+
+    kind = "nf4"
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 in_features: int, bias: torch.Tensor | None = None) -> None:
+        self.packed = packed.contiguous()
+        self.scales = scales.float().contiguous()
+        self.group_size = int(group_size)
+        self.in_features = int(in_features)
+        self.out_features = self.packed.shape[0]
+        self.bias = None if bias is None else bias.float().contiguous()
+
+    def dequantize(self) -> torch.Tensor:
+        idx = kernels.unpack_int4(self.packed).long()
+        n, k = idx.shape
+        w = NF4_LEVELS[idx].view(n, k // self.group_size, self.group_size)
+        w = (w * self.scales[:, :, None]).view(n, k)
+        return w[:, : self.in_features]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(), self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * 4 + _bias_bytes(self.bias)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.packed, "scales": self.scales}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    @classmethod
+    def fuse(cls, parts: list[NF4Linear]) -> NF4Linear:
+        first = parts[0]
+        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts]),
+                   first.group_size, first.in_features, _cat_bias(parts))
+
+
+class FP8Linear:
+    """float8_e4m3fn weights with a per-output-channel scale, widened in pure torch on every
+    call: there is no FP8 kernel."""
+
+    kind = "fp8"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
+        self.qweight = qweight.contiguous()
+        self.scales = scales.float().contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.out_features, self.in_features = self.qweight.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(), self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * 4 + _bias_bytes(self.bias)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    @classmethod
+    def fuse(cls, parts: list[FP8Linear]) -> FP8Linear:
+        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                   _cat_bias(parts))
+
+
+class StaticInt8Linear:
+    """SmoothQuant W8A8: the input is quantized to int8 with a static per-tensor scale found by
+    calibration (the smoothing factors are already folded into the preceding norm and into the
+    weight), the weight is int8 per output channel. The int8 x int8 product is computed by the
+    int8-weight kernel on the integer-valued activations times their scale (fp32 accumulation;
+    AVX2 has no int8 dot-product instruction worth using here)."""
+
+    kind = "w8a8"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, act_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
+        self.inner = Int8Linear(qweight, scales, None, bias)
+        self.act_scale = act_scale.float().reshape(1)
+        self.out_features, self.in_features = self.inner.out_features, self.inner.in_features
+        self.bias = self.inner.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.act_scale
+        xq = torch.clamp(torch.round(x / s), -127, 127) * s
+        return self.inner(xq)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.inner.dequantize()
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.tensors(), "act_scale": self.act_scale}
+
+    @classmethod
+    def fuse(cls, parts: list[StaticInt8Linear]) -> Any:
+        if len({float(p.act_scale) for p in parts}) == 1:
+            inner = Int8Linear.fuse([p.inner for p in parts])
+            return cls(inner.qweight, inner.scales, parts[0].act_scale, inner.bias)
+        return _Concat(parts)
+
+
+class FloatLinear:
+    """A projection kept in floating point (SmoothQuant's fallback layers)."""
+
+    kind = "float"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight.float().contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.out_features, self.in_features = self.weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_f32(x, self.weight, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * 4 + _bias_bytes(self.bias)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.weight}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    @classmethod
+    def fuse(cls, parts: list[FloatLinear]) -> FloatLinear:
+        return cls(torch.cat([p.weight for p in parts]), _cat_bias(parts))
+
+
+class _Concat:
+    """Projections sharing an input that can't be fused into one tensor: applied one by one."""
+
+    kind = "concat"
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.out_features = sum(p.out_features for p in parts)
+        self.in_features = parts[0].in_features
+        self.bias = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+LINEAR_CLASSES = {cls.kind: cls for cls in (Int8Linear, Int4Linear, NF4Linear, FP8Linear,
+                                            StaticInt8Linear, FloatLinear)}
+
+
+def fuse(parts: list[Any]) -> Any:
+    """One projection computing all of `parts` on the same input (outputs concatenated)."""
+    if len(parts) == 1:
+        return parts[0]
+    kinds = {p.kind for p in parts}
+    if len(kinds) != 1:
+        return _Concat(parts)
+    return type(parts[0]).fuse(parts)
+
+
+class QuantizedLinear(torch.nn.Module):
+    """Drop-in for nn.Linear in a Hugging Face model: runs a quantized projection in fp32 and
+    returns the input's dtype."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.in_features = inner.in_features
+        self.out_features = inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        y = self.inner(x.float() if dtype != torch.float32 else x)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.inner.kind}, in={self.in_features}, out={self.out_features}"

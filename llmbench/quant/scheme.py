@@ -1,0 +1,141 @@
+"""What a quantization run does, as data (saved next to the weights), and round-to-nearest
+weight quantization into the formats of llmbench.quant.linears."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from llmbench import kernels
+from llmbench.errors import UserError
+from llmbench.quant.linears import FP8Linear, Int4Linear, Int8Linear, NF4Linear
+
+WEIGHT_DTYPES = ("INT8", "INT4", "NF4", "FP8")
+LOWP_MODES = ("AUTO", "FP32", "BF16", "FP16", "INT8")
+DEFAULT_4BIT_GROUP = 128
+MIN_GROUP = 32
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+# Projections narrower than this stay in floating point (e.g. mamba's dt_proj, rank 8).
+MIN_IN_FEATURES = 32
+
+
+@dataclass
+class Scheme:
+    method: str  # "woq" (round to nearest), "gptq", "awq", "smoothquant"
+    weight_dtype: str  # INT8 | INT4 | NF4 | FP8
+    group_size: int  # -1: per output channel; else input channels per group
+    sym: bool
+    lowp_mode: str = "AUTO"
+    lm_head: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # method settings (alpha, calibration)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Scheme:
+        return cls(**data)
+
+    def describe(self) -> str:
+        group = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
+        sym = "sym" if self.sym else "asym"
+        if self.method == "smoothquant":
+            return f"smoothquant W8A8 (alpha {self.extra.get('alpha')})"
+        return f"{self.method} {self.weight_dtype} {group} {sym}"
+
+
+def resolve_group_size(weight_dtype: str, group_size: int) -> int:
+    """--group-size: 0 = automatic (128 for 4-bit, per-channel otherwise), -1 = per-channel,
+    else a power of two >= 32. Anything else, or a grouping a format can't run, is an error."""
+    if group_size == 0:
+        return DEFAULT_4BIT_GROUP if weight_dtype in ("INT4", "NF4") else -1
+    if group_size == -1:
+        return -1
+    if group_size < MIN_GROUP or group_size & (group_size - 1):
+        raise UserError(f"--group-size {group_size} is not allowed: use 0 (automatic), -1 "
+                        f"(per-channel) or a power of two >= {MIN_GROUP}")
+    if weight_dtype in ("INT8", "FP8"):
+        raise UserError(f"--group-size {group_size} with --weight-dtype {weight_dtype}: our "
+                        f"{weight_dtype} path quantizes per output channel only; use 0 or -1")
+    return group_size
+
+
+def check_lowp_mode(lowp_mode: str, act_quant_mode: str | None) -> None:
+    if lowp_mode not in ("AUTO", "FP32"):
+        raise UserError(f"--lowp-mode {lowp_mode}: our weight-only kernels compute in fp32 "
+                        "(this CPU path has no bf16/fp16/int8 arithmetic); use AUTO or FP32")
+    if act_quant_mode is not None:
+        raise UserError("--act-quant-mode applies to --lowp-mode INT8, which our kernels don't "
+                        "run; leave it out")
+
+
+def _padded(w: torch.Tensor, group: int) -> torch.Tensor:
+    k = w.shape[1]
+    pad = (-k) % group
+    return torch.nn.functional.pad(w, (0, pad)) if pad else w
+
+
+def effective_group(k: int, group_size: int) -> int:
+    """Per-channel (-1) or a group wider than the row: one group of the (even) row."""
+    if group_size == -1 or group_size >= k:
+        return k + (k % 2)
+    return group_size
+
+
+def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme) -> Any:
+    """Round-to-nearest quantization of one [N, K] weight into a linear of the scheme."""
+    w = weight.detach().float()
+    b = None if bias is None else bias.detach().float()
+    n, k = w.shape
+    if scheme.weight_dtype == "INT8":
+        if scheme.sym:
+            q, s = kernels.quantize_int8(w)
+            return Int8Linear(q, s, None, b)
+        lo = w.amin(dim=1).clamp(max=0.0)
+        hi = w.amax(dim=1).clamp(min=0.0)
+        s = ((hi - lo) / 255.0).clamp_min(1e-12)
+        z = torch.round(-128.0 - lo / s).clamp(-128, 127)
+        q = torch.round(w / s[:, None] + z[:, None]).clamp(-128, 127).to(torch.int8)
+        return Int8Linear(q, s, z, b)
+    if scheme.weight_dtype == "FP8":
+        s = (w.abs().amax(dim=1) / torch.finfo(torch.float8_e4m3fn).max).clamp_min(1e-12)
+        return FP8Linear((w / s[:, None]).to(torch.float8_e4m3fn), s, b)
+    group = effective_group(k, scheme.group_size)
+    wp = _padded(w, group)
+    kp = wp.shape[1]
+    wg = wp.view(n, kp // group, group)
+    if scheme.weight_dtype == "NF4":
+        s = wg.abs().amax(dim=2).clamp_min(1e-12)
+        from llmbench.quant.linears import NF4_LEVELS
+
+        idx = (wg / s[:, :, None]).unsqueeze(-1).sub(NF4_LEVELS).abs().argmin(dim=-1)
+        return NF4Linear(kernels.pack_int4(idx.view(n, kp).to(torch.uint8)), s, group, k, b)
+    if scheme.sym:
+        s = (wg.abs().amax(dim=2) / 7.0).clamp_min(1e-12)
+        z = torch.full_like(s, 8.0)
+        q = (torch.round(wg / s[:, :, None]) + 8).clamp(0, 15).to(torch.uint8)
+        return Int4Linear(kernels.pack_int4(q.view(n, kp)), s, z, group, k, b)
+    # Asymmetric: the group's own [min, max] (not widened to include 0) and a real-valued zero
+    # point, w = (q - z) * s. A model whose weights already lie on a 4-bit min/scale grid (a
+    # Q4_1 GGUF, like the embedded one) keeps them exactly when the groups align.
+    # Each group's range may be shrunk (clipping its outliers) where that lowers the group's
+    # squared error: a small grid search, as AWQ's and llama.cpp's quantizers do.
+    lo0, hi0 = wg.amin(dim=2), wg.amax(dim=2)
+    best_q = best_s = best_lo = best_err = None
+    for shrink in CLIP_GRID:
+        lo, hi = lo0 * shrink, hi0 * shrink
+        s = ((hi - lo) / 15.0).clamp_min(1e-12)
+        q = torch.round((wg - lo[:, :, None]) / s[:, :, None]).clamp(0, 15)
+        err = (q * s[:, :, None] + lo[:, :, None] - wg).square().sum(dim=2)
+        if best_err is None:
+            best_q, best_s, best_lo, best_err = q, s, lo, err
+            continue
+        better = err < best_err
+        best_q = torch.where(better[:, :, None], q, best_q)
+        best_s = torch.where(better, s, best_s)
+        best_lo = torch.where(better, lo, best_lo)
+        best_err = torch.minimum(err, best_err)
+    q = best_q.to(torch.uint8)
+    return Int4Linear(kernels.pack_int4(q.view(n, kp)), best_s, -best_lo / best_s, group, k, b)
