@@ -150,7 +150,7 @@ def bench_shape(N: int, Kd: int, M: int, G: int, ws_mib: int, reps: int, stat) -
     nb = 2 * N * Kd
     add("bf16", "torch", F.linear, lambda i: (xb, wb.clone()), nb)
     add("bf16", "ours", K.linear_bf16w, lambda i: (x, wb.clone()), nb)
-    del wb
+
     # int8 per-channel
     q8, s8 = K.quantize_int8(w)
     nb = N * Kd + 4 * N
@@ -172,15 +172,20 @@ def bench_shape(N: int, Kd: int, M: int, G: int, ws_mib: int, reps: int, stat) -
         lambda i: (x, tp.clone(), sz),
         nb,
     )
-    add("int4", "ours", lambda a, b, c, d: K.linear_int4w(a, b, c, d, G), lambda i: (x, p4.clone(), s4, z4), nb)
-    del w
+    add(
+        "int4",
+        "ours",
+        lambda a, b, c, d: K.linear_int4w(a, b, c, d, G),
+        lambda i: (x, p4.clone(), s4, z4),
+        nb,
+    )
     # interleave all variants repeat by repeat so that load from other
     # processes hits torch and ours alike
     samples: dict = {key: [] for key in timers}
     for _ in range(reps):
         for key, (rep, _nb, _sets) in timers.items():
             samples[key].extend(rep())
-    for key, (rep, nb, _sets) in timers.items():
+    for key, (_rep, nb, _sets) in timers.items():
         res[key] = (stat(samples[key]), nb)
     return res
 
@@ -194,12 +199,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="decode linear bandwidth: torch vs llmbench.kernels")
     ap.add_argument("--m", type=int, default=1, help="rows of x (batch*tokens), default 1")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: unchanged)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads (default: unchanged)"
+    )
     ap.add_argument("--models", default="smollm2,tinyllama")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--working-set-mib", type=int, default=160, help="weight copies cycled per measurement")
+    ap.add_argument(
+        "--working-set-mib", type=int, default=160, help="weight copies cycled per measurement"
+    )
     ap.add_argument("--read-mib", type=int, default=1024, help="size of the plain-read test tensor")
-    ap.add_argument("--stat", choices=["median", "min"], default="median", help="statistic over timed calls")
+    ap.add_argument(
+        "--stat", choices=["median", "min"], default="median", help="statistic over timed calls"
+    )
     args = ap.parse_args()
     stat = statistics.median if args.stat == "median" else min
     if args.threads:
@@ -210,8 +221,12 @@ def main() -> int:
         + ("" if K.available() else f"  (NOT BUILT: {K.import_error()}; 'ours' = torch fallback)")
     )
     bw = read_bandwidth(args.read_mib, args.reps, stat)
-    print(f"plain read bandwidth (torch.sum over {args.read_mib} MiB fp32, per 16 MiB chunk): {bw:.1f} GB/s")
-    print(f"M={args.m}, int4 group_size={args.group_size}, {args.stat} per-call time over {args.reps} repeats; cells: GB/s torch / ours (speed-up x, ours % of read BW)\n")
+    print(
+        f"plain read bandwidth (torch.sum over {args.read_mib} MiB fp32, per 16 MiB chunk): {bw:.1f} GB/s"
+    )
+    print(
+        f"M={args.m}, int4 group_size={args.group_size}, {args.stat} per-call time over {args.reps} repeats; cells: GB/s torch / ours (speed-up x, ours % of read BW)\n"
+    )
 
     hdr = f"{'model':<15}{'layer':<10}{'N x K':>12} | " + " | ".join(f"{v:^27}" for v in VARIANTS)
     print(hdr)
@@ -236,12 +251,16 @@ def main() -> int:
                     sp = "  -  "
                 pct = f"{100 * ro[1] / ro[0] / 1e9 / bw:3.0f}%" if ro[0] else " n/a"
                 cells.append(f"{fmt_gbs(rt)} /{fmt_gbs(ro)} ({sp},{pct})")
-            print(f"{spec['title']:<15}{name:<10}{f'{N}x{Kd}':>12} | " + " | ".join(cells), flush=True)
+            print(
+                f"{spec['title']:<15}{name:<10}{f'{N}x{Kd}':>12} | " + " | ".join(cells), flush=True
+            )
             for v in VARIANTS:
                 if res[(v, "torch")][0] is None:
                     print(f"    note: torch {v} baseline failed: {res[(v, 'torch')][1]}")
         summary[spec["title"]] = tot
-    print("\nwhole decode step (all linears x layers + lm_head), aggregate GB/s and ms/token for the linears:")
+    print(
+        "\nwhole decode step (all linears x layers + lm_head), aggregate GB/s and ms/token for the linears:"
+    )
     for title, tot in summary.items():
         parts = []
         for v in VARIANTS:

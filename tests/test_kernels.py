@@ -132,8 +132,13 @@ def test_int4_group_sizes(isa):
     x, w, b = _data(2, 12, 512, True)
     for gs in (32, 64, 128, 256, 512):
         p, s, z = R.quantize_int4(w, gs)
-        _check(K.linear_int4w(x, p, s, z, gs, b), R.linear_int4w(x, p, s, z, gs, b), x,
-               R.dequantize_int4(p, s, z, gs), b)
+        _check(
+            K.linear_int4w(x, p, s, z, gs, b),
+            R.linear_int4w(x, p, s, z, gs, b),
+            x,
+            R.dequantize_int4(p, s, z, gs),
+            b,
+        )
 
 
 def test_leading_dims_strides_and_large_m(isa):
@@ -157,8 +162,13 @@ def test_leading_dims_strides_and_large_m(isa):
     q, s = R.quantize_int8(w)
     _check(K.linear_int8w(xl, q, s, b), R.linear_int8w(xl, q, s, b), xl, R.dequantize_int8(q, s), b)
     p, s4, z4 = R.quantize_int4(w, 200)
-    _check(K.linear_int4w(xl, p, s4, z4, 200), R.linear_int4w(xl, p, s4, z4, 200), xl,
-           R.dequantize_int4(p, s4, z4, 200), None)
+    _check(
+        K.linear_int4w(xl, p, s4, z4, 200),
+        R.linear_int4w(xl, p, s4, z4, 200),
+        xl,
+        R.dequantize_int4(p, s4, z4, 200),
+        None,
+    )
 
 
 def test_thread_count_invariance(isa):
@@ -246,7 +256,7 @@ def test_fallback_matches_reference(M, N, Kd, gs):
         R.linear_int8w(x, q, s, b),
         R.linear_int4w(x, p, s4, z4, gs, b),
     ]
-    for o, r in zip(outs, refs):
+    for o, r in zip(outs, refs, strict=False):
         torch.testing.assert_close(o, r, rtol=0, atol=0)
     if K.supported_isas():  # compiled and fallback agree
         deq = [w, wb.float(), R.dequantize_int8(q, s), R.dequantize_int4(p, s4, z4, gs)]
@@ -256,7 +266,7 @@ def test_fallback_matches_reference(M, N, Kd, gs):
             K.linear_int8w(x, q, s, b),
             K.linear_int4w(x, p, s4, z4, gs, b),
         ]
-        for c, o, d in zip(comp, outs, deq):
+        for c, o, d in zip(comp, outs, deq, strict=False):
             _check(c, o, x, d, b)
 
 

@@ -7,6 +7,7 @@ Exits non-zero with a one-line message when no C++ compiler is available or
 the compilation fails; the rest of llmbench then uses the pure-PyTorch
 fallback (llmbench.kernels.available() is False).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,10 @@ def main() -> int:
     try:
         from llmbench.kernels import _build
     except Exception as e:  # e.g. torch missing
-        print(f"build_kernels: error: cannot import llmbench.kernels ({type(e).__name__}: {e})", file=sys.stderr)
+        print(
+            f"build_kernels: error: cannot import llmbench.kernels ({type(e).__name__}: {e})",
+            file=sys.stderr,
+        )
         return 1
     t0 = time.time()
     try:
@@ -40,7 +44,10 @@ def main() -> int:
 
     k._load()
     if not k.available():
-        print(f"build_kernels: error: built {path} but it does not import: {k.import_error()}", file=sys.stderr)
+        print(
+            f"build_kernels: error: built {path} but it does not import: {k.import_error()}",
+            file=sys.stderr,
+        )
         return 1
     print(
         f"build_kernels: built {os.path.relpath(path, REPO_ROOT)} in {time.time() - t0:.1f}s; "

@@ -106,7 +106,9 @@ def _load() -> None:
         try:
             _C.set_isa(want)
         except RuntimeError as e:
-            warnings.warn(f"LLMBENCH_KERNELS_ISA={want!r} ignored: {e}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"LLMBENCH_KERNELS_ISA={want!r} ignored: {e}", RuntimeWarning, stacklevel=2
+            )
 
 
 _load()
@@ -181,7 +183,9 @@ def _prep_x(x: torch.Tensor, K: int, fn: str) -> torch.Tensor:
 
 def _check_w(w: torch.Tensor, dtype: torch.dtype, fn: str, name: str) -> None:
     if w.dtype != dtype or w.dim() != 2:
-        raise TypeError(f"{fn}: {name} must be a 2-D {dtype} tensor, got {w.dtype} {tuple(w.shape)}")
+        raise TypeError(
+            f"{fn}: {name} must be a 2-D {dtype} tensor, got {w.dtype} {tuple(w.shape)}"
+        )
 
 
 def _slow(fn: str, x, w, wdtype, K: int, ref, *rest):
@@ -193,14 +197,26 @@ def _slow(fn: str, x, w, wdtype, K: int, ref, *rest):
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x float32 [..., K], w float32 [N, K] -> float32 [..., N]."""
-    if _C is not None and not _FORCE_FALLBACK and x.dim() and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]:
+    if (
+        _C is not None
+        and not _FORCE_FALLBACK
+        and x.dim()
+        and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]
+    ):
         return _C.linear_f32(x, w, bias)
     return _slow("linear_f32", x, w, torch.float32, w.shape[-1], reference.linear_f32, bias)
 
 
-def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_bf16w(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x float32 [..., K], w bfloat16 [N, K] -> float32 [..., N] (fp32 math)."""
-    if _C is not None and not _FORCE_FALLBACK and x.dim() and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]:
+    if (
+        _C is not None
+        and not _FORCE_FALLBACK
+        and x.dim()
+        and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]
+    ):
         return _C.linear_bf16w(x, w, bias)
     return _slow("linear_bf16w", x, w, torch.bfloat16, w.shape[-1], reference.linear_bf16w, bias)
 
@@ -209,10 +225,23 @@ def linear_int8w(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x float32 [..., K], qweight int8 [N, K], scales float32 [N] -> float32 [..., N]."""
-    if _C is not None and not _FORCE_FALLBACK and x.dim() and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]:
+    if (
+        _C is not None
+        and not _FORCE_FALLBACK
+        and x.dim()
+        and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]
+    ):
         return _C.linear_int8w(x, qweight, scales, bias)
-    return _slow("linear_int8w", x, qweight, torch.int8, qweight.shape[-1], reference.linear_int8w,
-                 scales, bias)
+    return _slow(
+        "linear_int8w",
+        x,
+        qweight,
+        torch.int8,
+        qweight.shape[-1],
+        reference.linear_int8w,
+        scales,
+        bias,
+    )
 
 
 def linear_int4w(
@@ -224,10 +253,25 @@ def linear_int4w(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x float32 [..., K], packed uint8 [N, K/2], scales/zeros float32 [N, K/group_size]."""
-    if _C is not None and not _FORCE_FALLBACK and x.dim() and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]:
+    if (
+        _C is not None
+        and not _FORCE_FALLBACK
+        and x.dim()
+        and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]
+    ):
         return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias)
     _check_w(qweight, torch.uint8, "linear_int4w", "qweight")
     K = 2 * qweight.shape[-1]
     reference.check_int4_group(K, int(group_size))
-    return _slow("linear_int4w", x, qweight, torch.uint8, K, reference.linear_int4w,
-                 scales, zeros, int(group_size), bias)
+    return _slow(
+        "linear_int4w",
+        x,
+        qweight,
+        torch.uint8,
+        K,
+        reference.linear_int4w,
+        scales,
+        zeros,
+        int(group_size),
+        bias,
+    )

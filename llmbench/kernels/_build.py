@@ -96,9 +96,17 @@ def build(verbose: bool = True, force: bool = False) -> str:
         raise BuildError(f"compilation failed ({e}); see the compiler output above") from None
     except Exception as e:
         name = type(e).__name__
-        if name in ("CompileError", "LinkError", "DistutilsExecError", "CalledProcessError", "RuntimeError"):
-            raise BuildError(f"compilation failed ({name}: {str(e).splitlines()[0] if str(e) else ''}); "
-                             "see the compiler output above") from None
+        if name in (
+            "CompileError",
+            "LinkError",
+            "DistutilsExecError",
+            "CalledProcessError",
+            "RuntimeError",
+        ):
+            raise BuildError(
+                f"compilation failed ({name}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "see the compiler output above"
+            ) from None
         raise
     finally:
         os.chdir(old)

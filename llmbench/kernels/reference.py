@@ -34,14 +34,18 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return F.linear(x, w, bias)
 
 
-def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_bf16w(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     return F.linear(x, w.float(), bias)
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] * float32 scales [N] -> float32 [N, K]."""
     if scales.numel() != qweight.shape[0]:
-        raise ValueError(f"int8: scales must have {qweight.shape[0]} elements, got {tuple(scales.shape)}")
+        raise ValueError(
+            f"int8: scales must have {qweight.shape[0]} elements, got {tuple(scales.shape)}"
+        )
     return qweight.float() * scales.float().unsqueeze(1)
 
 
@@ -113,7 +117,8 @@ def check_int4_group(K: int, group_size: int) -> int:
     )
     if not ok:
         raise ValueError(
-            f"int4: group_size must be K or a power of two >= 32 dividing K (K={K}, group_size={group_size})"
+            "int4: group_size must be K or a power of two >= 32 dividing K "
+            f"(K={K}, group_size={group_size})"
         )
     return K // group_size
 
