@@ -343,9 +343,20 @@ def load_and_prepare(args: argparse.Namespace, backend: str) -> tuple[Any, Any, 
 
     notes = check_dtype(args.dtype)
     loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
-    prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
-                                family=loaded.family.model_type,
-                                kv_cache_dtype=args.kv_cache_dtype)
+    if getattr(args, "quantized_model_path", None) is not None:
+        from llmbench.quant.cli import prepare_saved  # the benchmark's own loader
+
+        prepared = prepare_saved(args, loaded, backend)
+    else:
+        from llmbench.quant.cli import scheme_from_args
+
+        if scheme_from_args(args) is not None:
+            raise UserError("run_accuracy.py evaluates a saved quantized model: pass "
+                            "--quantized-model-path (run.py with --ipex-weight-only-quantization "
+                            "makes one first)")
+        prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
+                                    family=loaded.family.model_type,
+                                    kv_cache_dtype=args.kv_cache_dtype)
     loaded.model = prepared.model
     if "fallback_reason" in prepared.details:
         notes.append(prepared.details["fallback_reason"])
@@ -387,7 +398,7 @@ def build_report(args: argparse.Namespace, loaded: Any, prepared: Any,
         "config": vars(args),
         "model": model_record(loaded),
         "backend": {"name": prepared.backend, **prepared.details},
-        "quantization": None,  # the scheme's description, once quantized models are evaluated
+        "quantization": prepared.details.get("quantization"),
         "tasks": [{"name": r.label, "source": r.source, "path": r.path} for r in requests],
         "limit": args.limit,
         "batch_size": args.batch_size,

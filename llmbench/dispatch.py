@@ -51,7 +51,7 @@ def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     if args.benchmark and not args.autotp:
         steps.append(Step("benchmark", "single_instance/run_generation.py",
                           flags.forward_argv(parser, args, generation_dests) + quantized_argv))
-    accuracy_steps(parser, args, steps)
+    accuracy_steps(parser, args, steps, quantized_argv)
     if not steps:
         raise UserError("nothing to run: pass --benchmark and/or --accuracy-only")
     return steps
@@ -77,9 +77,8 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
             raise UserError(f"{given[0]} only applies with --ipex-weight-only-quantization, "
                             "--ipex-smooth-quant or --quantized-model-path")
         return []
-    if args.autotp or args.accuracy_only:
-        raise UserError("quantized models run with --benchmark only here (not with --autotp or "
-                        "--accuracy-only)")
+    if args.autotp:
+        raise UserError("quantized models don't run with --autotp yet")
     if path is not None:
         return []
     quantize_dests = [action.dest for action in cli.build_parser()._actions]
@@ -89,13 +88,14 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def accuracy_steps(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                   steps: list[Step]) -> None:
-    """--accuracy-only adds the lm-eval step; its flags without it would do nothing, so refuse."""
+                   steps: list[Step], quantized_argv: list[str]) -> None:
+    """--accuracy-only adds the lm-eval step (of the quantized model when one is made or
+    given); its flags without it would do nothing, so refuse."""
     accuracy_parser = flags.build_parser("run_accuracy.py", "", flags.accuracy_groups())
     accuracy_dests = [action.dest for action in accuracy_parser._actions]
     if args.accuracy_only:
         steps.append(Step("accuracy", "single_instance/run_accuracy.py",
-                          flags.forward_argv(parser, args, accuracy_dests)))
+                          flags.forward_argv(parser, args, accuracy_dests) + quantized_argv))
         return
     scratch = flags.Parser()
     only_accuracy = flags.group_dests(scratch, flags.add_accuracy_flags(scratch))

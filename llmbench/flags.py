@@ -160,7 +160,7 @@ def add_accuracy_run_flags(parser: argparse.ArgumentParser) -> argparse._Argumen
 
 def accuracy_groups() -> tuple[GroupAdder, ...]:
     """The flags of single_instance/run_accuracy.py."""
-    return (add_model_flags, add_accuracy_flags, add_accuracy_run_flags)
+    return (add_model_flags, add_accuracy_flags, add_accuracy_run_flags, add_quantization_flags)
 
 
 def positive_float(text: str) -> float:

@@ -297,3 +297,20 @@ def test_tensor_parallel_accuracy_agrees_with_single_instance(shipped_run, tmp_p
     assert ours["sample_len"] == single["sample_len"] == LIMIT
     assert ours["acc,none"] == pytest.approx(single["acc,none"], abs=1e-9)
     assert ours["perplexity,none"] == pytest.approx(single["perplexity,none"], rel=1e-4)
+
+
+def test_run_py_quantizes_then_scores_the_quantized_model(tmp_path, embedded_model_dir):
+    """run.py --ipex-weight-only-quantization --accuracy-only: step 1 saves the quantized model,
+    step 2 scores that model (not the float one), and the report names the scheme."""
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model("llama", tmp_path / "tiny", embedded_model_dir)
+    out = tmp_path / "out"
+    result = run_entry("run.py", "-m", str(model), "--ipex-weight-only-quantization",
+                       "--weight-dtype", "INT8", "--accuracy-only", "--limit", "4",
+                       "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "best_model.safetensors").is_file()
+    report = json.loads(next(out.glob("*-accuracy.json")).read_text())
+    assert "INT8" in json.dumps(report["quantization"])
+    assert report["config"]["quantized_model_path"] == str(out / "best_model.safetensors")
