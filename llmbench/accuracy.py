@@ -505,6 +505,11 @@ def rank_main(argv: list[str] | None = None) -> int:
     if backend != "stock" or args.kv_cache_dtype != "auto":
         raise UserError("run_accuracy_with_deepspeed.py runs transformers' own model, tensor "
                         "parallel: drop --backend/--ipex/--kv-cache-dtype")
+    from llmbench.quant.cli import scheme_from_args
+
+    if args.quantized_model_path is not None or scheme_from_args(args) is not None:
+        raise UserError("quantized models don't run tensor parallel yet: evaluate them with "
+                        "single_instance/run_accuracy.py")
     requests = task_requests(args)
     notes = check_dtype(args.dtype)
     info = distributed.setup_environment(args.local_rank)
