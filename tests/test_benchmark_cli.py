@@ -203,3 +203,13 @@ def test_config_file_overrides_the_model_config(tmp_path, embedded_model_dir):
     assert report["model"]["parameters"] < 135_000_000 - 25 * 3_500_000
     result = run_entry("single_instance/run_generation.py", "-m", str(model_dir))
     assert_one_line_error(result, "model type 'SomeRemoteCodeName' is not supported")
+
+
+def test_num_beams_and_seed_reach_generate(tmp_path, embedded_model_dir):
+    assert generation_main(["--num-beams", "2", "--seed", "7", "--max-new-tokens", "2",
+                            "--num-iter", "1", "--num-warmup", "0",
+                            "--output-dir", str(tmp_path)]) == 0
+    report = only_report(tmp_path)
+    assert report["decoding"]["mode"] == "beam"
+    assert report["decoding"]["generate_kwargs"]["num_beams"] == 2
+    assert report["config"]["seed"] == 7
