@@ -12,7 +12,11 @@ gpt-fast, whose whole generation path reads top to bottom here:
   computed and stored once per sequence, not once per beam;
 - beam search never copies the cache: each beam keeps a table of which cache slot holds its key
   at each generated position (IPEX's "indirect access KV cache"), and attention reads through it;
-- `--kv-cache-dtype fp8_e5m2` stores keys and values in fp8.
+- `--kv-cache-dtype fp8_e5m2` stores keys and values in fp8;
+- a decode step is one call into the compiled extension (llmbench/kernels/csrc/decode_step.cpp:
+  every layer's norms, RoPE, cache write, attention and residuals as plain loops around the
+  weight-streaming kernels) when the kernels are built and every projection has a compiled
+  kernel; otherwise the same step runs as torch ops here (`decode`), and the report says which.
 
 Families outside NATIVE_FAMILIES run stock, and the report says so.
 """
@@ -88,6 +92,29 @@ class Layer:
     k_norm: torch.Tensor | None = None
 
 
+# Formats the compiled decode step runs, in llmbench.kernels' numbering (csrc/common.h Fmt).
+_FMT_F32, _FMT_BF16, _FMT_I8, _FMT_I4 = 0, 1, 2, 3
+
+
+def kernel_spec(projection: Any) -> dict[str, Any] | None:
+    """The compiled decode step's arguments for one projection, or None when it has no
+    compiled kernel (e.g. NF4/FP8 or SmoothQuant's int8 activations): then the Python step
+    runs."""
+    if isinstance(projection, Linear):
+        fmt = _FMT_F32 if projection.weight.dtype == torch.float32 else _FMT_BF16
+        return {"fmt": fmt, "w": projection.weight, "bias": projection.bias}
+    kind = getattr(projection, "kind", None)
+    if kind == "int8" and projection.zeros is None:
+        return {"fmt": _FMT_I8, "w": projection.qweight, "scales": projection.scales,
+                "bias": projection.bias}
+    if kind == "int4":
+        return {"fmt": _FMT_I4, "w": projection.packed, "scales": projection.scales,
+                "zeros": projection.zeros, "group_size": projection.group_size,
+                "bias": projection.bias, "in_features": projection.in_features,
+                "perm": projection.perm}
+    return None
+
+
 class KVCache:
     """One layer's keys and values: the prompt's once per sequence [B, kv, P, d], the generated
     tokens' per beam slot [B*beams, kv, N, d]. With one beam both are views of one buffer
@@ -149,6 +176,13 @@ class NativeModel:
         self.lm_head = Linear(lm_head.weight.detach(),
                               None if lm_head.bias is None else lm_head.bias.detach())
         self.tied = lm_head.weight.data_ptr() == self.embed.data_ptr()
+        self.silu = getattr(config, "hidden_act", "silu") in ("silu", "swish")
+        self.intermediate = self.layers[0].down.weight.shape[1]
+        # False runs every decode step as torch ops (tests and benchmarks compare the two).
+        self.use_compiled_step = True
+        self._plan: Any = None  # the compiled decode step, built on first use
+        self._plan_note = ""
+        self._bound = False  # the plan holds this generate() call's caches
 
     def _take_layer(self, layer: Any) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -180,6 +214,50 @@ class NativeModel:
             for attr in ("qkv", "o", "gate_up", "down"):
                 setattr(layer, attr, convert(f"layers.{index}.{attr}", getattr(layer, attr)))
         self.lm_head = convert("lm_head", self.lm_head)
+        self._plan, self._plan_note = None, ""  # rebuilt over the new projections
+
+    # ---- the compiled decode step -----------------------------------------------------------
+
+    def _compiled_plan(self) -> Any:
+        """The extension's DecodePlan over this model's weights, or None (reason in
+        self._plan_note)."""
+        if self._plan is not None or self._plan_note:
+            return self._plan
+        projections = [("lm_head", self.lm_head)] + [
+            (f"layers.{i}.{attr}", getattr(layer, attr))
+            for i, layer in enumerate(self.layers) for attr in ("qkv", "o", "gate_up", "down")]
+        specs = {name: kernel_spec(p) for name, p in projections}
+        missing = [name for name, spec in specs.items() if spec is None]
+        if not kernels.available() or not hasattr(kernels.compiled(), "DecodePlan"):
+            self._plan_note = "python step: the compiled kernels are not built"
+        elif missing:
+            kind = getattr(dict(projections)[missing[0]], "kind", "?")
+            self._plan_note = (f"python step: {missing[0]} ({kind}) has no compiled kernel")
+        elif not self.silu:
+            self._plan_note = f"python step: activation {self.config.hidden_act}"
+        if self._plan_note:
+            return None
+        plan = kernels.compiled().DecodePlan(
+            hidden=self.embed.shape[1], heads=self.heads, kv_heads=self.kv_heads,
+            head_dim=self.head_dim, intermediate=self.intermediate, eps=float(self.eps),
+            scaling=float(self.scaling), embed=self.embed.contiguous(),
+            final_norm=self.final_norm,
+            round_logits_bf16=self.weight_dtype != torch.float32)
+        index = {name: plan.add_linear(**spec) for name, spec in specs.items()}
+        for i, layer in enumerate(self.layers):
+            plan.add_layer(layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.k_norm,
+                           *(index[f"layers.{i}.{attr}"] for attr in ("qkv", "o", "gate_up",
+                                                                     "down")))
+        plan.set_lm_head(index["lm_head"])
+        self._plan = plan
+        self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
+                           f"{kernels.SMALL_M_MAX} rows; python step beyond")
+        return plan
+
+    def runtime_details(self) -> dict[str, Any]:
+        """What the report should say about how decode steps run."""
+        self._compiled_plan()
+        return {"decode_step": self._plan_note}
 
     @property
     def weight_bytes(self) -> int:
@@ -259,6 +337,10 @@ class NativeModel:
         batch = rows // beams
         position = caches[0].prompt_k.shape[2] + history.length
         step = history.length
+        if self._bound:
+            logits = self._plan.step(ids.contiguous(), position, step)
+            history.length += 1
+            return logits
         c, s = cos[position: position + 1], sin[position: position + 1]
         h = self._embed(ids).unsqueeze(1)  # [R, 1, H]
         group = self.heads // self.kv_heads
@@ -353,24 +435,41 @@ class NativeModel:
         if streamer is not None:
             streamer.put(ids.cpu())
 
-        with torch.inference_mode():
-            logits = self.prefill(ids, caches, cos, sin)
-            if beams > 1:
-                sequences = self._beam_search(ids, logits, caches, history, beams, new_tokens,
-                                              banned, criteria, cos, sin)
-            else:
-                sequences = ids
-                for step in range(new_tokens):
-                    if step:
-                        logits = self.decode(sequences[:, -1], caches, history, 1, cos, sin)
-                    token = self._pick(logits, banned, do_sample, settings)
-                    sequences = torch.cat((sequences, token[:, None]), dim=1)
-                    if streamer is not None:
-                        streamer.put(token.cpu())
-                    for criterion in criteria:
-                        criterion(sequences, None)
+        plan = (self._compiled_plan()
+                if self.use_compiled_step and batch * beams <= kernels.SMALL_M_MAX else None)
+        if plan is not None:
+            plan.bind([c.prompt_k for c in caches], [c.prompt_v for c in caches],
+                      [c.gen_k for c in caches], [c.gen_v for c in caches],
+                      cos.contiguous(), sin.contiguous(),
+                      history.table if history.indirect else None, beams)
+        self._bound = plan is not None
+        try:
+            with torch.inference_mode():
+                sequences = self._generate(ids, caches, history, beams, new_tokens, banned,
+                                           criteria, streamer, do_sample, settings, cos, sin)
+        finally:
+            self._bound = False
         if streamer is not None:
             streamer.end()
+        return sequences
+
+    def _generate(self, ids, caches, history, beams, new_tokens, banned, criteria, streamer,
+                  do_sample, settings, cos, sin) -> torch.Tensor:
+        """Prefill, then one decode step per new token (greedy or sampling), or beam search."""
+        logits = self.prefill(ids, caches, cos, sin)
+        if beams > 1:
+            return self._beam_search(ids, logits, caches, history, beams, new_tokens, banned,
+                                     criteria, cos, sin)
+        sequences = ids
+        for step in range(new_tokens):
+            if step:
+                logits = self.decode(sequences[:, -1], caches, history, 1, cos, sin)
+            token = self._pick(logits, banned, do_sample, settings)
+            sequences = torch.cat((sequences, token[:, None]), dim=1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            for criterion in criteria:
+                criterion(sequences, None)
         return sequences
 
     def _beam_search(self, ids, logits, caches, history, beams, new_tokens, banned, criteria,

@@ -68,6 +68,7 @@ __all__ = [
     "set_isa",
     "build",
     "import_error",
+    "compiled",
     "force_fallback",
     "SMALL_M_MAX",
     "linear_f32",
@@ -134,6 +135,12 @@ def set_isa(name: str) -> str:
     if _C is None:
         raise RuntimeError(f"llmbench.kernels extension not available ({_IMPORT_ERROR})")
     return _C.set_isa(name)
+
+
+def compiled():
+    """The extension module (for C++ entry points beyond the linears, e.g. DecodePlan), or
+    None when it is not available."""
+    return _C if available() else None
 
 
 def import_error() -> str | None:

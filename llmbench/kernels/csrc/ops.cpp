@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common.h"
+#include "linear.h"
 
 namespace llmb {
 namespace {
@@ -154,6 +155,25 @@ void prepare(Prepared& p, const at::Tensor& x, const at::Tensor& w, at::ScalarTy
   }
 }
 
+// Per-group activation sums for int4's zero-point term (M*K adds; negligible).
+void group_sums(const float* x, int64_t M, int64_t ldx, int64_t group_size, int64_t NG,
+                float* xsum) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < NG; ++g) {
+      const float* q = x + m * ldx + g * group_size;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      int64_t k = 0;
+      for (; k + 4 <= group_size; k += 4) {
+        s0 += q[k];
+        s1 += q[k + 1];
+        s2 += q[k + 2];
+        s3 += q[k + 3];
+      }
+      for (; k < group_size; ++k) s0 += q[k];
+      xsum[m * NG + g] = (s0 + s1) + (s2 + s3);
+    }
+}
+
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w,
                       const std::optional<at::Tensor>& bias) {
   Prepared p;
@@ -181,6 +201,13 @@ at::Tensor linear_int8w(const at::Tensor& x, const at::Tensor& qweight, const at
   return p.y_view;
 }
 
+void check_int4_group(int64_t K, int64_t group_size, const char* fn) {
+  TORCH_CHECK_VALUE(group_size == K || (group_size >= 32 && (group_size & (group_size - 1)) == 0 &&
+                                        K % group_size == 0),
+                    fn, ": group_size must be K or a power of two >= 32 dividing K (K=", K,
+                    ", group_size=", group_size, ")");
+}
+
 at::Tensor linear_int4w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t group_size,
                         const std::optional<at::Tensor>& bias) {
@@ -189,10 +216,7 @@ at::Tensor linear_int4w(const at::Tensor& x, const at::Tensor& qweight, const at
   prepare(p, x, qweight, at::kByte, 1, bias, fn, "qweight");
   GemvArgs& a = p.a;
   const int64_t K = a.K;
-  TORCH_CHECK_VALUE(group_size == K || (group_size >= 32 && (group_size & (group_size - 1)) == 0 &&
-                                        K % group_size == 0),
-                    fn, ": group_size must be K or a power of two >= 32 dividing K (K=", K,
-                    ", group_size=", group_size, ")");
+  check_int4_group(K, group_size, fn);
   const int64_t NG = K / group_size;
   const at::Tensor s = prep_vec(scales, a.N * NG, "scales", fn);
   const at::Tensor z = prep_vec(zeros, a.N * NG, "zeros", fn);
@@ -200,28 +224,48 @@ at::Tensor linear_int4w(const at::Tensor& x, const at::Tensor& qweight, const at
   a.zeros = z.data_ptr<float>();
   a.group_size = group_size;
   a.ngroups = NG;
-  // per-group activation sums for the zero-point term (M*K adds; negligible)
   std::vector<float> xsum(static_cast<size_t>(a.M * NG));
-  for (int64_t m = 0; m < a.M; ++m)
-    for (int64_t g = 0; g < NG; ++g) {
-      const float* q = a.x + m * a.ldx + g * group_size;
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-      int64_t k = 0;
-      for (; k + 4 <= group_size; k += 4) {
-        s0 += q[k];
-        s1 += q[k + 1];
-        s2 += q[k + 2];
-        s3 += q[k + 3];
-      }
-      for (; k < group_size; ++k) s0 += q[k];
-      xsum[m * NG + g] = (s0 + s1) + (s2 + s3);
-    }
+  group_sums(a.x, a.M, a.ldx, group_size, NG, xsum.data());
   a.xsum = xsum.data();
   run(kI4, a, 0.5 * K + 8.0 * NG);
   return p.y_view;
 }
 
 }  // namespace
+
+void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
+                 int64_t ldy) {
+  GemvArgs a{};
+  a.x = x;
+  a.ldx = ldx;
+  a.M = M;
+  a.K = d.K;
+  a.w = d.w;
+  a.N = d.N;
+  a.scales = d.scales;
+  a.zeros = d.zeros;
+  a.bias = d.bias;
+  a.y = y;
+  a.ldy = ldy;
+  switch (d.fmt) {
+    case kF32: run(kF32, a, 4.0 * d.K); break;
+    case kBF16: run(kBF16, a, 2.0 * d.K); break;
+    case kI8: run(kI8, a, 1.0 * d.K); break;
+    case kI4: {
+      a.group_size = d.group_size;
+      a.ngroups = d.K / d.group_size;
+      std::vector<float> xsum(static_cast<size_t>(M * a.ngroups));
+      group_sums(x, M, ldx, d.group_size, a.ngroups, xsum.data());
+      a.xsum = xsum.data();
+      run(kI4, a, 0.5 * d.K + 8.0 * a.ngroups);
+      break;
+    }
+    default: TORCH_CHECK(false, "linear_rows: unknown weight format ", static_cast<int>(d.fmt));
+  }
+}
+
+void register_decode(pybind11::module& m);  // decode_step.cpp
+
 }  // namespace llmb
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -238,4 +282,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &llmb::set_isa, py::arg("name"),
         "force 'generic'/'avx2'/'avx512' or 'auto'; returns the active name");
   m.def("supported_isas", &llmb::supported_isas);
+  llmb::register_decode(m);
 }

@@ -1,0 +1,477 @@
+// The native backend's decode step for llama-like decoders, whole, in one call.
+//
+// Why: a decode step of a small model is ~30 layers x ~25 small torch ops; at
+// several microseconds of Python and dispatcher time each, that overhead was a
+// quarter of the 135M model's step. Here the layer loop, RMSNorm, RoPE, the KV
+// cache write, attention over the cache (direct, or through the beam-history
+// table) and the residuals run as plain loops, and the projections go straight
+// to the weight-streaming kernels (linear_rows), so a step costs about what
+// reading the weights costs.
+//
+// Layout and semantics match llmbench/backends/native.py's Python path (which
+// stays the reference and the fallback):
+//   qkv projection output = [q heads | k heads | v heads] x head_dim;
+//   gate_up output = [gate | up]; activation SiLU;
+//   rotate-half RoPE over the first `rot` dims of each head (tables from
+//   transformers' rotary embedding, one row per absolute position);
+//   optional per-head RMSNorm of q and k (qwen3) before RoPE;
+//   KV caches: prompt part [B, kv, P, d] shared by a sequence's beams and
+//   generated part [rows, kv, N, d], fp32 or fp8 e5m2, last dim contiguous;
+//   with a beam table, generated position j of row r is read from slot
+//   table[r, j]; without one, from slot r.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e5m2.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "linear.h"
+
+namespace llmb {
+namespace {
+
+// fp8 e5m2 -> fp32 for all 256 codes, so reading the cache is one table load.
+const float* e5m2_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int i = 0; i < 256; ++i)
+      t[i] = static_cast<float>(c10::Float8_e5m2(static_cast<uint8_t>(i),
+                                                 c10::Float8_e5m2::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+
+struct CacheView {  // one cache tensor, as pointer + element strides
+  const void* data = nullptr;
+  int64_t s_row = 0, s_head = 0, s_pos = 0;
+};
+
+CacheView view_of(const at::Tensor& t, bool fp8, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "decode_step: ", what,
+              " must be 4-D with a contiguous last dim");
+  TORCH_CHECK(t.scalar_type() == (fp8 ? at::kFloat8_e5m2 : at::kFloat), "decode_step: ", what,
+              " has dtype ", t.scalar_type());
+  return CacheView{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// A projection: its kernel arguments plus how to feed it. Packed int4 pads K up
+// to a whole number of groups, and GPTQ's act-order permutes the input.
+struct Projection {
+  LinearDesc d;
+  int64_t in_features = 0;      // width of the input it receives (<= d.K)
+  const int64_t* perm = nullptr;  // input channel order, [in_features], or nullptr
+};
+
+struct Layer {
+  const float* attn_norm;
+  const float* mlp_norm;
+  const float* q_norm;  // nullptr unless per-head q/k norms (qwen3)
+  const float* k_norm;
+  int64_t qkv, o, gate_up, down;  // indexes into DecodePlan::linears_
+};
+
+class DecodePlan {
+ public:
+  DecodePlan(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
+             int64_t intermediate, double eps, double scaling, at::Tensor embed,
+             at::Tensor final_norm, bool round_logits_bf16)
+      : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), d_(head_dim),
+        inter_(intermediate), eps_(static_cast<float>(eps)),
+        scaling_(static_cast<float>(scaling)), round_bf16_(round_logits_bf16) {
+    TORCH_CHECK(heads % kv_heads == 0, "decode_step: heads must be a multiple of kv_heads");
+    TORCH_CHECK(embed.dim() == 2 && embed.size(1) == hidden && embed.is_contiguous() &&
+                    (embed.scalar_type() == at::kFloat || embed.scalar_type() == at::kBFloat16),
+                "decode_step: embedding must be a contiguous fp32/bf16 [V, hidden] tensor");
+    embed_ = keep(embed);
+    final_norm_ = vec(final_norm, hidden, "final_norm");
+  }
+
+  int64_t add_linear(int64_t fmt, const at::Tensor& w, const std::optional<at::Tensor>& scales,
+                     const std::optional<at::Tensor>& zeros, int64_t group_size,
+                     const std::optional<at::Tensor>& bias, int64_t in_features,
+                     const std::optional<at::Tensor>& perm) {
+    TORCH_CHECK(fmt >= 0 && fmt < kNumFmt, "decode_step: unknown weight format ", fmt);
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "decode_step: weights must be contiguous 2-D");
+    static const at::ScalarType kDtype[kNumFmt] = {at::kFloat, at::kBFloat16, at::kChar,
+                                                   at::kByte};
+    TORCH_CHECK(w.scalar_type() == kDtype[fmt], "decode_step: format ", fmt, " got weights of ",
+                w.scalar_type());
+    LinearDesc d;
+    d.fmt = static_cast<Fmt>(fmt);
+    d.w = keep(w).data_ptr();
+    d.N = w.size(0);
+    d.K = fmt == kI4 ? 2 * w.size(1) : w.size(1);
+    if (fmt == kI8) {
+      TORCH_CHECK(scales.has_value(), "decode_step: int8 weights need scales");
+      d.scales = vec(*scales, d.N, "scales");
+    }
+    if (fmt == kI4) {
+      TORCH_CHECK(scales.has_value() && zeros.has_value() && group_size > 0 &&
+                      d.K % group_size == 0,
+                  "decode_step: int4 weights need scales, zeros and a group size dividing K");
+      d.group_size = group_size;
+      d.scales = vec(*scales, d.N * (d.K / group_size), "scales");
+      d.zeros = vec(*zeros, d.N * (d.K / group_size), "zeros");
+    }
+    if (bias.has_value()) d.bias = vec(*bias, d.N, "bias");
+    Projection p;
+    p.d = d;
+    p.in_features = in_features > 0 ? in_features : d.K;
+    TORCH_CHECK(p.in_features <= d.K, "decode_step: in_features larger than the weights' K");
+    if (perm.has_value()) {
+      TORCH_CHECK(perm->scalar_type() == at::kLong && perm->numel() == p.in_features &&
+                      perm->is_contiguous(),
+                  "decode_step: perm must be contiguous int64 [in_features]");
+      const int64_t* idx = keep(*perm).data_ptr<int64_t>();
+      for (int64_t i = 0; i < p.in_features; ++i)
+        TORCH_CHECK(idx[i] >= 0 && idx[i] < p.in_features, "decode_step: perm out of range");
+      p.perm = idx;
+    }
+    linears_.push_back(p);
+    return static_cast<int64_t>(linears_.size()) - 1;
+  }
+
+  void add_layer(const at::Tensor& attn_norm, const at::Tensor& mlp_norm,
+                 const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                 int64_t qkv, int64_t o, int64_t gate_up, int64_t down) {
+    const int64_t nq = heads_ * d_, nkv = kv_heads_ * d_;
+    auto fits = [&](int64_t i, int64_t n, int64_t k) {
+      return linears_.at(i).d.N == n && linears_.at(i).in_features == k;
+    };
+    TORCH_CHECK(fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) &&
+                    fits(gate_up, 2 * inter_, hidden_) && fits(down, hidden_, inter_),
+                "decode_step: projection shapes do not match the model's dimensions");
+    layers_.push_back(Layer{vec(attn_norm, hidden_, "attn_norm"), vec(mlp_norm, hidden_, "mlp_norm"),
+                            q_norm.has_value() ? vec(*q_norm, d_, "q_norm") : nullptr,
+                            k_norm.has_value() ? vec(*k_norm, d_, "k_norm") : nullptr, qkv, o,
+                            gate_up, down});
+  }
+
+  void set_lm_head(int64_t index) {
+    TORCH_CHECK(linears_.at(index).in_features == hidden_, "decode_step: lm_head shape mismatch");
+    lm_head_ = index;
+  }
+
+  // Per generate() call: the caches, RoPE tables and beam table the steps use.
+  void bind(const std::vector<at::Tensor>& prompt_k, const std::vector<at::Tensor>& prompt_v,
+            const std::vector<at::Tensor>& gen_k, const std::vector<at::Tensor>& gen_v,
+            const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& table,
+            int64_t beams) {
+    const size_t n = layers_.size();
+    TORCH_CHECK(prompt_k.size() == n && prompt_v.size() == n && gen_k.size() == n &&
+                    gen_v.size() == n,
+                "decode_step: one cache per layer expected");
+    bound_.clear();
+    fp8_ = gen_k[0].scalar_type() == at::kFloat8_e5m2;
+    pk_.clear(); pv_.clear(); gk_.clear(); gv_.clear();
+    for (size_t i = 0; i < n; ++i) {
+      pk_.push_back(view_of(bind_keep(prompt_k[i]), fp8_, "prompt keys"));
+      pv_.push_back(view_of(bind_keep(prompt_v[i]), fp8_, "prompt values"));
+      gk_.push_back(view_of(bind_keep(gen_k[i]), fp8_, "generated keys"));
+      gv_.push_back(view_of(bind_keep(gen_v[i]), fp8_, "generated values"));
+      TORCH_CHECK(prompt_k[i].size(1) == kv_heads_ && prompt_k[i].size(3) == d_,
+                  "decode_step: cache shape does not match the model");
+    }
+    prompt_len_ = prompt_k[0].size(2);
+    gen_capacity_ = gen_k[0].size(2);
+    gen_rows_ = gen_k[0].size(0);
+    prompt_rows_ = prompt_k[0].size(0);
+    TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
+                    sin.scalar_type() == at::kFloat && cos.size(1) <= d_ && cos.size(1) % 2 == 0,
+                "decode_step: RoPE tables must be contiguous fp32 [positions, rot <= head_dim]");
+    cos_ = bind_keep(cos).data_ptr<float>();
+    sin_ = bind_keep(sin).data_ptr<float>();
+    rot_ = cos.size(1);
+    positions_ = cos.size(0);
+    table_ = nullptr;
+    if (table.has_value()) {
+      TORCH_CHECK(table->scalar_type() == at::kLong && table->dim() == 2 &&
+                      table->stride(1) == 1 && table->size(0) == gen_rows_,
+                  "decode_step: beam table must be int64 [rows, new_tokens]");
+      table_ = bind_keep(*table).data_ptr<int64_t>();
+      table_stride_ = table->stride(0);
+    }
+    beams_ = beams;
+  }
+
+  // ids int64 [rows] at absolute position `position` (= prompt length + step):
+  // returns logits fp32 [rows, vocab] and writes the step's keys and values.
+  at::Tensor step(const at::Tensor& ids, int64_t position, int64_t step) {
+    TORCH_CHECK(lm_head_ >= 0 && !pk_.empty(), "decode_step: plan not complete or not bound");
+    TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "decode_step: ids int64 [rows]");
+    const int64_t R = ids.size(0);
+    TORCH_CHECK(R == gen_rows_ && R == prompt_rows_ * beams_, "decode_step: ", R,
+                " rows for caches of ", gen_rows_);
+    TORCH_CHECK(step >= 0 && step < gen_capacity_ && position == prompt_len_ + step &&
+                    position < positions_,
+                "decode_step: position out of range");
+    const at::Tensor ids_c = ids.contiguous();
+    const int64_t* id = ids_c.data_ptr<int64_t>();
+    const int64_t H = hidden_, nq = heads_ * d_, nkv = kv_heads_ * d_, nqkv = nq + 2 * nkv;
+    h_.assign(R * H, 0.f);
+    x_.resize(R * H);
+    tmp_.resize(R * H);
+    qkv_.resize(R * nqkv);
+    attn_.resize(R * nq);
+    gu_.resize(R * 2 * inter_);
+    act_.resize(R * inter_);
+
+    const int64_t V = embed_.size(0);
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(id[r] >= 0 && id[r] < V, "decode_step: token id out of range");
+      float* dst = h_.data() + r * H;
+      if (embed_.scalar_type() == at::kFloat) {
+        std::copy_n(embed_.data_ptr<float>() + id[r] * H, H, dst);
+      } else {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(embed_.data_ptr()) + id[r] * H;
+        for (int64_t i = 0; i < H; ++i) dst[i] = c10::detail::f32_from_bits(src[i]);
+      }
+    }
+
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& L = layers_[li];
+      rms_norm_rows(h_.data(), L.attn_norm, x_.data(), R, H);
+      project(L.qkv, x_.data(), R, qkv_.data(), nqkv);
+      for (int64_t r = 0; r < R; ++r) {
+        float* row = qkv_.data() + r * nqkv;
+        for (int64_t hh = 0; hh < heads_ + kv_heads_; ++hh) {
+          float* head = row + hh * d_;
+          if (L.q_norm) rms_norm_rows(head, hh < heads_ ? L.q_norm : L.k_norm, head, 1, d_);
+          rope(head, position);
+        }
+        store_kv(li, r, step, row + nq, row + nq + nkv);
+      }
+      attention(li, R, step, nqkv);
+      project(L.o, attn_.data(), R, tmp_.data(), H);
+      for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
+      rms_norm_rows(h_.data(), L.mlp_norm, x_.data(), R, H);
+      project(L.gate_up, x_.data(), R, gu_.data(), 2 * inter_);
+      for (int64_t r = 0; r < R; ++r) {
+        const float* gate = gu_.data() + r * 2 * inter_;
+        const float* up = gate + inter_;
+        float* out = act_.data() + r * inter_;
+        for (int64_t i = 0; i < inter_; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      }
+      project(L.down, act_.data(), R, tmp_.data(), H);
+      for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
+    }
+
+    rms_norm_rows(h_.data(), final_norm_, x_.data(), R, H);
+    const LinearDesc& head = linears_[lm_head_].d;
+    at::Tensor logits = at::empty({R, head.N}, at::kFloat);
+    float* out = logits.data_ptr<float>();
+    project(lm_head_, x_.data(), R, out, head.N);
+    if (round_bf16_) {  // as stock's bf16 logits are (see native.py _logits)
+      for (int64_t i = 0; i < R * head.N; ++i)
+        out[i] = c10::detail::f32_from_bits(c10::detail::round_to_nearest_even(out[i]));
+    }
+    return logits;
+  }
+
+ private:
+  const at::Tensor& keep(const at::Tensor& t) {
+    owned_.push_back(t);
+    return owned_.back();
+  }
+  const at::Tensor& bind_keep(const at::Tensor& t) {
+    bound_.push_back(t);
+    return bound_.back();
+  }
+  const float* vec(const at::Tensor& t, int64_t n, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == n && t.is_contiguous(),
+                "decode_step: ", what, " must be contiguous fp32 with ", n, " elements");
+    return keep(t).data_ptr<float>();
+  }
+
+  // y[r, :] = projection(x[r, :in_features]); x rows are dense.
+  void project(int64_t index, const float* x, int64_t rows, float* y, int64_t ldy) {
+    const Projection& p = linears_[index];
+    const int64_t K = p.d.K, n = p.in_features;
+    if (p.perm == nullptr && K == n) {
+      linear_rows(p.d, x, rows, n, y, ldy);
+      return;
+    }
+    staged_.assign(rows * K, 0.f);  // zero padding past in_features
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = x + r * n;
+      float* dst = staged_.data() + r * K;
+      if (p.perm)
+        for (int64_t i = 0; i < n; ++i) dst[i] = src[p.perm[i]];
+      else
+        std::copy_n(src, n, dst);
+    }
+    linear_rows(p.d, staged_.data(), rows, K, y, ldy);
+  }
+
+  // transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in fp32.
+  void rms_norm_rows(const float* in, const float* weight, float* out, int64_t rows,
+                     int64_t n) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x = in + r * n;
+      float* y = out + r * n;
+      double ss = 0.0;
+      for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+      const float inv = 1.f / std::sqrt(static_cast<float>(ss / n) + eps_);
+      for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * weight[i];
+    }
+  }
+
+  // rotate-half RoPE over the first rot_ dims of one head, in place.
+  void rope(float* x, int64_t position) const {
+    const float* c = cos_ + position * rot_;
+    const float* s = sin_ + position * rot_;
+    const int64_t half = rot_ / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = x[i], b = x[i + half];
+      x[i] = a * c[i] - b * s[i];
+      x[i + half] = b * c[i + half] + a * s[i + half];
+    }
+  }
+
+  void store_kv(size_t li, int64_t r, int64_t step, const float* k, const float* v) const {
+    for (int64_t g = 0; g < kv_heads_; ++g) {
+      const int64_t kofs = r * gk_[li].s_row + g * gk_[li].s_head + step * gk_[li].s_pos;
+      const int64_t vofs = r * gv_[li].s_row + g * gv_[li].s_head + step * gv_[li].s_pos;
+      if (fp8_) {
+        uint8_t* kd = static_cast<uint8_t*>(const_cast<void*>(gk_[li].data)) + kofs;
+        uint8_t* vd = static_cast<uint8_t*>(const_cast<void*>(gv_[li].data)) + vofs;
+        for (int64_t i = 0; i < d_; ++i) {
+          kd[i] = c10::detail::fp8e5m2_from_fp32_value(k[g * d_ + i]);
+          vd[i] = c10::detail::fp8e5m2_from_fp32_value(v[g * d_ + i]);
+        }
+      } else {
+        std::copy_n(k + g * d_, d_, static_cast<float*>(const_cast<void*>(gk_[li].data)) + kofs);
+        std::copy_n(v + g * d_, d_, static_cast<float*>(const_cast<void*>(gv_[li].data)) + vofs);
+      }
+    }
+  }
+
+  template <class T>
+  static float load(const T* p, int64_t i, const float* lut) {
+    if constexpr (std::is_same_v<T, float>) {
+      (void)lut;
+      return p[i];
+    } else {
+      return lut[p[i]];
+    }
+  }
+
+  // softmax(q k^T * scaling) v over the prompt and the generated positions.
+  template <class T>
+  void attend(size_t li, int64_t r, int64_t hh, int64_t step, int64_t nqkv, float* scores) {
+    const float* lut = fp8_ ? e5m2_table() : nullptr;
+    const int64_t g = hh / (heads_ / kv_heads_);
+    const int64_t b = r / beams_;
+    const float* q = qkv_.data() + r * nqkv + hh * d_;
+    const int64_t P = prompt_len_, total = P + step + 1;
+    const T* pk = static_cast<const T*>(pk_[li].data) + b * pk_[li].s_row + g * pk_[li].s_head;
+    const T* pv = static_cast<const T*>(pv_[li].data) + b * pv_[li].s_row + g * pv_[li].s_head;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < total; ++t) {
+      const T* key;
+      if (t < P) {
+        key = pk + t * pk_[li].s_pos;
+      } else {
+        const int64_t j = t - P;
+        const int64_t slot = table_ ? table_[r * table_stride_ + j] : r;
+        key = static_cast<const T*>(gk_[li].data) + slot * gk_[li].s_row +
+              g * gk_[li].s_head + j * gk_[li].s_pos;
+      }
+      float dot = 0.f;
+      for (int64_t i = 0; i < d_; ++i) dot += q[i] * load(key, i, lut);
+      scores[t] = dot * scaling_;
+      top = std::max(top, scores[t]);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < total; ++t) {
+      scores[t] = std::exp(scores[t] - top);
+      sum += scores[t];
+    }
+    float* out = attn_.data() + r * heads_ * d_ + hh * d_;
+    std::fill_n(out, d_, 0.f);
+    for (int64_t t = 0; t < total; ++t) {
+      const T* val;
+      if (t < P) {
+        val = pv + t * pv_[li].s_pos;
+      } else {
+        const int64_t j = t - P;
+        const int64_t slot = table_ ? table_[r * table_stride_ + j] : r;
+        val = static_cast<const T*>(gv_[li].data) + slot * gv_[li].s_row +
+              g * gv_[li].s_head + j * gv_[li].s_pos;
+      }
+      const float p = scores[t] / sum;
+      for (int64_t i = 0; i < d_; ++i) out[i] += p * load(val, i, lut);
+    }
+  }
+
+  void attention(size_t li, int64_t R, int64_t step, int64_t nqkv) {
+    const int64_t total = prompt_len_ + step + 1;
+    // Each (row, head) pair is independent; small contexts stay on one thread.
+    const int64_t grain = std::max<int64_t>(1, 32768 / (total * d_ + 1));
+    at::parallel_for(0, R * heads_, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(static_cast<size_t>(total));
+      for (int64_t i = begin; i < end; ++i) {
+        if (fp8_)
+          attend<uint8_t>(li, i / heads_, i % heads_, step, nqkv, scores.data());
+        else
+          attend<float>(li, i / heads_, i % heads_, step, nqkv, scores.data());
+      }
+    });
+  }
+
+  const int64_t hidden_, heads_, kv_heads_, d_, inter_;
+  const float eps_, scaling_;
+  const bool round_bf16_;
+  at::Tensor embed_;
+  const float* final_norm_ = nullptr;
+  std::vector<at::Tensor> owned_;
+  std::vector<Projection> linears_;
+  std::vector<Layer> layers_;
+  int64_t lm_head_ = -1;
+  // bound per generate()
+  std::vector<at::Tensor> bound_;
+  std::vector<CacheView> pk_, pv_, gk_, gv_;
+  bool fp8_ = false;
+  int64_t prompt_len_ = 0, gen_capacity_ = 0, gen_rows_ = 0, prompt_rows_ = 0, beams_ = 1;
+  const float* cos_ = nullptr;
+  const float* sin_ = nullptr;
+  int64_t rot_ = 0, positions_ = 0;
+  const int64_t* table_ = nullptr;
+  int64_t table_stride_ = 0;
+  // scratch, reused across steps
+  std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_;
+};
+
+}  // namespace
+
+void register_decode(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<DecodePlan>(m, "DecodePlan",
+                         "A llama-like decoder's decode step over the compiled kernels")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor,
+                    at::Tensor, bool>(),
+           py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+           py::arg("intermediate"), py::arg("eps"), py::arg("scaling"), py::arg("embed"),
+           py::arg("final_norm"), py::arg("round_logits_bf16"))
+      .def("add_linear", &DecodePlan::add_linear, py::arg("fmt"), py::arg("w"),
+           py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
+           py::arg("group_size") = 0, py::arg("bias") = py::none(),
+           py::arg("in_features") = 0, py::arg("perm") = py::none())
+      .def("add_layer", &DecodePlan::add_layer, py::arg("attn_norm"), py::arg("mlp_norm"),
+           py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"), py::arg("o"),
+           py::arg("gate_up"), py::arg("down"))
+      .def("set_lm_head", &DecodePlan::set_lm_head)
+      .def("bind", &DecodePlan::bind, py::arg("prompt_k"), py::arg("prompt_v"),
+           py::arg("gen_k"), py::arg("gen_v"), py::arg("cos"), py::arg("sin"), py::arg("table"),
+           py::arg("beams"))
+      .def("step", &DecodePlan::step, py::arg("ids"), py::arg("position"), py::arg("step"));
+}
+
+}  // namespace llmb

@@ -1,0 +1,27 @@
+// One linear layer's weights as raw pointers, and the threaded small-M GEMV
+// over them, for C++ callers inside the extension (decode_step.cpp). The
+// torch-facing linear_* functions in ops.cpp go through the same entry point.
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace llmb {
+
+struct LinearDesc {
+  Fmt fmt = kF32;
+  const void* w = nullptr;  // [N, K] (f32/bf16/int8) or [N, K/2] packed int4
+  int64_t N = 0;
+  int64_t K = 0;
+  const float* scales = nullptr;  // int8: [N]; int4: [N, K/group_size]
+  const float* zeros = nullptr;   // int4: [N, K/group_size]
+  int64_t group_size = 0;         // int4 only
+  const float* bias = nullptr;    // [N] or nullptr
+};
+
+// y[m, :N] = x[m, :K] @ dequant(w).T (+ bias) for m < M, on the active ISA
+// path, split over the intra-op thread pool.
+void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
+                 int64_t ldy);
+
+}  // namespace llmb

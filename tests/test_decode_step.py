@@ -1,0 +1,112 @@
+"""The compiled decode step (llmbench/kernels/csrc/decode_step.cpp) against the native
+backend's torch-op step, which stays the reference: same logits within float tolerance and the
+same tokens, for every weight format, cache dtype, beam search and the llama-like variants
+(qkv bias, per-head q/k norms, fused phi3 projections)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_tiny_model
+
+from llmbench import kernels
+from llmbench.backends import prepare
+from llmbench.backends.native import BeamHistory, KVCache
+from llmbench.models import load_model
+from llmbench.quant.apply import install_native, quantize_rtn
+from llmbench.quant.scheme import Scheme
+
+pytestmark = pytest.mark.skipif(
+    kernels.compiled() is None or not hasattr(kernels.compiled(), "DecodePlan"),
+    reason="compiled kernels not built")
+
+
+def native_model(folder, dtype="float32", kv="auto"):
+    loaded = load_model(str(folder), dtype)
+    return prepare(loaded.model, backend="native", dtype=dtype,
+                   family=loaded.family.model_type, kv_cache_dtype=kv).model
+
+
+def step_logits(model, compiled: bool, rows: int = 2, beams: int = 1, steps: int = 5):
+    """Logits of `steps` decode steps after a 7-token prompt, with either step."""
+    torch.manual_seed(1)
+    batch = rows // beams
+    ids = torch.randint(0, 200, (batch, 7))
+    cos, sin = model._rope_tables(7 + steps + 1)
+    caches = [KVCache(batch, beams, model.kv_heads, model.head_dim, 7, steps + 1, model.kv_dtype)
+              for _ in model.layers]
+    history = BeamHistory(rows, steps + 1, indirect=beams > 1)
+    out = []
+    with torch.inference_mode():
+        model.prefill(ids, caches, cos, sin)
+        model._bound = False
+        if compiled:
+            plan = model._compiled_plan()
+            assert plan is not None, model._plan_note
+            plan.bind([c.prompt_k for c in caches], [c.prompt_v for c in caches],
+                      [c.gen_k for c in caches], [c.gen_v for c in caches], cos, sin,
+                      history.table if history.indirect else None, beams)
+            model._bound = True
+        try:
+            for step in range(steps):
+                tokens = torch.randint(0, 200, (rows,))
+                out.append(model.decode(tokens, caches, history, beams, cos, sin))
+                if beams > 1 and step:  # shuffle the beams so the table is not the identity
+                    parents = torch.arange(rows).view(batch, beams).flip(1).reshape(-1)
+                    history.reorder(parents)
+        finally:
+            model._bound = False
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, embedded_model_dir):
+    root = tmp_path_factory.mktemp("decode_step")
+    return {family: make_tiny_model(family, root / family, embedded_model_dir)
+            for family in ("llama", "qwen2", "qwen3", "phi3")}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_compiled_step_matches_torch_step(folders, family, beams):
+    model = native_model(folders[family])
+    rows = 2 * beams
+    expected = step_logits(model, compiled=False, rows=rows, beams=beams)
+    got = step_logits(model, compiled=True, rows=rows, beams=beams)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,kv", [("bfloat16", "auto"), ("float32", "fp8_e5m2")])
+def test_compiled_step_bf16_weights_and_fp8_cache(folders, dtype, kv):
+    model = native_model(folders["llama"], dtype, kv)
+    expected = step_logits(model, compiled=False, beams=2, rows=4)
+    got = step_logits(model, compiled=True, beams=2, rows=4)
+    # bf16 logits are rounded to bf16 on both paths: a last-bit difference before rounding
+    # moves a value one bf16 step.
+    tol = 1e-2 if dtype == "bfloat16" else 1e-4
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("weight_dtype,group", [("INT8", -1), ("INT4", 32), ("INT4", 128)])
+def test_compiled_step_quantized_projections(folders, weight_dtype, group):
+    """INT4 group 128 pads K (64 in the tiny model) up to a whole group: the step pads too."""
+    loaded = load_model(str(folders["llama"]), "float32")
+    qlinears = quantize_rtn(loaded.model, Scheme("woq", weight_dtype, group,
+                                                 weight_dtype == "INT8", "AUTO"))
+    model = prepare(loaded.model, backend="native", dtype="float32", family="llama").model
+    assert install_native(model, qlinears) > 0
+    expected = step_logits(model, compiled=False)
+    got = step_logits(model, compiled=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_report_names_the_decode_step(folders, tmp_path):
+    from llmbench.generation import main
+
+    assert main(["-m", str(folders["llama"]), "--backend", "native", "--greedy",
+                 "--max-new-tokens", "3", "--num-iter", "1", "--num-warmup", "0",
+                 "--output-dir", str(tmp_path)]) == 0
+    import json
+
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert report["backend"]["decode_step"].startswith("compiled C++ step")
