@@ -24,11 +24,13 @@ byte i of a block holds element i in its low nibble and element i+16 in its
 high nibble; a trailing partial block of even length L (only when K is not a
 multiple of 32, i.e. per-channel group_size == K) holds elements i / i+L/2.
 
-Dispatch: for 1 <= M <= SMALL_M_MAX (16) the compiled kernels run (memory
-bound: weights streamed once, OpenMP over blocks of 4 output rows, honours
-torch.set_num_threads).  For M > 16 (prefill, compute bound) the weights are
-widened/dequantized to float32 and torch's GEMM (oneDNN/MKL) is used -- the
-same code as the pure-PyTorch reference (:mod:`llmbench.kernels.reference`).
+Dispatch: for 1 <= M <= STREAM_M_MAX[format] (16 for fp32 weights, 32 for
+bf16, 64 for int8, 256 for int4) the compiled kernels run (memory bound for decode:
+weights streamed once, OpenMP over blocks of 4 output rows, honours
+torch.set_num_threads; compute-bound tiles for short prefills).  Above that the
+weights are widened/dequantized to float32 and torch's GEMM (oneDNN/MKL) is
+used -- the same code as the pure-PyTorch reference
+(:mod:`llmbench.kernels.reference`).
 The float32 dequantized copy is NOT cached; callers doing many large-M calls
 should dequantize once and call torch themselves.
 
@@ -71,6 +73,7 @@ __all__ = [
     "compiled",
     "force_fallback",
     "SMALL_M_MAX",
+    "STREAM_M_MAX",
     "linear_f32",
     "linear_bf16w",
     "linear_int8w",
@@ -85,6 +88,14 @@ __all__ = [
 ]
 
 SMALL_M_MAX = 16
+# Up to how many rows of x each format runs on the compiled kernels rather than torch's GEMM.
+# Above SMALL_M_MAX the kernels are compute-bound tiles (weights re-read from L1 per 4 rows),
+# a little slower than MKL's fp32 GEMM on fp32 weights, but for the other formats torch needs a
+# float copy of the weights first (bf16: a widening pass over them; int4: a dequantization
+# that costs ~8x the GEMM itself). Measured per call, 1 thread, SmolLM2's shapes
+# (benchmarks/bench_prefill.py, hot weights): bf16 breaks even near M = 32-64, int8 near
+# 64-128 (more with cold weights), int4 beyond 512.
+STREAM_M_MAX = {"f32": SMALL_M_MAX, "bf16": 32, "int8": 64, "int4": 256}
 
 _C = None
 _IMPORT_ERROR: str | None = None
@@ -222,7 +233,7 @@ def linear_bf16w(
         _C is not None
         and not _FORCE_FALLBACK
         and x.dim()
-        and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]
+        and 0 < x.numel() <= STREAM_M_MAX["bf16"] * x.shape[-1]
     ):
         return _C.linear_bf16w(x, w, bias)
     return _slow("linear_bf16w", x, w, torch.bfloat16, w.shape[-1], reference.linear_bf16w, bias)
@@ -236,7 +247,7 @@ def linear_int8w(
         _C is not None
         and not _FORCE_FALLBACK
         and x.dim()
-        and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]
+        and 0 < x.numel() <= STREAM_M_MAX["int8"] * x.shape[-1]
     ):
         return _C.linear_int8w(x, qweight, scales, bias)
     return _slow(
@@ -264,7 +275,7 @@ def linear_int4w(
         _C is not None
         and not _FORCE_FALLBACK
         and x.dim()
-        and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]
+        and 0 < x.numel() <= STREAM_M_MAX["int4"] * x.shape[-1]
     ):
         return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias)
     _check_w(qweight, torch.uint8, "linear_int4w", "qweight")

@@ -25,6 +25,7 @@ struct GemvArgs {
   const float* bias;     // [N] or nullptr
   float* y;              // [M, N], row stride ldy
   int64_t ldy;
+  const float* xp;       // x rearranged by the table's prep function (row stride K), if any
 };
 
 enum Fmt { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kNumFmt = 4 };
@@ -32,9 +33,14 @@ enum Fmt { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kNumFmt = 4 };
 // Computes output columns (weight rows) [n_begin, n_end) for all M rows of x.
 using RowsFn = void (*)(const GemvArgs&, int64_t n_begin, int64_t n_end);
 
+// Rearranges x [M, K] once per call into `out` (M * K floats, row stride K) for
+// kernels that read activations in another order than memory (see avx2 bf16).
+using PrepFn = void (*)(const GemvArgs&, float* out);
+
 struct KernelTable {
   const char* name;
   RowsFn fn[kNumFmt];
+  PrepFn prep[kNumFmt];  // nullptr: the kernel reads x as it is
 };
 
 const KernelTable* generic_table();

@@ -228,5 +228,5 @@ void rows_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
     NAME, {                                                            \
       &rows<DenseKern<FmtF32>>, &rows<DenseKern<FmtBF16>>,             \
           &rows<DenseKern<FmtI8>>, &rows_i4                            \
-    }                                                                  \
+    }, { nullptr, nullptr, nullptr, nullptr }                          \
   }

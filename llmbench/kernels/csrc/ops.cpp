@@ -73,7 +73,15 @@ std::string set_isa(const std::string& name) {
 // torch.set_num_threads) in chunks that are multiples of the 4-row block.
 void run(Fmt fmt, const GemvArgs& a, double weight_bytes_per_row) {
   if (a.N == 0 || a.M == 0) return;
-  const RowsFn fn = active_table()->fn[fmt];
+  const KernelTable* table = active_table();
+  const RowsFn fn = table->fn[fmt];
+  if (table->prep[fmt] != nullptr) {
+    // Done once per call, before the threads split the rows: every thread reads it.
+    thread_local std::vector<float> prepared;
+    prepared.resize(static_cast<size_t>(a.M * a.K));
+    table->prep[fmt](a, prepared.data());
+    const_cast<GemvArgs&>(a).xp = prepared.data();
+  }
   const int64_t nquads = (a.N + 3) / 4;
   // Each task streams at least ~64 KiB of weights so that tiny matrices do
   // not pay the fork/join cost for nothing.

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Prefill-sized linears (M rows of activations): our compiled kernels vs torch's GEMM on a
+float copy of the weights, per weight format, side by side in one run. This is what sets
+llmbench.kernels.STREAM_M_MAX (up to how many rows each format uses the kernels).
+
+    python benchmarks/bench_prefill.py [--m 16,32,64,128,256] [--threads 1]
+
+Weights are re-used across calls (hot in cache), which favours torch's path: in a real prefill
+the conversion also streams the weights from memory. Compare ratios, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from llmbench import kernels  # noqa: E402
+
+SHAPES = [(960, 576), (3072, 576), (576, 1536)]  # SmolLM2-135M: qkv, gate_up, down
+
+
+def best_ms(fn, repeats: int = 5, calls: int = 5) -> float:
+    for _ in range(2):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e3
+
+
+def candidates(compiled, x: torch.Tensor, w: torch.Tensor) -> dict:
+    """Per format: (our kernel on the stored weights, torch's GEMM on a float copy)."""
+    wb = w.bfloat16()
+    q8, s8 = kernels.quantize_int8(w)
+    p4, s4, z4 = kernels.quantize_int4(w, 32)
+    return {
+        "bf16": (lambda: compiled.linear_bf16w(x, wb), lambda: x @ wb.float().T),
+        "int8": (lambda: compiled.linear_int8w(x, q8, s8),
+                 lambda: x @ kernels.dequantize_int8(q8, s8).T),
+        "int4": (lambda: compiled.linear_int4w(x, p4, s4, z4, 32),
+                 lambda: x @ kernels.dequantize_int4(p4, s4, z4, 32).T),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", default="16,32,64,128,256")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    compiled = kernels.compiled()
+    if compiled is None:
+        print(f"kernels not built: {kernels.import_error()}")
+        return 1
+    print(f"threads={args.threads} isa={kernels.isa()}; ms per call, kernel / torch "
+          "(ratio > 1: the kernel is faster)")
+    print(f"{'M':>4} {'N x K':>10} | {'bf16':>20} | {'int8':>20} | {'int4 g32':>20}")
+    for m in (int(v) for v in args.m.split(",")):
+        for n, k in SHAPES:
+            pairs = candidates(compiled, torch.randn(m, k), torch.randn(n, k))
+            cells = []
+            for ours, theirs in pairs.values():
+                a, b = best_ms(ours), best_ms(theirs)
+                cells.append(f"{a:6.2f} / {b:6.2f} {b / a:4.1f}x")
+            print(f"{m:>4} {f'{n}x{k}':>10} | " + " | ".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
