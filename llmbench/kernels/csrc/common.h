@@ -33,8 +33,9 @@ enum Fmt { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kNumFmt = 4 };
 // Computes output columns (weight rows) [n_begin, n_end) for all M rows of x.
 using RowsFn = void (*)(const GemvArgs&, int64_t n_begin, int64_t n_end);
 
-// Rearranges x [M, K] once per call into `out` (M * K floats, row stride K) for
-// kernels that read activations in another order than memory (see avx2 bf16).
+// Rearranges x [M, K] once per call into `out` (room for M * K + 64 floats) for
+// kernels that read activations in another order or format than memory (see
+// the avx2 bf16 and int8 kernels).
 using PrepFn = void (*)(const GemvArgs&, float* out);
 
 struct KernelTable {

@@ -80,10 +80,41 @@ inline void dense_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
   }
 }
 
+// One weight row against one activation row, four accumulators: the weights
+// are then read strictly in memory order, which the hardware prefetchers
+// follow far better than several interleaved short rows (measured on AVX2:
+// int8 rows of 576 bytes read 2x faster one at a time than four at a time).
+template <class F>
+inline void dense_row(const GemvArgs& a, int64_t n) {
+  const int64_t K = a.K;
+  const typename F::T* w = static_cast<const typename F::T*>(a.w) + n * K;
+  const float* x = a.x;
+  V acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
+  int64_t k = 0;
+  for (; k + 4 * W <= K; k += 4 * W) {
+    acc0 = vfma(F::load(w + k), vld_f32(x + k), acc0);
+    acc1 = vfma(F::load(w + k + W), vld_f32(x + k + W), acc1);
+    acc2 = vfma(F::load(w + k + 2 * W), vld_f32(x + k + 2 * W), acc2);
+    acc3 = vfma(F::load(w + k + 3 * W), vld_f32(x + k + 3 * W), acc3);
+  }
+  for (; k + W <= K; k += W) acc0 = vfma(F::load(w + k), vld_f32(x + k), acc0);
+  float s = vhsum(vadd(vadd(acc0, acc1), vadd(acc2, acc3)));
+  for (; k < K; ++k) s += F::scalar(w + k) * x[k];
+  if (F::kRowScale) s *= a.scales[n];
+  if (a.bias) s += a.bias[n];
+  a.y[n] = s;
+}
+
 template <class F>
 struct DenseKern {
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    if constexpr (MT == 1) {
+      if (a.M == 1) {  // batch-1 decode: x is row 0, y is row 0
+        for (int i = 0; i < NR; ++i) dense_row<F>(a, n + i);
+        return;
+      }
+    }
     constexpr int RMAX = (MT <= 3) ? 4 : 2;  // <= 12 accumulators
     constexpr int R = NR < RMAX ? NR : RMAX;
     for (int i = 0; i < NR; i += R) dense_tile<F, R, MT>(a, n + i, m0);
@@ -185,8 +216,9 @@ struct I4Kern {
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
     // accumulators: R*MT*NA (group) + R*MT (total) <= 12
-    constexpr int RMAX = (MT == 1) ? 4 : (MT <= 3 ? 2 : 1);
-    constexpr int NA = (MT == 1) ? 2 : 1;
+    // batch-1 decode: one row at a time, in memory order (see dense_row)
+    constexpr int RMAX = (MT == 1) ? 1 : (MT <= 3 ? 2 : 1);
+    constexpr int NA = (MT == 1) ? 4 : 1;
     constexpr int R = NR < RMAX ? NR : RMAX;
     for (int i = 0; i < NR; i += R) i4_tile<R, MT, NA, NB>(a, n + i, m0);
   }

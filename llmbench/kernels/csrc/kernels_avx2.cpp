@@ -2,6 +2,8 @@
 // AVX2/FMA regardless of the global -march; ops.cpp only selects this table
 // after __builtin_cpu_supports("avx2") && ("fma") succeeded at run time.
 #include <cstdint>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "common.h"
@@ -107,19 +109,127 @@ inline void bf16_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
   }
 }
 
+// Batch-1 decode: one row at a time, in memory order (see dense_row).
+inline void bf16_row(const GemvArgs& a, int64_t n) {
+  const int64_t K = a.K, K32 = K & ~int64_t{31}, K16 = K & ~int64_t{15};
+  const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * K;
+  const float* xp = a.xp;
+  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  V acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
+  int64_t k = 0;
+  for (; k < K32; k += 32) {
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16));
+    acc0 = vfma(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), vld_f32(xp + k), acc0);
+    acc1 = vfma(_mm256_castsi256_ps(_mm256_and_si256(v0, odd_mask)), vld_f32(xp + k + 8), acc1);
+    acc2 = vfma(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), vld_f32(xp + k + 16), acc2);
+    acc3 = vfma(_mm256_castsi256_ps(_mm256_and_si256(v1, odd_mask)), vld_f32(xp + k + 24), acc3);
+  }
+  for (; k < K16; k += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    acc0 = vfma(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), vld_f32(xp + k), acc0);
+    acc1 = vfma(_mm256_castsi256_ps(_mm256_and_si256(v, odd_mask)), vld_f32(xp + k + 8), acc1);
+  }
+  float s = vhsum(vadd(vadd(acc0, acc1), vadd(acc2, acc3)));
+  for (; k < K; ++k) s += bf16_bits_to_f32(w[k]) * xp[k];
+  if (a.bias) s += a.bias[n];
+  a.y[n] = s;
+}
+
 struct BF16PairKern {
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    if constexpr (MT == 1) {
+      if (a.M == 1) {
+        for (int i = 0; i < NR; ++i) bf16_row(a, n + i);
+        return;
+      }
+    }
     constexpr int RMAX = (MT <= 3) ? 4 : 2;
     constexpr int R = NR < RMAX ? NR : RMAX;
     for (int i = 0; i < NR; i += R) bf16_tile<R, MT>(a, n + i, m0);
   }
 };
 
+// int8 weights against int16 activations: x is rounded once per call to int16
+// with one scale per row (|error| <= max|x| / 65534, far below the int8
+// weights' own rounding), so 16 weights cost a widening load and one
+// multiply-add of int16 pairs into int32 (vpmaddwd) instead of 2 x (widen to
+// int32, convert to float, FMA). Layout of the prepared buffer: M float row
+// scales, then from float offset M rounded up to 8 (32 bytes), M rows of K
+// int16 (M * K / 2 floats: the buffer has room for M * K + 64).
+inline int64_t i8_rows_offset(int64_t M) { return (M + 7) & ~int64_t{7}; }
+
+void prep_i8(const GemvArgs& a, float* out) {
+  const int64_t K = a.K;
+  int16_t* q = reinterpret_cast<int16_t*>(out + i8_rows_offset(a.M));
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* x = a.x + m * a.ldx;
+    float top = 0.f;
+    for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(x[k]));
+    const float scale = top > 0.f ? top / 32767.f : 1.f;
+    const float inv = 1.f / scale;
+    for (int64_t k = 0; k < K; ++k)
+      q[m * K + k] = static_cast<int16_t>(std::lrintf(std::min(32767.f, std::max(-32767.f, x[k] * inv))));
+    out[m] = scale;
+  }
+}
+
+template <int R, int MT>
+inline void i8_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
+  const int64_t K = a.K, K16 = K & ~int64_t{15};
+  const int8_t* w = static_cast<const int8_t*>(a.w) + n0 * K;
+  const int16_t* xq = reinterpret_cast<const int16_t*>(a.xp + i8_rows_offset(a.M)) + m0 * K;
+  // int32 lanes gain at most 2 * 127 * 32767 per step: flush to float every
+  // 128 steps (2048 columns), far below overflow.
+  constexpr int64_t kFlush = 128 * 16;
+  V total[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = vzero();
+  for (int64_t k0 = 0; k0 < K16; k0 += kFlush) {
+    const int64_t k1 = std::min(K16, k0 + kFlush);
+    __m256i acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      for (int r = 0; r < R; ++r) {
+        const __m256i w16 = _mm256_cvtepi8_epi16(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
+        for (int m = 0; m < MT; ++m) {
+          const __m256i x16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(w16, x16));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) total[r][m] = vadd(total[r][m], _mm256_cvtepi32_ps(acc[r][m]));
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    for (int m = 0; m < MT; ++m) {
+      float s = vhsum(total[r][m]);
+      for (int64_t kk = K16; kk < K; ++kk)
+        s += static_cast<float>(w[r * K + kk]) * static_cast<float>(xq[m * K + kk]);
+      s *= a.xp[m0 + m] * a.scales[n];
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + m) * a.ldy + n] = s;
+    }
+  }
+}
+
+struct I8Int16Kern {
+  template <int NR, int MT>
+  static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    constexpr int RMAX = (MT == 1) ? 1 : (MT <= 3) ? 4 : 2;
+    constexpr int R = NR < RMAX ? NR : RMAX;
+    for (int i = 0; i < NR; i += R) i8_tile<R, MT>(a, n + i, m0);
+  }
+};
+
 const KernelTable kTable = {
     "avx2",
-    {&rows<DenseKern<FmtF32>>, &rows<BF16PairKern>, &rows<DenseKern<FmtI8>>, &rows_i4},
-    {nullptr, &prep_bf16, nullptr, nullptr}};
+    {&rows<DenseKern<FmtF32>>, &rows<BF16PairKern>, &rows<I8Int16Kern>, &rows_i4},
+    {nullptr, &prep_bf16, &prep_i8, nullptr}};
 
 }  // namespace
 }  // namespace llmb

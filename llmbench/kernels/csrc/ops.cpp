@@ -78,7 +78,7 @@ void run(Fmt fmt, const GemvArgs& a, double weight_bytes_per_row) {
   if (table->prep[fmt] != nullptr) {
     // Done once per call, before the threads split the rows: every thread reads it.
     thread_local std::vector<float> prepared;
-    prepared.resize(static_cast<size_t>(a.M * a.K));
+    prepared.resize(static_cast<size_t>(a.M * a.K + 64));  // + room for per-row scales
     table->prep[fmt](a, prepared.data());
     const_cast<GemvArgs&>(a).xp = prepared.data();
   }
