@@ -32,6 +32,7 @@ SHAPES = [
     (2, 5, 1536, 128),
     (5, 9, 96, 32),  # M = 4 + 1 tile split, int4 smallest group
     (1, 3, 6, 6),  # K < vector width: tail only
+    (1, 21, 512, 128),  # batch-1 decode over whole 32-blocks
 ]
 
 
@@ -135,8 +136,9 @@ def test_linear_int4w(isa, M, N, Kd, gs, bias):
     _check(K.linear_int4w(x, p, s, z, gs, b), ref, x, R.dequantize_int4(p, s, z, gs), b)
 
 
-def test_int4_group_sizes(isa):
-    x, w, b = _data(2, 12, 512, True)
+@pytest.mark.parametrize("M", [1, 2])
+def test_int4_group_sizes(isa, M):
+    x, w, b = _data(M, 12, 512, True)
     for gs in (32, 64, 128, 256, 512):
         p, s, z = R.quantize_int4(w, gs)
         _check(

@@ -161,16 +161,31 @@ struct BF16PairKern {
 inline int64_t i8_rows_offset(int64_t M) { return (M + 7) & ~int64_t{7}; }
 
 void prep_i8(const GemvArgs& a, float* out) {
-  const int64_t K = a.K;
+  const int64_t K = a.K, K16 = K & ~int64_t{15};
   int16_t* q = reinterpret_cast<int16_t*>(out + i8_rows_offset(a.M));
+  const V sign = vset1(-0.f);
   for (int64_t m = 0; m < a.M; ++m) {
     const float* x = a.x + m * a.ldx;
-    float top = 0.f;
-    for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(x[k]));
+    V vtop = vzero();
+    int64_t k = 0;
+    for (; k + W <= K; k += W) vtop = _mm256_max_ps(vtop, _mm256_andnot_ps(sign, vld_f32(x + k)));
+    __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(vtop), _mm256_extractf128_ps(vtop, 1));
+    t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
+    float top = std::max(_mm_cvtss_f32(t4), _mm_cvtss_f32(_mm_movehdup_ps(t4)));
+    for (; k < K; ++k) top = std::max(top, std::fabs(x[k]));
     const float scale = top > 0.f ? top / 32767.f : 1.f;
     const float inv = 1.f / scale;
-    for (int64_t k = 0; k < K; ++k)
-      q[m * K + k] = static_cast<int16_t>(std::lrintf(std::min(32767.f, std::max(-32767.f, x[k] * inv))));
+    const V vinv = vset1(inv);
+    int16_t* qm = q + m * K;
+    for (k = 0; k < K16; k += 16) {  // round to nearest even, as lrintf
+      const __m256i i0 = _mm256_cvtps_epi32(vmul(vld_f32(x + k), vinv));
+      const __m256i i1 = _mm256_cvtps_epi32(vmul(vld_f32(x + k + 8), vinv));
+      // packs interleaves 128-bit halves: restore element order
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qm + k), packed);
+    }
+    for (; k < K; ++k)
+      qm[k] = static_cast<int16_t>(std::lrintf(std::min(32767.f, std::max(-32767.f, x[k] * inv))));
     out[m] = scale;
   }
 }
