@@ -41,6 +41,10 @@ CONFIGS = {
     "native-fp32": ("native", "float32", {}),
     "native-bf16": ("native", "bfloat16", {}),
     "native-bf16-fp8kv": ("native", "bfloat16", {"kv_cache_dtype": "fp8_e5m2"}),
+    # The same backend with every decode step as torch ops instead of the compiled step
+    # (llmbench/kernels/csrc/decode_step.cpp): what per-op Python/dispatch overhead costs.
+    "native-fp32-torchstep": ("native", "float32", {"compiled_step": False}),
+    "native-bf16-torchstep": ("native", "bfloat16", {"compiled_step": False}),
     "ipex-fp32": ("ipex", "float32", {}),
     # Weight-only quantization (llmbench.quant, round to nearest) on our int8 / int4 kernels; the
     # 4-bit schemes keep lm_head at int8. "woq" is (weight dtype, group size, symmetric).
@@ -99,6 +103,7 @@ def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -
     loaded = load_model(model_arg, dtype)
     extra = dict(extra)
     woq = extra.pop("woq", None)
+    compiled_step = extra.pop("compiled_step", True)
     if woq is not None:
         from llmbench.quant import apply
         from llmbench.quant.scheme import Scheme
@@ -111,6 +116,9 @@ def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -
         prepared = prepare(loaded.model, backend=backend, dtype=dtype,
                            family=loaded.family.model_type, **extra)
     loaded.model = prepared.model
+    if hasattr(prepared.model, "use_compiled_step"):
+        prepared.model.use_compiled_step = compiled_step
+    runtime = getattr(prepared.model, "runtime_details", dict)()
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
                           input_tokens=args.input_tokens, prompt_text=None, batch_size=1,
                           max_new_tokens=args.max_new_tokens)
@@ -127,7 +135,7 @@ def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -
     stats = compute_statistics(run, 1, weight_bytes)
     result = {
         "config": config_name, "backend": prepared.backend, "dtype": dtype,
-        "backend_details": prepared.details,
+        "backend_details": {**prepared.details, **runtime},
         "first_token_ms": stats["first_token_latency_s"]["p50"] * 1000,
         "next_token_ms": stats["next_token_latency_s"]["p50"] * 1000,
         "next_token_mean_ms": stats["next_token_latency_s"]["mean"] * 1000,
@@ -153,7 +161,10 @@ def table(rows: list[dict[str, Any]], bandwidth: float) -> str:
         floor_ms = r["weight_bytes"] / bandwidth / 1e6
         first = f"{base['first_token_ms'] / r['first_token_ms']:.2f}x" if base else "-"
         nxt = f"{base['next_token_ms'] / r['next_token_ms']:.2f}x" if base else "-"
-        ran_as = f"{r['backend']} ({r['backend_details'].get('kernels', 'transformers')})"
+        ran_as = f"{r['backend']} ({r['backend_details'].get('kernels', 'transformers')}"
+        step = r["backend_details"].get("decode_step", "")
+        ran_as += ", compiled step)" if step.startswith("compiled") else (
+            ", python step)" if step else ")")
         lines.append(f"| {r['config']} | {ran_as} | {r['first_token_ms']:.1f} | "
                      f"{r['next_token_ms']:.2f} | {r['tokens_per_s']:.1f} | {r['gb_per_s']:.1f} | "
                      f"{100 * r['gb_per_s'] / bandwidth:.0f}% | {floor_ms:.2f} | "

@@ -1,7 +1,8 @@
 """The compiled decode step (llmbench/kernels/csrc/decode_step.cpp) against the native
 backend's torch-op step, which stays the reference: same logits within float tolerance and the
 same tokens, for every weight format, cache dtype, beam search and the llama-like variants
-(qkv bias, per-head q/k norms, fused phi3 projections)."""
+(qkv bias, per-head q/k norms, fused phi3 projections, gemma's scaled embedding, (1 + w)
+norms and tanh-GELU)."""
 
 from __future__ import annotations
 
@@ -63,10 +64,10 @@ def step_logits(model, compiled: bool, rows: int = 2, beams: int = 1, steps: int
 def folders(tmp_path_factory, embedded_model_dir):
     root = tmp_path_factory.mktemp("decode_step")
     return {family: make_tiny_model(family, root / family, embedded_model_dir)
-            for family in ("llama", "qwen2", "qwen3", "phi3")}
+            for family in ("llama", "qwen2", "qwen3", "phi3", "gemma")}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "gemma"])
 @pytest.mark.parametrize("beams", [1, 3])
 def test_compiled_step_matches_torch_step(folders, family, beams):
     model = native_model(folders[family])
@@ -76,9 +77,11 @@ def test_compiled_step_matches_torch_step(folders, family, beams):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,kv", [("bfloat16", "auto"), ("float32", "fp8_e5m2")])
-def test_compiled_step_bf16_weights_and_fp8_cache(folders, dtype, kv):
-    model = native_model(folders["llama"], dtype, kv)
+@pytest.mark.parametrize("family,dtype,kv", [("llama", "bfloat16", "auto"),
+                                             ("gemma", "bfloat16", "auto"),
+                                             ("llama", "float32", "fp8_e5m2")])
+def test_compiled_step_bf16_weights_and_fp8_cache(folders, family, dtype, kv):
+    model = native_model(folders[family], dtype, kv)
     expected = step_logits(model, compiled=False, beams=2, rows=4)
     got = step_logits(model, compiled=True, beams=2, rows=4)
     # bf16 logits are rounded to bf16 on both paths: a last-bit difference before rounding

@@ -89,7 +89,7 @@ def test_run_py_native_same_text_as_stock_and_reports_kernels(embedded_model_dir
     assert report["backend"]["weight_bytes_per_token"] > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3", "gemma"])
 def test_other_llama_like_families_match_stock(family, embedded_model_dir, tmp_path):
     folder = make_tiny_model(family, tmp_path / family, embedded_model_dir)
     stock = load_model(str(folder), "float32")

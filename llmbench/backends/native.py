@@ -35,7 +35,9 @@ from llmbench import kernels
 from llmbench.backends import PreparedModel
 from llmbench.errors import UserError
 
-NATIVE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+NATIVE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+# MLP activations the native step implements, by config.hidden_act; the C++ step numbers them.
+ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}
 KV_CACHE_DTYPES = ("auto", "fp8_e5m2")
 # generate() settings the native loop implements; anything else is refused, never ignored.
 SUPPORTED_GENERATE_KEYS = {"input_ids", "attention_mask", "pad_token_id", "max_new_tokens",
@@ -170,13 +172,21 @@ class NativeModel:
         # auto: the activations' dtype (fp32), so attention reads the cache without converting.
         self.kv_dtype = {"auto": torch.float32, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
         self.embed = inner.embed_tokens.weight.detach()
-        self.final_norm = inner.norm.weight.detach().float()
+        # Gemma's quirks, as its transformers code has them: the embedding is multiplied by
+        # sqrt(hidden) (a scalar in the weights' dtype) and its RMSNorms scale by (1 + weight).
+        embed_scale = getattr(inner.embed_tokens, "embed_scale", None)
+        self.embed_scale = None if embed_scale is None else float(
+            embed_scale.to(self.embed.dtype))
+        self.norm_offset = 1.0 if config.model_type == "gemma" else 0.0
+        self.final_norm = inner.norm.weight.detach().float() + self.norm_offset
         self.layers = [self._take_layer(layer) for layer in inner.layers]
         lm_head = hf_model.lm_head
         self.lm_head = Linear(lm_head.weight.detach(),
                               None if lm_head.bias is None else lm_head.bias.detach())
         self.tied = lm_head.weight.data_ptr() == self.embed.data_ptr()
-        self.silu = getattr(config, "hidden_act", "silu") in ("silu", "swish")
+        self.activation = getattr(config, "hidden_act", "silu")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"native backend: activation {self.activation} not implemented")
         self.intermediate = self.layers[0].down.weight.shape[1]
         # False runs every decode step as torch ops (tests and benchmarks compare the two).
         self.use_compiled_step = True
@@ -195,11 +205,11 @@ class NativeModel:
         q_norm = getattr(attn, "q_norm", None)
         k_norm = getattr(attn, "k_norm", None)
         return Layer(
-            attn_norm=layer.input_layernorm.weight.detach().float(),
+            attn_norm=layer.input_layernorm.weight.detach().float() + self.norm_offset,
             qkv=qkv,
             o=Linear(attn.o_proj.weight.detach(),
                      None if attn.o_proj.bias is None else attn.o_proj.bias.detach()),
-            mlp_norm=layer.post_attention_layernorm.weight.detach().float(),
+            mlp_norm=layer.post_attention_layernorm.weight.detach().float() + self.norm_offset,
             gate_up=gate_up,
             down=Linear(mlp.down_proj.weight.detach(), None),
             q_norm=None if q_norm is None else q_norm.weight.detach().float(),
@@ -233,15 +243,14 @@ class NativeModel:
         elif missing:
             kind = getattr(dict(projections)[missing[0]], "kind", "?")
             self._plan_note = (f"python step: {missing[0]} ({kind}) has no compiled kernel")
-        elif not self.silu:
-            self._plan_note = f"python step: activation {self.config.hidden_act}"
         if self._plan_note:
             return None
         plan = kernels.compiled().DecodePlan(
             hidden=self.embed.shape[1], heads=self.heads, kv_heads=self.kv_heads,
             head_dim=self.head_dim, intermediate=self.intermediate, eps=float(self.eps),
             scaling=float(self.scaling), embed=self.embed.contiguous(),
-            final_norm=self.final_norm,
+            final_norm=self.final_norm, embed_scale=self.embed_scale or 1.0,
+            activation=ACTIVATIONS[self.activation],
             round_logits_bf16=self.weight_dtype != torch.float32)
         index = {name: plan.add_linear(**spec) for name, spec in specs.items()}
         for i, layer in enumerate(self.layers):
@@ -256,6 +265,8 @@ class NativeModel:
 
     def runtime_details(self) -> dict[str, Any]:
         """What the report should say about how decode steps run."""
+        if not self.use_compiled_step:
+            return {"decode_step": "python step (compiled step switched off)"}
         self._compiled_plan()
         return {"decode_step": self._plan_note}
 
@@ -301,10 +312,17 @@ class NativeModel:
         h = h + layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
         x = rms_norm(h, layer.mlp_norm, self.eps).view(rows * seq, hidden)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        return h + layer.down(F.silu(gate) * up).view(rows, seq, hidden)
+        if ACTIVATIONS[self.activation] == 0:
+            gate = F.silu(gate)
+        else:
+            gate = F.gelu(gate, approximate="tanh")
+        return h + layer.down(gate * up).view(rows, seq, hidden)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.embed).float()
+        rows = F.embedding(ids, self.embed)
+        if self.embed_scale is not None:  # in the weights' dtype, as stock rounds it
+            rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
+        return rows.float()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(rms_norm(h, self.final_norm, self.eps))

@@ -80,10 +80,14 @@ class DecodePlan {
  public:
   DecodePlan(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
              int64_t intermediate, double eps, double scaling, at::Tensor embed,
-             at::Tensor final_norm, bool round_logits_bf16)
+             at::Tensor final_norm, bool round_logits_bf16, double embed_scale,
+             int64_t activation)
       : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), d_(head_dim),
         inter_(intermediate), eps_(static_cast<float>(eps)),
-        scaling_(static_cast<float>(scaling)), round_bf16_(round_logits_bf16) {
+        scaling_(static_cast<float>(scaling)), round_bf16_(round_logits_bf16),
+        embed_scale_(static_cast<float>(embed_scale)), activation_(activation) {
+    TORCH_CHECK(activation == kSiLU || activation == kGeluTanh,
+                "decode_step: unknown activation ", activation);
     TORCH_CHECK(heads % kv_heads == 0, "decode_step: heads must be a multiple of kv_heads");
     TORCH_CHECK(embed.dim() == 2 && embed.size(1) == hidden && embed.is_contiguous() &&
                     (embed.scalar_type() == at::kFloat || embed.scalar_type() == at::kBFloat16),
@@ -229,9 +233,15 @@ class DecodePlan {
       float* dst = h_.data() + r * H;
       if (embed_.scalar_type() == at::kFloat) {
         std::copy_n(embed_.data_ptr<float>() + id[r] * H, H, dst);
-      } else {
+        if (embed_scale_ != 1.f)
+          for (int64_t i = 0; i < H; ++i) dst[i] *= embed_scale_;
+      } else {  // scaled in bf16 (rounded), as stock multiplies in the weights' dtype
         const uint16_t* src = reinterpret_cast<const uint16_t*>(embed_.data_ptr()) + id[r] * H;
         for (int64_t i = 0; i < H; ++i) dst[i] = c10::detail::f32_from_bits(src[i]);
+        if (embed_scale_ != 1.f)
+          for (int64_t i = 0; i < H; ++i)
+            dst[i] = c10::detail::f32_from_bits(
+                c10::detail::round_to_nearest_even(dst[i] * embed_scale_));
       }
     }
 
@@ -257,7 +267,15 @@ class DecodePlan {
         const float* gate = gu_.data() + r * 2 * inter_;
         const float* up = gate + inter_;
         float* out = act_.data() + r * inter_;
-        for (int64_t i = 0; i < inter_; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+        if (activation_ == kSiLU) {
+          for (int64_t i = 0; i < inter_; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+        } else {  // gelu, tanh approximation
+          constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
+          for (int64_t i = 0; i < inter_; ++i) {
+            const float g = gate[i];
+            out[i] = 0.5f * g * (1.f + std::tanh(kC * (g + 0.044715f * g * g * g))) * up[i];
+          }
+        }
       }
       project(L.down, act_.data(), R, tmp_.data(), H);
       for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
@@ -426,9 +444,12 @@ class DecodePlan {
     });
   }
 
+  static constexpr int64_t kSiLU = 0, kGeluTanh = 1;  // native.py ACTIVATIONS
   const int64_t hidden_, heads_, kv_heads_, d_, inter_;
   const float eps_, scaling_;
   const bool round_bf16_;
+  const float embed_scale_;
+  const int64_t activation_;
   at::Tensor embed_;
   const float* final_norm_ = nullptr;
   std::vector<at::Tensor> owned_;
@@ -456,10 +477,11 @@ void register_decode(pybind11::module& m) {
   py::class_<DecodePlan>(m, "DecodePlan",
                          "A llama-like decoder's decode step over the compiled kernels")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor,
-                    at::Tensor, bool>(),
+                    at::Tensor, bool, double, int64_t>(),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("intermediate"), py::arg("eps"), py::arg("scaling"), py::arg("embed"),
-           py::arg("final_norm"), py::arg("round_logits_bf16"))
+           py::arg("final_norm"), py::arg("round_logits_bf16"), py::arg("embed_scale") = 1.0,
+           py::arg("activation") = 0)
       .def("add_linear", &DecodePlan::add_linear, py::arg("fmt"), py::arg("w"),
            py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("group_size") = 0, py::arg("bias") = py::none(),
