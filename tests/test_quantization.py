@@ -28,10 +28,13 @@ def test_formats_match_their_dequantized_weights(dtype, group, sym, max_error):
     linear = quantize_weight(w, b, Scheme("woq", dtype, group, sym))
     dq = linear.dequantize()
     assert float((dq - w).norm() / w.norm()) < max_error
-    for rows in (1, 4, 40):  # the decode kernel (M <= 16) and the prefill path
+    # The AVX2 int8 kernel rounds activations to int16 (one scale per row): with |y| ~ 24
+    # here, that is ~1e-3 of absolute error, so INT8 gets 3e-3.
+    atol = 3e-3 if dtype == "INT8" else 1e-3
+    for rows in (1, 4, 40, 80):  # decode kernels, prefill on the kernels, torch's GEMM
         x = torch.randn(rows, 576)
         torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, dq, b),
-                                   rtol=1e-4, atol=1e-3)
+                                   rtol=1e-4, atol=atol)
 
 
 def test_group_size_rules():
