@@ -259,3 +259,75 @@ def test_run_py_low_precision_checkpoint_two_steps_and_mismatch(tmp_path, tiny_l
     assert f"{bad_key} has shape" in result.stderr
     assert not bad_out.exists() or not any(bad_out.iterdir())
     print(result.stderr, file=sys.stderr)
+
+
+# ---- our GPTQ ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(act_order):
+    """The algorithm on one linear: with correlated inputs (as activations are), GPTQ's output
+    error on the calibration inputs is well below round to nearest on the same 4-bit grid, and
+    the result survives the GPTQ checkpoint layout exactly."""
+    from llmbench.quant.checkpoint import gptq_linear, gptq_tensors
+    from llmbench.quant.gptq import GPTQSettings, gptq_quantize, group_params
+
+    torch.manual_seed(0)
+    n, k, group = 64, 256, 64
+    x = torch.randn(2048, k) @ (torch.randn(k, k) / k**0.5 + torch.eye(k))
+    x[:, :8] *= 10  # a few outlier channels, as LLM activations have
+    w = torch.randn(n, k) * 0.05
+    hessian = 2 * x.t() @ x / x.shape[0]
+    result = gptq_quantize(w, hessian, GPTQSettings(group_size=group, act_order=act_order))
+    rtn = torch.empty_like(w)
+    for g in range(k // group):
+        cols = slice(g * group, (g + 1) * group)
+        s, z = group_params(w[:, cols], sym=False, clip_search=True)
+        q = torch.clamp(torch.round(w[:, cols] / s[:, None]) + z[:, None], 0, 15)
+        rtn[:, cols] = (q - z[:, None]) * s[:, None]
+    error_gptq = float((x @ (w - result.dequantized).t()).norm())
+    error_rtn = float((x @ (w - rtn).t()).norm())
+    print(f"act_order={act_order}: output error GPTQ {error_gptq:.3f}, RTN {error_rtn:.3f}",
+          file=sys.stderr)
+    assert error_gptq < 0.8 * error_rtn
+    assert bool((result.q >= 0).all() and (result.q <= 15).all())
+    assert sorted(torch.bincount(result.g_idx).tolist()) == [group] * (k // group)
+    tensors = gptq_tensors(result.q, result.zeros, result.scales, result.g_idx, None)
+    linear = gptq_linear(tensors, k, n, "proj", "test")
+    torch.testing.assert_close(linear.dequantize(), result.dequantized, rtol=0, atol=1e-6)
+
+
+def test_run_gptq_end_to_end_then_benchmark(tmp_path, tiny_llama):
+    """utils/run_gptq.py on the tiny model (few samples): its folder runs in the benchmark and
+    its gptq_checkpoint.safetensors through --low-precision-checkpoint."""
+    from llmbench.models import load_model
+    from llmbench.quant.checkpoint import load_low_precision
+
+    out = tmp_path / "gptq"
+    result = run_entry("utils/run_gptq.py", "-m", str(tiny_llama), "--nsamples", "4",
+                       "--seqlen", "32", "--group-size", "32", "--act-order",
+                       "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "perplexity" in result.stdout and "gptq" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    assert config["quantization_config"]["desc_act"] is True
+    assert not list(tmp_path.glob(".gptq.*"))  # no staging folder left
+    bench_out = tmp_path / "bench"
+    result = run_entry("run.py", "--benchmark", "-m", str(out), *BENCH, "--output-dir",
+                       str(bench_out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(next(bench_out.glob("*.json")).read_text())
+    assert report["backend"]["quantization"]["checkpoint"]["method"] == "gptq"
+    # The same projections through --low-precision-checkpoint on the float model.
+    folder_model = load_model(str(out), "float32")
+    float_model = load_model(str(tiny_llama), "float32").model
+    qlinears, scheme = load_low_precision(str(out / "gptq_checkpoint.safetensors"), float_model)
+    assert scheme.extra["settings_from"] == "metadata" and scheme.extra["desc_act"] is True
+    for name, linear in folder_model.quantized[0].items():
+        torch.testing.assert_close(qlinears[name].dequantize(), linear.dequantize())
+
+
+def test_run_gptq_refuses_bad_flags(tmp_path):
+    result = run_entry("utils/run_gptq.py", "--wbits", "3", "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(result, "--wbits 3")
+    assert not (tmp_path / "o").exists()
