@@ -161,21 +161,6 @@ def test_checkpoint_folder_matches_dequantized_reference(tmp_path, tiny_llama, m
     assert out[0, ids.shape[1]] == greedy[0, -1]
 
 
-def test_run_py_benchmarks_a_gptq_folder_native(tmp_path, tiny_llama):
-    folder = tmp_path / "gptq"
-    write_checkpoint_folder(tiny_llama, folder, "gptq", act_order=True)
-    out = tmp_path / "out"
-    result = run_entry("run.py", "--benchmark", "-m", str(folder), "--backend", "native",
-                       *BENCH, "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr
-    report = json.loads(next(out.glob("*.json")).read_text())
-    q = report["backend"]["quantization"]
-    assert report["status"] == "complete" and report["backend"]["name"] == "native"
-    assert q["checkpoint"] == {"method": "gptq", "bits": 4, "group_size": GROUP,
-                               "desc_act": True, "checkpoint_format": "gptq"}
-    assert q["native_projections_replaced"] == 8  # 2 layers x (qkv, o, gate_up, down)
-
-
 def test_checkpoint_folder_bad_bits_and_shapes_one_line_error(tmp_path, tiny_llama):
     from safetensors.torch import load_file, save_file
 
@@ -313,11 +298,15 @@ def test_run_gptq_end_to_end_then_benchmark(tmp_path, tiny_llama):
     assert config["quantization_config"]["desc_act"] is True
     assert not list(tmp_path.glob(".gptq.*"))  # no staging folder left
     bench_out = tmp_path / "bench"
-    result = run_entry("run.py", "--benchmark", "-m", str(out), *BENCH, "--output-dir",
-                       str(bench_out))
+    result = run_entry("run.py", "--benchmark", "-m", str(out), "--backend", "native", *BENCH,
+                       "--output-dir", str(bench_out))
     assert result.returncode == 0, result.stderr
     report = json.loads(next(bench_out.glob("*.json")).read_text())
-    assert report["backend"]["quantization"]["checkpoint"]["method"] == "gptq"
+    q = report["backend"]["quantization"]
+    assert report["status"] == "complete" and report["backend"]["name"] == "native"
+    assert q["checkpoint"] == {"method": "gptq", "bits": 4, "group_size": GROUP,
+                               "desc_act": True, "checkpoint_format": "gptq"}
+    assert q["native_projections_replaced"] == 8  # 2 layers x (qkv, o, gate_up, down)
     # The same projections through --low-precision-checkpoint on the float model.
     folder_model = load_model(str(out), "float32")
     float_model = load_model(str(tiny_llama), "float32").model

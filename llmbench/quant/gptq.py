@@ -67,11 +67,13 @@ class QuantizedWeight:
 
 # ---- the algorithm on one weight -----------------------------------------------------------
 
-def group_params(w: torch.Tensor, sym: bool, clip_search: bool) -> tuple[torch.Tensor,
-                                                                         torch.Tensor]:
+def group_params(w: torch.Tensor, sym: bool, clip_search: bool,
+                 weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point per row of w [N, g] for 4 bits. Scales are rounded to fp16
     (what the checkpoint stores) before use, so the error compensation sees the real grid.
-    Asymmetric zeros lie in 1..15: AutoGPTQ's v1 layout stores zero - 1 in 4 bits."""
+    Asymmetric zeros lie in 1..15: AutoGPTQ's v1 layout stores zero - 1 in 4 bits. The clip
+    search weighs each column's squared error by `weight` [g] (GPTQ passes diag(H): the
+    column's mean squared input, so errors on busy channels count more)."""
     lo0 = w.amin(dim=1).clamp(max=0.0)
     hi0 = w.amax(dim=1).clamp(min=0.0)
     best_s = best_z = best_err = None
@@ -85,7 +87,8 @@ def group_params(w: torch.Tensor, sym: bool, clip_search: bool) -> tuple[torch.T
             z = torch.round(-lo / s).clamp(1, 15)
         q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, 15)
         dq = (q - z[:, None]) * s[:, None]
-        err = (dq - w).square().sum(dim=1)
+        err = (dq - w).square()
+        err = (err if weight is None else err * weight).sum(dim=1)
         if best_err is None:
             best_s, best_z, best_err = s, z, err
             continue
@@ -125,6 +128,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor,
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     hinv = inverse_hessian_factor(h, settings.percdamp)
+    diag = torch.diag(h)
     group = k if settings.group_size == -1 else settings.group_size
     # Blocks never straddle a group start, so a group's range is taken from columns that all
     # carry the error of every earlier block (and none of the current one yet).
@@ -142,8 +146,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor,
         hinv1 = hinv[i1:i2, i1:i2]
         if i1 % group == 0:
             g = i1 // group
-            scales[:, g], zeros[:, g] = group_params(w[:, i1:min(i1 + group, k)], settings.sym,
-                                                     settings.clip_search)
+            cols = slice(i1, min(i1 + group, k))
+            scales[:, g], zeros[:, g] = group_params(w[:, cols], settings.sym,
+                                                     settings.clip_search, diag[cols])
         s, z = scales[:, i1 // group], zeros[:, i1 // group]
         for i in range(i2 - i1):
             col = w1[:, i]
@@ -314,6 +319,22 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor, settings: GPTQSe
         log(f"layer {index + 1}/{len(layers)}: {len(linears)} linears in "
             f"{time.perf_counter() - start:.1f} s")
     return results
+
+
+def int4_linears(model: torch.nn.Module, results: dict[str, QuantizedWeight]
+                 ) -> dict[str, Any]:
+    """The GPTQ results as our Int4Linear projections, through the checkpoint layout (what a
+    saved folder loads as), ready for apply.install_hf / prepare_quantized."""
+    from llmbench.quant.checkpoint import gptq_linear, gptq_tensors
+
+    modules = dict(model.named_modules())
+    out = {}
+    for name, result in results.items():
+        n, k = result.q.shape
+        tensors = gptq_tensors(result.q, result.zeros, result.scales, result.g_idx,
+                               modules[name].bias)
+        out[name] = gptq_linear(tensors, k, n, name, "GPTQ")
+    return out
 
 
 # ---- writing ---------------------------------------------------------------------------------
