@@ -196,7 +196,10 @@ def test_int4_group32_within_10_percent(embedded_reference):
 
 
 @pytest.mark.slow  # GPTQ of the 30 layers: ~4 min on 2 cores
-@pytest.mark.xfail(strict=True, reason="GPTQ_REASON")
+@pytest.mark.xfail(strict=True, reason="GPTQ INT4 group 128 (act-order, 32 x 256 tokens of "
+                                       "lambada_local) measures about +22% perplexity on the "
+                                       "prompt.json texts (story +8.7%, essay +13%, code +48%: "
+                                       "calibrated on prose only); round to nearest about +57%")
 def test_int4_group128_within_10_percent(embedded_reference):
     """INT4 group 128 through GPTQ (round to nearest measures about +57%: the embedded model's
     weights are a Q4_1 grid of 32-blocks), run by the int4 kernels from the checkpoint layout."""
