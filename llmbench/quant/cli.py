@@ -51,9 +51,13 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
     if method is None:
         return None
     check_lowp_mode(args.lowp_mode, args.act_quant_mode)
-    if method == "smoothquant":
-        raise UserError("--ipex-smooth-quant is not implemented yet in llmbench (weight-only "
-                        "INT8/INT4/NF4/FP8 are: --ipex-weight-only-quantization); nothing was run")
+    if method == "checkpoint":  # INT4 GPTQ/AWQ: the file's own settings decide
+        return checkpoint_scheme(args)
+    if method in ("smoothquant", "checkpoint"):
+        flag = ("--ipex-smooth-quant" if method == "smoothquant"
+                else "--low-precision-checkpoint")
+        raise UserError(f"{flag} is not implemented yet in llmbench (weight-only INT8/INT4/NF4/"
+                        "FP8 are: --ipex-weight-only-quantization); nothing was run")
     if method == "smoothquant":
         if args.weight_dtype != "INT8" or args.group_size not in (0, -1):
             raise UserError("--ipex-smooth-quant is static INT8 per-channel: --weight-dtype and "
@@ -61,16 +65,21 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
         return Scheme("smoothquant", "INT8", -1, True, args.lowp_mode, True,
                       {"alpha": args.alpha})
     if method == "checkpoint":
-        # The file's own settings decide (INT4 GPTQ/AWQ); INT8, the flag's default, is ignored.
-        if args.weight_dtype in ("NF4", "FP8"):
-            raise UserError(f"--low-precision-checkpoint holds INT4 GPTQ/AWQ weights, not "
-                            f"--weight-dtype {args.weight_dtype}")
-        return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode,
-                      extra={"checkpoint_file": str(Path(args.low_precision_checkpoint)
-                                                    .expanduser().resolve())})
+        return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode)
     group = resolve_group_size(args.weight_dtype, args.group_size)
     sym = args.woq_sym_quant_weight or args.weight_dtype in ("NF4", "FP8")
     return Scheme("woq", args.weight_dtype, group, sym, args.lowp_mode)
+
+
+def checkpoint_scheme(args: argparse.Namespace) -> Scheme:
+    """--low-precision-checkpoint: INT4 GPTQ/AWQ whose settings the file gives (read in step 1);
+    --weight-dtype INT8, the flag's default, is ignored, NF4 / FP8 contradict it."""
+    if args.weight_dtype in ("NF4", "FP8"):
+        raise UserError(f"--low-precision-checkpoint holds INT4 GPTQ/AWQ weights, not "
+                        f"--weight-dtype {args.weight_dtype}")
+    return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode,
+                  extra={"checkpoint_file": str(Path(args.low_precision_checkpoint)
+                                                .expanduser().resolve())})
 
 
 def check_saved_scheme(saved: Scheme, wanted: Scheme | None, path: str) -> None:
