@@ -343,7 +343,7 @@ def load_and_prepare(args: argparse.Namespace, backend: str) -> tuple[Any, Any, 
 
     notes = check_dtype(args.dtype)
     loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
-    if getattr(args, "quantized_model_path", None) is not None:
+    if getattr(args, "quantized_model_path", None) is not None or loaded.quantized is not None:
         from llmbench.quant.cli import prepare_saved  # the benchmark's own loader
 
         prepared = prepare_saved(args, loaded, backend)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = check_dtype(args.dtype)
 
     loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
-    if args.quantized_model_path is not None:  # a model saved by run_quantization.py
+    if args.quantized_model_path is not None or loaded.quantized is not None:  # saved/GPTQ/AWQ
         from llmbench.quant.cli import prepare_saved
 
         prepared = prepare_saved(args, loaded, backend)

@@ -91,6 +91,9 @@ class LoadedModel:
     # What one decode step reads: all weights but an untied embedding (and a seq2seq encoder).
     # For mixture-of-experts families it is an upper bound: only routed experts are read.
     decode_weight_bytes: int
+    # A GPTQ/AWQ folder (-m DIR with a quantization_config): (int4 projections by module name,
+    # their Scheme), put in by llmbench.quant.cli.prepare_saved. None for a float model.
+    quantized: Any = None
 
     def record(self) -> dict[str, Any]:
         """The model as every report describes it."""
@@ -280,10 +283,23 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
     remote = family.model_type in REMOTE_CODE_FAMILIES
     auto_class = AutoModelForSeq2SeqLM if family.seq2seq else AutoModelForCausalLM
     start = time.perf_counter()
+    quantized = None
+    checkpoint_settings = None
+    if source.kind == "folder":
+        from llmbench.quant.checkpoint import hf_quantization
+
+        checkpoint_settings = hf_quantization(read_config_dict(source))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=remote)
-        model = auto_class.from_pretrained(source.path, config=config,
-                                           dtype=getattr(torch, dtype), trust_remote_code=remote)
+        if checkpoint_settings is not None:  # GPTQ/AWQ: read by us, not transformers
+            from llmbench.quant.checkpoint import load_hf_folder
+
+            model, *quantized = load_hf_folder(source.path, config, auto_class, dtype,
+                                               checkpoint_settings)
+        else:
+            model = auto_class.from_pretrained(source.path, config=config,
+                                               dtype=getattr(torch, dtype),
+                                               trust_remote_code=remote)
     except UserError:
         raise
     except Exception as exc:
@@ -320,4 +336,5 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
         num_parameters=sum(p.numel() for p in params),
         weight_bytes=weight_bytes,
         decode_weight_bytes=decode_weight_bytes,
+        quantized=tuple(quantized) if quantized else None,
     )

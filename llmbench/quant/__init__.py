@@ -5,6 +5,10 @@ and our own GPTQ, SmoothQuant static INT8; saved as best_model.safetensors + bes
 - linears.py: the quantized projections (over llmbench.kernels) and the nn.Module wrapper;
 - apply.py: putting them into a model (native map_linears or nn.Linear swap), save and load;
 - quality.py: perplexity and greedy agreement against the float model;
-- (not yet: GPTQ/AWQ checkpoints, utils/run_gptq.py, SmoothQuant; their flags are refused);
+- checkpoint.py: INT4 GPTQ/AWQ checkpoints made elsewhere (-m folders with a
+  quantization_config, --low-precision-checkpoint files) read into Int4Linear, and the GPTQ
+  layout written;
+- gptq.py: our GPTQ (utils/run_gptq.py), calibrated layer by layer on a local text;
+- (not yet: SmoothQuant; its flags are refused);
 - cli.py: single_instance/run_quantization.py.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from llmbench import flags
@@ -50,6 +51,8 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
     if method is None:
         return None
     check_lowp_mode(args.lowp_mode, args.act_quant_mode)
+    if method == "checkpoint":  # INT4 GPTQ/AWQ: the file's own settings decide
+        return checkpoint_scheme(args)
     if method in ("smoothquant", "checkpoint"):
         flag = ("--ipex-smooth-quant" if method == "smoothquant"
                 else "--low-precision-checkpoint")
@@ -68,13 +71,26 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
     return Scheme("woq", args.weight_dtype, group, sym, args.lowp_mode)
 
 
+def checkpoint_scheme(args: argparse.Namespace) -> Scheme:
+    """--low-precision-checkpoint: INT4 GPTQ/AWQ whose settings the file gives (read in step 1);
+    --weight-dtype INT8, the flag's default, is ignored, NF4 / FP8 contradict it."""
+    if args.weight_dtype in ("NF4", "FP8"):
+        raise UserError(f"--low-precision-checkpoint holds INT4 GPTQ/AWQ weights, not "
+                        f"--weight-dtype {args.weight_dtype}")
+    return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode,
+                  extra={"checkpoint_file": str(Path(args.low_precision_checkpoint)
+                                                .expanduser().resolve())})
+
+
 def check_saved_scheme(saved: Scheme, wanted: Scheme | None, path: str) -> None:
     """A saved model must be what the flags ask for (when they ask for something)."""
     if wanted is None:
         return
-    if wanted.method == "checkpoint":
-        raise UserError("--low-precision-checkpoint and --quantized-model-path both give the "
-                        "weights: pass one")
+    if wanted.method == "checkpoint":  # run.py's benchmark step: the model step 1 saved
+        if saved.extra.get("checkpoint_file") != wanted.extra["checkpoint_file"]:
+            raise UserError(f"{path} was not made from --low-precision-checkpoint "
+                            f"{wanted.extra['checkpoint_file']}: pass one of them")
+        return
     same = (saved.method == wanted.method or (saved.method in ("gptq", "awq")
                                               and wanted.method == "woq"))
     if wanted.method == "woq":
@@ -104,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     loaded = load_model(args.model_name_or_path, "float32", args.config_file)
+    if loaded.quantized is not None:
+        raise UserError(f"{loaded.source.display_name} is already quantized "
+                        f"({loaded.quantized[1].describe()}): benchmark it with -m directly")
     identity = apply.model_identity(loaded)
     model, tokenizer = loaded.model, loaded.tokenizer
     print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
@@ -114,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     float_overrides: dict[str, Any] = {}
     if scheme.method == "woq":
         qlinears = apply.quantize_rtn(model, scheme)
+    elif scheme.method == "checkpoint":
+        from llmbench.quant.checkpoint import load_low_precision
+
+        qlinears, scheme = load_low_precision(args.low_precision_checkpoint, model)
+        if args.group_size not in (0, scheme.group_size):
+            raise UserError(f"--group-size {args.group_size}: the checkpoint's group size is "
+                            f"{scheme.group_size}")
+        print(f"checkpoint: {scheme.describe()} (desc_act {scheme.extra['desc_act']}, settings "
+              f"{scheme.extra['settings_from']})", flush=True)
     else:  # refused in scheme_from_args; kept for when they land
         raise UserError(f"{scheme.method} is not implemented yet")
     quantize_seconds = time.perf_counter() - start
@@ -135,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
     """run_generation.py --quantized-model-path: the saved projections put into the loaded
-    float model, after checking it is the model and the scheme they were made for."""
+    float model, after checking it is the model and the scheme they were made for. Also -m
+    of a GPTQ/AWQ folder: the projections load_model converted (loaded.quantized)."""
     from llmbench.quant import apply
 
     path = args.quantized_model_path
+    if loaded.quantized is not None:
+        return prepare_checkpoint_folder(args, loaded, backend)
     wanted = scheme_from_args(args)
     qlinears, scheme, meta, floats = apply.load(path)
     check_saved_scheme(scheme, wanted, path)
@@ -151,4 +182,24 @@ def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
     print(f"quantized: {scheme.describe()} from {path} "
           f"({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB read per token)",
           flush=True)
+    return prepared
+
+
+def prepare_checkpoint_folder(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
+    """-m DIR of a GPTQ/AWQ folder: its int4 projections, converted at load, put in."""
+    from llmbench.quant import apply
+
+    if args.quantized_model_path is not None or scheme_from_args(args) is not None:
+        raise UserError(f"-m {loaded.source.display_name} is already a quantized GPTQ/AWQ "
+                        "checkpoint: drop the quantization flags")
+    qlinears, scheme = loaded.quantized
+    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,
+                                       kv_cache_dtype=args.kv_cache_dtype, scheme=scheme)
+    prepared.details["quantization"].update({
+        "path": loaded.source.path, "checkpoint": {key: scheme.extra[key] for key in (
+            "bits", "desc_act", "checkpoint_format")} | {"method": scheme.method,
+                                                         "group_size": scheme.group_size}})
+    print(f"quantized: {scheme.describe()} (desc_act {scheme.extra['desc_act']}) checkpoint "
+          f"{loaded.source.path} ({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB "
+          "read per token)", flush=True)
     return prepared

@@ -27,7 +27,11 @@ def perplexity(model: Any, tokenizer: Any, max_tokens: int = PPL_TOKENS) -> floa
     scored in one batched forward pass."""
     ids = [t[:max_tokens] for t in _text_ids(tokenizer).values()]
     length = min(len(t) for t in ids)
-    input_ids = torch.tensor([t[:length] for t in ids])
+    return perplexity_of_ids(model, torch.tensor([t[:length] for t in ids]))
+
+
+def perplexity_of_ids(model: Any, input_ids: torch.Tensor) -> float:
+    """exp(mean next-token negative log-likelihood) of a [batch, tokens] tensor, one forward."""
     with torch.inference_mode():
         logits = model(input_ids=input_ids).logits.float()
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
