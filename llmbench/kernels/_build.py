@@ -21,7 +21,8 @@ import sys
 
 PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(PKG_DIR))
-SOURCES = ["ops.cpp", "kernels_generic.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp"]
+SOURCES = ["ops.cpp", "kernels_generic.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
+           "int8_act.cpp"]
 BUILD_TEMP = os.path.join(PKG_DIR, "build")
 
 
