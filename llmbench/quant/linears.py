@@ -227,6 +227,9 @@ class FP8Linear:
                    _cat_bias(parts))
 
 
+OVERFLOW = 127.5  # |x| / act_scale beyond which int8 would saturate
+
+
 class StaticInt8Linear:
     """SmoothQuant W8A8: the input is quantized to int8 with a static per-tensor scale found by
     calibration (the smoothing factors are already folded into the preceding norm or projection
@@ -246,8 +249,14 @@ class StaticInt8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from llmbench.kernels import int8_act
 
-        return int8_act.linear_w8a8(x, self.act_scale, self.inner.qweight, self.inner.scales,
-                                    self.bias)
+        y = int8_act.linear_w8a8(x, self.act_scale, self.inner.qweight, self.inner.scales,
+                                 self.bias)
+        # A token beyond the calibrated range (an attention-sink token's massive activations)
+        # would saturate: it is recomputed with fp32 activations on the same int8 weights.
+        over = x.abs().amax(dim=-1) > OVERFLOW * self.act_scale
+        if bool(over.any()):
+            y[over] = self.inner(x[over])
+        return y
 
     def dequantize(self) -> torch.Tensor:
         return self.inner.dequantize()

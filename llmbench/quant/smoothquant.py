@@ -51,11 +51,16 @@ RECIPE_FORMAT = "llmbench.smoothquant-recipe/1"
 DEFAULT_DATASET = Path(__file__).resolve().parent.parent / "data" / "lambada_local.jsonl"
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
 # Fractions of the calibrated activation abs-max tried as the int8 range (clipping outliers).
-CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+CLIP_GRID = (1.0,)
+# A token whose largest input is this many times the sample's median is an outlier token (the
+# attention sink: hundreds to thousands where others are ~1-10); the int8 range is calibrated
+# without them, and at run time a row beyond it is computed with float activations.
+OUTLIER_FACTOR = 8.0
+OVERFLOW = 127.5  # |x| / act_scale beyond this: the row would saturate
 AUTO_TOKENS = 256  # input rows kept per projection to score quantization error
 # Calibration-perplexity increase (vs float) the fallback search aims to stay under, and the
 # part of the calibration data it scores on.
-FALLBACK_BUDGET = 0.02
+FALLBACK_BUDGET = 0.04
 EVAL_SAMPLES = 4
 EVAL_TOKENS = 256
 DATA_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -271,6 +276,7 @@ class _StopForward(Exception):
 @dataclass
 class Stats:
     absmax: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> [K]
+    body_absmax: dict[str, torch.Tensor] = field(default_factory=dict)  # without outlier rows
     rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # linear -> [T, K] chunks
 
 
@@ -290,6 +296,13 @@ def calibrate(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
             amax = x.abs().amax(dim=0)
             old = stats.absmax.get(name)
             stats.absmax[name] = amax if old is None else torch.maximum(old, amax)
+            # the same without the outlier tokens (attention sinks): the int8 range
+            row_max = x.abs().amax(dim=1)
+            body = x[row_max <= OUTLIER_FACTOR * row_max.median()]
+            if body.shape[0]:
+                amax = body.abs().amax(dim=0)
+                old = stats.body_absmax.get(name)
+                stats.body_absmax[name] = amax if old is None else torch.maximum(old, amax)
             # random rows, plus the row holding this sample's largest value: the outlier tokens
             # that set the activation range must weigh in when a clipped range is scored
             top = x.abs().amax(dim=1).argmax().reshape(1)
@@ -361,9 +374,12 @@ def quantize_static(weight: torch.Tensor, act_absmax: float) -> tuple[torch.Tens
 
 
 def _fake_quant_output(x: torch.Tensor, weight: torch.Tensor, act_absmax: float) -> torch.Tensor:
+    """What StaticInt8Linear computes: rows beyond the int8 range keep float activations."""
     q, scales, act_scale = quantize_static(weight, act_absmax)
     s = float(act_scale)
     xq = torch.clamp(torch.round(x / s), -127, 127) * s
+    over = x.abs().amax(dim=1) > OVERFLOW * s
+    xq[over] = x[over]
     return xq @ (q.float() * scales[:, None]).T
 
 
@@ -472,7 +488,7 @@ def build_recipe(model: torch.nn.Module, stats: Stats, alpha: str,
         for a in grid:
             s = smoothing_factors(act, wmax, a)
             col = _expand(s, group)
-            act_absmax = float((stats.absmax[group.consumers[0]] / col).max())
+            act_absmax = float((stats.body_absmax[group.consumers[0]] / col).max())
             err = norm = 0.0
             if len(grid) > 1:
                 for consumer in group.consumers:
@@ -497,7 +513,7 @@ def build_recipe(model: torch.nn.Module, stats: Stats, alpha: str,
     inputs = [g.consumers for g in groups] + [[n] for n in linears if n not in grouped]
     for names in inputs:
         col = cols.get(names[0], torch.ones(weights[names[0]].shape[1]))
-        full = float((stats.absmax[names[0]] / col).max())
+        full = float((stats.body_absmax[names[0]] / col).max())
         best_clip = None
         for clip in CLIP_GRID:
             err = norm = 0.0
@@ -578,7 +594,7 @@ def choose_fallback(model: torch.nn.Module, recipe: Recipe,
             change = math.exp(loss() - base) - 1.0
             if change <= FALLBACK_BUDGET or k >= len(ranked):
                 break
-            k = min(len(ranked), k + max(1, k))
+            k = min(len(ranked), k + max(1, k // 2))  # 1, 2, 3, 4, 6, 9, 13 ... units
         recipe.calibration["perplexity_change_after_fallback"] = round(change, 5)
         for unit in ranked[:k]:
             worst = max(recipe.errors[n] for n in unit)
