@@ -5,6 +5,9 @@ and our own GPTQ, SmoothQuant static INT8; saved as best_model.safetensors + bes
 - linears.py: the quantized projections (over llmbench.kernels) and the nn.Module wrapper;
 - apply.py: putting them into a model (native map_linears or nn.Linear swap), save and load;
 - quality.py: perplexity and greedy agreement against the float model;
-- (not yet: GPTQ/AWQ checkpoints, utils/run_gptq.py, SmoothQuant; their flags are refused);
+- smoothquant.py: SmoothQuant W8A8 (calibration, smoothing folded into norms / v_proj /
+  up_proj, static int8 activations, float fallback, the --qconfig-summary-file recipe); the
+  int8 x int8 kernel is llmbench.kernels.int8_act;
+- (not yet: GPTQ/AWQ checkpoints, utils/run_gptq.py; their flags are refused);
 - cli.py: single_instance/run_quantization.py.
 """
