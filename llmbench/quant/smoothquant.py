@@ -18,7 +18,8 @@ Quantization for Large Language Models"): calibrate, smooth, quantize, fall back
      lm_head is its own tensor).
    Groups whose structure isn't recognized (other families, MoE experts) are quantized unsmoothed.
    `--alpha auto` picks each group's alpha from ALPHA_GRID minimizing the group's output error
-   (sum over its projections of ||Q(X/s) Q(W s)^T - X W^T||^2 / ||X W^T||^2) on the sample rows.
+   (mean over the sample rows, summed over its projections, of ||Q(X/s) Q(W s)^T - X W^T||^2 /
+   ||X W^T||^2 per row).
 3. Quantization: weights int8 per output channel, symmetric; activations int8 per tensor,
    symmetric, static: scale = max over calibration of |X/s| / 127, outlier tokens excluded
    (OUTLIER_FACTOR: the attention-sink token's inputs reach thousands where the others stay
