@@ -9,6 +9,8 @@ and our own GPTQ, SmoothQuant static INT8; saved as best_model.safetensors + bes
   quantization_config, --low-precision-checkpoint files) read into Int4Linear, and the GPTQ
   layout written;
 - gptq.py: our GPTQ (utils/run_gptq.py), calibrated layer by layer on a local text;
-- (not yet: SmoothQuant; its flags are refused);
+- smoothquant.py: SmoothQuant W8A8 (calibration, smoothing folded into norms / v_proj /
+  up_proj, static int8 activations, float fallback, the --qconfig-summary-file recipe); the
+  int8 x int8 kernel is llmbench.kernels.int8_act;
 - cli.py: single_instance/run_quantization.py.
 """

@@ -161,6 +161,16 @@ def float_bytes_outside(model: torch.nn.Module, swapped: set[str]) -> int:
     return total
 
 
+def set_float_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy float parameters a method changed (SmoothQuant's norms) into the model."""
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        if name not in params or params[name].shape != tensor.shape:
+            raise UserError(f"saved float tensor {name} does not match the model")
+        with torch.no_grad():
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
 def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dtype: str,
                       kv_cache_dtype: str, scheme: Scheme,
                       float_overrides: dict[str, torch.Tensor] | None = None) -> Any:
@@ -172,13 +182,10 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
         raise UserError("quantized models run on --backend stock or native here; IPEX's own "
                         "quantization path is not wired in")
     model = loaded.model
-    if float_overrides:
-        params = dict(model.named_parameters())
-        for name, tensor in float_overrides.items():
-            if name not in params or params[name].shape != tensor.shape:
-                raise UserError(f"saved float tensor {name} does not match the model")
-            with torch.no_grad():
-                params[name].copy_(tensor.to(params[name].dtype))
+    set_float_tensors(model, float_overrides or {})
+    if dtype == "bfloat16":  # fallback projections run in the model's dtype
+        qlinears = {n: q.to_bf16() if isinstance(q, FloatLinear) else q
+                    for n, q in qlinears.items()}
     swapped = set(qlinears)
     stock_bytes = float_bytes_outside(model, swapped) + sum(q.nbytes for q in qlinears.values())
     prepared = backends.prepare(model, backend=backend, dtype=dtype,
@@ -193,6 +200,10 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
         install_hf(prepared.model, qlinears)
         weight_bytes = stock_bytes
     details["weight_bytes_per_token"] = weight_bytes
+    if "w8a8" in kinds:
+        from llmbench.kernels import int8_act
+
+        details["compute"] = int8_act.describe()
     pure_torch = [k for k in kinds if k in ("nf4", "fp8")]
     if pure_torch:
         details["note"] = (f"{', '.join(pure_torch)} weights are dequantized in pure torch on "

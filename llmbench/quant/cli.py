@@ -12,7 +12,8 @@ from llmbench import flags
 from llmbench.errors import UserError
 from llmbench.quant.scheme import Scheme, check_lowp_mode, resolve_group_size
 
-DESCRIPTION = "Quantize a causal LM (weight-only, round to nearest) and save it."
+DESCRIPTION = ("Quantize a causal LM (weight-only round to nearest, or SmoothQuant W8A8) and "
+               "save it.")
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -53,19 +54,15 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
     check_lowp_mode(args.lowp_mode, args.act_quant_mode)
     if method == "checkpoint":  # INT4 GPTQ/AWQ: the file's own settings decide
         return checkpoint_scheme(args)
-    if method in ("smoothquant", "checkpoint"):
-        flag = ("--ipex-smooth-quant" if method == "smoothquant"
-                else "--low-precision-checkpoint")
-        raise UserError(f"{flag} is not implemented yet in llmbench (weight-only INT8/INT4/NF4/"
-                        "FP8 are: --ipex-weight-only-quantization); nothing was run")
     if method == "smoothquant":
+        from llmbench.quant.smoothquant import check_dataset_arg
+
         if args.weight_dtype != "INT8" or args.group_size not in (0, -1):
             raise UserError("--ipex-smooth-quant is static INT8 per-channel: --weight-dtype and "
                             "--group-size don't apply")
+        check_dataset_arg(args.dataset)
         return Scheme("smoothquant", "INT8", -1, True, args.lowp_mode, True,
                       {"alpha": args.alpha})
-    if method == "checkpoint":
-        return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode)
     group = resolve_group_size(args.weight_dtype, args.group_size)
     sym = args.woq_sym_quant_weight or args.weight_dtype in ("NF4", "FP8")
     return Scheme("woq", args.weight_dtype, group, sym, args.lowp_mode)
@@ -131,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra: dict[str, Any] = {}
     float_overrides: dict[str, Any] = {}
+    recipe = None
     if scheme.method == "woq":
         qlinears = apply.quantize_rtn(model, scheme)
     elif scheme.method == "checkpoint":
@@ -142,9 +140,19 @@ def main(argv: list[str] | None = None) -> int:
                             f"{scheme.group_size}")
         print(f"checkpoint: {scheme.describe()} (desc_act {scheme.extra['desc_act']}, settings "
               f"{scheme.extra['settings_from']})", flush=True)
+    elif scheme.method == "smoothquant":
+        from llmbench.quant import smoothquant
+
+        qlinears, float_overrides, result_sq = smoothquant.quantize(loaded, args, identity)
+        recipe, extra["smoothquant"] = result_sq["recipe"], result_sq["info"]
+        fallback = extra["smoothquant"]["fallback"]
+        print(f"smoothquant: alpha {scheme.extra['alpha']} (mean over groups "
+              f"{extra['smoothquant']['alpha_mean']}); {len(fallback)} projection(s) kept in "
+              f"float: {', '.join(fallback) or 'none'}", flush=True)
     else:  # refused in scheme_from_args; kept for when they land
         raise UserError(f"{scheme.method} is not implemented yet")
     quantize_seconds = time.perf_counter() - start
+    apply.set_float_tensors(model, float_overrides)
     apply.install_hf(model, qlinears)
 
     result = None
@@ -158,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"quantized {len(qlinears)} projections ({weight_bytes / 2**20:.1f} MiB) in "
           f"{quantize_seconds:.1f} s", flush=True)
     print(f"saved: {path} and {apply.meta_path_for(path).name}", flush=True)
+    if recipe is not None and extra["smoothquant"]["recipe"]["state"] == "written":
+        from llmbench.quant.smoothquant import write_recipe
+
+        write_recipe(args.qconfig_summary_file, recipe)
+        print(f"smoothquant recipe: {args.qconfig_summary_file}", flush=True)
     return 0
 
 
@@ -179,6 +192,8 @@ def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
                                        kv_cache_dtype=args.kv_cache_dtype, scheme=scheme,
                                        float_overrides=floats)
     prepared.details["quantization"].update({"path": str(path), "quality": meta.get("quality")})
+    if "smoothquant" in meta:  # alphas, calibration, which projections stayed float and why
+        prepared.details["quantization"]["smoothquant"] = meta["smoothquant"]
     print(f"quantized: {scheme.describe()} from {path} "
           f"({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB read per token)",
           flush=True)

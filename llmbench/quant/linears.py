@@ -227,26 +227,36 @@ class FP8Linear:
                    _cat_bias(parts))
 
 
+OVERFLOW = 127.5  # |x| / act_scale beyond which int8 would saturate
+
+
 class StaticInt8Linear:
     """SmoothQuant W8A8: the input is quantized to int8 with a static per-tensor scale found by
-    calibration (the smoothing factors are already folded into the preceding norm and into the
-    weight), the weight is int8 per output channel. The int8 x int8 product is computed by the
-    int8-weight kernel on the integer-valued activations times their scale (fp32 accumulation;
-    AVX2 has no int8 dot-product instruction worth using here)."""
+    calibration (the smoothing factors are already folded into the preceding norm or projection
+    and into the weight), the weight is int8 per output channel. Decode (M <= 16) multiplies
+    int8 x int8 with int32 accumulation (llmbench.kernels.int8_act, AVX2); prefill runs the same
+    integer-valued numbers through fp32 GEMM (see int8_act.describe())."""
 
     kind = "w8a8"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, act_scale: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
         self.inner = Int8Linear(qweight, scales, None, bias)
-        self.act_scale = act_scale.float().reshape(1)
+        self.act_scale = act_scale.float().reshape(1).contiguous()
         self.out_features, self.in_features = self.inner.out_features, self.inner.in_features
         self.bias = self.inner.bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.act_scale
-        xq = torch.clamp(torch.round(x / s), -127, 127) * s
-        return self.inner(xq)
+        from llmbench.kernels import int8_act
+
+        y = int8_act.linear_w8a8(x, self.act_scale, self.inner.qweight, self.inner.scales,
+                                 self.bias)
+        # A token beyond the calibrated range (an attention-sink token's massive activations)
+        # would saturate: it is recomputed with fp32 activations on the same int8 weights.
+        over = x.abs().amax(dim=-1) > OVERFLOW * self.act_scale
+        if bool(over.any()):
+            y[over] = self.inner(x[over])
+        return y
 
     def dequantize(self) -> torch.Tensor:
         return self.inner.dequantize()
@@ -267,24 +277,30 @@ class StaticInt8Linear:
 
 
 class FloatLinear:
-    """A projection kept in floating point (SmoothQuant's fallback layers)."""
+    """A projection kept in floating point (SmoothQuant's fallback layers): fp32, or bf16 when
+    the model runs in bf16 (to_bf16)."""
 
     kind = "float"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight.float().contiguous()
+        keep = weight.dtype == torch.bfloat16
+        self.weight = (weight if keep else weight.float()).contiguous()
+        self.kernel = kernels.linear_bf16w if keep else kernels.linear_f32
         self.bias = None if bias is None else bias.float().contiguous()
         self.out_features, self.in_features = self.weight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear_f32(x, self.weight, self.bias)
+        return self.kernel(x, self.weight, self.bias)
+
+    def to_bf16(self) -> FloatLinear:
+        return FloatLinear(self.weight.to(torch.bfloat16), self.bias)
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight
+        return self.weight.float()
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * 4 + _bias_bytes(self.bias)
+        return self.weight.numel() * self.weight.element_size() + _bias_bytes(self.bias)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"weight": self.weight}

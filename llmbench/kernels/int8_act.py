@@ -1,0 +1,91 @@
+"""int8 activations x int8 weights (SmoothQuant W8A8): `torch.ops.llmbench.linear_w8a8` from
+csrc/int8_act.cpp, with a pure-torch fallback of the same numerics.
+
+    linear_w8a8(x fp32 [..., K], act_scale fp32 [1] (static) or [M] (per row),
+                qweight int8 [N, K], wscales fp32 [N], bias=None) -> fp32 [..., N]
+    xq = clamp(round(x / act_scale), -127, 127);  y = (xq @ qweight.T) * act_scale * wscales + b
+
+Decode (M <= SMALL_M_MAX) runs the compiled kernel: int32 accumulation of int8 x int8 products
+(AVX2 _mm256_madd_epi16 on int16-widened values, or a scalar loop). Prefill (larger M) uses
+fp32 GEMM on the integer-valued activations and weights: torch._int_mm exists on CPU in this
+torch but measured 30-50x slower than fp32 GEMM (M = 32..512, K = 576, N = 1728, one thread),
+so the int8 numerics are kept and the arithmetic is fp32 there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmbench import kernels
+
+SMALL_M_MAX = 16
+
+
+def _op():
+    if not kernels.available():  # not built, forced off, or LLMBENCH_NO_KERNELS
+        return None
+    try:
+        return torch.ops.llmbench.linear_w8a8
+    except (AttributeError, RuntimeError):  # an older build without int8_act.cpp
+        return None
+
+
+def available() -> bool:
+    return _op() is not None
+
+
+def isa(name: str = "") -> str:
+    """The compiled path ("avx2" or "generic"), or "torch-fallback"; a name selects one."""
+    if _op() is None:
+        return "torch-fallback"
+    return torch.ops.llmbench.w8a8_isa(name)
+
+
+def describe() -> str:
+    return (f"int8 x int8 -> int32 for M <= {SMALL_M_MAX} ({isa()}); prefill: int8 numerics, "
+            "fp32 GEMM compute")
+
+
+def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+    """Integer values in [-127, 127] (as float32), round half to even."""
+    scale = act_scale if act_scale.numel() == 1 else act_scale.reshape(-1, 1)
+    return torch.clamp(torch.round(x / scale), -127, 127)
+
+
+def reference(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
+              wscales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact integer semantics (int64 accumulation): what the kernel must match."""
+    k = qweight.shape[1]
+    x2 = x.reshape(-1, k).float()
+    s = act_scale.float().reshape(-1)
+    xq = quantize_activations(x2, s).to(torch.int64)
+    acc = (xq @ qweight.to(torch.int64).T).float()
+    y = acc * (s.reshape(-1, 1) * wscales.float()) if s.numel() > 1 else acc * (s * wscales)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def _fp32_path(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
+               wscales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    k = qweight.shape[1]
+    x2 = x.reshape(-1, k)
+    s = act_scale.reshape(-1)
+    acc = quantize_activations(x2, s) @ qweight.float().T
+    scale = s.reshape(-1, 1) * wscales if s.numel() > 1 else s * wscales
+    y = torch.addcmul(bias, acc, scale) if bias is not None else acc * scale
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def linear_w8a8(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
+                wscales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    op = _op()
+    rows = x.numel() // max(1, x.shape[-1])
+    if op is not None and 0 < rows <= SMALL_M_MAX and x.dtype == torch.float32:
+        return op(x, act_scale, qweight, wscales, bias)
+    return _fp32_path(x.float(), act_scale, qweight, wscales, bias)
+
+
+def dynamic_scales(x: torch.Tensor) -> torch.Tensor:
+    """Per-row symmetric scales (absmax / 127) for dynamic int8 activations."""
+    return (x.reshape(-1, x.shape[-1]).abs().amax(dim=1) / 127.0).clamp_min(1e-8)
