@@ -24,8 +24,8 @@ byte i of a block holds element i in its low nibble and element i+16 in its
 high nibble; a trailing partial block of even length L (only when K is not a
 multiple of 32, i.e. per-channel group_size == K) holds elements i / i+L/2.
 
-Dispatch: for 1 <= M <= STREAM_M_MAX[format] (16 for fp32 weights, 32 for
-bf16, 64 for int8, 256 for int4) the compiled kernels run (memory bound for decode:
+Dispatch: for 1 <= M <= STREAM_M_MAX[format] (32 for fp32 and bf16
+weights, 64 for int8, 256 for int4) the compiled kernels run (memory bound for decode:
 weights streamed once, OpenMP over blocks of 4 output rows, honours
 torch.set_num_threads; compute-bound tiles for short prefills).  Above that the
 weights are widened/dequantized to float32 and torch's GEMM (oneDNN/MKL) is
@@ -89,13 +89,15 @@ __all__ = [
 
 SMALL_M_MAX = 16
 # Up to how many rows of x each format runs on the compiled kernels rather than torch's GEMM.
-# Above SMALL_M_MAX the kernels are compute-bound tiles (weights re-read from L1 per 4 rows),
-# a little slower than MKL's fp32 GEMM on fp32 weights, but for the other formats torch needs a
-# float copy of the weights first (bf16: a widening pass over them; int4: a dequantization
-# that costs ~8x the GEMM itself). Measured per call, 1 thread, SmolLM2's shapes
-# (benchmarks/bench_prefill.py, hot weights): bf16 breaks even near M = 32-64, int8 near
-# 64-128 (more with cold weights), int4 beyond 512.
-STREAM_M_MAX = {"f32": SMALL_M_MAX, "bf16": 32, "int8": 64, "int4": 256}
+# Above SMALL_M_MAX the kernels are tiles of 4 activation rows that keep each block of weight
+# rows in L1 while every row of x passes, so the weights still stream from memory once; torch
+# needs a float copy of non-fp32 weights first (bf16: a widening pass; int4: a dequantization
+# that costs ~8x the GEMM itself). Measured on whole 32-token prefills, 2 threads
+# (native prefill, SmolLM2-135M fp32 / bf16: 114 / 81 ms on the kernels vs 134 / 139 ms with
+# torch; the TinyLlama-1.1B shape fp32: ~0.75 s vs ~1.3 s) and per call
+# (benchmarks/bench_prefill.py, hot weights: int8 breaks even near M = 64-128, int4 beyond
+# 512).
+STREAM_M_MAX = {"f32": 32, "bf16": 32, "int8": 64, "int4": 256}
 
 _C = None
 _IMPORT_ERROR: str | None = None
@@ -219,7 +221,7 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         _C is not None
         and not _FORCE_FALLBACK
         and x.dim()
-        and 0 < x.numel() <= SMALL_M_MAX * x.shape[-1]
+        and 0 < x.numel() <= STREAM_M_MAX["f32"] * x.shape[-1]
     ):
         return _C.linear_f32(x, w, bias)
     return _slow("linear_f32", x, w, torch.float32, w.shape[-1], reference.linear_f32, bias)
