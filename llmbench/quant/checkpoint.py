@@ -145,6 +145,19 @@ def to_int4_linear(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                       None if bias is None else bias.float(), perm)
 
 
+def _scales_and_zeros(tensors: dict[str, torch.Tensor], n: int, name: str,
+                      source: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`scales` [G, n] and packed `qzeros` [G, n / 8], as GPTQ and AWQ both store them; G is
+    however many groups the file has."""
+    scales = tensors.get("scales")
+    if scales is None or scales.dim() != 2:
+        raise UserError(f"{source}: {name}.scales is missing or not 2-D")
+    groups = scales.shape[0]
+    _expect(tensors, "scales", (groups, n), name, source)
+    qzeros = _expect(tensors, "qzeros", (groups, n // PACK), name, source)
+    return scales, qzeros, groups
+
+
 def gptq_linear(tensors: dict[str, torch.Tensor], k: int, n: int, name: str, source: str,
                 zero_minus_one: bool = True, declared_group: int | None = None) -> Int4Linear:
     """A GPTQ-layout projection of the model's [N, K] linear `name`."""
@@ -152,12 +165,7 @@ def gptq_linear(tensors: dict[str, torch.Tensor], k: int, n: int, name: str, sou
         raise UserError(f"{source}: {name} is {n}x{k}; packed 4-bit layouts need both divisible "
                         f"by {PACK}")
     qweight = _expect(tensors, "qweight", (k // PACK, n), name, source)
-    scales = tensors.get("scales")
-    if scales is None or scales.dim() != 2:
-        raise UserError(f"{source}: {name}.scales is missing or not 2-D")
-    groups = scales.shape[0]
-    _expect(tensors, "scales", (groups, n), name, source)
-    qzeros = _expect(tensors, "qzeros", (groups, n // PACK), name, source)
+    scales, qzeros, groups = _scales_and_zeros(tensors, n, name, source)
     if "g_idx" in tensors:
         g_idx = _expect(tensors, "g_idx", (k,), name, source)
     else:
@@ -182,12 +190,7 @@ def awq_linear(tensors: dict[str, torch.Tensor], k: int, n: int, name: str, sour
     if n % PACK:
         raise UserError(f"{source}: {name} has {n} outputs; AWQ packs them by {PACK}")
     qweight = _expect(tensors, "qweight", (k, n // PACK), name, source)
-    scales = tensors.get("scales")
-    if scales is None or scales.dim() != 2:
-        raise UserError(f"{source}: {name}.scales is missing or not 2-D")
-    groups = scales.shape[0]
-    _expect(tensors, "scales", (groups, n), name, source)
-    qzeros = _expect(tensors, "qzeros", (groups, n // PACK), name, source)
+    scales, qzeros, groups = _scales_and_zeros(tensors, n, name, source)
     size = group_of_count(k, groups, declared_group)
     if size == -2:
         raise UserError(f"{source}: {name}.scales has {groups} groups, which no group size "

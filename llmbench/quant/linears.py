@@ -3,9 +3,9 @@
 `NativeModel.map_linears` (llama-like families on --backend native) and, wrapped in
 `QuantizedLinear` (an nn.Module), any Hugging Face model whose nn.Linear modules are swapped.
 
-INT8 and INT4 run through llmbench.kernels (AVX2 weight-streaming GEMV for decode, torch GEMM on
-the dequantized weights for prefill). NF4 and FP8 have no compiled kernel: they dequantize in
-pure torch on every call (correct, not fast), and the report says so.
+INT8 and INT4 run through llmbench.kernels (AVX2 weight-streaming GEMV for decode and short
+prefills, torch GEMM on the dequantized weights for long ones). NF4 and FP8 have no compiled
+kernel: they dequantize in pure torch on every call (correct, not fast), and the report says so.
 """
 
 from __future__ import annotations

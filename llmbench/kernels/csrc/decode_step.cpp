@@ -381,27 +381,30 @@ class DecodePlan {
     }
   }
 
+  // Where position t of row r's sequence sits in one layer's keys (or values): the
+  // prompt part, shared by the beams of sequence r / beams_, or the generated part, through
+  // the beam table when there is one.
+  template <class T>
+  const T* entry(const CacheView& prompt, const CacheView& gen, int64_t r, int64_t g,
+                 int64_t t) const {
+    if (t < prompt_len_)
+      return static_cast<const T*>(prompt.data) + (r / beams_) * prompt.s_row +
+             g * prompt.s_head + t * prompt.s_pos;
+    const int64_t j = t - prompt_len_;
+    const int64_t slot = table_ ? table_[r * table_stride_ + j] : r;
+    return static_cast<const T*>(gen.data) + slot * gen.s_row + g * gen.s_head + j * gen.s_pos;
+  }
+
   // softmax(q k^T * scaling) v over the prompt and the generated positions.
   template <class T>
   void attend(size_t li, int64_t r, int64_t hh, int64_t step, int64_t nqkv, float* scores) {
     const float* lut = fp8_ ? e5m2_table() : nullptr;
     const int64_t g = hh / (heads_ / kv_heads_);
-    const int64_t b = r / beams_;
     const float* q = qkv_.data() + r * nqkv + hh * d_;
-    const int64_t P = prompt_len_, total = P + step + 1;
-    const T* pk = static_cast<const T*>(pk_[li].data) + b * pk_[li].s_row + g * pk_[li].s_head;
-    const T* pv = static_cast<const T*>(pv_[li].data) + b * pv_[li].s_row + g * pv_[li].s_head;
+    const int64_t total = prompt_len_ + step + 1;
     float top = -INFINITY;
     for (int64_t t = 0; t < total; ++t) {
-      const T* key;
-      if (t < P) {
-        key = pk + t * pk_[li].s_pos;
-      } else {
-        const int64_t j = t - P;
-        const int64_t slot = table_ ? table_[r * table_stride_ + j] : r;
-        key = static_cast<const T*>(gk_[li].data) + slot * gk_[li].s_row +
-              g * gk_[li].s_head + j * gk_[li].s_pos;
-      }
+      const T* key = entry<T>(pk_[li], gk_[li], r, g, t);
       float dot = 0.f;
       for (int64_t i = 0; i < d_; ++i) dot += q[i] * load(key, i, lut);
       scores[t] = dot * scaling_;
@@ -415,15 +418,7 @@ class DecodePlan {
     float* out = attn_.data() + r * heads_ * d_ + hh * d_;
     std::fill_n(out, d_, 0.f);
     for (int64_t t = 0; t < total; ++t) {
-      const T* val;
-      if (t < P) {
-        val = pv + t * pv_[li].s_pos;
-      } else {
-        const int64_t j = t - P;
-        const int64_t slot = table_ ? table_[r * table_stride_ + j] : r;
-        val = static_cast<const T*>(gv_[li].data) + slot * gv_[li].s_row +
-              g * gv_[li].s_head + j * gv_[li].s_pos;
-      }
+      const T* val = entry<T>(pv_[li], gv_[li], r, g, t);
       const float p = scores[t] / sum;
       for (int64_t i = 0; i < d_; ++i) out[i] += p * load(val, i, lut);
     }
