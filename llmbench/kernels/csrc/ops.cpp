@@ -71,7 +71,7 @@ std::string set_isa(const std::string& name) {
 
 // Splits the N output rows over the intra-op thread pool (OpenMP; honours
 // torch.set_num_threads) in chunks that are multiples of the 4-row block.
-void run(Fmt fmt, const GemvArgs& a, double weight_bytes_per_row) {
+void run(Fmt fmt, GemvArgs a, double weight_bytes_per_row) {  // a copy: prep sets a.xp
   if (a.N == 0 || a.M == 0) return;
   const KernelTable* table = active_table();
   const RowsFn fn = table->fn[fmt];
@@ -80,7 +80,7 @@ void run(Fmt fmt, const GemvArgs& a, double weight_bytes_per_row) {
     thread_local std::vector<float> prepared;
     prepared.resize(static_cast<size_t>(a.M * a.K + 64));  // + room for per-row scales
     table->prep[fmt](a, prepared.data());
-    const_cast<GemvArgs&>(a).xp = prepared.data();
+    a.xp = prepared.data();
   }
   const int64_t nquads = (a.N + 3) / 4;
   // Each task streams at least ~64 KiB of weights so that tiny matrices do
