@@ -90,14 +90,16 @@ def test_compiled_step_bf16_weights_and_fp8_cache(folders, family, dtype, kv):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("weight_dtype,group", [("INT8", -1), ("INT4", 32), ("INT4", 128)])
-def test_compiled_step_quantized_projections(folders, weight_dtype, group):
-    """INT4 group 128 pads K (64 in the tiny model) up to a whole group: the step pads too."""
+@pytest.mark.parametrize("weight_dtype,group,sym", [("INT8", -1, True), ("INT8", -1, False),
+                                                   ("INT4", 32, False), ("INT4", 128, False)])
+def test_compiled_step_quantized_projections(folders, weight_dtype, group, sym):
+    """INT4 group 128 pads K (64 in the tiny model) up to a whole group: the step pads too.
+    Asymmetric INT8 (the CLI's default) applies its zero points after the kernel."""
     loaded = load_model(str(folders["llama"]), "float32")
-    qlinears = quantize_rtn(loaded.model, Scheme("woq", weight_dtype, group,
-                                                 weight_dtype == "INT8", "AUTO"))
+    qlinears = quantize_rtn(loaded.model, Scheme("woq", weight_dtype, group, sym, "AUTO"))
     model = prepare(loaded.model, backend="native", dtype="float32", family="llama").model
     assert install_native(model, qlinears) > 0
+    assert model._compiled_plan() is not None, model.runtime_details()
     expected = step_logits(model, compiled=False)
     got = step_logits(model, compiled=True)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

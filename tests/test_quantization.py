@@ -186,10 +186,10 @@ def test_int8_perplexity_within_1_percent(int8_quality):
     assert abs(int8_quality["perplexity_change"]) < 0.01
 
 
-@pytest.mark.xfail(strict=True, reason="measured 5/12 prompts agree on all 16 greedy tokens: "
-                                       "prompt.json windows have near-ties (top-2 logit gaps "
-                                       "< 0.1) that INT8 per-channel noise flips")
 def test_int8_greedy_same_16_tokens_on_most_prompts(int8_quality):
+    """Measured 7/12 with the per-row clip search (6/12 with the full range): prompt.json's
+    windows have near-ties (top-2 logit gaps < 0.1) that any weight noise can flip; even bf16
+    rounding of the weights flips 2 of the 12."""
     assert int8_quality["prompts_fully_agreeing"] > int8_quality["greedy_prompts"] / 2
 
 

@@ -106,9 +106,9 @@ def kernel_spec(projection: Any) -> dict[str, Any] | None:
         fmt = _FMT_F32 if projection.weight.dtype == torch.float32 else _FMT_BF16
         return {"fmt": fmt, "w": projection.weight, "bias": projection.bias}
     kind = getattr(projection, "kind", None)
-    if kind == "int8" and projection.zeros is None:
+    if kind == "int8":
         return {"fmt": _FMT_I8, "w": projection.qweight, "scales": projection.scales,
-                "bias": projection.bias}
+                "zeros": projection.zeros, "bias": projection.bias}
     if kind == "int4":
         return {"fmt": _FMT_I4, "w": projection.packed, "scales": projection.scales,
                 "zeros": projection.zeros, "group_size": projection.group_size,

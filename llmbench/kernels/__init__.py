@@ -25,7 +25,7 @@ high nibble; a trailing partial block of even length L (only when K is not a
 multiple of 32, i.e. per-channel group_size == K) holds elements i / i+L/2.
 
 Dispatch: for 1 <= M <= STREAM_M_MAX[format] (32 for fp32 and bf16
-weights, 64 for int8, 256 for int4) the compiled kernels run (memory bound for decode:
+weights, 64 for int8, 256 for int4; fp32 and bf16 8 on the avx512 path) the compiled kernels run (memory bound for decode:
 weights streamed once, OpenMP over blocks of 4 output rows, honours
 torch.set_num_threads; compute-bound tiles for short prefills).  Above that the
 weights are widened/dequantized to float32 and torch's GEMM (oneDNN/MKL) is
@@ -97,7 +97,21 @@ SMALL_M_MAX = 16
 # torch; the TinyLlama-1.1B shape fp32: ~0.75 s vs ~1.3 s) and per call
 # (benchmarks/bench_prefill.py, hot weights: int8 breaks even near M = 64-128, int4 beyond
 # 512).
-STREAM_M_MAX = {"f32": 32, "bf16": 32, "int8": 64, "int4": 256}
+# Those were measured on AMD with AVX2. On an Intel Xeon with AVX-512 (Sapphire Rapids class,
+# 2 threads) torch's fp32 GEMM, itself AVX-512, wins from M = 16 (SmolLM2's linears, M = 32:
+# 15.6 ms torch vs 20.9 ms kernels), so the avx512 path hands fp32 over sooner; bf16 too (whole
+# native bf16 32-token prefill: 87.7 ms with 8 vs 96.1 ms with 32).
+STREAM_M_MAX_BASE = {"f32": 32, "bf16": 32, "int8": 64, "int4": 256}
+STREAM_M_MAX_BY_ISA = {"avx512": {"f32": 8, "bf16": 8}}
+# The active path's limits (updated in place by set_isa, so readers may keep a reference).
+STREAM_M_MAX = dict(STREAM_M_MAX_BASE)
+
+
+def _update_stream_limits() -> None:
+    STREAM_M_MAX.clear()
+    STREAM_M_MAX.update(STREAM_M_MAX_BASE)
+    if _C is not None:
+        STREAM_M_MAX.update(STREAM_M_MAX_BY_ISA.get(_C.isa(), {}))
 
 _C = None
 _IMPORT_ERROR: str | None = None
@@ -123,6 +137,7 @@ def _load() -> None:
             warnings.warn(
                 f"LLMBENCH_KERNELS_ISA={want!r} ignored: {e}", RuntimeWarning, stacklevel=2
             )
+    _update_stream_limits()
 
 
 _load()
@@ -147,7 +162,9 @@ def set_isa(name: str) -> str:
     """Force a compiled path ("generic", "avx2", "avx512", or "auto")."""
     if _C is None:
         raise RuntimeError(f"llmbench.kernels extension not available ({_IMPORT_ERROR})")
-    return _C.set_isa(name)
+    active = _C.set_isa(name)
+    _update_stream_limits()
+    return active
 
 
 def compiled():

@@ -34,7 +34,7 @@ import torch
 
 from llmbench import flags
 from llmbench.errors import UserError
-from llmbench.quant.scheme import CLIP_GRID, MIN_GROUP, MIN_IN_FEATURES
+from llmbench.quant.scheme import CLIP_GRID_4BIT, MIN_GROUP, MIN_IN_FEATURES
 
 DEFAULT_DATASET = Path(__file__).resolve().parent.parent / "data" / "lambada_local.jsonl"
 HELDOUT_WINDOWS = 4  # held-out windows of --seqlen tokens at the end of the text, for perplexity
@@ -77,7 +77,7 @@ def group_params(w: torch.Tensor, sym: bool, clip_search: bool,
     lo0 = w.amin(dim=1).clamp(max=0.0)
     hi0 = w.amax(dim=1).clamp(min=0.0)
     best_s = best_z = best_err = None
-    for shrink in (CLIP_GRID if clip_search else (1.0,)):
+    for shrink in (CLIP_GRID_4BIT if clip_search else (1.0,)):
         lo, hi = lo0 * shrink, hi0 * shrink
         if sym:
             s = (torch.maximum(-lo, hi) * 2 / 15).clamp_min(1e-8).half().float()

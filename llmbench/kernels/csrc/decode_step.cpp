@@ -114,6 +114,7 @@ class DecodePlan {
     if (fmt == kI8) {
       TORCH_CHECK(scales.has_value(), "decode_step: int8 weights need scales");
       d.scales = vec(*scales, d.N, "scales");
+      if (zeros.has_value()) d.zeros = vec(*zeros, d.N, "zeros");
     }
     if (fmt == kI4) {
       TORCH_CHECK(scales.has_value() && zeros.has_value() && group_size > 0 &&

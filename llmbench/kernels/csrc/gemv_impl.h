@@ -22,6 +22,29 @@
 // M is tiled in chunks of <= 4; for M > 4 the weight block is re-read from
 // L1/L2 for each M chunk (it is small: 4 rows).
 
+// Per-ISA tuning knobs, defined by the including unit before this header:
+//   LLMB_ROW_DECODE  1: batch-1 dense decode reads one weight row at a time
+//                    (dense_row), 0: four rows at a time (dense_tile);
+//   LLMB_PF_BYTES    software prefetch distance of the row-at-a-time loops
+//                    (0 or undefined: none), LLMB_PF_LOC its locality hint.
+#ifndef LLMB_ROW_DECODE
+#define LLMB_ROW_DECODE 1
+#endif
+#ifndef LLMB_PF_LOC
+#define LLMB_PF_LOC 2
+#endif
+#ifndef LLMB_PF_BYTES
+#define LLMB_PF_BYTES 0
+#endif
+
+// Prefetch the BYTES that a loop step starting at p reads, LLMB_PF_BYTES ahead.
+template <int BYTES>
+inline void prefetch_ahead(const void* p) {
+  if constexpr (LLMB_PF_BYTES > 0)
+    for (int off = 0; off < BYTES; off += 64)
+      __builtin_prefetch(static_cast<const char*>(p) + LLMB_PF_BYTES + off, 0, LLMB_PF_LOC);
+}
+
 // ---------------------------------------------------------------------------
 // element formats for the dense kernels (f32, bf16, int8)
 // ---------------------------------------------------------------------------
@@ -92,6 +115,7 @@ inline void dense_row(const GemvArgs& a, int64_t n) {
   V acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
   int64_t k = 0;
   for (; k + 4 * W <= K; k += 4 * W) {
+    prefetch_ahead<4 * W * sizeof(typename F::T)>(w + k);
     acc0 = vfma(F::load(w + k), vld_f32(x + k), acc0);
     acc1 = vfma(F::load(w + k + W), vld_f32(x + k + W), acc1);
     acc2 = vfma(F::load(w + k + 2 * W), vld_f32(x + k + 2 * W), acc2);
@@ -109,7 +133,7 @@ template <class F>
 struct DenseKern {
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
-    if constexpr (MT == 1) {
+    if constexpr (MT == 1 && LLMB_ROW_DECODE) {
       if (a.M == 1) {  // batch-1 decode: x is row 0, y is row 0
         for (int i = 0; i < NR; ++i) dense_row<F>(a, n + i);
         return;
@@ -168,6 +192,9 @@ inline void i4_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
         for (int i = 0; i < NA; ++i) ga[r][m][i] = vzero();
     const uint8_t* pg = wp + g * (G / 2);
     const float* xg = x + g * G;
+    if constexpr (R == 1 && MT == 1) {  // batch-1: one row, read in memory order
+      for (int64_t off = 0; off < G / 2; off += 64) prefetch_ahead<64>(pg + off);
+    }
     for (int64_t b = 0; b < nblk; ++b) {
       for (int r = 0; r < R; ++r) {
         V q[NV];

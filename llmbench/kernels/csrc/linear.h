@@ -14,7 +14,7 @@ struct LinearDesc {
   int64_t N = 0;
   int64_t K = 0;
   const float* scales = nullptr;  // int8: [N]; int4: [N, K/group_size]
-  const float* zeros = nullptr;   // int4: [N, K/group_size]
+  const float* zeros = nullptr;   // int4: [N, K/group_size]; int8: [N] or nullptr (symmetric)
   int64_t group_size = 0;         // int4 only
   const float* bias = nullptr;    // [N] or nullptr
 };

@@ -26,7 +26,8 @@ bool cpu_has_avx2() {
 bool cpu_has_avx512() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx2") &&
          __builtin_cpu_supports("fma");
 #else
   return false;
@@ -258,7 +259,19 @@ void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, fl
   switch (d.fmt) {
     case kF32: run(kF32, a, 4.0 * d.K); break;
     case kBF16: run(kBF16, a, 2.0 * d.K); break;
-    case kI8: run(kI8, a, 1.0 * d.K); break;
+    case kI8: {
+      run(kI8, a, 1.0 * d.K);
+      // Asymmetric rows, w = (q - z) * s: x @ w.T = s * (x @ q.T) - sum(x) * s * z.
+      if (d.zeros != nullptr) {
+        for (int64_t m = 0; m < M; ++m) {
+          float xsum = 0.0f;
+          for (int64_t k = 0; k < d.K; ++k) xsum += x[m * ldx + k];
+          float* row = y + m * ldy;
+          for (int64_t n = 0; n < d.N; ++n) row[n] -= xsum * d.scales[n] * d.zeros[n];
+        }
+      }
+      break;
+    }
     case kI4: {
       a.group_size = d.group_size;
       a.ngroups = d.K / d.group_size;

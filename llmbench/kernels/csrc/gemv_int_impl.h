@@ -1,0 +1,199 @@
+// Kernel templates that need integer vector operations: bf16 weights read
+// two-for-one, and int8 weights against int16-rounded activations.
+//
+// Like gemv_impl.h this is NOT a normal header: it is #included inside the
+// anonymous namespace of an ISA translation unit (kernels_avx2.cpp,
+// kernels_avx512.cpp), after gemv_impl.h and after the unit has defined, on
+// top of gemv_impl.h's float shim (V, W, ...), an integer shim:
+//
+//   using VI = <integer vector as wide as V>;
+//   VI vi_load(const void* p);                 // unaligned full-width load
+//   V  bf16_even(VI v); V bf16_odd(VI v);      // 2W bf16 -> their even / odd elements as fp32
+//   VI vi_widen_i8(const int8_t* p);           // 2W int8 -> 2W int16
+//   VI vi_zero(); VI vi_madd(VI acc, VI a, VI b);  // acc + pairwise int16 products, as int32
+//   V  vi_to_ps(VI v);                         // W int32 -> W floats
+//   void store_i16(int16_t* q, V a, V b);      // 2W floats -> 2W int16, rounded, in order
+//   V vabs(V); V vmax(V, V); float vhmax(V);
+//
+// bf16 weights, two-for-one: a full-width load holds 2W bf16 values, and as W
+// 32-bit lanes each lane is (odd element << 16 | even element). Shifting left
+// by 16 gives the even elements as fp32, masking the low half gives the odd
+// ones, so 2W weights cost one load and two ALU ops (the generic path widens W
+// at a time with a cross-lane shuffle). The activations are deinterleaved to
+// match once per call (prep_bf16): per 2W-block, W evens then W odds.
+//
+// int8 weights against int16 activations: x is rounded once per call to int16
+// with one scale per row (|error| <= max|x| / 65534, far below the int8
+// weights' own rounding), so 2W weights cost a widening load and one
+// multiply-add of int16 pairs into int32 (vpmaddwd) instead of 2 x (widen to
+// int32, convert to float, FMA). Layout of the prepared buffer: M float row
+// scales, then from float offset M rounded up to 16 (64 bytes), M rows of K
+// int16 (M * K / 2 floats: the buffer has room for M * K + 64).
+
+constexpr int W2 = 2 * W;  // elements per full-width bf16 / int16 vector
+
+void prep_bf16(const GemvArgs& a, float* out) {
+  const int64_t K = a.K, KB = K - K % W2;
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* x = a.x + m * a.ldx;
+    float* o = out + m * K;
+    for (int64_t k = 0; k < KB; k += W2)
+      for (int i = 0; i < W; ++i) {
+        o[k + i] = x[k + 2 * i];
+        o[k + W + i] = x[k + 2 * i + 1];
+      }
+    for (int64_t k = KB; k < K; ++k) o[k] = x[k];
+  }
+}
+
+template <int R, int MT>
+inline void bf16_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
+  const int64_t K = a.K, KB = K - K % W2;
+  const uint16_t* w = static_cast<const uint16_t*>(a.w) + n0 * K;
+  const float* xp = a.xp + m0 * K;
+  V acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = vzero();
+  for (int64_t k = 0; k < KB; k += W2) {
+    for (int r = 0; r < R; ++r) {
+      const VI v = vi_load(w + r * K + k);
+      const V even = bf16_even(v), odd = bf16_odd(v);
+      for (int m = 0; m < MT; ++m) {
+        acc[r][m] = vfma(even, vld_f32(xp + m * K + k), acc[r][m]);
+        acc[r][m] = vfma(odd, vld_f32(xp + m * K + k + W), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    for (int m = 0; m < MT; ++m) {
+      float s = vhsum(acc[r][m]);
+      for (int64_t kk = KB; kk < K; ++kk)  // the tail is in x's own order
+        s += bf16_bits_to_f32(w[r * K + kk]) * xp[m * K + kk];
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + m) * a.ldy + n] = s;
+    }
+  }
+}
+
+// Batch-1 decode: one row at a time, in memory order (see dense_row).
+inline void bf16_row(const GemvArgs& a, int64_t n) {
+  const int64_t K = a.K, KB = K - K % W2, KB2 = K - K % (2 * W2);
+  const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * K;
+  const float* xp = a.xp;
+  V acc0 = vzero(), acc1 = vzero(), acc2 = vzero(), acc3 = vzero();
+  int64_t k = 0;
+  for (; k < KB2; k += 2 * W2) {
+    prefetch_ahead<2 * W2 * 2>(w + k);
+    const VI v0 = vi_load(w + k), v1 = vi_load(w + k + W2);
+    acc0 = vfma(bf16_even(v0), vld_f32(xp + k), acc0);
+    acc1 = vfma(bf16_odd(v0), vld_f32(xp + k + W), acc1);
+    acc2 = vfma(bf16_even(v1), vld_f32(xp + k + W2), acc2);
+    acc3 = vfma(bf16_odd(v1), vld_f32(xp + k + W2 + W), acc3);
+  }
+  for (; k < KB; k += W2) {
+    const VI v = vi_load(w + k);
+    acc0 = vfma(bf16_even(v), vld_f32(xp + k), acc0);
+    acc1 = vfma(bf16_odd(v), vld_f32(xp + k + W), acc1);
+  }
+  float s = vhsum(vadd(vadd(acc0, acc1), vadd(acc2, acc3)));
+  for (; k < K; ++k) s += bf16_bits_to_f32(w[k]) * xp[k];
+  if (a.bias) s += a.bias[n];
+  a.y[n] = s;
+}
+
+struct BF16PairKern {
+  template <int NR, int MT>
+  static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    if constexpr (MT == 1) {
+      if (a.M == 1) {
+        for (int i = 0; i < NR; ++i) bf16_row(a, n + i);
+        return;
+      }
+    }
+    constexpr int RMAX = (MT <= 3) ? 4 : 2;
+    constexpr int R = NR < RMAX ? NR : RMAX;
+    for (int i = 0; i < NR; i += R) bf16_tile<R, MT>(a, n + i, m0);
+  }
+};
+
+inline int64_t i8_rows_offset(int64_t M) { return (M + 15) & ~int64_t{15}; }
+
+void prep_i8(const GemvArgs& a, float* out) {
+  const int64_t K = a.K, KB = K - K % W2;
+  int16_t* q = reinterpret_cast<int16_t*>(out + i8_rows_offset(a.M));
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* x = a.x + m * a.ldx;
+    V vtop = vzero();
+    int64_t k = 0;
+    for (; k + W <= K; k += W) vtop = vmax(vtop, vabs(vld_f32(x + k)));
+    float top = vhmax(vtop);
+    for (; k < K; ++k) top = std::max(top, std::fabs(x[k]));
+    const float scale = top > 0.f ? top / 32767.f : 1.f;
+    const float inv = 1.f / scale;
+    const V vinv = vset1(inv);
+    int16_t* qm = q + m * K;
+    for (k = 0; k < KB; k += W2)  // round to nearest even, as lrintf
+      store_i16(qm + k, vmul(vld_f32(x + k), vinv), vmul(vld_f32(x + k + W), vinv));
+    for (; k < K; ++k)
+      qm[k] = static_cast<int16_t>(std::lrintf(std::min(32767.f, std::max(-32767.f, x[k] * inv))));
+    out[m] = scale;
+  }
+}
+
+template <int R, int MT>
+inline void i8_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
+  const int64_t K = a.K, KB = K - K % W2;
+  const int8_t* w = static_cast<const int8_t*>(a.w) + n0 * K;
+  const int16_t* xq = reinterpret_cast<const int16_t*>(a.xp + i8_rows_offset(a.M)) + m0 * K;
+  // int32 lanes gain at most 2 * 127 * 32767 per step: flush to float every
+  // 128 steps, far below overflow.
+  constexpr int64_t kFlush = 128 * W2;
+  V total[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = vzero();
+  for (int64_t k0 = 0; k0 < KB; k0 += kFlush) {
+    const int64_t k1 = std::min(KB, k0 + kFlush);
+    VI acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = vi_zero();
+    for (int64_t k = k0; k < k1; k += W2) {
+      if constexpr (R == 1 && MT == 1) prefetch_ahead<W2>(w + k);
+      for (int r = 0; r < R; ++r) {
+        const VI w16 = vi_widen_i8(w + r * K + k);
+        for (int m = 0; m < MT; ++m) acc[r][m] = vi_madd(acc[r][m], w16, vi_load(xq + m * K + k));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) total[r][m] = vadd(total[r][m], vi_to_ps(acc[r][m]));
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    for (int m = 0; m < MT; ++m) {
+      float s = vhsum(total[r][m]);
+      for (int64_t kk = KB; kk < K; ++kk)
+        s += static_cast<float>(w[r * K + kk]) * static_cast<float>(xq[m * K + kk]);
+      s *= a.xp[m0 + m] * a.scales[n];
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + m) * a.ldy + n] = s;
+    }
+  }
+}
+
+struct I8Int16Kern {
+  template <int NR, int MT>
+  static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    constexpr int RMAX = (MT == 1) ? 1 : (MT <= 3) ? 4 : 2;
+    constexpr int R = NR < RMAX ? NR : RMAX;
+    for (int i = 0; i < NR; i += R) i8_tile<R, MT>(a, n + i, m0);
+  }
+};
+
+// The table of a unit that has both shims: these kernels for bf16 and int8.
+#define LLMB_INT_KERNEL_TABLE(NAME)                                                    \
+  {                                                                                    \
+    NAME, {&rows<DenseKern<FmtF32>>, &rows<BF16PairKern>, &rows<I8Int16Kern>, &rows_i4}, \
+    {                                                                                  \
+      nullptr, &prep_bf16, &prep_i8, nullptr                                           \
+    }                                                                                  \
+  }
