@@ -25,7 +25,8 @@ high nibble; a trailing partial block of even length L (only when K is not a
 multiple of 32, i.e. per-channel group_size == K) holds elements i / i+L/2.
 
 Dispatch: for 1 <= M <= STREAM_M_MAX[format] (32 for fp32 and bf16
-weights, 64 for int8, 256 for int4; fp32 and bf16 8 on the avx512 path) the compiled kernels run (memory bound for decode:
+weights, 64 for int8, 256 for int4; fp32 and bf16 8 on the avx512 path) the
+compiled kernels run (memory bound for decode:
 weights streamed once, OpenMP over blocks of 4 output rows, honours
 torch.set_num_threads; compute-bound tiles for short prefills).  Above that the
 weights are widened/dequantized to float32 and torch's GEMM (oneDNN/MKL) is
