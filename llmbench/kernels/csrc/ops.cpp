@@ -263,11 +263,11 @@ void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, fl
       run(kI8, a, 1.0 * d.K);
       // Asymmetric rows, w = (q - z) * s: x @ w.T = s * (x @ q.T) - sum(x) * s * z.
       if (d.zeros != nullptr) {
+        std::vector<float> xsum(static_cast<size_t>(M));
+        group_sums(x, M, ldx, d.K, 1, xsum.data());  // one group: the whole row
         for (int64_t m = 0; m < M; ++m) {
-          float xsum = 0.0f;
-          for (int64_t k = 0; k < d.K; ++k) xsum += x[m * ldx + k];
           float* row = y + m * ldy;
-          for (int64_t n = 0; n < d.N; ++n) row[n] -= xsum * d.scales[n] * d.zeros[n];
+          for (int64_t n = 0; n < d.N; ++n) row[n] -= xsum[m] * d.scales[n] * d.zeros[n];
         }
       }
       break;
