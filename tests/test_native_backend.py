@@ -124,3 +124,25 @@ def test_native_refuses_what_it_does_not_do(args, needle, embedded_model_dir, tm
     result = run_entry("single_instance/run_generation.py", *args, "--max-new-tokens", "2",
                        "--num-iter", "1", "--num-warmup", "0", "--output-dir", str(tmp_path))
     assert_one_line_error(result, needle)
+
+
+@pytest.mark.parametrize("bf16_gemm", [True, False])
+def test_bf16_prefill_either_way_matches_stock_bf16(bf16_gemm, embedded_model_dir, monkeypatch):
+    """Both bf16 prefill paths (bf16 GEMM where the CPU has bf16 math, fp32 on widened weights
+    elsewhere) give stock bf16's greedy tokens, whichever this machine picks by default."""
+    import llmbench.backends.native as native_backend
+
+    monkeypatch.setattr(native_backend, "BF16_PREFILL_GEMM", bf16_gemm)
+    stock = load_model(None, "bfloat16")
+    prepared = prepare(load_model(None, "bfloat16").model, backend="native", dtype="bfloat16",
+                       family="llama")
+    assert prepared.details["prefill_matmul"].startswith("bf16 GEMM" if bf16_gemm else "fp32")
+    linear = prepared.model.layers[0].qkv
+    x = torch.randn(40, linear.weight.shape[1])
+    expected = (torch.nn.functional.linear(x.bfloat16(), linear.weight).float() if bf16_gemm
+                else torch.nn.functional.linear(x, linear.weight.float()))
+    torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
+    greedy = dict(do_sample=False, num_beams=1)
+    for prompt in prompts_for(stock):
+        assert generate(prepared.model, prompt, **greedy) == generate(stock.model, prompt,
+                                                                      **greedy)
