@@ -48,8 +48,10 @@ CONFIGS = {
     "native-bf16-torchstep": ("native", "bfloat16", {"compiled_step": False}),
     "ipex-fp32": ("ipex", "float32", {}),
     # Weight-only quantization (llmbench.quant, round to nearest) on our int8 / int4 kernels; the
-    # 4-bit schemes keep lm_head at int8. "woq" is (weight dtype, group size, symmetric).
+    # 4-bit schemes keep lm_head at int8. "woq" is (weight dtype, group size, symmetric[,
+    # lowp mode]); native-int8-lowp is --lowp-mode INT8, activations in int8 per row.
     "native-int8": ("native", "float32", {"woq": ("INT8", -1, True)}),
+    "native-int8-lowp": ("native", "float32", {"woq": ("INT8", -1, True, "INT8")}),
     "native-int4": ("native", "float32", {"woq": ("INT4", 128, False)}),
     "native-int4-g32": ("native", "float32", {"woq": ("INT4", 32, False)}),
     "stock-int8": ("stock", "float32", {"woq": ("INT8", -1, True)}),

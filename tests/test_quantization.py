@@ -56,6 +56,11 @@ def tiny_llama(tmp_path_factory, embedded_model_dir):
     (["--group-size", "48"], "--group-size 48 is not allowed"),
     (["--weight-dtype", "INT8", "--group-size", "128"], "per output channel only"),
     (["--lowp-mode", "BF16"], "--lowp-mode BF16"),
+    (["--lowp-mode", "INT8"], "--lowp-mode INT8 runs int8 activations against INT8 weights"),
+    (["--weight-dtype", "INT8", "--lowp-mode", "INT8", "--act-quant-mode", "PER_IC_BLOCK"],
+     "--act-quant-mode PER_IC_BLOCK is not implemented"),
+    (["--weight-dtype", "INT8", "--act-quant-mode", "PER_BATCH_SYM"],
+     "--act-quant-mode applies to --lowp-mode INT8"),
     (["--ipex-smooth-quant"], "exclude each other"),
 ])
 def test_bad_quantization_flags_one_line_error_nothing_written(tmp_path, tiny_llama, extra,
@@ -93,6 +98,26 @@ def test_run_py_quantizes_saves_then_benchmarks_native(tmp_path, tiny_llama):
         v["in_features"] * v["out_features"] for v in meta["layout"].values())
 
 
+def test_run_py_lowp_int8_runs_int8_activations(tmp_path, tiny_llama):
+    """--lowp-mode INT8: saved in the scheme, measured and benchmarked with int8 activations,
+    the compiled decode step included, and the report says so."""
+    out = tmp_path / "out"
+    result = run_entry("run.py", "-m", str(tiny_llama), "--ipex-weight-only-quantization",
+                       "--weight-dtype", "INT8", "--woq-sym-quant-weight", "--lowp-mode", "INT8",
+                       "--backend", "native", "--benchmark", "--greedy", "--token-latency",
+                       "--max-new-tokens", "4", "--num-iter", "1", "--num-warmup", "0",
+                       "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "best_model.json").read_text())
+    assert meta["scheme"]["lowp_mode"] == "INT8"
+    assert "int8 activations per row" in meta["description"]
+    report = json.loads(next(p for p in out.glob("*.json") if p.name != "best_model.json")
+                        .read_text())
+    quantization = report["backend"]["quantization"]
+    assert quantization["compute"].startswith("int8 x int8 -> int32")
+    assert report["backend"]["decode_step"].startswith("compiled C++ step")
+
+
 def test_saved_model_is_refused_for_another_model_or_scheme(tmp_path, tiny_llama,
                                                             embedded_model_dir):
     from llmbench.generation import main as generation_main
@@ -114,14 +139,17 @@ def test_saved_model_is_refused_for_another_model_or_scheme(tmp_path, tiny_llama
     assert generation_main(["-m", str(tiny_llama), "--quantized-model-path", saved, *bench]) == 0
 
 
-@pytest.mark.parametrize("dtype", ["INT8", "INT4", "NF4", "FP8"])
+@pytest.mark.parametrize("dtype", ["INT8", "INT8+lowp", "INT4", "NF4", "FP8"])
 def test_native_and_stock_run_the_same_quantized_model(tiny_llama, dtype):
     """Native (fused projections through map_linears) and stock (swapped nn.Linear) compute the
-    same quantized model: the same greedy tokens."""
+    same quantized model: the same greedy tokens. INT8+lowp: --lowp-mode INT8, int8
+    activations (the compiled decode step on native, int8_act's path on stock)."""
     from llmbench.backends import prepare
     from llmbench.models import load_model
 
-    scheme = Scheme("woq", dtype, 32 if dtype in ("INT4", "NF4") else -1, dtype != "INT8")
+    dtype, _, lowp = dtype.partition("+")
+    scheme = Scheme("woq", dtype, 32 if dtype in ("INT4", "NF4") else -1, dtype != "INT8",
+                    "INT8" if lowp else "AUTO")
     runs = []
     for backend in ("stock", "native"):
         loaded = load_model(str(tiny_llama), "float32")

@@ -13,6 +13,7 @@ from conftest import run_entry
 from test_benchmark_cli import assert_one_line_error
 from tiny_models import make_tiny_model
 
+from llmbench import kernels
 from llmbench.errors import UserError
 from llmbench.kernels import int8_act
 from llmbench.quant import apply, quality, smoothquant
@@ -61,28 +62,34 @@ def test_smoothing_is_exact_in_float(tiny_llama, alpha):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "torch"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "torch"])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 96), (3, 100, 37), (16, 1536, 40), (5, 17, 9)])
 def test_w8a8_kernel_matches_integer_reference(isa, m, k, n):
-    if isa != "torch" and (not int8_act.available() or
-                           (isa == "avx2" and "avx2" not in int8_act.isa("auto"))):
-        pytest.skip(f"{isa} path not built/supported here ({int8_act.isa()})")
+    """Static (SmoothQuant) and dynamic per-row (--lowp-mode INT8) int8 activations through the
+    int8 kernels of every path, against exact integer arithmetic."""
+    if isa != "torch" and isa not in kernels.supported_isas():
+        pytest.skip(f"{isa} path not built/supported here ({kernels.supported_isas()})")
     torch.manual_seed(0)
     x = torch.randn(m, k) * 3
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     wscales, bias = torch.rand(n) * 0.01, torch.randn(n)
-    for scale in (torch.tensor([0.05]), int8_act.dynamic_scales(x)):  # static, per row
-        expected = int8_act.reference(x, scale, q, wscales, bias)
+    for scale in (torch.tensor([0.05]), int8_act.dynamic_scales(x), None):  # static, per row
+        expected = int8_act.reference(x, int8_act.dynamic_scales(x) if scale is None else scale,
+                                      q, wscales, bias)
         if isa == "torch":
-            got = int8_act._fp32_path(x, scale, q, wscales, bias)  # prefill / no extension
+            with kernels.force_fallback():  # prefill / no extension
+                got = int8_act.linear_w8a8(x, scale, q, wscales, bias)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
         else:
             try:
-                int8_act.isa(isa)
+                kernels.set_isa(isa)
                 got = int8_act.linear_w8a8(x, scale, q, wscales, bias)
             finally:
-                int8_act.isa("auto")
-            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+                kernels.set_isa("auto")
+            # generic multiplies the rounded levels in fp32: exact up to fp32 rounding
+            tolerance = dict(rtol=1e-5, atol=1e-4) if isa == "generic" else dict(rtol=1e-6,
+                                                                                  atol=1e-5)
+            torch.testing.assert_close(got, expected, **tolerance)
     # the leading dims of x are kept
     assert int8_act.linear_w8a8(x.view(1, m, k), torch.tensor([0.05]), q, wscales).shape == (
         1, m, n)

@@ -130,7 +130,8 @@ def kernel_spec(projection: Any) -> dict[str, Any] | None:
     kind = getattr(projection, "kind", None)
     if kind == "int8":
         return {"fmt": _FMT_I8, "w": projection.qweight, "scales": projection.scales,
-                "zeros": projection.zeros, "bias": projection.bias}
+                "zeros": projection.zeros, "bias": projection.bias,
+                "act_qmax": float(projection.act_qmax)}
     if kind == "int4":
         return {"fmt": _FMT_I4, "w": projection.packed, "scales": projection.scales,
                 "zeros": projection.zeros, "group_size": projection.group_size,

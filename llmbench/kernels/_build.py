@@ -24,7 +24,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(PKG_DIR))
 SOURCES = [
     "ops.cpp",
     "decode_step.cpp",
-    "int8_act.cpp",
     "kernels_generic.cpp",
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",

@@ -1,15 +1,17 @@
-"""int8 activations x int8 weights (SmoothQuant W8A8): `torch.ops.llmbench.linear_w8a8` from
-csrc/int8_act.cpp, with a pure-torch fallback of the same numerics.
+"""int8 activations x int8 weights: SmoothQuant's W8A8 (static scales) and --lowp-mode INT8
+(dynamic per-row scales), with a pure-torch fallback of the same numerics.
 
-    linear_w8a8(x fp32 [..., K], act_scale fp32 [1] (static) or [M] (per row),
-                qweight int8 [N, K], wscales fp32 [N], bias=None) -> fp32 [..., N]
+    linear_w8a8(x fp32 [..., K], act_scale fp32 [1] (static) or [M] (per row) or None
+                (dynamic: max|x row| / 127), qweight int8 [N, K], wscales fp32 [N], bias=None)
     xq = clamp(round(x / act_scale), -127, 127);  y = (xq @ qweight.T) * act_scale * wscales + b
 
-Decode (M <= SMALL_M_MAX) runs the compiled kernel: int32 accumulation of int8 x int8 products
-(AVX2 _mm256_madd_epi16 on int16-widened values, or a scalar loop). Prefill (larger M) uses
-fp32 GEMM on the integer-valued activations and weights: torch._int_mm exists on CPU in this
-torch but measured 30-50x slower than fp32 GEMM (M = 32..512, K = 576, N = 1728, one thread),
-so the int8 numerics are kept and the arithmetic is fp32 there.
+Decode (M <= SMALL_M_MAX) runs the weight-only int8 kernels of llmbench.kernels with their
+activations rounded to int8 instead of int16 (`act_qmax=127`): int8 x int8 products summed
+exactly in int32 (vpmaddwd on AVX2/AVX-512; the generic path multiplies the rounded levels in
+fp32). Prefill (larger M) uses fp32 GEMM on the integer-valued activations and weights:
+torch._int_mm exists on CPU in this torch but measured 30-50x slower than fp32 GEMM (M =
+32..512, K = 576, N = 1728, one thread), so the int8 numerics are kept and the arithmetic is
+fp32 there.
 """
 
 from __future__ import annotations
@@ -19,31 +21,12 @@ import torch
 from llmbench import kernels
 
 SMALL_M_MAX = 16
-
-
-def _op():
-    if not kernels.available():  # not built, forced off, or LLMBENCH_NO_KERNELS
-        return None
-    try:
-        return torch.ops.llmbench.linear_w8a8
-    except (AttributeError, RuntimeError):  # an older build without int8_act.cpp
-        return None
-
-
-def available() -> bool:
-    return _op() is not None
-
-
-def isa(name: str = "") -> str:
-    """The compiled path ("avx2" or "generic"), or "torch-fallback"; a name selects one."""
-    if _op() is None:
-        return "torch-fallback"
-    return torch.ops.llmbench.w8a8_isa(name)
+INT8_MAX = 127.0
 
 
 def describe() -> str:
-    return (f"int8 x int8 -> int32 for M <= {SMALL_M_MAX} ({isa()}); prefill: int8 numerics, "
-            "fp32 GEMM compute")
+    return (f"int8 x int8 -> int32 for M <= {SMALL_M_MAX} ({kernels.isa()}); prefill: int8 "
+            "numerics, fp32 GEMM compute")
 
 
 def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
@@ -77,12 +60,13 @@ def _fp32_path(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
-def linear_w8a8(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
+def linear_w8a8(x: torch.Tensor, act_scale: torch.Tensor | None, qweight: torch.Tensor,
                 wscales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    op = _op()
     rows = x.numel() // max(1, x.shape[-1])
-    if op is not None and 0 < rows <= SMALL_M_MAX and x.dtype == torch.float32:
-        return op(x, act_scale, qweight, wscales, bias)
+    if kernels.available() and 0 < rows <= SMALL_M_MAX and x.dtype == torch.float32:
+        return kernels.compiled().linear_int8w(x, qweight, wscales, bias, INT8_MAX, act_scale)
+    if act_scale is None:
+        act_scale = dynamic_scales(x)
     return _fp32_path(x.float(), act_scale, qweight, wscales, bias)
 
 

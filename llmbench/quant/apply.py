@@ -24,10 +24,12 @@ from typing import Any
 import torch
 
 from llmbench.errors import UserError
+from llmbench.kernels import int8_act
 from llmbench.quant.linears import (
     LINEAR_CLASSES,
     FloatLinear,
     Int4Linear,
+    Int8Linear,
     NF4Linear,
     QuantizedLinear,
     fuse,
@@ -171,6 +173,14 @@ def set_float_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) 
             params[name].copy_(tensor.to(params[name].dtype))
 
 
+def set_compute(qlinears: dict[str, Any], scheme: Scheme) -> None:
+    """--lowp-mode INT8: the INT8 projections quantize their activations to int8 per row at
+    run time (check_lowp_mode allows it for INT8 weights only); otherwise fp32 activations."""
+    for linear in qlinears.values():
+        if isinstance(linear, Int8Linear):
+            linear.act_qmax = int8_act.INT8_MAX if scheme.lowp_mode == "INT8" else 0.0
+
+
 def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dtype: str,
                       kv_cache_dtype: str, scheme: Scheme,
                       float_overrides: dict[str, torch.Tensor] | None = None) -> Any:
@@ -186,6 +196,7 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
     if dtype == "bfloat16":  # fallback projections run in the model's dtype
         qlinears = {n: q.to_bf16() if isinstance(q, FloatLinear) else q
                     for n, q in qlinears.items()}
+    set_compute(qlinears, scheme)
     swapped = set(qlinears)
     stock_bytes = float_bytes_outside(model, swapped) + sum(q.nbytes for q in qlinears.values())
     prepared = backends.prepare(model, backend=backend, dtype=dtype,
@@ -200,9 +211,7 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
         install_hf(prepared.model, qlinears)
         weight_bytes = stock_bytes
     details["weight_bytes_per_token"] = weight_bytes
-    if "w8a8" in kinds:
-        from llmbench.kernels import int8_act
-
+    if "w8a8" in kinds or scheme.lowp_mode == "INT8":
         details["compute"] = int8_act.describe()
     pure_torch = [k for k in kinds if k in ("nf4", "fp8")]
     if pure_torch:

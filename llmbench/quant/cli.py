@@ -4,6 +4,7 @@ save it to --output-dir as best_model.safetensors + best_model.json (run.py's fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,8 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
     method = method_of(args)
     if method is None:
         return None
-    check_lowp_mode(args.lowp_mode, args.act_quant_mode)
+    check_lowp_mode(args.lowp_mode, args.act_quant_mode,
+                    "INT4" if method == "checkpoint" else args.weight_dtype)
     if method == "checkpoint":  # INT4 GPTQ/AWQ: the file's own settings decide
         return checkpoint_scheme(args)
     if method == "smoothquant":
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{scheme.method} is not implemented yet")
     quantize_seconds = time.perf_counter() - start
     apply.set_float_tensors(model, float_overrides)
+    apply.set_compute(qlinears, scheme)  # quality is measured as the benchmark will compute
     apply.install_hf(model, qlinears)
 
     result = None
@@ -186,6 +189,9 @@ def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
     wanted = scheme_from_args(args)
     qlinears, scheme, meta, floats = apply.load(path)
     check_saved_scheme(scheme, wanted, path)
+    if args.lowp_mode != "AUTO":  # how to compute is this run's choice, not the saved weights'
+        check_lowp_mode(args.lowp_mode, args.act_quant_mode, scheme.weight_dtype)
+        scheme = dataclasses.replace(scheme, lowp_mode=args.lowp_mode)
     apply.check_identity(meta["source_model"], apply.model_identity(loaded), path)
     apply.check_against_model(qlinears, loaded.model, path)
     prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llmbench import kernels
+from llmbench.kernels import int8_act
 
 # The 16 NormalFloat4 levels of QLoRA (Dettmers et al. 2023), as bitsandbytes ships them.
 NF4_LEVELS = torch.tensor([
@@ -38,9 +39,12 @@ def _cat_bias(parts: list[Any]) -> torch.Tensor | None:
 
 class Int8Linear:
     """w = (q - z) * s per output channel; z is None for symmetric weights. The zero point is
-    applied after the kernel: x @ w.T = s * (x @ q.T) - sum(x) * (s * z)."""
+    applied after the kernel: x @ w.T = s * (x @ q.T) - sum(x) * (s * z). act_qmax 0: fp32
+    activations (rounded to int16 inside the kernel); 127 (--lowp-mode INT8): activations
+    quantized to int8 per row at run time, int8 x int8 products."""
 
     kind = "int8"
+    act_qmax = 0.0
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
@@ -52,7 +56,10 @@ class Int8Linear:
         self.out_features, self.in_features = self.qweight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.linear_int8w(x, self.qweight, self.scales, self.bias)
+        if self.act_qmax:
+            y = int8_act.linear_w8a8(x, None, self.qweight, self.scales, self.bias)
+        else:
+            y = kernels.linear_int8w(x, self.qweight, self.scales, self.bias)
         if self.zero_term is not None:
             y = y - x.sum(-1, keepdim=True) * self.zero_term
         return y
@@ -82,8 +89,10 @@ class Int8Linear:
         if len(sym) != 1:
             raise ValueError("cannot fuse symmetric and asymmetric int8 projections")
         zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])
-        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
-                   zeros, _cat_bias(parts))
+        fused = cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                    zeros, _cat_bias(parts))
+        fused.act_qmax = parts[0].act_qmax
+        return fused
 
 
 class Int4Linear:
@@ -234,7 +243,7 @@ class StaticInt8Linear:
     """SmoothQuant W8A8: the input is quantized to int8 with a static per-tensor scale found by
     calibration (the smoothing factors are already folded into the preceding norm or projection
     and into the weight), the weight is int8 per output channel. Decode (M <= 16) multiplies
-    int8 x int8 with int32 accumulation (llmbench.kernels.int8_act, AVX2); prefill runs the same
+    int8 x int8 with int32 accumulation (llmbench.kernels.int8_act); prefill runs the same
     integer-valued numbers through fp32 GEMM (see int8_act.describe())."""
 
     kind = "w8a8"
@@ -247,8 +256,6 @@ class StaticInt8Linear:
         self.bias = self.inner.bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from llmbench.kernels import int8_act
-
         y = int8_act.linear_w8a8(x, self.act_scale, self.inner.qweight, self.inner.scales,
                                  self.bias)
         # A token beyond the calibrated range (an attention-sink token's massive activations)

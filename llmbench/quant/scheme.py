@@ -46,7 +46,8 @@ class Scheme:
         sym = "sym" if self.sym else "asym"
         if self.method == "smoothquant":
             return f"smoothquant W8A8 (alpha {self.extra.get('alpha')})"
-        return f"{self.method} {self.weight_dtype} {group} {sym}"
+        compute = ", int8 activations per row" if self.lowp_mode == "INT8" else ""
+        return f"{self.method} {self.weight_dtype} {group} {sym}{compute}"
 
 
 def resolve_group_size(weight_dtype: str, group_size: int) -> int:
@@ -65,13 +66,28 @@ def resolve_group_size(weight_dtype: str, group_size: int) -> int:
     return group_size
 
 
-def check_lowp_mode(lowp_mode: str, act_quant_mode: str | None) -> None:
+# --act-quant-mode values we run: int8 activations quantized per row (token), symmetric, from
+# each row's own max-abs at run time. IPEX's per-tensor, per-input-channel-block and
+# asymmetric modes are not implemented.
+ACT_QUANT_MODES = ("PER_BATCH_SYM",)
+
+
+def check_lowp_mode(lowp_mode: str, act_quant_mode: str | None, weight_dtype: str) -> None:
+    """--lowp-mode AUTO/FP32: fp32 compute. INT8: int8 activations against INT8 weights
+    (the int8 x int8 kernels); anything else is refused rather than run as something else."""
+    if lowp_mode == "INT8":
+        if weight_dtype != "INT8":
+            raise UserError(f"--lowp-mode INT8 runs int8 activations against INT8 weights; "
+                            f"{weight_dtype} weights compute in fp32 here: use AUTO or FP32")
+        if act_quant_mode not in (None, *ACT_QUANT_MODES):
+            raise UserError(f"--act-quant-mode {act_quant_mode} is not implemented: ours quantizes "
+                            f"activations per row, symmetric ({', '.join(ACT_QUANT_MODES)})")
+        return
     if lowp_mode not in ("AUTO", "FP32"):
         raise UserError(f"--lowp-mode {lowp_mode}: our weight-only kernels compute in fp32 "
-                        "(this CPU path has no bf16/fp16/int8 arithmetic); use AUTO or FP32")
+                        "(or int8 with --lowp-mode INT8), not bf16/fp16; use AUTO, FP32 or INT8")
     if act_quant_mode is not None:
-        raise UserError("--act-quant-mode applies to --lowp-mode INT8, which our kernels don't "
-                        "run; leave it out")
+        raise UserError("--act-quant-mode applies to --lowp-mode INT8; leave it out")
 
 
 def _padded(w: torch.Tensor, group: int) -> torch.Tensor:

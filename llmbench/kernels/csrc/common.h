@@ -26,7 +26,20 @@ struct GemvArgs {
   float* y;              // [M, N], row stride ldy
   int64_t ldy;
   const float* xp;       // x rearranged by the table's prep function (row stride K), if any
+  // int8 weights only. 0: x is rounded to int16 with a per-row max-abs scale (weight-only
+  // int8: an error far below the weights' own). > 0: int8 activations, x rounded to integers
+  // in [-act_qmax, act_qmax] (127) with the scales act_scale gives (act_scale_n = 1 for the
+  // whole tensor or M, one per row: SmoothQuant's static scale) or, when act_scale is null,
+  // max|x row| / act_qmax (dynamic per row: --lowp-mode INT8).
+  float act_qmax;
+  const float* act_scale;
+  int64_t act_scale_n;
 };
+
+// Rounds row m of a.x to integers in [-a.act_qmax, a.act_qmax] (round half to even, x / scale
+// as torch computes it) into q; returns the row's scale. Defined once in ops.cpp (baseline
+// ISA) for every path's int8-activation branch.
+float quantize_act_row(const GemvArgs& a, int64_t m, int16_t* q);
 
 enum Fmt { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kNumFmt = 4 };
 

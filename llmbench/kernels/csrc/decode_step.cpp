@@ -99,7 +99,7 @@ class DecodePlan {
   int64_t add_linear(int64_t fmt, const at::Tensor& w, const std::optional<at::Tensor>& scales,
                      const std::optional<at::Tensor>& zeros, int64_t group_size,
                      const std::optional<at::Tensor>& bias, int64_t in_features,
-                     const std::optional<at::Tensor>& perm) {
+                     const std::optional<at::Tensor>& perm, double act_qmax) {
     TORCH_CHECK(fmt >= 0 && fmt < kNumFmt, "decode_step: unknown weight format ", fmt);
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "decode_step: weights must be contiguous 2-D");
     static const at::ScalarType kDtype[kNumFmt] = {at::kFloat, at::kBFloat16, at::kChar,
@@ -115,6 +115,7 @@ class DecodePlan {
       TORCH_CHECK(scales.has_value(), "decode_step: int8 weights need scales");
       d.scales = vec(*scales, d.N, "scales");
       if (zeros.has_value()) d.zeros = vec(*zeros, d.N, "zeros");
+      d.act_qmax = static_cast<float>(act_qmax);  // 127: int8 activations (--lowp-mode INT8)
     }
     if (fmt == kI4) {
       TORCH_CHECK(scales.has_value() && zeros.has_value() && group_size > 0 &&
@@ -481,7 +482,7 @@ void register_decode(pybind11::module& m) {
       .def("add_linear", &DecodePlan::add_linear, py::arg("fmt"), py::arg("w"),
            py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("group_size") = 0, py::arg("bias") = py::none(),
-           py::arg("in_features") = 0, py::arg("perm") = py::none())
+           py::arg("in_features") = 0, py::arg("perm") = py::none(), py::arg("act_qmax") = 0.0)
       .def("add_layer", &DecodePlan::add_layer, py::arg("attn_norm"), py::arg("mlp_norm"),
            py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"))

@@ -29,6 +29,10 @@
 // int32, convert to float, FMA). Layout of the prepared buffer: M float row
 // scales, then from float offset M rounded up to 16 (64 bytes), M rows of K
 // int16 (M * K / 2 floats: the buffer has room for M * K + 64).
+//
+// With int8 activations (a.act_qmax > 0: SmoothQuant W8A8, --lowp-mode INT8)
+// prep_i8 rounds x to +-127 instead (quantize_act_row) and the same kernels
+// multiply int8 by int8 exactly, accumulating in int32.
 
 constexpr int W2 = 2 * W;  // elements per full-width bf16 / int16 vector
 
@@ -122,6 +126,10 @@ inline int64_t i8_rows_offset(int64_t M) { return (M + 15) & ~int64_t{15}; }
 void prep_i8(const GemvArgs& a, float* out) {
   const int64_t K = a.K, KB = K - K % W2;
   int16_t* q = reinterpret_cast<int16_t*>(out + i8_rows_offset(a.M));
+  if (a.act_qmax > 0.f) {  // int8 activations: the same kernels, on values within +-127
+    for (int64_t m = 0; m < a.M; ++m) out[m] = quantize_act_row(a, m, q + m * K);
+    return;
+  }
   for (int64_t m = 0; m < a.M; ++m) {
     const float* x = a.x + m * a.ldx;
     V vtop = vzero();

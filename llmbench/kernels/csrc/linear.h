@@ -17,6 +17,7 @@ struct LinearDesc {
   const float* zeros = nullptr;   // int4: [N, K/group_size]; int8: [N] or nullptr (symmetric)
   int64_t group_size = 0;         // int4 only
   const float* bias = nullptr;    // [N] or nullptr
+  float act_qmax = 0.f;           // int8: 127 rounds activations to int8 per row (GemvArgs)
 };
 
 // y[m, :N] = x[m, :K] @ dequant(w).T (+ bias) for m < M, on the active ISA

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -12,6 +13,25 @@
 #include "linear.h"
 
 namespace llmb {
+
+float quantize_act_row(const GemvArgs& a, int64_t m, int16_t* q) {
+  const float* x = a.x + m * a.ldx;
+  const float qmax = a.act_qmax;
+  float scale;
+  if (a.act_scale != nullptr) {
+    scale = a.act_scale[a.act_scale_n == 1 ? 0 : m];
+  } else {
+    float top = 0.f;
+    for (int64_t k = 0; k < a.K; ++k) top = std::max(top, std::fabs(x[k]));
+    scale = std::max(top / qmax, 1e-8f);  // as dynamic_scales() in llmbench/kernels/int8_act.py
+  }
+  for (int64_t k = 0; k < a.K; ++k) {
+    const float v = std::nearbyint(x[k] / scale);
+    q[k] = static_cast<int16_t>(v > qmax ? qmax : (v < -qmax ? -qmax : v));
+  }
+  return scale;
+}
+
 namespace {
 
 bool cpu_has_avx2() {
@@ -76,6 +96,19 @@ void run(Fmt fmt, GemvArgs a, double weight_bytes_per_row) {  // a copy: prep se
   if (a.N == 0 || a.M == 0) return;
   const KernelTable* table = active_table();
   const RowsFn fn = table->fn[fmt];
+  std::vector<float> levels;
+  if (a.act_qmax > 0.f && table->prep[fmt] == nullptr) {
+    // int8 activations on a path that reads x as floats (generic): hand it the rounded
+    // levels times their scale, which its fp32 arithmetic multiplies exactly enough.
+    std::vector<int16_t> q(static_cast<size_t>(a.K));
+    levels.resize(static_cast<size_t>(a.M * a.K));
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float scale = quantize_act_row(a, m, q.data());
+      for (int64_t k = 0; k < a.K; ++k) levels[m * a.K + k] = q[k] * scale;
+    }
+    a.x = levels.data();
+    a.ldx = a.K;
+  }
   if (table->prep[fmt] != nullptr) {
     // Done once per call, before the threads split the rows: every thread reads it.
     thread_local std::vector<float> prepared;
@@ -199,13 +232,28 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w,
   return p.y_view;
 }
 
+// act_qmax 0: weight-only int8 (activations rounded to int16). 127: int8 activations, with
+// act_scale's static scales (1 or M of them) or, without it, max-abs per row.
 at::Tensor linear_int8w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& bias, double act_qmax,
+                        const std::optional<at::Tensor>& act_scale) {
   const char* fn = "linear_int8w";
   Prepared p;
   prepare(p, x, qweight, at::kChar, 0, bias, fn, "qweight");
   const at::Tensor s = prep_vec(scales, p.a.N, "scales", fn);
   p.a.scales = s.data_ptr<float>();
+  TORCH_CHECK_VALUE(act_qmax == 0.0 || (act_qmax >= 1.0 && act_qmax <= 127.0), fn,
+                    ": act_qmax must be 0 (int16 activations) or in [1, 127], got ", act_qmax);
+  p.a.act_qmax = static_cast<float>(act_qmax);
+  at::Tensor act;
+  if (act_scale.has_value() && act_scale->defined()) {
+    TORCH_CHECK_VALUE(act_qmax > 0.0, fn, ": act_scale needs act_qmax > 0");
+    act = act_scale->to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(act.numel() == 1 || act.numel() == p.a.M, fn,
+                      ": act_scale must have 1 or M elements, got ", act.numel());
+    p.a.act_scale = act.data_ptr<float>();
+    p.a.act_scale_n = act.numel();
+  }
   run(kI8, p.a, 1.0 * p.a.K);
   return p.y_view;
 }
@@ -256,6 +304,7 @@ void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, fl
   a.bias = d.bias;
   a.y = y;
   a.ldy = ldy;
+  a.act_qmax = d.act_qmax;
   switch (d.fmt) {
     case kF32: run(kF32, a, 4.0 * d.K); break;
     case kBF16: run(kBF16, a, 2.0 * d.K); break;
@@ -296,7 +345,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16w", &llmb::linear_bf16w, py::arg("x"), py::arg("w"),
         py::arg("bias") = py::none());
   m.def("linear_int8w", &llmb::linear_int8w, py::arg("x"), py::arg("qweight"), py::arg("scales"),
-        py::arg("bias") = py::none());
+        py::arg("bias") = py::none(), py::arg("act_qmax") = 0.0,
+        py::arg("act_scale") = py::none());
   m.def("linear_int4w", &llmb::linear_int4w, py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
   m.def("isa", &llmb::isa, "name of the active kernel path");
