@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from llmbench.errors import USER_ERROR_EXIT
+from llmbench.quant.calibration import add_dataset_flag
 
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("stock", "native", "ipex")
@@ -249,9 +250,7 @@ def add_quantization_flags(parser: argparse.ArgumentParser) -> argparse._Argumen
     group.add_argument("--fallback-add", default=None, metavar="NAME,...",
                        help="SmoothQuant: projections kept in fp32 besides the automatic ones "
                             "(module names or name suffixes, e.g. lm_head,down_proj)")
-    group.add_argument("--dataset", default=None, metavar="FILE",
-                       help="calibration text: a .txt, or JSONL with a 'text' field (default: "
-                            "llmbench/data/lambada_local.jsonl)")
+    add_dataset_flag(group)
     group.add_argument("--qconfig-summary-file", default=None, metavar="FILE.json",
                        help="SmoothQuant recipe: reused when the file exists, else written")
     group.add_argument("--quantized-model-path", default=None, metavar="FILE",

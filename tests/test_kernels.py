@@ -76,15 +76,18 @@ def _data(M, N, Kd, bias, seed=0):
 
 def _check(y, ref, x, w_deq, b, tol=1e-5, int16_x=False):
     """|y - ref| <= tol * (|x| @ |W|^T + |b|): reassociation-level error only. With int16_x,
-    plus what rounding x to int16 (one scale per row, as the AVX2 int8 kernel does) can cost:
-    max|x_row| / 65534 * sum_k |W[n, k]|."""
+    plus what rounding x to int16 (one scale per row, as the AVX2/AVX-512 int8 and int4 kernels
+    do) can cost: max|x_row| / 65534 * sum_k |W[n, k]|, where int16_x may give the weights
+    that multiply the rounded x instead of W (int4: the raw levels q * s, before the zero
+    point)."""
     assert y.dtype == torch.float32 and y.shape == ref.shape, (y.dtype, y.shape, ref.shape)
     x2 = x.reshape(-1, x.shape[-1])
     bound = x2.abs() @ w_deq.abs().T
     if b is not None:
         bound = bound + b.abs()
-    if int16_x:
-        rounding = x2.abs().amax(-1, keepdim=True) / 65534 * w_deq.abs().sum(-1)
+    if int16_x is not False:
+        w_rounded = w_deq if int16_x is True else int16_x
+        rounding = x2.abs().amax(-1, keepdim=True) / 65534 * w_rounded.abs().sum(-1)
         bound = bound + rounding / tol * 1.01
     bound = bound.reshape(ref.shape) + 1e-30
     err = ((y - ref).abs() / bound).max().item() if y.numel() else 0.0
@@ -133,7 +136,13 @@ def test_linear_int4w(isa, M, N, Kd, gs, bias):
     # non-integer zeros are allowed too
     z = z + torch.rand(z.shape, generator=torch.Generator().manual_seed(1)) - 0.5
     ref = R.linear_int4w(x, p, s, z, gs, b)
-    _check(K.linear_int4w(x, p, s, z, gs, b), ref, x, R.dequantize_int4(p, s, z, gs), b)
+    _check(K.linear_int4w(x, p, s, z, gs, b), ref, x, R.dequantize_int4(p, s, z, gs), b,
+           int16_x=_int4_levels(p, s, gs))
+
+
+def _int4_levels(packed, scales, gs):
+    """q * s (the zero point left out): what the int4 kernels multiply int16-rounded x by."""
+    return R.dequantize_int4(packed, scales, torch.zeros_like(scales), gs)
 
 
 @pytest.mark.parametrize("M", [1, 2])
@@ -147,6 +156,7 @@ def test_int4_group_sizes(isa, M):
             x,
             R.dequantize_int4(p, s, z, gs),
             b,
+            int16_x=_int4_levels(p, s, gs),
         )
 
 
@@ -277,7 +287,8 @@ def test_fallback_matches_reference(M, N, Kd, gs):
             K.linear_int4w(x, p, s4, z4, gs, b),
         ]
         for i, (c, o, d) in enumerate(zip(comp, outs, deq, strict=False)):
-            _check(c, o, x, d, b, int16_x=i == 2)
+            _check(c, o, x, d, b,
+                   int16_x={2: True, 3: _int4_levels(p, s4, gs)}.get(i, False))
 
 
 def test_quantizers_are_sane():

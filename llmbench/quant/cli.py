@@ -57,7 +57,7 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
     if method == "checkpoint":  # INT4 GPTQ/AWQ: the file's own settings decide
         return checkpoint_scheme(args)
     if method == "smoothquant":
-        from llmbench.quant.smoothquant import check_dataset_arg
+        from llmbench.quant.calibration import check_dataset_arg
 
         if args.weight_dtype != "INT8" or args.group_size not in (0, -1):
             raise UserError("--ipex-smooth-quant is static INT8 per-channel: --weight-dtype and "

@@ -34,9 +34,9 @@ import torch
 
 from llmbench import flags
 from llmbench.errors import UserError
+from llmbench.quant.calibration import add_dataset_flag, load_texts
 from llmbench.quant.scheme import CLIP_GRID_4BIT, MIN_GROUP, MIN_IN_FEATURES
 
-DEFAULT_DATASET = Path(__file__).resolve().parent.parent / "data" / "lambada_local.jsonl"
 HELDOUT_WINDOWS = 4  # held-out windows of --seqlen tokens at the end of the text, for perplexity
 
 
@@ -167,24 +167,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor,
 
 
 # ---- calibration data ----------------------------------------------------------------------
-
-def read_texts(path: Path) -> list[str]:
-    """A .txt file (one text) or JSONL with a 'text' field per line."""
-    if not path.is_file():
-        raise UserError(f"--dataset {path}: no such file")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix not in (".jsonl", ".json"):
-        return [raw]
-    texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            texts.append(str(json.loads(line)["text"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(f"--dataset {path}: line {number} has no JSON 'text' field") from exc
-    return texts
-
 
 def calibration_ids(tokenizer: Any, texts: list[str], nsamples: int, seqlen: int,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,9 +402,7 @@ def add_gptq_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="calibration windows (default 32)")
     group.add_argument("--seqlen", type=flags.positive_int, default=256,
                        help="tokens per calibration window (default 256)")
-    group.add_argument("--dataset", default=None, metavar="FILE",
-                       help="calibration text: .txt, or JSONL with a 'text' field (default: "
-                            "llmbench/data/lambada_local.jsonl)")
+    add_dataset_flag(group)
     group.add_argument("--seed", type=int, default=0, help="seed of the window sampling")
     group.add_argument("--skip-rtn", action="store_true",
                        help="don't measure round-to-nearest for comparison")
@@ -458,8 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise UserError(f"--output-dir {output_dir} is not empty: pass a new folder")
-    dataset = Path(args.dataset) if args.dataset else DEFAULT_DATASET
-    texts = read_texts(dataset)
+    texts, source = load_texts(args.dataset)
 
     from llmbench.models import load_model
     from llmbench.quant import apply, quality
@@ -473,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     calib, heldout = calibration_ids(tokenizer, texts, args.nsamples, args.seqlen, args.seed)
     print(f"model: {loaded.source.display_name} | GPTQ 4-bit group {settings.group_size} "
           f"{'sym' if settings.sym else 'asym'} act-order {settings.act_order} | calibration "
-          f"{args.nsamples} x {args.seqlen} tokens of {dataset.name}", flush=True)
+          f"{args.nsamples} x {args.seqlen} tokens of {source}", flush=True)
     ppl = {"fp32": (perplexity_on(model, heldout), quality.perplexity(model, tokenizer))}
     if not args.skip_rtn:  # the same layers by round to nearest (lm_head stays float too)
         rtn = load_model(args.model_name_or_path, "float32").model
@@ -489,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(output_dir, model, tokenizer, results, qconfig)
     print(f"GPTQ: {len(results)} linears in {seconds:.1f} s", flush=True)
     base_heldout, base_prompts = ppl["fp32"]
-    print(f"perplexity (held-out {HELDOUT_WINDOWS} x {args.seqlen} tokens of {dataset.name} | "
-          "prompt.json texts):")
+    print(f"perplexity (held-out {HELDOUT_WINDOWS} x {args.seqlen} tokens of the calibration "
+          "text | prompt.json texts):")
     for name, (held, prompts) in ppl.items():
         print(f"  {name:5s} {held:8.3f} ({100 * (held / base_heldout - 1):+6.2f}%) | "
               f"{prompts:8.3f} ({100 * (prompts / base_prompts - 1):+6.2f}%)")

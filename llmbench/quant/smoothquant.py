@@ -51,10 +51,10 @@ import torch
 
 from llmbench import kernels
 from llmbench.errors import UserError
+from llmbench.quant.calibration import load_texts
 from llmbench.quant.linears import FloatLinear, StaticInt8Linear
 
 RECIPE_FORMAT = "llmbench.smoothquant-recipe/1"
-DEFAULT_DATASET = Path(__file__).resolve().parent.parent / "data" / "lambada_local.jsonl"
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
 # Fractions of the calibrated activation abs-max tried as the int8 range (clipping outliers).
 CLIP_GRID = (1.0,)
@@ -69,62 +69,10 @@ AUTO_TOKENS = 256  # input rows kept per projection to score quantization error
 FALLBACK_BUDGET = 0.02
 EVAL_SAMPLES = 4
 EVAL_TOKENS = 256
-DATA_SUFFIXES = (".txt", ".jsonl", ".json")
 SEED = 0
 
 
 # ---- calibration data ---------------------------------------------------------------------------
-
-def check_dataset_arg(dataset: str | None) -> None:
-    """Refuse a --dataset that names a missing local file before anything is loaded (a hub id is
-    only tried at calibration time)."""
-    if dataset is None or os.path.isfile(dataset):
-        if dataset is not None and not dataset.endswith(DATA_SUFFIXES):
-            raise UserError(f"--dataset {dataset}: expected a .txt or .jsonl file")
-        return
-    looks_local = (dataset.endswith(DATA_SUFFIXES) or dataset.startswith((".", "/", "~"))
-                   or os.path.exists(dataset))
-    if looks_local:
-        raise UserError(f"--dataset {dataset}: no such file (a .txt, or .jsonl with a 'text' "
-                        "field per line)")
-
-
-def load_texts(dataset: str | None) -> tuple[list[str], str]:
-    """The calibration texts and a description of where they came from."""
-    check_dataset_arg(dataset)
-    path = DEFAULT_DATASET if dataset is None else Path(dataset)
-    if dataset is None or path.is_file():
-        if path.suffix in (".jsonl", ".json"):
-            texts = []
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"--dataset {path}: line {number} is not JSON ({exc})") \
-                        from exc
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserError(f"--dataset {path}: line {number} has no string 'text' field")
-                texts.append(record["text"])
-        else:
-            texts = [t for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
-        if not texts:
-            raise UserError(f"--dataset {path}: no text in it")
-        return texts, str(path)
-    try:  # a hub dataset id: only when the hub (or its cache) can be reached
-        import datasets
-
-        data = datasets.load_dataset(dataset, split="train")
-        texts = [t for t in data["text"] if isinstance(t, str) and t.strip()]
-    except Exception as exc:  # offline, unknown id, no 'text' column: all one line to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"--dataset {dataset}: not a local file, and the hub dataset could not "
-                        f"be loaded ({type(exc).__name__}: {first})") from exc
-    if not texts:
-        raise UserError(f"--dataset {dataset}: no text in its train split")
-    return texts, f"hub:{dataset}"
-
 
 @dataclass
 class CalibSettings:
@@ -145,7 +93,7 @@ def calibration_samples(tokenizer: Any, settings: CalibSettings
     """(input_ids [1, L], attention_mask [1, L]) per calibration iteration, and a description.
     Default: the texts joined (EOS between) and cut into windows of calib_len tokens; with
     padding: one text per sample, truncated or right-padded to calib_len (pads masked out)."""
-    texts, source = load_texts(settings.dataset)
+    texts, source = load_texts(settings.dataset, with_code=False)  # see calibration.py
     if settings.shuffle:
         texts = list(texts)
         random.Random(SEED).shuffle(texts)

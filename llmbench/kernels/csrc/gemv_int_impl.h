@@ -10,7 +10,11 @@
 //   VI vi_load(const void* p);                 // unaligned full-width load
 //   V  bf16_even(VI v); V bf16_odd(VI v);      // 2W bf16 -> their even / odd elements as fp32
 //   VI vi_widen_i8(const int8_t* p);           // 2W int8 -> 2W int16
+//   VI vi_widen_u8(const uint8_t* p);          // 2W uint8 -> 2W int16 (zero-extended)
+//   VI vi_lo_nibble(VI v); VI vi_hi_nibble(VI v);  // int16 lanes of bytes: & 15, >> 4
+//   V  vset_halves(float lo, float hi);        // lanes [0, W/2) = lo, [W/2, W) = hi
 //   VI vi_zero(); VI vi_madd(VI acc, VI a, VI b);  // acc + pairwise int16 products, as int32
+//   VI vi_add(VI a, VI b);                     // int32 lanes
 //   V  vi_to_ps(VI v);                         // W int32 -> W floats
 //   void store_i16(int16_t* q, V a, V b);      // 2W floats -> 2W int16, rounded, in order
 //   V vabs(V); V vmax(V, V); float vhmax(V);
@@ -123,30 +127,47 @@ struct BF16PairKern {
 
 inline int64_t i8_rows_offset(int64_t M) { return (M + 15) & ~int64_t{15}; }
 
+// Rounds x [K] to int16 with the scale max|x| / 32767 (returned), round to
+// nearest even as lrintf. CHUNKED: in prep_i4's order (per chunk of 4 float
+// vectors, their low-nibble halves first), else in memory order.
+template <bool CHUNKED>
+float round_row_i16(const float* x, int64_t K, int16_t* q) {
+  const int64_t KB = K - K % W2;
+  V vtop = vzero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) vtop = vmax(vtop, vabs(vld_f32(x + k)));
+  float top = vhmax(vtop);
+  for (; k < K; ++k) top = std::max(top, std::fabs(x[k]));
+  const float scale = top > 0.f ? top / 32767.f : 1.f;
+  const float inv = 1.f / scale;
+  const V vinv = vset1(inv);
+  if constexpr (CHUNKED) {  // K is a multiple of the chunk here (i4_int_ok)
+    for (k = 0; k < K; k += 2 * W2) {
+      const V v0 = vmul(vld_f32(x + k), vinv), v1 = vmul(vld_f32(x + k + W), vinv);
+      const V v2 = vmul(vld_f32(x + k + 2 * W), vinv), v3 = vmul(vld_f32(x + k + 3 * W), vinv);
+      if constexpr (W >= 16) {  // a vector is half a 32-block: v0, v2 low halves
+        store_i16(q + k, v0, v2);
+        store_i16(q + k + W2, v1, v3);
+      } else {  // a chunk is one 32-block: memory order
+        store_i16(q + k, v0, v1);
+        store_i16(q + k + W2, v2, v3);
+      }
+    }
+    return scale;
+  }
+  for (k = 0; k < KB; k += W2) store_i16(q + k, vmul(vld_f32(x + k), vinv), vmul(vld_f32(x + k + W), vinv));
+  for (; k < K; ++k)
+    q[k] = static_cast<int16_t>(std::lrintf(std::min(32767.f, std::max(-32767.f, x[k] * inv))));
+  return scale;
+}
+
 void prep_i8(const GemvArgs& a, float* out) {
-  const int64_t K = a.K, KB = K - K % W2;
   int16_t* q = reinterpret_cast<int16_t*>(out + i8_rows_offset(a.M));
   if (a.act_qmax > 0.f) {  // int8 activations: the same kernels, on values within +-127
-    for (int64_t m = 0; m < a.M; ++m) out[m] = quantize_act_row(a, m, q + m * K);
+    for (int64_t m = 0; m < a.M; ++m) out[m] = quantize_act_row(a, m, q + m * a.K);
     return;
   }
-  for (int64_t m = 0; m < a.M; ++m) {
-    const float* x = a.x + m * a.ldx;
-    V vtop = vzero();
-    int64_t k = 0;
-    for (; k + W <= K; k += W) vtop = vmax(vtop, vabs(vld_f32(x + k)));
-    float top = vhmax(vtop);
-    for (; k < K; ++k) top = std::max(top, std::fabs(x[k]));
-    const float scale = top > 0.f ? top / 32767.f : 1.f;
-    const float inv = 1.f / scale;
-    const V vinv = vset1(inv);
-    int16_t* qm = q + m * K;
-    for (k = 0; k < KB; k += W2)  // round to nearest even, as lrintf
-      store_i16(qm + k, vmul(vld_f32(x + k), vinv), vmul(vld_f32(x + k + W), vinv));
-    for (; k < K; ++k)
-      qm[k] = static_cast<int16_t>(std::lrintf(std::min(32767.f, std::max(-32767.f, x[k] * inv))));
-    out[m] = scale;
-  }
+  for (int64_t m = 0; m < a.M; ++m) out[m] = round_row_i16<false>(a.x + m * a.ldx, a.K, q + m * a.K);
 }
 
 template <int R, int MT>
@@ -197,11 +218,120 @@ struct I8Int16Kern {
   }
 };
 
-// The table of a unit that has both shims: these kernels for bf16 and int8.
+// int4 weights against int16 activations. A load of W2 / 2 bytes holds W2 / 16
+// packed 32-blocks (layout in gemv_impl.h); widened to int16 lanes, its low
+// nibbles are each block's elements 0..15 and its high nibbles 16..31. x is
+// rounded to int16 as for int8 (round_row_i16) and laid out per chunk of CH =
+// 2 * W2 elements to match: the blocks' first halves, then their second
+// halves (memory order on AVX2, where a chunk is one block). Then 2 * W2
+// weights cost a widening load, an AND, a shift and two vpmaddwd, where the
+// float kernel (i4_tile) converts and multiplies each value in fp32; each
+// group's int32 sums are scaled once. Each int32 lane sums products of a single
+// block, so when a group is half a chunk (groups of 32 on AVX-512) the two
+// halves of the lanes take their own group's scale. The zero-point term is
+// i4_tile's (fp32 x sums, ops.cpp). Other shapes run i4_tile.
+constexpr int64_t CH = 2 * W2;
+
+inline bool i4_int_ok(const GemvArgs& a) {
+  const int64_t G = a.group_size;
+  // int32 lanes gain at most 4 * 15 * 32767 per chunk: at most 512 chunks per group
+  return G % 32 == 0 && a.K % G == 0 && a.K % CH == 0 && (G % CH == 0 || CH == 2 * G) &&
+         G <= 512 * CH;
+}
+
+void prep_i4(const GemvArgs& a, float* out) {
+  if (!i4_int_ok(a)) return;
+  int16_t* q = reinterpret_cast<int16_t*>(out + i8_rows_offset(a.M));
+  for (int64_t m = 0; m < a.M; ++m) out[m] = round_row_i16<true>(a.x + m * a.ldx, a.K, q + m * a.K);
+}
+
+template <int R, int MT>
+inline void i4i_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
+  const int64_t K = a.K, G = a.group_size, NG = a.ngroups, rowb = K / 2;
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n0 * rowb;
+  const int16_t* xq = reinterpret_cast<const int16_t*>(a.xp + i8_rows_offset(a.M)) + m0 * K;
+  const float* sc = a.scales + n0 * NG;
+  V tot[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) tot[r][m] = vzero();
+  // Chunks [c0, c1) into fresh int32 accumulators. Batch 1 keeps a second one for the high
+  // nibbles, so that its two multiply-adds don't wait on each other (tiles have MT chains).
+  constexpr int A2 = (R == 1 && MT == 1) ? 1 : 0;
+  auto chunks = [&](int64_t c0, int64_t c1, VI (&acc)[R][MT]) {
+    VI acc2 = vi_zero();
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = vi_zero();
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k = c * CH;
+      if constexpr (A2) prefetch_ahead<CH / 2>(w + k / 2);
+      for (int r = 0; r < R; ++r) {
+        const VI v = vi_widen_u8(w + r * rowb + k / 2);
+        const VI lo = vi_lo_nibble(v), hi = vi_hi_nibble(v);
+        for (int m = 0; m < MT; ++m) {
+          acc[r][m] = vi_madd(acc[r][m], lo, vi_load(xq + m * K + k));
+          if constexpr (A2) {
+            acc2 = vi_madd(acc2, hi, vi_load(xq + k + W2));
+          } else {
+            acc[r][m] = vi_madd(acc[r][m], hi, vi_load(xq + m * K + k + W2));
+          }
+        }
+      }
+    }
+    if constexpr (A2) acc[0][0] = vi_add(acc[0][0], acc2);
+  };
+  VI acc[R][MT];
+  if (G % CH == 0) {
+    const int64_t per_group = G / CH;
+    for (int64_t g = 0; g < NG; ++g) {
+      chunks(g * per_group, (g + 1) * per_group, acc);
+      for (int r = 0; r < R; ++r) {
+        const V s = vset1(sc[r * NG + g]);
+        for (int m = 0; m < MT; ++m) tot[r][m] = vfma(vi_to_ps(acc[r][m]), s, tot[r][m]);
+      }
+    }
+  } else {  // two groups per chunk
+    for (int64_t c = 0; c < K / CH; ++c) {
+      chunks(c, c + 1, acc);
+      for (int r = 0; r < R; ++r) {
+        const V s = vset_halves(sc[r * NG + 2 * c], sc[r * NG + 2 * c + 1]);
+        for (int m = 0; m < MT; ++m) tot[r][m] = vfma(vi_to_ps(acc[r][m]), s, tot[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    for (int m = 0; m < MT; ++m) {
+      float s = vhsum(tot[r][m]) * a.xp[m0 + m];  // the row's int16 scale
+      s -= dot3(sc + r * NG, a.zeros + n * NG, a.xsum + (m0 + m) * NG, NG);
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + m) * a.ldy + n] = s;
+    }
+  }
+}
+
+struct I4Int16Kern {
+  template <int NR, int MT>
+  static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    // batch 1: one row at a time, in memory order; tiles: <= 16 accumulators on AVX-512
+    constexpr int RMAX = (MT == 1) ? 1 : (W >= 16 ? 2 : (MT <= 2 ? 2 : 1));
+    constexpr int R = NR < RMAX ? NR : RMAX;
+    for (int i = 0; i < NR; i += R) i4i_tile<R, MT>(a, n + i, m0);
+  }
+};
+
+void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  if (i4_int_ok(a)) {
+    rows<I4Int16Kern>(a, n_begin, n_end);
+  } else {
+    rows_i4(a, n_begin, n_end);
+  }
+}
+
+// The table of a unit that has both shims: these kernels for bf16, int8 and int4.
 #define LLMB_INT_KERNEL_TABLE(NAME)                                                    \
   {                                                                                    \
-    NAME, {&rows<DenseKern<FmtF32>>, &rows<BF16PairKern>, &rows<I8Int16Kern>, &rows_i4}, \
+    NAME, {&rows<DenseKern<FmtF32>>, &rows<BF16PairKern>, &rows<I8Int16Kern>, &rows_i4_int}, \
     {                                                                                  \
-      nullptr, &prep_bf16, &prep_i8, nullptr                                           \
+      nullptr, &prep_bf16, &prep_i8, &prep_i4                                          \
     }                                                                                  \
   }

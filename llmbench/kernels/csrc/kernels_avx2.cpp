@@ -66,6 +66,13 @@ inline V bf16_odd(VI v) {
 inline VI vi_widen_i8(const int8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+inline VI vi_add(VI a, VI b) { return _mm256_add_epi32(a, b); }
+inline VI vi_widen_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline VI vi_lo_nibble(VI v) { return _mm256_and_si256(v, _mm256_set1_epi16(0x0F)); }
+inline VI vi_hi_nibble(VI v) { return _mm256_srli_epi16(v, 4); }
+inline V vset_halves(float lo, float hi) { return _mm256_blend_ps(vset1(lo), vset1(hi), 0xF0); }
 inline VI vi_zero() { return _mm256_setzero_si256(); }
 inline VI vi_madd(VI acc, VI a, VI b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 inline V vi_to_ps(VI v) { return _mm256_cvtepi32_ps(v); }

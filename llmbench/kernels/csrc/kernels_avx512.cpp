@@ -69,6 +69,15 @@ inline V bf16_odd(VI v) {
 inline VI vi_widen_i8(const int8_t* p) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+inline VI vi_add(VI a, VI b) { return _mm512_add_epi32(a, b); }
+inline VI vi_widen_u8(const uint8_t* p) {
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline VI vi_lo_nibble(VI v) { return _mm512_and_si512(v, _mm512_set1_epi16(0x0F)); }
+inline VI vi_hi_nibble(VI v) { return _mm512_srli_epi16(v, 4); }
+inline V vset_halves(float lo, float hi) {
+  return _mm512_mask_blend_ps(static_cast<__mmask16>(0xFF00), vset1(lo), vset1(hi));
+}
 inline VI vi_zero() { return _mm512_setzero_si512(); }
 inline VI vi_madd(VI acc, VI a, VI b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
 inline V vi_to_ps(VI v) { return _mm512_cvtepi32_ps(v); }
