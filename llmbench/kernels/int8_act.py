@@ -5,10 +5,11 @@
                 (dynamic: max|x row| / 127), qweight int8 [N, K], wscales fp32 [N], bias=None)
     xq = clamp(round(x / act_scale), -127, 127);  y = (xq @ qweight.T) * act_scale * wscales + b
 
-Decode (M <= SMALL_M_MAX) runs the weight-only int8 kernels of llmbench.kernels with their
-activations rounded to int8 instead of int16 (`act_qmax=127`): int8 x int8 products summed
-exactly in int32 (vpmaddwd on AVX2/AVX-512; the generic path multiplies the rounded levels in
-fp32). Prefill (larger M) uses fp32 GEMM on the integer-valued activations and weights:
+Up to the int8 kernels' row limit (kernels.STREAM_M_MAX["int8"]: decode and short prefills)
+the weight-only int8 kernels of llmbench.kernels run with their activations rounded to int8
+instead of int16 (`act_qmax=127`): int8 x int8 products summed exactly in int32 (vpmaddwd on
+AVX2/AVX-512; the generic path multiplies the rounded levels in fp32). Longer prefills use
+fp32 GEMM on the integer-valued activations and weights:
 torch._int_mm exists on CPU in this torch but measured 30-50x slower than fp32 GEMM (M =
 32..512, K = 576, N = 1728, one thread), so the int8 numerics are kept and the arithmetic is
 fp32 there.
@@ -20,13 +21,12 @@ import torch
 
 from llmbench import kernels
 
-SMALL_M_MAX = 16
 INT8_MAX = 127.0
 
 
 def describe() -> str:
-    return (f"int8 x int8 -> int32 for M <= {SMALL_M_MAX} ({kernels.isa()}); prefill: int8 "
-            "numerics, fp32 GEMM compute")
+    return (f"int8 x int8 -> int32 for M <= {kernels.STREAM_M_MAX['int8']} ({kernels.isa()}); "
+            "longer prefills: int8 numerics, fp32 GEMM compute")
 
 
 def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,8 @@ def _fp32_path(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
 def linear_w8a8(x: torch.Tensor, act_scale: torch.Tensor | None, qweight: torch.Tensor,
                 wscales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // max(1, x.shape[-1])
-    if kernels.available() and 0 < rows <= SMALL_M_MAX and x.dtype == torch.float32:
+    if (kernels.available() and 0 < rows <= kernels.STREAM_M_MAX["int8"]
+            and x.dtype == torch.float32):
         return kernels.compiled().linear_int8w(x, qweight, wscales, bias, INT8_MAX, act_scale)
     if act_scale is None:
         act_scale = dynamic_scales(x)
