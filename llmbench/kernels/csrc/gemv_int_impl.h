@@ -230,6 +230,17 @@ struct I8Int16Kern {
 // block, so when a group is half a chunk (groups of 32 on AVX-512) the two
 // halves of the lanes take their own group's scale. The zero-point term is
 // i4_tile's (fp32 x sums, ops.cpp). Other shapes run i4_tile.
+//
+// Knob LLMB_I4_INT16 (set by the including unit before gemv_impl.h): 1 puts
+// these kernels in the table, 0 keeps i4_tile. On the Intel Xeon (2 threads,
+// benchmarks/bench_kernels.py) AVX-512 gained (TinyLlama-shape int4 decode
+// linears 34-40 -> 32-34 ms, SmolLM2's 5.7-5.9 -> 5.2-5.4), but the same
+// kernels on the AVX2 path measured 13-14 ms against 11-12 for SmolLM2's
+// linears there, so AVX2 keeps i4_tile until it is measured on the AMD
+// machines that path is tuned on.
+#ifndef LLMB_I4_INT16
+#define LLMB_I4_INT16 0
+#endif
 constexpr int64_t CH = 2 * W2;
 
 inline bool i4_int_ok(const GemvArgs& a) {
@@ -330,8 +341,9 @@ void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 // The table of a unit that has both shims: these kernels for bf16, int8 and int4.
 #define LLMB_INT_KERNEL_TABLE(NAME)                                                    \
   {                                                                                    \
-    NAME, {&rows<DenseKern<FmtF32>>, &rows<BF16PairKern>, &rows<I8Int16Kern>, &rows_i4_int}, \
+    NAME, {&rows<DenseKern<FmtF32>>, &rows<BF16PairKern>, &rows<I8Int16Kern>,          \
+           LLMB_I4_INT16 ? &rows_i4_int : &rows_i4},                                   \
     {                                                                                  \
-      nullptr, &prep_bf16, &prep_i8, &prep_i4                                          \
+      nullptr, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr                \
     }                                                                                  \
   }

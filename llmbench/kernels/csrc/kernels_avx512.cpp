@@ -58,6 +58,7 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
 #define LLMB_ROW_DECODE 0
 #define LLMB_PF_BYTES 4096
 #define LLMB_PF_LOC 2
+#define LLMB_I4_INT16 1  // int4 x int16 multiply-adds (gemv_int_impl.h)
 #include "gemv_impl.h"
 
 using VI = __m512i;
