@@ -319,3 +319,7 @@ def test_run_gptq_refuses_bad_flags(tmp_path):
     result = run_entry("utils/run_gptq.py", "--wbits", "3", "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(result, "--wbits 3")
     assert not (tmp_path / "o").exists()
+    result = run_entry("utils/run_gptq.py", "--dataset", str(tmp_path / "missing.jsonl"),
+                       "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(result, "missing.jsonl: no such file")
+    assert not (tmp_path / "o").exists()

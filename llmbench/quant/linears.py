@@ -242,9 +242,10 @@ OVERFLOW = 127.5  # |x| / act_scale beyond which int8 would saturate
 class StaticInt8Linear:
     """SmoothQuant W8A8: the input is quantized to int8 with a static per-tensor scale found by
     calibration (the smoothing factors are already folded into the preceding norm or projection
-    and into the weight), the weight is int8 per output channel. Decode (M <= 16) multiplies
-    int8 x int8 with int32 accumulation (llmbench.kernels.int8_act); prefill runs the same
-    integer-valued numbers through fp32 GEMM (see int8_act.describe())."""
+    and into the weight), the weight is int8 per output channel. Up to the int8 kernels' row
+    limit (decode, short prefills) it multiplies int8 x int8 with int32 accumulation
+    (llmbench.kernels.int8_act); longer prefills run the same integer-valued numbers through
+    fp32 GEMM (see int8_act.describe())."""
 
     kind = "w8a8"
 
