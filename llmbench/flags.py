@@ -226,13 +226,15 @@ def add_quantization_flags(parser: argparse.ArgumentParser) -> argparse._Argumen
                        help="symmetric weights (no zero points)")
     group.add_argument("--lowp-mode", choices=("AUTO", "FP32", "BF16", "FP16", "INT8"),
                        default="AUTO", help="compute of quantized projections: AUTO/FP32 "
-                            "fp32; INT8 int8 activations (INT8 weights)")
+                            "fp32; INT8 int8 activations (INT8 or INT4 weights)")
     group.add_argument("--quant-with-amp", action="store_true",
                        help="bf16 for the layers that are not quantized (same as --dtype "
                             "bfloat16)")
     group.add_argument("--act-quant-mode", default=None,
                        help="int8 activations for --lowp-mode INT8: PER_BATCH_SYM (per row, "
-                            "symmetric; the default)")
+                            "symmetric; the default), PER_BATCH, PER_TENSOR[_SYM], "
+                            "PER_IC_BLOCK[_SYM], PER_BATCH_IC_BLOCK[_SYM] (no _SYM: "
+                            "asymmetric)")
     group.add_argument("--low-precision-checkpoint", default=None, metavar="FILE",
                        help="a GPTQ/AWQ INT4 checkpoint (safetensors) for the model")
     group.add_argument("--ipex-smooth-quant", action="store_true",

@@ -15,7 +15,7 @@ from tiny_models import make_tiny_model
 from llmbench.errors import UserError
 from llmbench.quant import apply, quality
 from llmbench.quant.cli import main as quantize_main
-from llmbench.quant.scheme import Scheme, quantize_weight, resolve_group_size
+from llmbench.quant.scheme import ACT_QUANT_MODES, Scheme, quantize_weight, resolve_group_size
 
 
 @pytest.mark.parametrize("dtype,group,sym,max_error", [
@@ -59,9 +59,10 @@ def tiny_llama(tmp_path_factory, embedded_model_dir):
     (["--group-size", "48"], "--group-size 48 is not allowed"),
     (["--weight-dtype", "INT8", "--group-size", "128"], "per output channel only"),
     (["--lowp-mode", "BF16"], "--lowp-mode BF16"),
-    (["--lowp-mode", "INT8"], "--lowp-mode INT8 runs int8 activations against INT8 weights"),
-    (["--weight-dtype", "INT8", "--lowp-mode", "INT8", "--act-quant-mode", "PER_IC_BLOCK"],
-     "--act-quant-mode PER_IC_BLOCK is not implemented"),
+    (["--weight-dtype", "NF4", "--lowp-mode", "INT8"],
+     "--lowp-mode INT8 runs int8 activations against INT8 or INT4 weights"),
+    (["--weight-dtype", "INT8", "--lowp-mode", "INT8", "--act-quant-mode", "PER_CHANNEL"],
+     "--act-quant-mode PER_CHANNEL is not a mode"),
     (["--weight-dtype", "INT8", "--act-quant-mode", "PER_BATCH_SYM"],
      "--act-quant-mode applies to --lowp-mode INT8"),
     (["--ipex-smooth-quant"], "exclude each other"),
@@ -113,12 +114,72 @@ def test_run_py_lowp_int8_runs_int8_activations(tmp_path, tiny_llama):
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / "best_model.json").read_text())
     assert meta["scheme"]["lowp_mode"] == "INT8"
-    assert "int8 activations per row" in meta["description"]
+    assert "int8 activations PER_BATCH_SYM" in meta["description"]
     report = json.loads(next(p for p in out.glob("*.json") if p.name != "best_model.json")
                         .read_text())
     quantization = report["backend"]["quantization"]
-    assert quantization["compute"].startswith("int8 x int8 -> int32")
+    assert quantization["compute"].startswith("int8 projections: int8 x int8 -> int32")
     assert report["backend"]["decode_step"].startswith("compiled C++ step")
+
+
+def test_run_py_int4_lowp_int8_act_quant_mode(tmp_path, tiny_llama):
+    """INT4 weights with --lowp-mode INT8 and an IPEX --act-quant-mode: saved in the scheme,
+    run through the compiled decode step on int8 levels, said in the report; a later run of
+    the saved model may pick another mode."""
+    from llmbench.generation import main as generation_main
+
+    out = tmp_path / "out"
+    result = run_entry("run.py", "-m", str(tiny_llama), "--ipex-weight-only-quantization",
+                       "--weight-dtype", "INT4", "--group-size", "32", "--lowp-mode", "INT8",
+                       "--act-quant-mode", "PER_IC_BLOCK", "--backend", "native", "--benchmark",
+                       "--greedy", "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
+                       "--num-warmup", "0", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "best_model.json").read_text())
+    assert meta["scheme"]["act_quant_mode"] == "PER_IC_BLOCK"
+    report = json.loads(next(p for p in out.glob("*.json") if p.name != "best_model.json")
+                        .read_text())
+    compute = report["backend"]["quantization"]["compute"]
+    assert ("int4 projections: PER_IC_BLOCK int8 activations (per tensor, blocks of 32 input "
+            "channels, asymmetric)") in compute
+    assert report["backend"]["decode_step"].startswith("compiled C++ step")
+    again = tmp_path / "again"
+    assert generation_main(["-m", str(tiny_llama), "--quantized-model-path",
+                            str(out / "best_model.safetensors"), "--lowp-mode", "INT8",
+                            "--act-quant-mode", "PER_TENSOR_SYM", "--greedy",
+                            "--max-new-tokens", "2", "--num-iter", "1", "--num-warmup", "0",
+                            "--output-dir", str(again)]) == 0
+    report = json.loads(next(again.glob("*.json")).read_text())
+    assert report["backend"]["quantization"]["scheme"]["act_quant_mode"] == "PER_TENSOR_SYM"
+    assert "per tensor, symmetric" in report["backend"]["quantization"]["compute"]
+
+
+@pytest.mark.parametrize("mode", ACT_QUANT_MODES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_act_levels_are_int8_levels_and_the_kernel_matches_torch(mode, rows):
+    """Each --act-quant-mode's int8 levels: C++ equals the torch reference exactly, every
+    scale block holds at most 255 levels, and a zero input stays zero."""
+    from llmbench import kernels
+    from llmbench.kernels.int8_act import reference_levels
+    from llmbench.quant.scheme import act_levels_for
+
+    spec = act_levels_for(mode, 64)
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 192, generator=generator) * 3 + 0.5
+    x[:, 5] = 0.0
+    expected = reference_levels(x, spec)
+    if kernels.available():
+        assert torch.equal(kernels.compiled().act_levels(x, spec.per_tensor, spec.sym,
+                                                         spec.block), expected)
+    assert bool((expected[:, 5] == 0).all())
+    block = spec.block or x.shape[1]
+    for k0 in range(0, x.shape[1], block):
+        scopes = [expected[:, k0:k0 + block]] if spec.per_tensor else list(
+            expected[:, k0:k0 + block])
+        for part in scopes:
+            assert part.unique().numel() <= (255 if spec.sym else 256)
+    relative = float((expected - x).norm() / x.norm())
+    assert 0 < relative < 0.02
 
 
 def test_saved_model_is_refused_for_another_model_or_scheme(tmp_path, tiny_llama,
@@ -142,17 +203,19 @@ def test_saved_model_is_refused_for_another_model_or_scheme(tmp_path, tiny_llama
     assert generation_main(["-m", str(tiny_llama), "--quantized-model-path", saved, *bench]) == 0
 
 
-@pytest.mark.parametrize("dtype", ["INT8", "INT8+lowp", "INT4", "NF4", "FP8"])
+@pytest.mark.parametrize("dtype", ["INT8", "INT8+PER_BATCH_SYM", "INT8+PER_BATCH", "INT4",
+                                   "INT4+PER_BATCH_SYM", "INT4+PER_BATCH_IC_BLOCK", "NF4", "FP8"])
 def test_native_and_stock_run_the_same_quantized_model(tiny_llama, dtype):
     """Native (fused projections through map_linears) and stock (swapped nn.Linear) compute the
-    same quantized model: the same greedy tokens. INT8+lowp: --lowp-mode INT8, int8
-    activations (the compiled decode step on native, int8_act's path on stock)."""
+    same quantized model: the same greedy tokens. +MODE: --lowp-mode INT8 with that
+    --act-quant-mode, int8 activations (the compiled decode step on native, the Python
+    projections on stock)."""
     from llmbench.backends import prepare
     from llmbench.models import load_model
 
-    dtype, _, lowp = dtype.partition("+")
+    dtype, _, mode = dtype.partition("+")
     scheme = Scheme("woq", dtype, 32 if dtype in ("INT4", "NF4") else -1, dtype != "INT8",
-                    "INT8" if lowp else "AUTO")
+                    "INT8" if mode else "AUTO", act_quant_mode=mode or "PER_BATCH_SYM")
     runs = []
     for backend in ("stock", "native"):
         loaded = load_model(str(tiny_llama), "float32")

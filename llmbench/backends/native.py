@@ -131,13 +131,21 @@ def kernel_spec(projection: Any) -> dict[str, Any] | None:
     if kind == "int8":
         return {"fmt": _FMT_I8, "w": projection.qweight, "scales": projection.scales,
                 "zeros": projection.zeros, "bias": projection.bias,
-                "act_qmax": float(projection.act_qmax)}
+                "act_qmax": float(projection.act_qmax), **_act_levels_spec(projection)}
     if kind == "int4":
         return {"fmt": _FMT_I4, "w": projection.packed, "scales": projection.scales,
                 "zeros": projection.zeros, "group_size": projection.group_size,
                 "bias": projection.bias, "in_features": projection.in_features,
-                "perm": projection.perm}
+                "perm": projection.perm, **_act_levels_spec(projection)}
     return None
+
+
+def _act_levels_spec(projection: Any) -> dict[str, Any]:
+    spec = getattr(projection, "act_levels", None)
+    if spec is None:
+        return {}
+    return {"act_levels": True, "act_per_tensor": spec.per_tensor, "act_sym": spec.sym,
+            "act_block": spec.block}
 
 
 class KVCache:

@@ -17,6 +17,8 @@ fp32 there.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from llmbench import kernels
@@ -27,6 +29,51 @@ INT8_MAX = 127.0
 def describe() -> str:
     return (f"int8 x int8 -> int32 for M <= {kernels.STREAM_M_MAX['int8']} ({kernels.isa()}); "
             "longer prefills: int8 numerics, fp32 GEMM compute")
+
+
+@dataclass(frozen=True)
+class ActLevels:
+    """int8 activations for the --act-quant-modes the int8 kernels' exact per-row symmetric
+    path (act_qmax) doesn't cover, and for INT4 weights: x is replaced by its int8 levels,
+    (q - zero) * scale, and the weight-only kernels run on those. The activations are int8
+    values exactly; the arithmetic is the kernels' own (fp32, or int16 levels on the integer
+    paths: within 1/516 of an int8 step). csrc/linear.h ActQuant is the same in C++."""
+
+    per_tensor: bool  # one scale over all rows (per block); else one per row
+    sym: bool  # q in [-127, 127]; else [0, 255] with a zero point
+    block: int  # input channels per scale; 0 = the whole row
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.available() and x.dtype == torch.float32 and x.numel():
+            return kernels.compiled().act_levels(x, self.per_tensor, self.sym, self.block)
+        return reference_levels(x, self)
+
+    def describe(self) -> str:
+        scope = "per tensor" if self.per_tensor else "per row"
+        block = f", blocks of {self.block} input channels" if self.block else ""
+        return f"{scope}{block}, {'symmetric' if self.sym else 'asymmetric'}"
+
+
+def reference_levels(x: torch.Tensor, spec: ActLevels) -> torch.Tensor:
+    """ActLevels in pure torch (the fallback, and what the C++ op must equal)."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).float()
+    block = spec.block if 0 < spec.block < k else k
+    out = torch.empty_like(rows)
+    for k0 in range(0, k, block):
+        part = rows[:, k0:k0 + block]
+        dims = (0, 1) if spec.per_tensor else (1,)
+        lo = part.amin(dim=dims, keepdim=True).clamp_max(0.0)
+        hi = part.amax(dim=dims, keepdim=True).clamp_min(0.0)
+        if spec.sym:
+            scale = (torch.maximum(hi, -lo) / 127.0).clamp_min(1e-8)
+            zero, qlo, qhi = torch.zeros_like(scale), -127.0, 127.0
+        else:
+            scale = ((hi - lo) / 255.0).clamp_min(1e-8)
+            zero, qlo, qhi = torch.round(-lo / scale), 0.0, 255.0
+        q = torch.clamp(torch.round(part / scale) + zero, qlo, qhi)
+        out[:, k0:k0 + block] = (q - zero) * scale
+    return out.reshape(x.shape).to(x.dtype)
 
 
 def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from llmbench import kernels
 from llmbench.errors import UserError
 from llmbench.kernels import int8_act
 from llmbench.quant.linears import (
@@ -34,7 +35,7 @@ from llmbench.quant.linears import (
     QuantizedLinear,
     fuse,
 )
-from llmbench.quant.scheme import MIN_IN_FEATURES, Scheme, quantize_weight
+from llmbench.quant.scheme import MIN_IN_FEATURES, Scheme, act_levels_for, quantize_weight
 
 FORMAT = "llmbench.quantized/1"
 MODEL_FILE = "best_model.safetensors"
@@ -174,11 +175,37 @@ def set_float_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) 
 
 
 def set_compute(qlinears: dict[str, Any], scheme: Scheme) -> None:
-    """--lowp-mode INT8: the INT8 projections quantize their activations to int8 per row at
-    run time (check_lowp_mode allows it for INT8 weights only); otherwise fp32 activations."""
+    """--lowp-mode INT8: the INT8 and INT4 projections quantize their activations to int8 at
+    run time as --act-quant-mode says (check_lowp_mode allows no other weights). Per row
+    symmetric on INT8 weights is the int8 kernels' exact int8 x int8 path (act_qmax); every
+    other case hands the kernels the int8 levels (ActLevels). Otherwise fp32 activations."""
+    int8_compute = scheme.lowp_mode == "INT8"
     for linear in qlinears.values():
         if isinstance(linear, Int8Linear):
-            linear.act_qmax = int8_act.INT8_MAX if scheme.lowp_mode == "INT8" else 0.0
+            exact = int8_compute and scheme.act_quant_mode == "PER_BATCH_SYM"
+            linear.act_qmax = int8_act.INT8_MAX if exact else 0.0
+            linear.act_levels = (act_levels_for(scheme.act_quant_mode, -1)
+                                 if int8_compute and not exact else None)
+        elif isinstance(linear, Int4Linear):
+            linear.act_levels = (act_levels_for(scheme.act_quant_mode, linear.group_size)
+                                 if int8_compute else None)
+
+
+def compute_description(qlinears: dict[str, Any], scheme: Scheme) -> str | None:
+    """What the report's quantization.compute says about int8 activations (None: there are
+    none), by projection kind."""
+    exact = sorted({q.kind for q in qlinears.values()
+                    if q.kind == "w8a8" or getattr(q, "act_qmax", 0.0)})
+    parts = [f"{'/'.join(exact)} projections: {int8_act.describe()}"] if exact else []
+    by_kind: dict[str, set[str]] = {}
+    for q in qlinears.values():
+        if getattr(q, "act_levels", None) is not None:
+            by_kind.setdefault(q.kind, set()).add(q.act_levels.describe())
+    for kind, specs in sorted(by_kind.items()):
+        parts.append(f"{kind} projections: {scheme.act_quant_mode} int8 activations "
+                     f"({'; '.join(sorted(specs))}), their int8 levels through the weight-only "
+                     f"kernels ({kernels.isa()}): fp32 or int16 arithmetic, no int8 speed-up")
+    return " | ".join(parts) or None
 
 
 def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dtype: str,
@@ -211,8 +238,9 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
         install_hf(prepared.model, qlinears)
         weight_bytes = stock_bytes
     details["weight_bytes_per_token"] = weight_bytes
-    if "w8a8" in kinds or scheme.lowp_mode == "INT8":
-        details["compute"] = int8_act.describe()
+    compute = compute_description(qlinears, scheme)
+    if compute is not None:
+        details["compute"] = compute
     pure_torch = [k for k in kinds if k in ("nf4", "fp8")]
     if pure_torch:
         details["note"] = (f"{', '.join(pure_torch)} weights are dequantized in pure torch on "

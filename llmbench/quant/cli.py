@@ -11,7 +11,12 @@ from typing import Any
 
 from llmbench import flags
 from llmbench.errors import UserError
-from llmbench.quant.scheme import Scheme, check_lowp_mode, resolve_group_size
+from llmbench.quant.scheme import (
+    DEFAULT_ACT_QUANT_MODE,
+    Scheme,
+    check_lowp_mode,
+    resolve_group_size,
+)
 
 DESCRIPTION = ("Quantize a causal LM (weight-only round to nearest, or SmoothQuant W8A8) and "
                "save it.")
@@ -63,11 +68,19 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
             raise UserError("--ipex-smooth-quant is static INT8 per-channel: --weight-dtype and "
                             "--group-size don't apply")
         check_dataset_arg(args.dataset)
+        if args.act_quant_mode is not None:
+            raise UserError("--act-quant-mode doesn't apply to --ipex-smooth-quant: its "
+                            "activations are int8 per tensor with calibrated static scales")
         return Scheme("smoothquant", "INT8", -1, True, args.lowp_mode, True,
                       {"alpha": args.alpha})
     group = resolve_group_size(args.weight_dtype, args.group_size)
     sym = args.woq_sym_quant_weight or args.weight_dtype in ("NF4", "FP8")
-    return Scheme("woq", args.weight_dtype, group, sym, args.lowp_mode)
+    return Scheme("woq", args.weight_dtype, group, sym, args.lowp_mode,
+                  act_quant_mode=act_quant_mode_of(args))
+
+
+def act_quant_mode_of(args: argparse.Namespace) -> str:
+    return args.act_quant_mode or DEFAULT_ACT_QUANT_MODE
 
 
 def checkpoint_scheme(args: argparse.Namespace) -> Scheme:
@@ -77,6 +90,7 @@ def checkpoint_scheme(args: argparse.Namespace) -> Scheme:
         raise UserError(f"--low-precision-checkpoint holds INT4 GPTQ/AWQ weights, not "
                         f"--weight-dtype {args.weight_dtype}")
     return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode,
+                  act_quant_mode=act_quant_mode_of(args),
                   extra={"checkpoint_file": str(Path(args.low_precision_checkpoint)
                                                 .expanduser().resolve())})
 
@@ -136,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     elif scheme.method == "checkpoint":
         from llmbench.quant.checkpoint import load_low_precision
 
-        qlinears, scheme = load_low_precision(args.low_precision_checkpoint, model)
+        qlinears, file_scheme = load_low_precision(args.low_precision_checkpoint, model)
+        scheme = dataclasses.replace(file_scheme, lowp_mode=scheme.lowp_mode,
+                                     act_quant_mode=scheme.act_quant_mode)
         if args.group_size not in (0, scheme.group_size):
             raise UserError(f"--group-size {args.group_size}: the checkpoint's group size is "
                             f"{scheme.group_size}")
@@ -191,7 +207,8 @@ def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
     check_saved_scheme(scheme, wanted, path)
     if args.lowp_mode != "AUTO":  # how to compute is this run's choice, not the saved weights'
         check_lowp_mode(args.lowp_mode, args.act_quant_mode, scheme.weight_dtype)
-        scheme = dataclasses.replace(scheme, lowp_mode=args.lowp_mode)
+        scheme = dataclasses.replace(scheme, lowp_mode=args.lowp_mode,
+                                     act_quant_mode=act_quant_mode_of(args))
     apply.check_identity(meta["source_model"], apply.model_identity(loaded), path)
     apply.check_against_model(qlinears, loaded.model, path)
     prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,

@@ -45,6 +45,7 @@ class Int8Linear:
 
     kind = "int8"
     act_qmax = 0.0
+    act_levels: int8_act.ActLevels | None = None  # other --act-quant-modes (see ActLevels)
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
@@ -56,6 +57,8 @@ class Int8Linear:
         self.out_features, self.in_features = self.qweight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_levels is not None:
+            x = self.act_levels(x)
         if self.act_qmax:
             y = int8_act.linear_w8a8(x, None, self.qweight, self.scales, self.bias)
         else:
@@ -91,7 +94,7 @@ class Int8Linear:
         zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])
         fused = cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
                     zeros, _cat_bias(parts))
-        fused.act_qmax = parts[0].act_qmax
+        fused.act_qmax, fused.act_levels = parts[0].act_qmax, parts[0].act_levels
         return fused
 
 
@@ -101,6 +104,7 @@ class Int4Linear:
     e.g. K = 576 with groups of 128); `perm` reorders the input channels (GPTQ act-order)."""
 
     kind = "int4"
+    act_levels: int8_act.ActLevels | None = None  # --lowp-mode INT8: int8 activations
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, in_features: int, bias: torch.Tensor | None = None,
@@ -123,7 +127,10 @@ class Int4Linear:
         return x
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear_int4w(self._input(x), self.packed, self.scales, self.zeros,
+        x = self._input(x)
+        if self.act_levels is not None:  # after the permutation: blocks follow the groups
+            x = self.act_levels(x)
+        return kernels.linear_int4w(x, self.packed, self.scales, self.zeros,
                                     self.group_size, self.bias)
 
     def dequantize(self) -> torch.Tensor:
@@ -154,9 +161,11 @@ class Int4Linear:
             # Different groupings or input permutations can't share one packed tensor: the
             # parts run side by side on the same input.
             return _Concat(parts)  # type: ignore[return-value]
-        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts]),
-                   torch.cat([p.zeros for p in parts]), first.group_size, first.in_features,
-                   _cat_bias(parts), first.perm)
+        fused = cls(torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts]),
+                    torch.cat([p.zeros for p in parts]), first.group_size, first.in_features,
+                    _cat_bias(parts), first.perm)
+        fused.act_levels = first.act_levels
+        return fused
 
 
 class NF4Linear:

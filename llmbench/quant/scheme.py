@@ -13,6 +13,18 @@ from llmbench.errors import UserError
 from llmbench.quant.linears import FP8Linear, Int4Linear, Int8Linear, NF4Linear
 
 WEIGHT_DTYPES = ("INT8", "INT4", "NF4", "FP8")
+# --act-quant-mode (IPEX's names), for --lowp-mode INT8: the scale's scope is the whole tensor
+# (PER_TENSOR), each row/token (PER_BATCH), each block of input channels over all rows
+# (PER_IC_BLOCK) or each block of each row (PER_BATCH_IC_BLOCK); _SYM: symmetric, else
+# asymmetric with a zero point. Ours defaults to per row symmetric: on INT8 weights it is the
+# int8 kernels' exact int8 x int8 path; the others run as int8 levels (int8_act.ActLevels).
+ACT_QUANT_MODES = ("PER_BATCH_SYM", "PER_BATCH", "PER_TENSOR_SYM", "PER_TENSOR",
+                   "PER_IC_BLOCK_SYM", "PER_IC_BLOCK", "PER_BATCH_IC_BLOCK_SYM",
+                   "PER_BATCH_IC_BLOCK")
+DEFAULT_ACT_QUANT_MODE = "PER_BATCH_SYM"
+# Input channels per activation scale in the IC-block modes when the weights have no groups
+# (with groups, the weights' group size: one activation scale per weight group).
+ACT_IC_BLOCK = 128
 LOWP_MODES = ("AUTO", "FP32", "BF16", "FP16", "INT8")
 DEFAULT_4BIT_GROUP = 128
 MIN_GROUP = 32
@@ -33,6 +45,7 @@ class Scheme:
     lowp_mode: str = "AUTO"
     lm_head: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # method settings (alpha, calibration)
+    act_quant_mode: str = DEFAULT_ACT_QUANT_MODE  # with lowp_mode INT8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,7 +59,8 @@ class Scheme:
         sym = "sym" if self.sym else "asym"
         if self.method == "smoothquant":
             return f"smoothquant W8A8 (alpha {self.extra.get('alpha')})"
-        compute = ", int8 activations per row" if self.lowp_mode == "INT8" else ""
+        compute = (f", int8 activations {self.act_quant_mode}" if self.lowp_mode == "INT8"
+                   else "")
         return f"{self.method} {self.weight_dtype} {group} {sym}{compute}"
 
 
@@ -66,28 +80,35 @@ def resolve_group_size(weight_dtype: str, group_size: int) -> int:
     return group_size
 
 
-# --act-quant-mode values we run: int8 activations quantized per row (token), symmetric, from
-# each row's own max-abs at run time. IPEX's per-tensor, per-input-channel-block and
-# asymmetric modes are not implemented.
-ACT_QUANT_MODES = ("PER_BATCH_SYM",)
-
-
 def check_lowp_mode(lowp_mode: str, act_quant_mode: str | None, weight_dtype: str) -> None:
-    """--lowp-mode AUTO/FP32: fp32 compute. INT8: int8 activations against INT8 weights
-    (the int8 x int8 kernels); anything else is refused rather than run as something else."""
+    """--lowp-mode AUTO/FP32: fp32 compute. INT8: int8 activations against INT8 or INT4
+    weights; anything else is refused rather than run as something else."""
     if lowp_mode == "INT8":
-        if weight_dtype != "INT8":
-            raise UserError(f"--lowp-mode INT8 runs int8 activations against INT8 weights; "
-                            f"{weight_dtype} weights compute in fp32 here: use AUTO or FP32")
+        if weight_dtype not in ("INT8", "INT4"):
+            raise UserError(f"--lowp-mode INT8 runs int8 activations against INT8 or INT4 "
+                            f"weights; {weight_dtype} weights compute in fp32 here: use AUTO or "
+                            "FP32")
         if act_quant_mode not in (None, *ACT_QUANT_MODES):
-            raise UserError(f"--act-quant-mode {act_quant_mode} is not implemented: ours quantizes "
-                            f"activations per row, symmetric ({', '.join(ACT_QUANT_MODES)})")
+            raise UserError(f"--act-quant-mode {act_quant_mode} is not a mode: use one of "
+                            f"{', '.join(ACT_QUANT_MODES)}")
         return
     if lowp_mode not in ("AUTO", "FP32"):
         raise UserError(f"--lowp-mode {lowp_mode}: our weight-only kernels compute in fp32 "
                         "(or int8 with --lowp-mode INT8), not bf16/fp16; use AUTO, FP32 or INT8")
     if act_quant_mode is not None:
         raise UserError("--act-quant-mode applies to --lowp-mode INT8; leave it out")
+
+
+def act_levels_for(mode: str, weight_group: int) -> Any:
+    """The int8_act.ActLevels of an --act-quant-mode, for weights grouped by weight_group
+    (-1 or the whole row: per channel)."""
+    from llmbench.kernels.int8_act import ActLevels
+
+    block = 0
+    if "IC_BLOCK" in mode:
+        block = weight_group if weight_group > 0 else ACT_IC_BLOCK
+    return ActLevels(per_tensor=not mode.startswith("PER_BATCH"), sym=mode.endswith("_SYM"),
+                     block=block)
 
 
 def _padded(w: torch.Tensor, group: int) -> torch.Tensor:

@@ -99,7 +99,8 @@ class DecodePlan {
   int64_t add_linear(int64_t fmt, const at::Tensor& w, const std::optional<at::Tensor>& scales,
                      const std::optional<at::Tensor>& zeros, int64_t group_size,
                      const std::optional<at::Tensor>& bias, int64_t in_features,
-                     const std::optional<at::Tensor>& perm, double act_qmax) {
+                     const std::optional<at::Tensor>& perm, double act_qmax, bool act_levels,
+                     bool act_per_tensor, bool act_sym, int64_t act_block) {
     TORCH_CHECK(fmt >= 0 && fmt < kNumFmt, "decode_step: unknown weight format ", fmt);
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "decode_step: weights must be contiguous 2-D");
     static const at::ScalarType kDtype[kNumFmt] = {at::kFloat, at::kBFloat16, at::kChar,
@@ -126,6 +127,12 @@ class DecodePlan {
       d.zeros = vec(*zeros, d.N * (d.K / group_size), "zeros");
     }
     if (bias.has_value()) d.bias = vec(*bias, d.N, "bias");
+    TORCH_CHECK(!(act_levels && act_qmax > 0.0), "decode_step: act_levels and act_qmax exclude "
+                "each other");
+    d.act.enabled = act_levels;
+    d.act.per_tensor = act_per_tensor;
+    d.act.sym = act_sym;
+    d.act.block = act_block;
     Projection p;
     p.d = d;
     p.in_features = in_features > 0 ? in_features : d.K;
@@ -482,7 +489,9 @@ void register_decode(pybind11::module& m) {
       .def("add_linear", &DecodePlan::add_linear, py::arg("fmt"), py::arg("w"),
            py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("group_size") = 0, py::arg("bias") = py::none(),
-           py::arg("in_features") = 0, py::arg("perm") = py::none(), py::arg("act_qmax") = 0.0)
+           py::arg("in_features") = 0, py::arg("perm") = py::none(), py::arg("act_qmax") = 0.0,
+           py::arg("act_levels") = false, py::arg("act_per_tensor") = false,
+           py::arg("act_sym") = true, py::arg("act_block") = 0)
       .def("add_layer", &DecodePlan::add_layer, py::arg("attn_norm"), py::arg("mlp_norm"),
            py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"))

@@ -8,6 +8,20 @@
 
 namespace llmb {
 
+// --act-quant-mode other than the int8 kernels' exact per-row symmetric path (act_qmax): x is
+// replaced by its int8 levels, (q - zero) * scale, before the kernel runs, so every format and
+// path computes on the int8-valued activations. block 0: the whole row (or tensor).
+struct ActQuant {
+  bool enabled = false;
+  bool per_tensor = false;  // one scale (and zero) over all M rows, per block
+  bool sym = true;          // q in [-127, 127]; else q in [0, 255] with a zero point
+  int64_t block = 0;        // input channels per scale; 0: all K
+};
+
+// Writes x's int8 levels (row stride K) into out [M, K].
+void quantize_act_levels(const ActQuant& q, const float* x, int64_t M, int64_t ldx, int64_t K,
+                         float* out);
+
 struct LinearDesc {
   Fmt fmt = kF32;
   const void* w = nullptr;  // [N, K] (f32/bf16/int8) or [N, K/2] packed int4
@@ -18,6 +32,7 @@ struct LinearDesc {
   int64_t group_size = 0;         // int4 only
   const float* bias = nullptr;    // [N] or nullptr
   float act_qmax = 0.f;           // int8: 127 rounds activations to int8 per row (GemvArgs)
+  ActQuant act;                   // any format: x replaced by its int8 levels first
 };
 
 // y[m, :N] = x[m, :K] @ dequant(w).T (+ bias) for m < M, on the active ISA

@@ -32,6 +32,38 @@ float quantize_act_row(const GemvArgs& a, int64_t m, int16_t* q) {
   return scale;
 }
 
+void quantize_act_levels(const ActQuant& q, const float* x, int64_t M, int64_t ldx, int64_t K,
+                         float* out) {
+  const int64_t block = (q.block > 0 && q.block < K) ? q.block : K;
+  const int64_t rows_per_scale = q.per_tensor ? M : 1;
+  for (int64_t m0 = 0; m0 < M; m0 += rows_per_scale) {
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+      const int64_t k1 = std::min(K, k0 + block);
+      // The range always holds 0 (as torch's observers), so a zero input stays exactly 0.
+      float lo = 0.f, hi = 0.f;
+      for (int64_t m = m0; m < m0 + rows_per_scale; ++m)
+        for (int64_t k = k0; k < k1; ++k) {
+          lo = std::min(lo, x[m * ldx + k]);
+          hi = std::max(hi, x[m * ldx + k]);
+        }
+      float scale, zero = 0.f, qlo = -127.f, qhi = 127.f;
+      if (q.sym) {
+        scale = std::max(std::max(hi, -lo) / 127.f, 1e-8f);
+      } else {
+        scale = std::max((hi - lo) / 255.f, 1e-8f);
+        zero = std::nearbyint(-lo / scale);
+        qlo = 0.f;
+        qhi = 255.f;
+      }
+      for (int64_t m = m0; m < m0 + rows_per_scale; ++m)
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v = std::nearbyint(x[m * ldx + k] / scale) + zero;
+          out[m * K + k] = ((v > qhi ? qhi : (v < qlo ? qlo : v)) - zero) * scale;
+        }
+    }
+  }
+}
+
 namespace {
 
 bool cpu_has_avx2() {
@@ -288,10 +320,33 @@ at::Tensor linear_int4w(const at::Tensor& x, const at::Tensor& qweight, const at
   return p.y_view;
 }
 
+// The torch-facing form of quantize_act_levels: x [..., K] -> its int8 levels, same shape.
+at::Tensor act_levels(const at::Tensor& x, bool per_tensor, bool sym, int64_t block) {
+  const char* fn = "act_levels";
+  at::Tensor x2 = prep_x(x, fn).contiguous();
+  at::Tensor out = at::empty_like(x2);
+  ActQuant q;
+  q.enabled = true;
+  q.per_tensor = per_tensor;
+  q.sym = sym;
+  q.block = block;
+  TORCH_CHECK_VALUE(block >= 0, fn, ": block must be >= 0, got ", block);
+  quantize_act_levels(q, x2.data_ptr<float>(), x2.size(0), x2.size(1), x2.size(1),
+                      out.data_ptr<float>());
+  return out.view(x.sizes());
+}
+
 }  // namespace
 
 void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
                  int64_t ldy) {
+  thread_local std::vector<float> levels;
+  if (d.act.enabled) {  // everything below, zero-point sums included, sees the int8 levels
+    levels.resize(static_cast<size_t>(M * d.K));
+    quantize_act_levels(d.act, x, M, ldx, d.K, levels.data());
+    x = levels.data();
+    ldx = d.K;
+  }
   GemvArgs a{};
   a.x = x;
   a.ldx = ldx;
@@ -349,6 +404,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("act_scale") = py::none());
   m.def("linear_int4w", &llmb::linear_int4w, py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
+  m.def("act_levels", &llmb::act_levels, py::arg("x"), py::arg("per_tensor"), py::arg("sym"),
+        py::arg("block"));
   m.def("isa", &llmb::isa, "name of the active kernel path");
   m.def("set_isa", &llmb::set_isa, py::arg("name"),
         "force 'generic'/'avx2'/'avx512' or 'auto'; returns the active name");
