@@ -1016,12 +1016,23 @@ def compact_cores(cores: list[int] | None) -> str:
 
 def rank_table(report: dict[str, Any]) -> str:
     dist_info = report["distributed"]
+    quant = report.get("backend", {}).get("quantization")
     lines = ["", f"## {dist_info['world_size']} ranks: {dist_info['communication_backend']}, "
-                 f"{dist_info['all_reduce']}, {dist_info['load_path']}", "",
-             "| rank | host | cores | threads | peak RSS | weights |", "|---|---|---|---|---|---|"]
+                 f"{dist_info['all_reduce']}, {dist_info['load_path']}", ""]
+    if quant is not None:  # the summary table above has no quantization row; say what ran
+        lines += [f"Quantization: {quant['description']}, {quant['applied']}; "
+                  f"{quant['weight_bytes_per_token'] / 2**20:.1f} MiB read per token over all "
+                  "ranks.", ""]
+    header = "| rank | host | cores | threads | peak RSS | weights |"
+    lines += [header + (" quantized / float projections |" if quant else ""),
+              "|---|---|---|---|---|---|" + ("---|" if quant else "")]
     for record in dist_info.get("ranks", []):
-        lines.append(f"| {record['rank']} | {record['host']} | "
-                     f"{compact_cores(record['cpu_affinity'])} | {record['torch_threads']} | "
-                     f"{record['peak_rss_bytes'] / 2**20:.0f} MiB | "
-                     f"{record['local_weight_bytes'] / 2**20:.0f} MiB |")
+        line = (f"| {record['rank']} | {record['host']} | "
+                f"{compact_cores(record['cpu_affinity'])} | {record['torch_threads']} | "
+                f"{record['peak_rss_bytes'] / 2**20:.0f} MiB | "
+                f"{record['local_weight_bytes'] / 2**20:.0f} MiB |")
+        if quant:
+            line += (f" {record.get('quantized_projections')} / "
+                     f"{record.get('float_projections')} |")
+        lines.append(line)
     return "\n".join(lines) + "\n"

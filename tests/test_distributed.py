@@ -10,6 +10,7 @@ tools/build_deepspeed_ops.py does it ahead of time).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -411,6 +412,13 @@ class SlicedRowParallel:
                    for start, part in self.parts)
 
 
+@functools.lru_cache(maxsize=1)
+def woq_float_model(model_dir: Path):
+    from llmbench.models import load_model
+
+    return load_model(str(model_dir), "float32")
+
+
 def woq_reference_ids(model_dir: Path, weight_dtype: str | None, group: int,
                       lm_head_widths: list[int] | None = None) -> list[list[int]]:
     """Greedy tokens of a single-instance model quantized with the single-instance code
@@ -419,12 +427,12 @@ def woq_reference_ids(model_dir: Path, weight_dtype: str | None, group: int,
     import torch
 
     from llmbench.decoding import decoding_settings
-    from llmbench.models import load_model
     from llmbench.prompts import build_prompt
     from llmbench.quant import apply
     from llmbench.quant.scheme import Scheme
 
-    loaded = load_model(str(model_dir), "float32")
+    loaded = copy.copy(woq_float_model(model_dir))
+    loaded.model = copy.deepcopy(loaded.model)  # quantizing swaps its modules
     if weight_dtype is not None:
         scheme = Scheme("woq", weight_dtype, group, False)
         qlinears = apply.quantize_rtn(loaded.model, scheme)
@@ -495,6 +503,9 @@ def test_woq_autotp_report_says_what_ran(woq_autotp_run):
     stats = report["statistics"]
     next_mean = stats["next_token_latency_s"]["mean"]
     assert stats["decode_weight_read_gb_per_s"] == pytest.approx(per_token / next_mean / 1e9)
+    markdown = next(output_dir.glob("*.md")).read_text()
+    assert "Quantization: woq INT4 group 32 asym, quantized per rank after sharding;" in markdown
+    assert "| quantized / float projections |" in markdown and " 15 / 0 |" in markdown
 
 
 def test_run_py_forwards_woq_flags_to_the_ranks():
@@ -646,21 +657,21 @@ def test_quantize_autotp_refuses_other_deepspeed_layers():
 
 
 def test_row_slices_that_split_a_group_are_refused():
-    """SmolLM2 on 2 ranks: o_proj's 576 input channels split 320/256 (by heads in 64-grains);
-    groups of 128 would not start on the whole model's group boundaries on rank 1."""
+    """SmolLM2 on 2 ranks: o_proj's 576 input channels split 384/192 (by its 3 kv heads),
+    lm_head's 320/256 (64-channel grains); groups of 128 would not be the whole model's."""
     from llmbench.errors import UserError
     from llmbench.quant.autotp import Projection, check_row_groups
     from llmbench.quant.scheme import Scheme
 
     projections = [
-        Projection("model.layers.0.self_attn.o_proj", object(), "row", 576, (320, 256), 0),
+        Projection("model.layers.0.self_attn.o_proj", object(), "row", 576, (384, 192), 0),
         Projection("model.layers.0.mlp.down_proj", object(), "row", 1536, (768, 768), 0),
         Projection("lm_head", object(), "lm_head", 576, (320, 256), 0)]
     with pytest.raises(UserError) as refused:
         check_row_groups(projections, Scheme("woq", "INT4", 128, False), output=None)
     assert str(refused.value) == (
         "--group-size 128: the row-parallel slices of model.layers.0.self_attn.o_proj are "
-        "320/256 input channels wide, and 320 is not a multiple of 128, so a rank's groups would "
+        "384/192 input channels wide, and 192 is not a multiple of 128, so a rank's groups would "
         "not be the whole model's; use --group-size 64")
     check_row_groups(projections, Scheme("woq", "INT4", 64, False), output=None)
     # The lm_head of a 4-bit scheme is INT8 per channel: any slice width is fine for it.
