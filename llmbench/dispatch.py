@@ -61,11 +61,20 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
                        steps: list[Step]) -> list[str]:
     """--ipex-weight-only-quantization (or another scheme): first quantize and save to
     --output-dir (single_instance/run_quantization.py), then the benchmark loads the saved model;
-    --quantized-model-path skips the first step. Returns what the benchmark step adds."""
+    --quantized-model-path skips the first step. Returns what the benchmark step adds.
+    With --autotp there is no step: every rank quantizes its own slice."""
     from pathlib import Path
 
     from llmbench.quant import cli
 
+    if args.autotp:
+        # Each rank quantizes its own slice after sharding (llmbench.quant.autotp): no step
+        # here; the rank step gets the flags (its parser has them) and this refuses, before
+        # the launch, what can't run per rank.
+        from llmbench.quant.autotp import autotp_scheme
+
+        autotp_scheme(parser, args)
+        return []
     scheme = cli.scheme_from_args(args)  # refuses bad combinations before anything runs
     path = args.quantized_model_path
     if scheme is None and path is None:
@@ -77,8 +86,6 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
             raise UserError(f"{given[0]} only applies with --ipex-weight-only-quantization, "
                             "--ipex-smooth-quant or --quantized-model-path")
         return []
-    if args.autotp:
-        raise UserError("quantized models don't run with --autotp yet")
     if path is not None:
         return []
     quantize_dests = [action.dest for action in cli.build_parser()._actions]

@@ -799,11 +799,15 @@ class RecordingModel:
 
 
 def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser:
+    # The quantization group as a whole (one definition of each flag); what does not run per
+    # rank is refused by llmbench.quant.autotp.autotp_scheme.
     return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
-                                                  flags.add_rank_flags))
+                                                  flags.add_rank_flags,
+                                                  flags.add_quantization_flags))
 
 
-def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]]) -> dict[str, Any]:
+def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]],
+                quant: Any = None) -> dict[str, Any]:
     import torch
 
     from llmbench.environment import peak_rss_bytes
@@ -820,6 +824,12 @@ def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]]) -> 
         "peak_rss_bytes": peak_rss_bytes(),
         "local_weight_bytes": tp.local_weight_bytes,
         "load_seconds": tp.loaded.load_seconds,
+        **({} if quant is None else {
+            "quantized_projections": len(quant.qlinears),
+            "float_projections": len(quant.left_float),
+            "empty_slices": len(quant.empty_slices),
+            "quantized_weight_bytes": quant.nbytes,
+            "quantize_seconds": quant.seconds}),
         "generated_token_ids": token_ids,
     }
 
@@ -840,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmbench.models import resolve_source
     from llmbench.precision import check_dtype
     from llmbench.prompts import build_prompt
+    from llmbench.quant import autotp as tp_quant
     from llmbench.report import (
         ReportWriter,
         compute_statistics,
@@ -849,7 +860,11 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic,
     )
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    scheme = tp_quant.autotp_scheme(parser, args)  # every rank refuses alike, before joining
+    if args.quant_with_amp:
+        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
     backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
     if backend != "stock":
         raise UserError(f"--autotp runs transformers' own model (--backend stock), not {backend}")
@@ -879,6 +894,17 @@ def main(argv: list[str] | None = None) -> int:
     tp = load_autotp_model(args.model_name_or_path, args.dtype, args.config_file, info)
     loaded = tp.loaded
     notes += tp.notes
+    quant = None
+    decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
+    if scheme is not None:
+        start = time.perf_counter()
+        quant = tp_quant.quantize_autotp(loaded.model, scheme)
+        quant.seconds = time.perf_counter() - start
+        tp.local_weight_bytes = tp_quant.weight_bytes(loaded.model)
+        # The GB/s figure: what all ranks read per decoding step together, their quantized
+        # slices (the float model's decode_weight_bytes would overstate it 2-7x).
+        decode_bytes = sum(gather(tp_quant.decode_weight_bytes(loaded.model)))
+        loaded.decode_weight_bytes = decode_bytes
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
                           input_tokens=args.input_tokens, prompt_text=args.prompt,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -888,12 +914,25 @@ def main(argv: list[str] | None = None) -> int:
         "tp_size": info.world_size, "communication_backend": comm_backend,
         "all_reduce": all_reduce, "load_path": tp.load_path,
         "attention": getattr(loaded.config, "_attn_implementation", None)})
+    if quant is not None:
+        prepared.details["quantization"] = quant.details() | {
+            "weight_bytes_per_token": decode_bytes, "quantize_seconds": quant.seconds}
+        prepared.details["weight_bytes_per_token"] = decode_bytes
+        if "note" in prepared.details["quantization"]:
+            notes.append(prepared.details["quantization"]["note"])
     if is_root:
         for note in notes:
             print(f"note: {note}", flush=True)
         print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
               f"{args.dtype} | {BACKEND_NAME} x{info.world_size} ({comm_backend}, {all_reduce}) "
               f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
+        if quant is not None:
+            splits = quant.details()["splits_per_rank"]
+            print(f"quantized: {scheme.describe()}, {tp_quant.APPLIED}: "
+                  f"{len(quant.qlinears)} projections per rank ("
+                  + ", ".join(f"{n} {k}" for k, n in splits.items() if n)
+                  + f"), {len(quant.left_float)} left float, in {quant.seconds:.1f} s; "
+                  f"{decode_bytes / 2**20:.1f} MiB read per token over all ranks", flush=True)
         print(f"---- Prompt size: {prompt.tokens}", flush=True)
 
     writer = None
@@ -909,7 +948,6 @@ def main(argv: list[str] | None = None) -> int:
                 "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_SIZE", "DS_ACCELERATOR",
                 "CCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if name in os.environ}}
         watchdog.on_abort = writer.fail
-    decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
 
     def stats_of(run: BenchmarkRun) -> dict[str, Any]:
         return compute_statistics(run, args.batch_size, decode_bytes)
@@ -925,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
             on_iteration=(lambda partial: writer.update("running", partial, stats_of(partial)))
             if writer else None)
         token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
-        ranks = gather(rank_record(info, tp, token_ids))
+        ranks = gather(rank_record(info, tp, token_ids, quant))
     except BaseException as exc:
         if writer is not None:
             writer.fail(" ".join(str(exc).split()) if isinstance(exc, UserError)
@@ -978,12 +1016,23 @@ def compact_cores(cores: list[int] | None) -> str:
 
 def rank_table(report: dict[str, Any]) -> str:
     dist_info = report["distributed"]
+    quant = report.get("backend", {}).get("quantization")
     lines = ["", f"## {dist_info['world_size']} ranks: {dist_info['communication_backend']}, "
-                 f"{dist_info['all_reduce']}, {dist_info['load_path']}", "",
-             "| rank | host | cores | threads | peak RSS | weights |", "|---|---|---|---|---|---|"]
+                 f"{dist_info['all_reduce']}, {dist_info['load_path']}", ""]
+    if quant is not None:  # the summary table above has no quantization row; say what ran
+        lines += [f"Quantization: {quant['description']}, {quant['applied']}; "
+                  f"{quant['weight_bytes_per_token'] / 2**20:.1f} MiB read per token over all "
+                  "ranks.", ""]
+    header = "| rank | host | cores | threads | peak RSS | weights |"
+    lines += [header + (" quantized / float projections |" if quant else ""),
+              "|---|---|---|---|---|---|" + ("---|" if quant else "")]
     for record in dist_info.get("ranks", []):
-        lines.append(f"| {record['rank']} | {record['host']} | "
-                     f"{compact_cores(record['cpu_affinity'])} | {record['torch_threads']} | "
-                     f"{record['peak_rss_bytes'] / 2**20:.0f} MiB | "
-                     f"{record['local_weight_bytes'] / 2**20:.0f} MiB |")
+        line = (f"| {record['rank']} | {record['host']} | "
+                f"{compact_cores(record['cpu_affinity'])} | {record['torch_threads']} | "
+                f"{record['peak_rss_bytes'] / 2**20:.0f} MiB | "
+                f"{record['local_weight_bytes'] / 2**20:.0f} MiB |")
+        if quant:
+            line += (f" {record.get('quantized_projections')} / "
+                     f"{record.get('float_projections')} |")
+        lines.append(line)
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ tools/build_deepspeed_ops.py does it ahead of time).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -358,3 +359,322 @@ def test_run_scaling_builds_the_multi_node_launch(tmp_path):
     bad = subprocess.run([script, str(hostfile), "no-such-interface", "2"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: run_scaling.sh: network")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only quantization per rank (llmbench.quant.autotp)
+
+WOQ_GROUP = 32  # divides every row-parallel slice of the model below: whole-model groups
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_128(tmp_path_factory, embedded_model_dir) -> Path:
+    """A tiny llama wide enough (hidden 128) that DeepSpeed's 64-channel grains give each of the
+    2 ranks a slice of every row-parallel layer, lm_head included, and with weights large
+    enough (initializer_range 0.08) that INT4 changes its greedy tokens (at the default 0.02
+    float, INT8 and INT4 all generate the same ones, which would test nothing)."""
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny128") / "llama",
+                           embedded_model_dir, hidden_size=128, initializer_range=0.08)
+
+
+@pytest.fixture(scope="module")
+def woq_autotp_run(tiny_llama_128, tmp_path_factory):
+    """One 2-rank launch of the real command, shared by the assertions below."""
+    output_dir = tmp_path_factory.mktemp("woq_autotp")
+    result = launch("-m", str(tiny_llama_128), "--greedy", *SHORT,
+                    "--ipex-weight-only-quantization", "--weight-dtype", "INT4",
+                    "--group-size", str(WOQ_GROUP), "--output-dir", str(output_dir))
+    return result, output_dir
+
+
+class SlicedRowParallel:
+    """Reference for a row-parallel projection quantized per rank: each slice of the input
+    channels quantized on its own (quantize_weight, the code every rank runs), the partial
+    products summed, as the ranks' all-reduce does."""
+
+    kind = "reference"
+
+    def __init__(self, weight, widths, scheme) -> None:
+        from llmbench.quant.scheme import quantize_weight
+
+        self.parts, offset = [], 0
+        for width in widths:
+            if width:
+                self.parts.append((offset, quantize_weight(weight[:, offset:offset + width],
+                                                           None, scheme)))
+            offset += width
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x):
+        return sum(part(x[..., start:start + part.in_features].contiguous())
+                   for start, part in self.parts)
+
+
+@functools.lru_cache(maxsize=1)
+def woq_float_model(model_dir: Path):
+    from llmbench.models import load_model
+
+    return load_model(str(model_dir), "float32")
+
+
+def woq_reference_ids(model_dir: Path, weight_dtype: str | None, group: int,
+                      lm_head_widths: list[int] | None = None) -> list[list[int]]:
+    """Greedy tokens of a single-instance model quantized with the single-instance code
+    (apply.quantize_rtn); lm_head_widths: its lm_head quantized slice by slice instead, as the
+    ranks do (its INT8 per-channel scales then cover a slice, not the whole row)."""
+    import torch
+
+    from llmbench.decoding import decoding_settings
+    from llmbench.prompts import build_prompt
+    from llmbench.quant import apply
+    from llmbench.quant.scheme import Scheme
+
+    loaded = copy.copy(woq_float_model(model_dir))
+    loaded.model = copy.deepcopy(loaded.model)  # quantizing swaps its modules
+    if weight_dtype is not None:
+        scheme = Scheme("woq", weight_dtype, group, False)
+        qlinears = apply.quantize_rtn(loaded.model, scheme)
+        if lm_head_widths is not None:
+            qlinears["lm_head"] = SlicedRowParallel(loaded.model.lm_head.weight, lm_head_widths,
+                                                    apply.projection_scheme(scheme, True))
+        apply.install_hf(loaded.model, qlinears)
+    prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                          input_tokens=None, prompt_text=None, batch_size=1,
+                          max_new_tokens=int(NEW_TOKENS))
+    _, kwargs = decoding_settings(greedy=True, sample=False, num_beams=4,
+                                  max_new_tokens=int(NEW_TOKENS), generation_config=None)
+    with torch.inference_mode():
+        output = loaded.model.generate(input_ids=prompt.input_ids,
+                                       attention_mask=prompt.attention_mask,
+                                       pad_token_id=loaded.tokenizer.pad_token_id, **kwargs)
+    return output.tolist()
+
+
+@pytest.mark.slow
+def test_woq_int4_two_ranks_match_quantizing_each_slice(woq_autotp_run, tiny_llama_128):
+    result, output_dir = woq_autotp_run
+    report = only_report(output_dir)
+    quant = report["backend"]["quantization"]
+    widths = quant["row_parallel_slice_widths"]
+    # DeepSpeed's split of this model: every slice a multiple of the group (so o_proj and
+    # down_proj have the whole model's groups), and lm_head cut in two.
+    assert widths == {"model.layers.*.self_attn.o_proj": [64, 64],
+                      "model.layers.*.mlp.down_proj": [64, 64], "lm_head": [64, 64]}
+    expected = woq_reference_ids(tiny_llama_128, "INT4", WOQ_GROUP, widths["lm_head"])
+    # The comparison can tell schemes apart: float and another grouping generate otherwise.
+    assert expected != woq_reference_ids(tiny_llama_128, None, WOQ_GROUP)
+    assert expected != woq_reference_ids(tiny_llama_128, "INT4", 64, widths["lm_head"])
+    check_run(result, output_dir, expected, "greedy")
+
+
+@pytest.mark.slow
+def test_woq_autotp_report_says_what_ran(woq_autotp_run):
+    result, output_dir = woq_autotp_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("quantized: woq INT4 group 32 asym, quantized per rank after sharding: "
+            "15 projections per rank (10 column, 4 row, 1 lm_head), 0 left float") in result.stdout
+    report = only_report(output_dir)
+    quant = report["backend"]["quantization"]
+    assert quant["scheme"] == {"method": "woq", "weight_dtype": "INT4", "group_size": WOQ_GROUP,
+                               "sym": False, "lowp_mode": "AUTO", "lm_head": True, "extra": {},
+                               "act_quant_mode": "PER_BATCH_SYM"}
+    assert quant["description"] == "woq INT4 group 32 asym"
+    assert quant["applied"] == "quantized per rank after sharding"
+    assert quant["formats"] == ["int4", "int8"]  # the lm_head INT8 per channel, as single
+    assert quant["quantized_projections_per_rank"] == 15
+    assert quant["float_projections_per_rank"] == 0
+    assert quant["splits_per_rank"] == {"column": 10, "row": 4, "lm_head": 1, "whole": 0}
+    assert quant["row_parallel_scales"].startswith(
+        "the per-channel scales of 1 row-parallel projection(s) cover each rank's slice")
+    ranks = report["distributed"]["ranks"]
+    for record in ranks:
+        assert record["quantized_projections"] == 15 and record["float_projections"] == 0
+        # Local weights are the quantized slices plus the float embedding and norms.
+        assert 0 < record["quantized_weight_bytes"] < record["local_weight_bytes"]
+    # GB/s is over what all ranks read per token: their quantized slices (and norms), not the
+    # fp32 model; each rank's fp32 input embedding (untied, whole on every rank) is not read.
+    embedding = 49152 * 128 * 4
+    per_token = sum(r["local_weight_bytes"] - embedding for r in ranks)
+    assert quant["weight_bytes_per_token"] == per_token
+    assert report["backend"]["weight_bytes_per_token"] == per_token
+    assert report["model"]["decode_weight_bytes"] == per_token  # as single-instance sets it
+    assert per_token < report["model"]["weight_bytes"] / 6
+    stats = report["statistics"]
+    next_mean = stats["next_token_latency_s"]["mean"]
+    assert stats["decode_weight_read_gb_per_s"] == pytest.approx(per_token / next_mean / 1e9)
+    markdown = next(output_dir.glob("*.md")).read_text()
+    assert "Quantization: woq INT4 group 32 asym, quantized per rank after sharding;" in markdown
+    assert "| quantized / float projections |" in markdown and " 15 / 0 |" in markdown
+
+
+def test_run_py_forwards_woq_flags_to_the_ranks():
+    from llmbench.dispatch import build_parser, plan_steps
+    from llmbench.distributed import build_parser as rank_parser
+    from llmbench.quant.autotp import autotp_scheme
+
+    parser = build_parser()
+    args = parser.parse_args(["--benchmark", "--autotp", "--greedy", "--local_rank=0",
+                              "--ipex-weight-only-quantization", "--weight-dtype", "INT4",
+                              "--group-size", "64", "--woq-sym-quant-weight"])
+    (step,) = plan_steps(parser, args)  # no quantize-and-save step: the ranks quantize
+    assert step.script == "distributed/run_generation_with_deepspeed.py"
+    for flag in ("--ipex-weight-only-quantization", "--woq-sym-quant-weight", "--local_rank"):
+        assert flag in step.argv, flag
+    assert "--quantized-model-path" not in step.argv
+    ranks = rank_parser()
+    scheme = autotp_scheme(ranks, ranks.parse_args(step.argv))
+    assert (scheme.method, scheme.weight_dtype, scheme.group_size, scheme.sym) == (
+        "woq", "INT4", 64, True)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--ipex-smooth-quant"], "--ipex-smooth-quant does not run with --autotp"),
+    (["--ipex-weight-only-quantization", "--quantized-model-path", "q/best_model.safetensors"],
+     "a saved quantized model is not split per rank; quantize per rank with "
+     "--ipex-weight-only-quantization"),
+    (["--low-precision-checkpoint", "gptq.safetensors"],
+     "a whole-model checkpoint is not split per rank"),
+    (["--ipex-weight-only-quantization", "--alpha", "0.7"],
+     "--alpha does not apply with --autotp: it is a SmoothQuant setting"),
+    (["--weight-dtype", "INT4"], "--weight-dtype only applies with --ipex-weight-only-quant"),
+    # What scheme_from_args refuses everywhere is refused here too.
+    (["--ipex-weight-only-quantization", "--weight-dtype", "INT4", "--group-size", "48"],
+     "--group-size 48 is not allowed"),
+    (["--ipex-weight-only-quantization", "--group-size", "64"],
+     "quantizes per output channel only"),
+    (["--ipex-weight-only-quantization", "--lowp-mode", "BF16"], "--lowp-mode BF16"),
+    (["--ipex-weight-only-quantization", "--weight-dtype", "NF4", "--lowp-mode", "INT8"],
+     "runs int8 activations against INT8 or INT4 weights"),
+])
+def test_autotp_quantization_refusals(extra, needle):
+    """run.py refuses before the launch; the rank script (launched directly) refuses alike,
+    before joining the process group."""
+    from llmbench import distributed
+    from llmbench.dispatch import build_parser, plan_steps
+    from llmbench.errors import UserError
+
+    parser = build_parser()
+    with pytest.raises(UserError) as run_py:
+        plan_steps(parser, parser.parse_args(["--benchmark", "--autotp", "--greedy", *extra]))
+    assert needle in str(run_py.value)
+    with pytest.raises(UserError) as rank:
+        distributed.main(["--greedy", *extra])
+    assert str(rank.value) == str(run_py.value)
+
+
+def test_run_py_refuses_smooth_quant_under_autotp_in_one_line():
+    result = run_entry("run.py", "--benchmark", "--autotp", "--ipex-smooth-quant")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: --ipex-smooth-quant does not run with --autotp"), lines
+
+
+def toy_tp_model(lm_head_rank: int = 1):
+    """A rank's model as AutoTP leaves it, with DeepSpeed's own layer classes but no process
+    group (mp_group None: no collective)."""
+    import torch
+    from deepspeed.module_inject import layers as ds
+
+    class ToyTP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(300, 128)
+            self.column = ds.LinearLayer(torch.nn.Linear(128, 96), mp_group=None)
+            self.row = ds.LinearAllreduce(torch.nn.Linear(128, 128), None)
+            self.whole = torch.nn.Linear(128, 64)
+            self.narrow = torch.nn.Linear(16, 8)  # < MIN_IN_FEATURES: float, as single-instance
+            head = torch.nn.Linear(256, 300, bias=False)
+            self.head_weight = head.weight.detach().clone()
+            self.lm_head = ds.LmHeadLinearAllreduce(head, None)
+            # As rank `lm_head_rank` of 2 would hold it: its half of the input channels.
+            self.lm_head.weight.data = self.head_weight[:, 128 * lm_head_rank:][:, :128].clone()
+            self.lm_head._partition_sizes = (128, 128)
+            self.lm_head.tp_index = lm_head_rank
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    return ToyTP()
+
+
+def test_quantize_autotp_swaps_deepspeed_layers_for_quantized_ones():
+    import torch
+
+    from llmbench.quant import autotp
+    from llmbench.quant.scheme import Scheme, quantize_weight
+
+    model = toy_tp_model()
+    scheme = Scheme("woq", "INT4", 32, False)
+    head_scheme = Scheme("woq", "INT8", -1, True)  # 4-bit: the lm_head INT8 per channel
+    x = torch.randn(1, 3, 128)
+    column = quantize_weight(model.column.weight, model.column.bias, scheme)
+    row = quantize_weight(model.row.weight, None, scheme)
+    row_bias = model.row.bias.detach().clone()
+    whole = quantize_weight(model.whole.weight, model.whole.bias, scheme)
+    head = quantize_weight(model.head_weight[:, 128:], None, head_scheme)
+    narrow = model.narrow.weight.detach().clone()
+    result = autotp.quantize_autotp(model, scheme)
+    assert result.splits == {"column": "column", "row": "row", "whole": "whole",
+                             "lm_head": "lm_head"}
+    assert result.left_float == {"narrow": "16 input features < 32"}
+    assert model.narrow.weight is not None and torch.equal(model.narrow.weight, narrow)
+    torch.testing.assert_close(model.column(x), column(x), rtol=0, atol=0)
+    torch.testing.assert_close(model.row(x), row(x) + row_bias, rtol=0, atol=0)  # bias after
+    torch.testing.assert_close(model.whole(x), whole(x), rtol=0, atol=0)
+    wide = torch.randn(1, 3, 256)  # lm_head gets the whole hidden state, cuts its half
+    torch.testing.assert_close(model.lm_head(wide), head(wide[..., 128:].contiguous()), rtol=0,
+                               atol=0)
+    details = result.details()
+    assert details["formats"] == ["int4", "int8"]
+    assert details["row_parallel_slice_widths"] == {"row": [128], "lm_head": [128, 128]}
+    assert "1 row-parallel projection(s)" in details["row_parallel_scales"]  # the lm_head's
+    floats = sum(p.numel() * 4 for p in model.parameters())
+    assert autotp.weight_bytes(model) == floats + result.nbytes
+    assert result.nbytes == sum(q.nbytes for q in (column, row, whole, head))
+    assert autotp.decode_weight_bytes(model) == autotp.weight_bytes(model) - 300 * 128 * 4
+
+
+def test_quantize_autotp_refuses_other_deepspeed_layers():
+    import torch
+    from deepspeed.module_inject import layers as ds
+
+    from llmbench.errors import UserError
+    from llmbench.quant import autotp
+    from llmbench.quant.scheme import Scheme
+
+    model = toy_tp_model()
+    model.row = ds.LinearAllreduceWithReplicatedInput(torch.nn.Linear(128, 128), None)
+    with pytest.raises(UserError, match="row is DeepSpeed's LinearAllreduceWithReplicatedInput, "
+                                        "which llmbench can't quantize per rank"):
+        autotp.quantize_autotp(model, Scheme("woq", "INT8", -1, True))
+    assert isinstance(model.column, ds.LinearLayer)  # refused before anything was swapped
+
+
+def test_row_slices_that_split_a_group_are_refused():
+    """SmolLM2 on 2 ranks: o_proj's 576 input channels split 384/192 (by its 3 kv heads),
+    lm_head's 320/256 (64-channel grains); groups of 128 would not be the whole model's."""
+    from llmbench.errors import UserError
+    from llmbench.quant.autotp import Projection, check_row_groups
+    from llmbench.quant.scheme import Scheme
+
+    projections = [
+        Projection("model.layers.0.self_attn.o_proj", object(), "row", 576, (384, 192), 0),
+        Projection("model.layers.0.mlp.down_proj", object(), "row", 1536, (768, 768), 0),
+        Projection("lm_head", object(), "lm_head", 576, (320, 256), 0)]
+    with pytest.raises(UserError) as refused:
+        check_row_groups(projections, Scheme("woq", "INT4", 128, False), output=None)
+    assert str(refused.value) == (
+        "--group-size 128: the row-parallel slices of model.layers.0.self_attn.o_proj are "
+        "384/192 input channels wide, and 192 is not a multiple of 128, so a rank's groups would "
+        "not be the whole model's; use --group-size 64")
+    check_row_groups(projections, Scheme("woq", "INT4", 64, False), output=None)
+    # The lm_head of a 4-bit scheme is INT8 per channel: any slice width is fine for it.
+    check_row_groups(projections[2:], Scheme("woq", "INT4", 128, False),
+                     output=projections[2].module)

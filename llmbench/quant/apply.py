@@ -62,15 +62,20 @@ def linear_modules(model: torch.nn.Module, lm_head: bool = True) -> dict[str, to
     return found
 
 
+def projection_scheme(scheme: Scheme, is_output: bool) -> Scheme:
+    """The scheme one projection is quantized with: the scheme itself, but for the output
+    projection (lm_head) of a 4-bit scheme INT8 per channel: it is the projection most
+    sensitive to 4-bit error (llama.cpp likewise keeps output.weight at 6+ bits)."""
+    if is_output and scheme.weight_dtype in ("INT4", "NF4"):
+        return Scheme(scheme.method, "INT8", -1, True)
+    return scheme
+
+
 def quantize_rtn(model: torch.nn.Module, scheme: Scheme) -> dict[str, Any]:
-    """Every projection in the scheme's format, but the output projection (lm_head) of a 4-bit
-    scheme, which is INT8 per channel: it is the projection most sensitive to 4-bit error
-    (llama.cpp likewise keeps output.weight at 6+ bits)."""
+    """Every projection in the scheme's format (the lm_head per projection_scheme)."""
     output = model.get_output_embeddings()
-    head_scheme = Scheme(scheme.method, "INT8", -1, True)
     return {name: quantize_weight(module.weight, module.bias,
-                                  head_scheme if (module is output and scheme.weight_dtype in
-                                                  ("INT4", "NF4")) else scheme)
+                                  projection_scheme(scheme, module is output))
             for name, module in linear_modules(model, scheme.lm_head).items()}
 
 
@@ -208,6 +213,22 @@ def compute_description(qlinears: dict[str, Any], scheme: Scheme) -> str | None:
     return " | ".join(parts) or None
 
 
+def quantization_details(qlinears: dict[str, Any], scheme: Scheme) -> dict[str, Any]:
+    """The report's `quantization` section: the scheme, how many projections, their formats,
+    and how they compute (shared by the single-instance and the AutoTP benchmarks)."""
+    kinds = sorted({q.kind for q in qlinears.values()})
+    details: dict[str, Any] = {"scheme": scheme.to_dict(), "description": scheme.describe(),
+                               "quantized_projections": len(qlinears), "formats": kinds}
+    compute = compute_description(qlinears, scheme)
+    if compute is not None:
+        details["compute"] = compute
+    pure_torch = [k for k in kinds if k in ("nf4", "fp8")]
+    if pure_torch:
+        details["note"] = (f"{', '.join(pure_torch)} weights are dequantized in pure torch on "
+                           "every call (no kernel): correct, not fast")
+    return details
+
+
 def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dtype: str,
                       kv_cache_dtype: str, scheme: Scheme,
                       float_overrides: dict[str, torch.Tensor] | None = None) -> Any:
@@ -228,9 +249,7 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
     stock_bytes = float_bytes_outside(model, swapped) + sum(q.nbytes for q in qlinears.values())
     prepared = backends.prepare(model, backend=backend, dtype=dtype,
                                 family=loaded.family.model_type, kv_cache_dtype=kv_cache_dtype)
-    kinds = sorted({q.kind for q in qlinears.values()})
-    details: dict[str, Any] = {"scheme": scheme.to_dict(), "description": scheme.describe(),
-                               "quantized_projections": len(qlinears), "formats": kinds}
+    details = quantization_details(qlinears, scheme)
     if prepared.backend == "native":
         details["native_projections_replaced"] = install_native(prepared.model, qlinears)
         weight_bytes = prepared.model.weight_bytes
@@ -238,13 +257,6 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
         install_hf(prepared.model, qlinears)
         weight_bytes = stock_bytes
     details["weight_bytes_per_token"] = weight_bytes
-    compute = compute_description(qlinears, scheme)
-    if compute is not None:
-        details["compute"] = compute
-    pure_torch = [k for k in kinds if k in ("nf4", "fp8")]
-    if pure_torch:
-        details["note"] = (f"{', '.join(pure_torch)} weights are dequantized in pure torch on "
-                           "every call (no kernel): correct, not fast")
     loaded.decode_weight_bytes = weight_bytes
     prepared.details.update({"quantization": details, "weight_bytes_per_token": weight_bytes})
     return prepared
