@@ -49,9 +49,13 @@ CONFIGS = {
     "ipex-fp32": ("ipex", "float32", {}),
     # Weight-only quantization (llmbench.quant, round to nearest) on our int8 / int4 kernels; the
     # 4-bit schemes keep lm_head at int8. "woq" is (weight dtype, group size, symmetric[,
-    # lowp mode]); native-int8-lowp is --lowp-mode INT8, activations in int8 per row.
+    # lowp mode[, act quant mode]]); -lowp is --lowp-mode INT8, activations in int8 per row
+    # symmetric unless the config names another --act-quant-mode.
     "native-int8": ("native", "float32", {"woq": ("INT8", -1, True)}),
     "native-int8-lowp": ("native", "float32", {"woq": ("INT8", -1, True, "INT8")}),
+    "native-int8-lowp-icblock": ("native", "float32",
+                                 {"woq": ("INT8", -1, True, "INT8", "PER_BATCH_IC_BLOCK")}),
+    "native-int4-lowp": ("native", "float32", {"woq": ("INT4", 128, False, "INT8")}),
     "native-int4": ("native", "float32", {"woq": ("INT4", 128, False)}),
     "native-int4-g32": ("native", "float32", {"woq": ("INT4", 32, False)}),
     "stock-int8": ("stock", "float32", {"woq": ("INT8", -1, True)}),
@@ -124,7 +128,7 @@ def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -
         from llmbench.quant import apply
         from llmbench.quant.scheme import Scheme
 
-        scheme = Scheme("woq", *woq)
+        scheme = Scheme("woq", *woq[:4], **({"act_quant_mode": woq[4]} if len(woq) > 4 else {}))
         prepared = apply.prepare_quantized(loaded, apply.quantize_rtn(loaded.model, scheme),
                                            backend=backend, dtype=dtype, scheme=scheme,
                                            kv_cache_dtype=extra.get("kv_cache_dtype", "auto"))
