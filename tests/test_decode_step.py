@@ -105,6 +105,32 @@ def test_compiled_step_quantized_projections(folders, weight_dtype, group, sym):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("act_scale", [1e-4, 1.0])
+def test_compiled_step_smoothquant_projections(folders, act_scale):
+    """SmoothQuant's projections in the compiled step: int8 activations at a static scale (a
+    row beyond its range runs with int16 activations: every row at 1e-4, none at 1.0), and
+    float fallback projections, as StaticInt8Linear and FloatLinear compute them."""
+    from llmbench.quant.linears import FloatLinear, StaticInt8Linear
+
+    loaded = load_model(str(folders["llama"]), "float32")
+    qlinears = quantize_rtn(loaded.model, Scheme("woq", "INT8", -1, True, "AUTO"))
+    modules = dict(loaded.model.named_modules())
+    swapped = {}
+    for name, q in qlinears.items():
+        if name.endswith("down_proj"):  # a fallback unit
+            module = modules[name]
+            swapped[name] = FloatLinear(module.weight.detach(), module.bias)
+        else:
+            swapped[name] = StaticInt8Linear(q.qweight, q.scales, torch.tensor([act_scale]),
+                                             q.bias)
+    model = prepare(loaded.model, backend="native", dtype="float32", family="llama").model
+    assert install_native(model, swapped) > 0
+    assert model._compiled_plan() is not None, model.runtime_details()
+    expected = step_logits(model, compiled=False)
+    got = step_logits(model, compiled=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_report_names_the_decode_step(folders, tmp_path):
     from llmbench.generation import main
 

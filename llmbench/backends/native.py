@@ -122,12 +122,19 @@ _FMT_F32, _FMT_BF16, _FMT_I8, _FMT_I4 = 0, 1, 2, 3
 
 def kernel_spec(projection: Any) -> dict[str, Any] | None:
     """The compiled decode step's arguments for one projection, or None when it has no
-    compiled kernel (e.g. NF4/FP8 or SmoothQuant's int8 activations): then the Python step
+    compiled kernel (NF4/FP8, or projections SmoothQuant couldn't fuse): then the Python step
     runs."""
     if isinstance(projection, Linear):
         fmt = _FMT_F32 if projection.weight.dtype == torch.float32 else _FMT_BF16
         return {"fmt": fmt, "w": projection.weight, "bias": projection.bias}
     kind = getattr(projection, "kind", None)
+    if kind == "float":  # SmoothQuant's fallback projections
+        fmt = _FMT_F32 if projection.weight.dtype == torch.float32 else _FMT_BF16
+        return {"fmt": fmt, "w": projection.weight, "bias": projection.bias}
+    if kind == "w8a8":  # SmoothQuant: int8 activations at the calibrated static scale
+        inner = projection.inner
+        return {"fmt": _FMT_I8, "w": inner.qweight, "scales": inner.scales, "zeros": None,
+                "bias": inner.bias, "act_qmax": 127.0, "act_scale": projection.act_scale}
     if kind == "int8":
         return {"fmt": _FMT_I8, "w": projection.qweight, "scales": projection.scales,
                 "zeros": projection.zeros, "bias": projection.bias,

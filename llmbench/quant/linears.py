@@ -245,7 +245,7 @@ class FP8Linear:
                    _cat_bias(parts))
 
 
-OVERFLOW = 127.5  # |x| / act_scale beyond which int8 would saturate
+OVERFLOW = 127.5  # |x| / act_scale beyond which int8 would saturate (csrc kActOverflow)
 
 
 class StaticInt8Linear:

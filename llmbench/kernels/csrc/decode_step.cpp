@@ -99,7 +99,8 @@ class DecodePlan {
   int64_t add_linear(int64_t fmt, const at::Tensor& w, const std::optional<at::Tensor>& scales,
                      const std::optional<at::Tensor>& zeros, int64_t group_size,
                      const std::optional<at::Tensor>& bias, int64_t in_features,
-                     const std::optional<at::Tensor>& perm, double act_qmax, bool act_levels,
+                     const std::optional<at::Tensor>& perm, double act_qmax,
+                     const std::optional<at::Tensor>& act_scale, bool act_levels,
                      bool act_per_tensor, bool act_sym, int64_t act_block) {
     TORCH_CHECK(fmt >= 0 && fmt < kNumFmt, "decode_step: unknown weight format ", fmt);
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "decode_step: weights must be contiguous 2-D");
@@ -117,6 +118,10 @@ class DecodePlan {
       d.scales = vec(*scales, d.N, "scales");
       if (zeros.has_value()) d.zeros = vec(*zeros, d.N, "zeros");
       d.act_qmax = static_cast<float>(act_qmax);  // 127: int8 activations (--lowp-mode INT8)
+      if (act_scale.has_value()) {
+        TORCH_CHECK(act_qmax > 0.0, "decode_step: act_scale needs act_qmax > 0");
+        d.act_scale = vec(*act_scale, 1, "act_scale");
+      }
     }
     if (fmt == kI4) {
       TORCH_CHECK(scales.has_value() && zeros.has_value() && group_size > 0 &&
@@ -490,6 +495,7 @@ void register_decode(pybind11::module& m) {
            py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("group_size") = 0, py::arg("bias") = py::none(),
            py::arg("in_features") = 0, py::arg("perm") = py::none(), py::arg("act_qmax") = 0.0,
+           py::arg("act_scale") = py::none(),
            py::arg("act_levels") = false, py::arg("act_per_tensor") = false,
            py::arg("act_sym") = true, py::arg("act_block") = 0)
       .def("add_layer", &DecodePlan::add_layer, py::arg("attn_norm"), py::arg("mlp_norm"),

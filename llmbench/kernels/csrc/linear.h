@@ -22,6 +22,9 @@ struct ActQuant {
 void quantize_act_levels(const ActQuant& q, const float* x, int64_t M, int64_t ldx, int64_t K,
                          float* out);
 
+// |x| / static act_scale beyond which int8 would saturate (llmbench/quant/linears.py OVERFLOW).
+constexpr float kActOverflow = 127.5f;
+
 struct LinearDesc {
   Fmt fmt = kF32;
   const void* w = nullptr;  // [N, K] (f32/bf16/int8) or [N, K/2] packed int4
@@ -32,6 +35,7 @@ struct LinearDesc {
   int64_t group_size = 0;         // int4 only
   const float* bias = nullptr;    // [N] or nullptr
   float act_qmax = 0.f;           // int8: 127 rounds activations to int8 per row (GemvArgs)
+  const float* act_scale = nullptr;  // int8 with act_qmax: a static scale [1] (SmoothQuant)
   ActQuant act;                   // any format: x replaced by its int8 levels first
 };
 

@@ -364,7 +364,25 @@ void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, fl
     case kF32: run(kF32, a, 4.0 * d.K); break;
     case kBF16: run(kBF16, a, 2.0 * d.K); break;
     case kI8: {
-      run(kI8, a, 1.0 * d.K);
+      if (d.act_scale != nullptr) {
+        // SmoothQuant's static scale; a row beyond its range (an attention-sink token) would
+        // saturate, so it runs with int16 activations instead, as StaticInt8Linear does.
+        a.act_scale = d.act_scale;
+        a.act_scale_n = 1;
+        const float limit = kActOverflow * d.act_scale[0];
+        for (int64_t m = 0; m < M; ++m) {
+          GemvArgs row = a;
+          row.x = x + m * ldx;
+          row.y = y + m * ldy;
+          row.M = 1;
+          float top = 0.f;
+          for (int64_t k = 0; k < d.K; ++k) top = std::max(top, std::fabs(row.x[k]));
+          if (top > limit) row.act_qmax = 0.f;
+          run(kI8, row, 1.0 * d.K);
+        }
+      } else {
+        run(kI8, a, 1.0 * d.K);
+      }
       // Asymmetric rows, w = (q - z) * s: x @ w.T = s * (x @ q.T) - sum(x) * s * z.
       if (d.zeros != nullptr) {
         std::vector<float> xsum(static_cast<size_t>(M));
