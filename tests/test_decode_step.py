@@ -97,6 +97,11 @@ def test_compiled_step_quantized_projections(folders, weight_dtype, group, sym):
     Asymmetric INT8 (the CLI's default) applies its zero points after the kernel."""
     loaded = load_model(str(folders["llama"]), "float32")
     qlinears = quantize_rtn(loaded.model, Scheme("woq", weight_dtype, group, sym, "AUTO"))
+    assert_compiled_step_matches(loaded, qlinears)
+
+
+def assert_compiled_step_matches(loaded, qlinears) -> None:
+    """These projections in the loaded llama, on native: both steps give the same logits."""
     model = prepare(loaded.model, backend="native", dtype="float32", family="llama").model
     assert install_native(model, qlinears) > 0
     assert model._compiled_plan() is not None, model.runtime_details()
@@ -123,12 +128,7 @@ def test_compiled_step_smoothquant_projections(folders, act_scale):
         else:
             swapped[name] = StaticInt8Linear(q.qweight, q.scales, torch.tensor([act_scale]),
                                              q.bias)
-    model = prepare(loaded.model, backend="native", dtype="float32", family="llama").model
-    assert install_native(model, swapped) > 0
-    assert model._compiled_plan() is not None, model.runtime_details()
-    expected = step_logits(model, compiled=False)
-    got = step_logits(model, compiled=True)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert_compiled_step_matches(loaded, swapped)
 
 
 def test_report_names_the_decode_step(folders, tmp_path):

@@ -71,12 +71,18 @@ def single_instance_model(model: str | None):
 
 def reference_ids(model: str | None, *, greedy: bool, batch_size: int = 1) -> list[list[int]]:
     """The single-instance run's tokens: the generate() call run_benchmark makes, in-process."""
+
+
+    return generated_ids(single_instance_model(model), greedy=greedy, batch_size=batch_size)
+
+
+def generated_ids(loaded, *, greedy: bool, batch_size: int = 1) -> list[list[int]]:
+    """The tokens run_benchmark's generate() call makes with this loaded model, in-process."""
     import torch
 
     from llmbench.decoding import decoding_settings
     from llmbench.prompts import build_prompt
 
-    loaded = single_instance_model(model)
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
                           input_tokens=None, prompt_text=None, batch_size=batch_size,
                           max_new_tokens=int(NEW_TOKENS))
@@ -424,10 +430,6 @@ def woq_reference_ids(model_dir: Path, weight_dtype: str | None, group: int,
     """Greedy tokens of a single-instance model quantized with the single-instance code
     (apply.quantize_rtn); lm_head_widths: its lm_head quantized slice by slice instead, as the
     ranks do (its INT8 per-channel scales then cover a slice, not the whole row)."""
-    import torch
-
-    from llmbench.decoding import decoding_settings
-    from llmbench.prompts import build_prompt
     from llmbench.quant import apply
     from llmbench.quant.scheme import Scheme
 
@@ -440,16 +442,7 @@ def woq_reference_ids(model_dir: Path, weight_dtype: str | None, group: int,
             qlinears["lm_head"] = SlicedRowParallel(loaded.model.lm_head.weight, lm_head_widths,
                                                     apply.projection_scheme(scheme, True))
         apply.install_hf(loaded.model, qlinears)
-    prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
-                          input_tokens=None, prompt_text=None, batch_size=1,
-                          max_new_tokens=int(NEW_TOKENS))
-    _, kwargs = decoding_settings(greedy=True, sample=False, num_beams=4,
-                                  max_new_tokens=int(NEW_TOKENS), generation_config=None)
-    with torch.inference_mode():
-        output = loaded.model.generate(input_ids=prompt.input_ids,
-                                       attention_mask=prompt.attention_mask,
-                                       pad_token_id=loaded.tokenizer.pad_token_id, **kwargs)
-    return output.tolist()
+    return generated_ids(loaded, greedy=True)
 
 
 @pytest.mark.slow
