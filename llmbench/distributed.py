@@ -927,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.dtype} | {BACKEND_NAME} x{info.world_size} ({comm_backend}, {all_reduce}) "
               f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
         if quant is not None:
-            splits = quant.details()["splits_per_rank"]
+            splits = prepared.details["quantization"]["splits_per_rank"]
             print(f"quantized: {scheme.describe()}, {tp_quant.APPLIED}: "
                   f"{len(quant.qlinears)} projections per rank ("
                   + ", ".join(f"{n} {k}" for k, n in splits.items() if n)

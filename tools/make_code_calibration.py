@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROSE = ROOT / "llmbench" / "data" / "lambada_local.jsonl"
-OUT = ROOT / "llmbench" / "data" / "code_local.jsonl"
+sys.path.insert(0, str(ROOT))
+
+from llmbench.quant.calibration import CODE_FILE as OUT  # noqa: E402
+from llmbench.quant.calibration import PROSE_FILE, read_file  # noqa: E402
 
 
 def main() -> int:
-    prose = [json.loads(line)["text"] for line in PROSE.read_text().splitlines() if line.strip()]
+    prose = read_file(PROSE_FILE)
     budget = sum(len(text) for text in prose)
     piece_len = budget // len(prose)
     pieces, current = [], ""

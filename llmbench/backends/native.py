@@ -124,11 +124,8 @@ def kernel_spec(projection: Any) -> dict[str, Any] | None:
     """The compiled decode step's arguments for one projection, or None when it has no
     compiled kernel (NF4/FP8, or projections SmoothQuant couldn't fuse): then the Python step
     runs."""
-    if isinstance(projection, Linear):
-        fmt = _FMT_F32 if projection.weight.dtype == torch.float32 else _FMT_BF16
-        return {"fmt": fmt, "w": projection.weight, "bias": projection.bias}
     kind = getattr(projection, "kind", None)
-    if kind == "float":  # SmoothQuant's fallback projections
+    if isinstance(projection, Linear) or kind == "float":  # "float": SmoothQuant's fallbacks
         fmt = _FMT_F32 if projection.weight.dtype == torch.float32 else _FMT_BF16
         return {"fmt": fmt, "w": projection.weight, "bias": projection.bias}
     if kind == "w8a8":  # SmoothQuant: int8 activations at the calibrated static scale

@@ -232,15 +232,11 @@ def find_projections(model: torch.nn.Module) -> list[Projection]:
     return found
 
 
-def _scheme_of(projection: Projection, scheme: Scheme, output: Any) -> Scheme:
-    return projection_scheme(scheme, projection.module is output)
-
-
 def check_row_groups(projections: list[Projection], scheme: Scheme, output: Any) -> None:
     """Refuse group-wise quantization of a row-parallel slice whose width is not a multiple of
     the group size (see the module docstring). Every rank's widths are known on every rank, so
     all ranks refuse alike, before anything is quantized."""
-    grouped = [(p, _scheme_of(p, scheme, output).group_size) for p in projections
+    grouped = [(p, projection_scheme(scheme, p.module is output).group_size) for p in projections
                if p.split in ("row", "lm_head") and p.in_features >= MIN_IN_FEATURES]
     bad = [(p, group, width) for p, group in grouped if group != -1
            for width in p.partition_sizes if width % group]
@@ -272,7 +268,7 @@ def quantize_autotp(model: torch.nn.Module, scheme: Scheme) -> TPQuantization:
         if p.module is output and not scheme.lm_head:
             result.left_float[p.name] = "output projection not in the scheme"
             continue
-        own = _scheme_of(p, scheme, output)
+        own = projection_scheme(scheme, p.module is output)
         module = p.module
         if p.split in ("column", "whole"):
             inner = quantize_weight(module.weight, module.bias, own)

@@ -10,6 +10,7 @@ import torch
 
 from llmbench import kernels
 from llmbench.errors import UserError
+from llmbench.kernels.int8_act import ActLevels
 from llmbench.quant.linears import FP8Linear, Int4Linear, Int8Linear, NF4Linear
 
 WEIGHT_DTYPES = ("INT8", "INT4", "NF4", "FP8")
@@ -99,11 +100,9 @@ def check_lowp_mode(lowp_mode: str, act_quant_mode: str | None, weight_dtype: st
         raise UserError("--act-quant-mode applies to --lowp-mode INT8; leave it out")
 
 
-def act_levels_for(mode: str, weight_group: int) -> Any:
+def act_levels_for(mode: str, weight_group: int) -> ActLevels:
     """The int8_act.ActLevels of an --act-quant-mode, for weights grouped by weight_group
     (-1 or the whole row: per channel)."""
-    from llmbench.kernels.int8_act import ActLevels
-
     block = 0
     if "IC_BLOCK" in mode:
         block = weight_group if weight_group > 0 else ACT_IC_BLOCK

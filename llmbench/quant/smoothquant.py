@@ -53,7 +53,7 @@ import torch
 from llmbench import kernels
 from llmbench.errors import UserError
 from llmbench.quant.calibration import load_texts
-from llmbench.quant.linears import FloatLinear, StaticInt8Linear
+from llmbench.quant.linears import OVERFLOW, FloatLinear, StaticInt8Linear
 
 RECIPE_FORMAT = "llmbench.smoothquant-recipe/1"
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
@@ -63,7 +63,6 @@ CLIP_GRID = (1.0,)
 # attention sink: hundreds to thousands where others are ~1-10); the int8 range is calibrated
 # without them, and at run time a row beyond it is computed with float activations.
 OUTLIER_FACTOR = 8.0
-OVERFLOW = 127.5  # |x| / act_scale beyond this: the row would saturate
 AUTO_TOKENS = 256  # input rows kept per projection to score quantization error
 # Calibration-perplexity increase (vs float) the fallback search aims to stay under, and the
 # part of the calibration data it scores on: the last EVAL_SAMPLES samples, held out of the
