@@ -33,6 +33,7 @@ SHAPES = [
     (5, 9, 96, 32),  # M = 4 + 1 tile split, int4 smallest group
     (1, 3, 6, 6),  # K < vector width: tail only
     (1, 21, 512, 128),  # batch-1 decode over whole 32-blocks
+    (32, 70, 578, None),  # a short prefill: full activation tiles, a 2-row tail, a K tail
 ]
 
 
@@ -145,7 +146,7 @@ def _int4_levels(packed, scales, gs):
     return R.dequantize_int4(packed, scales, torch.zeros_like(scales), gs)
 
 
-@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 13])  # 13: prefill paths (dequantized fp32 tiles)
 def test_int4_group_sizes(isa, M):
     x, w, b = _data(M, 12, 512, True)
     for gs in (32, 64, 128, 256, 512):
@@ -325,3 +326,22 @@ def test_pack_int4_layout_and_roundtrip():
         K.pack_int4(torch.full((1, 4), 16, dtype=torch.uint8))
     with pytest.raises(ValueError):
         K.pack_int4(torch.zeros((1, 3), dtype=torch.uint8))
+
+
+def test_rms_norm_and_rope_match_reference():
+    """The layer step's C++ RMSNorm and in-place q/k RoPE against the torch formulas (the
+    compiled decode step shares the same C++ code)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 96, generator=g) * 3
+    w = torch.randn(96, generator=g)
+    assert torch.allclose(K.rms_norm(x, w, 1e-5), R.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    heads, kv_heads, d, seq = 4, 2, 16, 5
+    for rot in (d, d // 2):  # full and partial rotary dims
+        qkv = torch.randn(3 * seq, (heads + 2 * kv_heads) * d, generator=g)
+        cos, sin = torch.randn(seq, rot, generator=g), torch.randn(seq, rot, generator=g)
+        expected = qkv.clone()
+        R.rope_qk_(expected, cos, sin, heads, kv_heads, d)
+        got = K.rope_qk_(qkv.clone(), cos, sin, heads, kv_heads, d)
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+        v = slice((heads + kv_heads) * d, None)
+        assert torch.equal(got[:, v], qkv[:, v])  # v is left alone

@@ -48,10 +48,9 @@ SUPPORTED_GENERATE_KEYS = {"input_ids", "attention_mask", "pad_token_id", "max_n
                            "length_penalty", "early_stopping"}
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm in fp32. (torch's F.rms_norm is not fused on CPU and costs ~70 us
-    a call here, a twentieth of a decode step over 61 calls.)"""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+# transformers' RMSNorm in fp32, one C++ call per norm (torch's F.rms_norm is not fused on CPU
+# and costs ~70 us a call here; the six-op formula in kernels.reference ~60 us).
+rms_norm = kernels.rms_norm
 
 
 # Prefills of bf16 weights (more rows than the kernels stream) on CPUs with bf16 matrix math
@@ -318,29 +317,22 @@ class NativeModel:
         cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
         return cos[0].float(), sin[0].float()  # [length, rotary_dim]
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot = cos.shape[-1]
-        x_rot, x_pass = x[..., :rot], x[..., rot:]
-        half = rot // 2
-        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-        out = x_rot * cos + rotated * sin
-        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
-
     def _qkv(self, layer: Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """h [R, S, H] -> q [R, heads, S, d], k and v [R, kv, S, d], rope applied."""
         rows, seq, _ = h.shape
         x = rms_norm(h, layer.attn_norm, self.eps)
         qkv = layer.qkv(x.view(rows * seq, -1))
         d = self.head_dim
+        if layer.q_norm is None:  # RoPE in place on the fused output: one call for q and k
+            kernels.rope_qk_(qkv, cos, sin, self.heads, self.kv_heads, d)
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q = q.view(rows, seq, self.heads, d).transpose(1, 2)
         k = k.view(rows, seq, self.kv_heads, d).transpose(1, 2)
         v = v.view(rows, seq, self.kv_heads, d).transpose(1, 2)
-        if layer.q_norm is not None:
-            q = rms_norm(q, layer.q_norm, self.eps)
-            k = rms_norm(k, layer.k_norm, self.eps)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+        if layer.q_norm is not None:  # qwen3: each head's q and k normalized before RoPE
+            q = kernels.reference.rope(rms_norm(q, layer.q_norm, self.eps), cos, sin)
+            k = kernels.reference.rope(rms_norm(k, layer.k_norm, self.eps), cos, sin)
+        return q, k, v
 
     def _mlp_and_output(self, layer: Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         rows, seq, hidden = h.shape

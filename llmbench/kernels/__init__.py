@@ -25,7 +25,7 @@ high nibble; a trailing partial block of even length L (only when K is not a
 multiple of 32, i.e. per-channel group_size == K) holds elements i / i+L/2.
 
 Dispatch: for 1 <= M <= STREAM_M_MAX[format] (32 for fp32 and bf16
-weights, 64 for int8, 256 for int4; fp32 and bf16 8 on the avx512 path) the
+weights, 64 for int8, 256 for int4; bf16 8 on the avx512 path) the
 compiled kernels run (memory bound for decode:
 weights streamed once, OpenMP over blocks of 4 output rows, honours
 torch.set_num_threads; compute-bound tiles for short prefills).  Above that the
@@ -85,6 +85,8 @@ __all__ = [
     "quantize_int4",
     "dequantize_int8",
     "dequantize_int4",
+    "rms_norm",
+    "rope_qk_",
     "reference",
 ]
 
@@ -103,7 +105,7 @@ SMALL_M_MAX = 16
 # 15.6 ms torch vs 20.9 ms kernels), so the avx512 path hands fp32 over sooner; bf16 too (whole
 # native bf16 32-token prefill: 87.7 ms with 8 vs 96.1 ms with 32).
 STREAM_M_MAX_BASE = {"f32": 32, "bf16": 32, "int8": 64, "int4": 256}
-STREAM_M_MAX_BY_ISA = {"avx512": {"f32": 8, "bf16": 8}}
+STREAM_M_MAX_BY_ISA = {"avx512": {"bf16": 8}}
 # The active path's limits (updated in place by set_isa, so readers may keep a reference).
 STREAM_M_MAX = dict(STREAM_M_MAX_BASE)
 
@@ -313,3 +315,21 @@ def linear_int4w(
         int(group_size),
         bias,
     )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm of fp32 x [..., n] (one C++ call instead of six torch ops)."""
+    if available() and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return _C.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+             head_dim: int) -> torch.Tensor:
+    """Rotate-half RoPE of the q and k heads of a fused projection's output, in place:
+    qkv [rows * S, (heads + 2 * kv_heads) * head_dim] fp32, cos and sin [S, rot]. Returns qkv."""
+    if available() and qkv.dtype == torch.float32 and qkv.is_contiguous():
+        _C.rope_qk_(qkv, cos, sin, heads, kv_heads, head_dim)
+    else:
+        reference.rope_qk_(qkv, cos, sin, heads, kv_heads, head_dim)
+    return qkv

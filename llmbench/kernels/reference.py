@@ -25,6 +25,9 @@ __all__ = [
     "quantize_int4",
     "pack_int4",
     "unpack_int4",
+    "rms_norm",
+    "rope",
+    "rope_qk_",
 ]
 
 INT4_BLOCK = 32  # elements per packed block (16 bytes)
@@ -173,3 +176,28 @@ def quantize_int4(
     zeros = torch.round(-lo / scales).clamp_(0, 15)
     q = torch.round(wg / scales.unsqueeze(2) + zeros.unsqueeze(2)).clamp_(0, 15).to(torch.uint8)
     return pack_int4(q.view(N, K)), scales.contiguous(), zeros.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm in fp32."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x [..., S, d], cos and sin [S, rot] with rot <= d (the first rot dims
+    rotate, the rest pass through)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos + rotated * sin
+    return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
+
+
+def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+             head_dim: int) -> None:
+    """RoPE on the q and k heads of qkv [rows * S, (heads + 2 * kv_heads) * head_dim] in place,
+    token t at position row t % S of cos and sin [S, rot]."""
+    seq = cos.shape[0]
+    qk = qkv.view(-1, seq, heads + 2 * kv_heads, head_dim)[:, :, : heads + kv_heads]
+    qk.copy_(rope(qk.transpose(1, 2), cos, sin).transpose(1, 2))

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "linear.h"
+#include "rowops.h"
 
 namespace llmb {
 namespace {
@@ -342,29 +343,13 @@ class DecodePlan {
     linear_rows(p.d, staged_.data(), rows, K, y, ldy);
   }
 
-  // transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in fp32.
   void rms_norm_rows(const float* in, const float* weight, float* out, int64_t rows,
                      int64_t n) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* x = in + r * n;
-      float* y = out + r * n;
-      double ss = 0.0;
-      for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-      const float inv = 1.f / std::sqrt(static_cast<float>(ss / n) + eps_);
-      for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * weight[i];
-    }
+    llmb::rms_norm_rows(in, weight, out, rows, n, eps_);
   }
 
-  // rotate-half RoPE over the first rot_ dims of one head, in place.
   void rope(float* x, int64_t position) const {
-    const float* c = cos_ + position * rot_;
-    const float* s = sin_ + position * rot_;
-    const int64_t half = rot_ / 2;
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = x[i], b = x[i + half];
-      x[i] = a * c[i] - b * s[i];
-      x[i + half] = b * c[i + half] + a * s[i + half];
-    }
+    rope_head(x, cos_ + position * rot_, sin_ + position * rot_, rot_);
   }
 
   void store_kv(size_t li, int64_t r, int64_t step, const float* k, const float* v) const {

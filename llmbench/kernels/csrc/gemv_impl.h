@@ -8,6 +8,7 @@
 //   V vzero(); V vset1(float); V vadd(V, V); V vmul(V, V); V vfma(V a, V b, V c) /* a*b+c */;
 //   float vhsum(V);
 //   V vld_f32(const float*);  V vld_bf16(const uint16_t*);  V vld_i8(const int8_t*);
+//   void vst_f32(float*, V);
 //   void vld_i4x32(const uint8_t* p, V* q);  // 16 bytes -> 32 floats in [0,15],
 //                                            // q[j] = elements [j*W, (j+1)*W)
 //
@@ -29,6 +30,18 @@
 //                    (0 or undefined: none), LLMB_PF_LOC its locality hint.
 #ifndef LLMB_ROW_DECODE
 #define LLMB_ROW_DECODE 1
+#endif
+#ifndef LLMB_TILE_ACC  // vector accumulators one dense tile may hold (AVX2 has 16 registers)
+#define LLMB_TILE_ACC 12
+#endif
+#ifndef LLMB_TILE_PREFETCH  // 1: prefill tiles prefetch the next weight rows (dense_tile)
+#define LLMB_TILE_PREFETCH 0
+#endif
+#ifndef LLMB_TILE_PF_LOC
+#define LLMB_TILE_PF_LOC 3
+#endif
+#ifndef LLMB_DENSE_MT  // activation rows per dense tile
+#define LLMB_DENSE_MT 4
 #endif
 #ifndef LLMB_PF_LOC
 #define LLMB_PF_LOC 2
@@ -74,7 +87,16 @@ struct FmtI8 {  // per-output-row scale applied after the dot product
   static float scalar(const T* p) { return static_cast<float>(*p); }
 };
 
-template <class F, int R, int MT>
+#ifndef LLMB_HAS_VHSUM4
+inline void vhsum4(V a, V b, V c, V d, float* out) {
+  out[0] = vhsum(a);
+  out[1] = vhsum(b);
+  out[2] = vhsum(c);
+  out[3] = vhsum(d);
+}
+#endif
+
+template <class F, int R, int MT, bool PF = true>
 inline void dense_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
   const int64_t K = a.K, ldx = a.ldx;
   const typename F::T* w = static_cast<const typename F::T*>(a.w) + n0 * K;
@@ -82,18 +104,42 @@ inline void dense_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
   V acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = vzero();
+  // Prefill (several activation tiles over the same weight rows): the tiles spread over
+  // their steps the prefetch of the next R weight rows (contiguous in memory), so the weights
+  // stream from memory all the time instead of only while the first tile runs; the later tiles
+  // reuse the current rows from L1. x86 prefetches never fault, past the end included.
+  const int64_t chunks = (a.M + LLMB_DENSE_MT - 1) / LLMB_DENSE_MT;
+  const int64_t steps = K / W;
+  const char* next = reinterpret_cast<const char*>(w + R * K);
+  const int64_t lines = (R * K * static_cast<int64_t>(sizeof(typename F::T)) + 63) / 64;
+  const int64_t per_step = (PF && LLMB_TILE_PREFETCH && chunks > 1 && steps > 0)
+                               ? (lines + chunks * steps - 1) / (chunks * steps)
+                               : 0;
+  int64_t line = (m0 / LLMB_DENSE_MT) * steps * per_step;
   int64_t k = 0;
   for (; k + W <= K; k += W) {
+    for (int64_t p = 0; p < per_step && line < lines; ++p, ++line)
+      __builtin_prefetch(next + line * 64, 0, LLMB_TILE_PF_LOC);
+    // Each activation vector is loaded once per step and reused for all R weight rows:
+    // with R * MT accumulators the loads then stay well below the multiply-adds.
+    V xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = vld_f32(x + m * ldx + k);
     for (int r = 0; r < R; ++r) {
       const V wv = F::load(w + r * K + k);
-      for (int m = 0; m < MT; ++m)
-        acc[r][m] = vfma(wv, vld_f32(x + m * ldx + k), acc[r][m]);
+      for (int m = 0; m < MT; ++m) acc[r][m] = vfma(wv, xv[m], acc[r][m]);
     }
   }
+  // Horizontal sums, four accumulators at a time where the ISA has a cheaper way
+  // (vhsum4): for prefill tiles the reductions are otherwise a sizeable share.
+  constexpr int NACC = R * MT, NACC4 = NACC / 4 * 4;
+  const V* flat = &acc[0][0];
+  float sums[NACC];
+  for (int i = 0; i < NACC4; i += 4) vhsum4(flat[i], flat[i + 1], flat[i + 2], flat[i + 3], sums + i);
+  for (int i = NACC4; i < NACC; ++i) sums[i] = vhsum(flat[i]);
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r;
     for (int m = 0; m < MT; ++m) {
-      float s = vhsum(acc[r][m]);
+      float s = sums[r * MT + m];
       for (int64_t kk = k; kk < K; ++kk)  // scalar K tail
         s += F::scalar(w + r * K + kk) * x[m * ldx + kk];
       if (F::kRowScale) s *= a.scales[n];
@@ -129,8 +175,9 @@ inline void dense_row(const GemvArgs& a, int64_t n) {
   a.y[n] = s;
 }
 
-template <class F>
+template <class F, bool PF = true>
 struct DenseKern {
+  static constexpr int kMT = LLMB_DENSE_MT;
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
     if constexpr (MT == 1 && LLMB_ROW_DECODE) {
@@ -139,9 +186,10 @@ struct DenseKern {
         return;
       }
     }
-    constexpr int RMAX = (MT <= 3) ? 4 : 2;  // <= 12 accumulators
+    // R divides NR (4 or 1) and R * MT stays within the register budget.
+    constexpr int RMAX = (4 * MT <= LLMB_TILE_ACC) ? 4 : (2 * MT <= LLMB_TILE_ACC ? 2 : 1);
     constexpr int R = NR < RMAX ? NR : RMAX;
-    for (int i = 0; i < NR; i += R) dense_tile<F, R, MT>(a, n + i, m0);
+    for (int i = 0; i < NR; i += R) dense_tile<F, R, MT, PF>(a, n + i, m0);
   }
 };
 
@@ -240,6 +288,7 @@ inline void i4_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
 
 template <int NB>
 struct I4Kern {
+  static constexpr int kMT = 4;
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
     // accumulators: R*MT*NA (group) + R*MT (total) <= 12
@@ -254,16 +303,23 @@ struct I4Kern {
 // ---------------------------------------------------------------------------
 // row-range driver
 // ---------------------------------------------------------------------------
+// The last LEFT (< Kern::kMT) activation rows, as one tile of exactly that many.
+template <class Kern, int NR, int MT>
+inline void m_tail(const GemvArgs& a, int64_t n, int64_t m0, int64_t left) {
+  if constexpr (MT >= 1) {
+    if (left == MT)
+      Kern::template block<NR, MT>(a, n, m0);
+    else
+      m_tail<Kern, NR, MT - 1>(a, n, m0, left);
+  }
+}
+
 template <class Kern, int NR>
 inline void all_m(const GemvArgs& a, int64_t n) {
+  constexpr int MT = Kern::kMT;
   int64_t m0 = 0;
-  for (; a.M - m0 >= 4; m0 += 4) Kern::template block<NR, 4>(a, n, m0);
-  switch (a.M - m0) {
-    case 3: Kern::template block<NR, 3>(a, n, m0); break;
-    case 2: Kern::template block<NR, 2>(a, n, m0); break;
-    case 1: Kern::template block<NR, 1>(a, n, m0); break;
-    default: break;
-  }
+  for (; a.M - m0 >= MT; m0 += MT) Kern::template block<NR, MT>(a, n, m0);
+  m_tail<Kern, NR, MT - 1>(a, n, m0, a.M - m0);
 }
 
 template <class Kern>
@@ -273,7 +329,74 @@ void rows(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   for (; n < n_end; ++n) all_m<Kern, 1>(a, n);
 }
 
+// ---------------------------------------------------------------------------
+// prefill on quantized weights: dequantize, then the fp32 tiles
+// ---------------------------------------------------------------------------
+// From LLMB_DEQUANT_PREFILL_M activation rows on (0: never) and for K up to
+// LLMB_DEQUANT_PREFILL_KMAX, int4 weights are dequantized 4 rows at a time into an fp32 buffer that stays in L1, and the fp32 dense tiles run on it:
+// every activation tile then reuses fp32 rows instead of unpacking and converting the same
+// weights again, and the weights are the reference's, (q - zero) * scale. (int8 weights gain
+// nothing from it on the AVX-512 machine measured: its int16 kernels are as fast from 12 rows
+// on, so they keep them.)
+#ifndef LLMB_DEQUANT_PREFILL_M
+#define LLMB_DEQUANT_PREFILL_M 0
+#endif
+#ifndef LLMB_DEQUANT_PREFILL_KMAX
+#define LLMB_DEQUANT_PREFILL_KMAX 0
+#endif
+
+// Weight row n of packed int4 weights: (q - zero) * scale per group (layout above).
+inline void dequant_row_i4(const GemvArgs& a, int64_t n, float* out) {
+  constexpr int NV = 32 / W;
+  const int64_t K = a.K, G = a.group_size, NG = a.ngroups;
+  const uint8_t* p = static_cast<const uint8_t*>(a.w) + n * (K / 2);
+  const float* sc = a.scales + n * NG;
+  const float* zp = a.zeros + n * NG;
+  const int64_t full = K / 32 * 32;
+  for (int64_t k = 0; k < full; k += 32) {
+    const int64_t g = k / G;
+    const V s = vset1(sc[g]), negz = vset1(-zp[g]);
+    V q[NV];
+    vld_i4x32(p + k / 2, q);
+    for (int j = 0; j < NV; ++j) vst_f32(out + k + j * W, vmul(vadd(q[j], negz), s));
+  }
+  const int64_t half = (K - full) / 2;  // a partial block: only when group_size == K
+  const uint8_t* pb = p + full / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    out[full + i] = (static_cast<float>(pb[i] & 15) - zp[0]) * sc[0];
+    out[full + half + i] = (static_cast<float>(pb[i] >> 4) - zp[0]) * sc[0];
+  }
+}
+
+inline bool dequant_prefill(const GemvArgs& a) {
+  return LLMB_DEQUANT_PREFILL_M > 0 && a.M >= LLMB_DEQUANT_PREFILL_M &&
+         a.K <= LLMB_DEQUANT_PREFILL_KMAX;
+}
+
+void rows_dequant_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  const int64_t K = a.K;
+  // malloc, not a std container: this header is compiled under ISA target pragmas.
+  float* buf = static_cast<float*>(std::malloc(sizeof(float) * 4 * K));
+  if (buf == nullptr) return;
+  GemvArgs b = a;  // the fp32 tiles on buf: rows 0..3 of b are weight rows n..n+3
+  b.w = buf;
+  b.scales = nullptr;
+  for (int64_t n = n_begin; n < n_end; n += 4) {
+    const int64_t rows = n_end - n < 4 ? n_end - n : 4;
+    for (int64_t r = 0; r < rows; ++r) dequant_row_i4(a, n + r, buf + r * K);
+    b.y = a.y + n;
+    b.bias = a.bias ? a.bias + n : nullptr;
+    if (rows == 4) {
+      all_m<DenseKern<FmtF32, false>, 4>(b, 0);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) all_m<DenseKern<FmtF32, false>, 1>(b, r);
+    }
+  }
+  std::free(buf);
+}
+
 void rows_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  if (dequant_prefill(a)) return rows_dequant_i4(a, n_begin, n_end);
   switch (a.group_size) {
     case 32: rows<I4Kern<1>>(a, n_begin, n_end); break;
     case 64: rows<I4Kern<2>>(a, n_begin, n_end); break;

@@ -111,6 +111,7 @@ inline void bf16_row(const GemvArgs& a, int64_t n) {
 }
 
 struct BF16PairKern {
+  static constexpr int kMT = 4;
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
     if constexpr (MT == 1) {
@@ -210,6 +211,7 @@ inline void i8_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
 }
 
 struct I8Int16Kern {
+  static constexpr int kMT = 4;
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
     constexpr int RMAX = (MT == 1) ? 1 : (MT <= 3) ? 4 : 2;
@@ -321,6 +323,7 @@ inline void i4i_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
 }
 
 struct I4Int16Kern {
+  static constexpr int kMT = 4;
   template <int NR, int MT>
   static void block(const GemvArgs& a, int64_t n, int64_t m0) {
     // batch 1: one row at a time, in memory order; tiles: <= 16 accumulators on AVX-512
@@ -331,7 +334,7 @@ struct I4Int16Kern {
 };
 
 void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
-  if (i4_int_ok(a)) {
+  if (i4_int_ok(a) && !dequant_prefill(a)) {
     rows<I4Int16Kern>(a, n_begin, n_end);
   } else {
     rows_i4(a, n_begin, n_end);

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "common.h"
@@ -35,6 +36,7 @@ inline float vhsum(V v) {
   return _mm_cvtss_f32(s);
 }
 inline V vld_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline void vst_f32(float* p, V v) { _mm256_storeu_ps(p, v); }
 // bf16 -> fp32 is a 16-bit left shift of the zero-extended bits.
 inline V vld_bf16(const uint16_t* p) {
   const __m256i i = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

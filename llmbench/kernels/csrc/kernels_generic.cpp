@@ -2,6 +2,7 @@
 // the baseline flags only; the blocked loops still give the compiler several
 // independent accumulators to work with.
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "common.h"
@@ -18,6 +19,7 @@ inline V vmul(V a, V b) { return a * b; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline float vhsum(V v) { return v; }
 inline V vld_f32(const float* p) { return *p; }
+inline void vst_f32(float* p, V v) { *p = v; }
 inline V vld_bf16(const uint16_t* p) {
   const uint32_t u = static_cast<uint32_t>(*p) << 16;
   float f;

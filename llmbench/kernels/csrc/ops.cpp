@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "linear.h"
+#include "rowops.h"
 
 namespace llmb {
 
@@ -407,6 +408,55 @@ void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, fl
   }
 }
 
+// The Python layer step's RMSNorm (prefill, and decode without the compiled step): x [..., n]
+// fp32 -> a new tensor, rows split over threads. One call instead of six torch ops.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat,
+              "rms_norm: x and weight must be float32");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "rms_norm: weight [", weight.numel(), "] does not match x's last dim");
+  const torch::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  torch::Tensor out = torch::empty_like(xc);
+  const int64_t n = xc.size(-1), rows = n ? xc.numel() / n : 0;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    rms_norm_rows(xp + b * n, wp, yp + b * n, e - b, n, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// RoPE on the q and k heads of a fused qkv projection's output, in place: qkv [T, (heads +
+// 2 * kv_heads) * d] fp32 contiguous, token t at row t % S of cos and sin [S, rot] (T = rows x
+// S tokens, row-major). v is left alone.
+void rope_qk_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+              int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat && qkv.is_contiguous() && qkv.dim() == 2,
+              "rope_qk_: qkv must be a contiguous 2-D float32 tensor");
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * head_dim, "rope_qk_: qkv has ",
+              qkv.size(1), " columns, expected (heads + 2 * kv_heads) * head_dim");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat &&
+                  cos.dim() == 2 && cos.sizes() == sin.sizes(),
+              "rope_qk_: cos and sin must be float32 [S, rot] of one shape");
+  const int64_t S = cos.size(0), rot = cos.size(1), T = qkv.size(0);
+  TORCH_CHECK(S > 0 && T % S == 0 && rot <= head_dim && rot % 2 == 0,
+              "rope_qk_: ", T, " tokens are not rows of ", S, " positions, or rot ", rot,
+              " does not fit head_dim ", head_dim);
+  const torch::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  const float* cp = cc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* base = qkv.data_ptr<float>();
+  const int64_t width = qkv.size(1), rotated = heads + kv_heads;
+  at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t s = t % S;
+      for (int64_t h = 0; h < rotated; ++h)
+        rope_head(base + t * width + h * head_dim, cp + s * rot, sp + s * rot, rot);
+    }
+  });
+}
+
 void register_decode(pybind11::module& m);  // decode_step.cpp
 
 }  // namespace llmb
@@ -424,6 +474,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
   m.def("act_levels", &llmb::act_levels, py::arg("x"), py::arg("per_tensor"), py::arg("sym"),
         py::arg("block"));
+  m.def("rms_norm", &llmb::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rope_qk_", &llmb::rope_qk_, py::arg("qkv"), py::arg("cos"), py::arg("sin"),
+        py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"));
   m.def("isa", &llmb::isa, "name of the active kernel path");
   m.def("set_isa", &llmb::set_isa, py::arg("name"),
         "force 'generic'/'avx2'/'avx512' or 'auto'; returns the active name");
