@@ -3,15 +3,19 @@
 float copy of the weights, per weight format, side by side in one run. This is what sets
 llmbench.kernels.STREAM_M_MAX (up to how many rows each format uses the kernels).
 
-    python benchmarks/bench_prefill.py [--m 16,32,64,128,256] [--threads 1]
+    python benchmarks/bench_prefill.py [--m 16,32,64,128,256] [--threads 1] [--cold-mib 200]
 
-Weights are re-used across calls (hot in cache), which favours torch's path: in a real prefill
-the conversion also streams the weights from memory. Compare ratios, on a quiet machine.
+By default the weights are re-used across calls (hot in cache), which favours torch's path: in a
+real prefill the conversion also streams the weights from memory. With --cold-mib each call
+takes the next of enough copies of the weights to fill that many MiB per format, so they come
+from memory as in a model's prefill. Compare ratios, on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,17 +41,27 @@ def best_ms(fn, repeats: int = 5, calls: int = 5) -> float:
     return best * 1e3
 
 
-def candidates(compiled, x: torch.Tensor, w: torch.Tensor) -> dict:
+def copies_of(t: torch.Tensor, cold_mib: int):
+    """A function returning t, or with cold_mib > 0 the next of enough copies of t to fill
+    cold_mib MiB (so that each call reads its weights from memory)."""
+    count = math.ceil(cold_mib * 2**20 / (t.numel() * t.element_size())) if cold_mib else 1
+    return itertools.cycle([t] + [t.clone() for _ in range(count - 1)]).__next__
+
+
+def candidates(compiled, x: torch.Tensor, w: torch.Tensor, cold_mib: int) -> dict:
     """Per format: (our kernel on the stored weights, torch's GEMM on a float copy)."""
-    wb = w.bfloat16()
+    f32 = copies_of(w, cold_mib)
+    bf16 = copies_of(w.bfloat16(), cold_mib)
     q8, s8 = kernels.quantize_int8(w)
     p4, s4, z4 = kernels.quantize_int4(w, 32)
+    i8, i4 = copies_of(q8, cold_mib), copies_of(p4, cold_mib)
     return {
-        "bf16": (lambda: compiled.linear_bf16w(x, wb), lambda: x @ wb.float().T),
-        "int8": (lambda: compiled.linear_int8w(x, q8, s8),
-                 lambda: x @ kernels.dequantize_int8(q8, s8).T),
-        "int4": (lambda: compiled.linear_int4w(x, p4, s4, z4, 32),
-                 lambda: x @ kernels.dequantize_int4(p4, s4, z4, 32).T),
+        "f32": (lambda: compiled.linear_f32(x, f32()), lambda: x @ f32().T),
+        "bf16": (lambda: compiled.linear_bf16w(x, bf16()), lambda: x @ bf16().float().T),
+        "int8": (lambda: compiled.linear_int8w(x, i8(), s8),
+                 lambda: x @ kernels.dequantize_int8(i8(), s8).T),
+        "int4": (lambda: compiled.linear_int4w(x, i4(), s4, z4, 32),
+                 lambda: x @ kernels.dequantize_int4(i4(), s4, z4, 32).T),
     }
 
 
@@ -55,18 +69,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", default="16,32,64,128,256")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cold-mib", type=int, default=0,
+                        help="cycle through copies of the weights filling this many MiB")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     compiled = kernels.compiled()
     if compiled is None:
         print(f"kernels not built: {kernels.import_error()}")
         return 1
-    print(f"threads={args.threads} isa={kernels.isa()}; ms per call, kernel / torch "
-          "(ratio > 1: the kernel is faster)")
-    print(f"{'M':>4} {'N x K':>10} | {'bf16':>20} | {'int8':>20} | {'int4 g32':>20}")
+    weights = f"cold ({args.cold_mib} MiB of copies)" if args.cold_mib else "hot"
+    print(f"threads={args.threads} isa={kernels.isa()} weights {weights}; ms per call, "
+          "kernel / torch (ratio > 1: the kernel is faster)")
+    print(f"{'M':>4} {'N x K':>10} | {'f32':>20} | {'bf16':>20} | {'int8':>20} | "
+          f"{'int4 g32':>20}")
     for m in (int(v) for v in args.m.split(",")):
         for n, k in SHAPES:
-            pairs = candidates(compiled, torch.randn(m, k), torch.randn(n, k))
+            pairs = candidates(compiled, torch.randn(m, k), torch.randn(n, k), args.cold_mib)
             cells = []
             for ours, theirs in pairs.values():
                 a, b = best_ms(ours), best_ms(theirs)
