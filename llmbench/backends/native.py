@@ -49,7 +49,7 @@ SUPPORTED_GENERATE_KEYS = {"input_ids", "attention_mask", "pad_token_id", "max_n
 
 
 # transformers' RMSNorm in fp32, one C++ call per norm (torch's F.rms_norm is not fused on CPU
-# and costs ~70 us a call here; the six-op formula in kernels.reference ~60 us).
+# and costs ~70 us a call here; the formula in kernels.reference is six torch ops).
 rms_norm = kernels.rms_norm
 
 

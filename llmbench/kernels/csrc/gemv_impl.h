@@ -9,6 +9,8 @@
 //   float vhsum(V);
 //   V vld_f32(const float*);  V vld_bf16(const uint16_t*);  V vld_i8(const int8_t*);
 //   void vst_f32(float*, V);
+//   optional: void vhsum4(V, V, V, V, float* out) with #define LLMB_HAS_VHSUM4 (a generic
+//   one from four vhsum calls otherwise)
 //   void vld_i4x32(const uint8_t* p, V* q);  // 16 bytes -> 32 floats in [0,15],
 //                                            // q[j] = elements [j*W, (j+1)*W)
 //
@@ -380,11 +382,11 @@ void rows(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 // prefill on quantized weights: dequantize, then the fp32 tiles
 // ---------------------------------------------------------------------------
 // From LLMB_DEQUANT_PREFILL_M activation rows on (0: never) and for K up to
-// LLMB_DEQUANT_PREFILL_KMAX, int4 weights are dequantized 4 rows at a time into an fp32 buffer that stays in L1, and the fp32 dense tiles run on it:
-// every activation tile then reuses fp32 rows instead of unpacking and converting the same
-// weights again, and the weights are the reference's, (q - zero) * scale. (int8 weights gain
-// nothing from it on the AVX-512 machine measured: its int16 kernels are as fast from 12 rows
-// on, so they keep them.)
+// LLMB_DEQUANT_PREFILL_KMAX, int4 weights are dequantized 4 rows at a time into an fp32
+// buffer that stays in L1, and the fp32 dense tiles run on it: every activation tile then
+// reuses fp32 rows instead of unpacking and converting the same weights again, and the weights
+// are the reference's, (q - zero) * scale. (int8 weights gain nothing from it on the AVX-512
+// machine measured: its int16 kernels are as fast from 12 rows on, so they keep them.)
 #ifndef LLMB_DEQUANT_PREFILL_M
 #define LLMB_DEQUANT_PREFILL_M 0
 #endif
@@ -420,11 +422,12 @@ inline bool dequant_prefill(const GemvArgs& a) {
          a.K <= LLMB_DEQUANT_PREFILL_KMAX;
 }
 
-void rows_dequant_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+// False (nothing computed) when the buffer can't be allocated: the caller runs its own tiles.
+bool rows_dequant_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   const int64_t K = a.K;
   // malloc, not a std container: this header is compiled under ISA target pragmas.
   float* buf = static_cast<float*>(std::malloc(sizeof(float) * 4 * K));
-  if (buf == nullptr) return;
+  if (buf == nullptr) return false;
   GemvArgs b = a;  // the fp32 tiles on buf: rows 0..3 of b are weight rows n..n+3
   b.w = buf;
   b.scales = nullptr;
@@ -440,10 +443,11 @@ void rows_dequant_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
     }
   }
   std::free(buf);
+  return true;
 }
 
 void rows_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
-  if (dequant_prefill(a)) return rows_dequant_i4(a, n_begin, n_end);
+  if (dequant_prefill(a) && rows_dequant_i4(a, n_begin, n_end)) return;
   switch (a.group_size) {
     case 32: rows<I4Kern<1>>(a, n_begin, n_end); break;
     case 64: rows<I4Kern<2>>(a, n_begin, n_end); break;
