@@ -72,6 +72,8 @@ def main() -> int:
     parser.add_argument("--cold-mib", type=int, default=0,
                         help="cycle through copies of the weights filling this many MiB")
     args = parser.parse_args()
+    if args.cold_mib < 0:
+        parser.error("--cold-mib must be 0 (hot weights) or a positive size")
     torch.set_num_threads(args.threads)
     compiled = kernels.compiled()
     if compiled is None:

@@ -129,8 +129,8 @@ inline void dense_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
 
 // The same tile for register files that hold more than 4 activation rows' accumulators
 // (LLMB_DENSE_MT > 4: AVX-512), tuned for short prefills. (Kept apart from dense_tile: the
-// AVX2 build of the shared version measured its batch-1 decode 20% slower on the Xeon,
-// with an identical inner loop, so AVX2 keeps its code as it was.)
+// AVX2 build of the shared version measured its batch-1 fp32 GEMV 26-52% slower on the Xeon
+// (the whole decode step 6-13%) with an identical inner loop, so AVX2 keeps its code as it was.)
 template <class F, int R, int MT, bool PF = true>
 inline void dense_tile_wide(const GemvArgs& a, int64_t n0, int64_t m0) {
   const int64_t K = a.K, ldx = a.ldx;

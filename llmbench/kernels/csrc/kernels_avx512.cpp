@@ -76,14 +76,15 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
 #define LLMB_I4_INT16 1  // int4 x int16 multiply-adds (gemv_int_impl.h)
 // - fp32 prefill tiles of 4 weight rows x 6 activation rows (24 of the 32 registers), the
 //   next weight rows prefetched while the tiles reuse the current ones: SmolLM2's linears at
-//   32 rows, weights from memory, 0.76x to 0.91x of torch's GEMM time (it was 1.1x to 1.3x).
+//   32 rows, weights from memory, 0.71x to 0.88x of torch's GEMM time (it was 1.1x to 1.3x;
+//   benchmarks/bench_prefill.py --m 32 --threads 2 --cold-mib 200).
 #define LLMB_TILE_ACC 24
 #define LLMB_DENSE_MT 6
 #define LLMB_TILE_PREFETCH 1
 // - int4 prefills of 12 rows or more dequantize 4 weight rows at a time and run the fp32 tiles
 //   when K <= 1536: SmolLM2's qkv, gate_up and down at 32 rows 1.25-1.30 ms against 1.61 ms on
 //   the int4 x int16 tiles, at 12 rows 0.55 against 0.64-0.73 ms; a tie at 8 (weights from
-//   memory). TinyLlama's K = 2048 and 5632 ran 4-10% slower that way (the rows outgrow L1).
+//   memory). TinyLlama's K = 2048 and 5632 ran 4-11% slower that way (the rows outgrow L1).
 #define LLMB_DEQUANT_PREFILL_M 12
 #define LLMB_DEQUANT_PREFILL_KMAX 1536
 #include "gemv_impl.h"
