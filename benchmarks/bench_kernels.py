@@ -212,6 +212,9 @@ def main() -> int:
         "--stat", choices=["median", "min"], default="median", help="statistic over timed calls"
     )
     args = ap.parse_args()
+    unknown = [m for m in args.models.split(",") if m.strip() not in MODELS]
+    if unknown:
+        ap.error(f"unknown --models {','.join(unknown)}; known: {','.join(MODELS)}")
     stat = statistics.median if args.stat == "median" else min
     if args.threads:
         torch.set_num_threads(args.threads)
