@@ -247,11 +247,12 @@ def test_run_py_low_precision_checkpoint_two_steps_and_mismatch(tmp_path, tiny_l
 
 # ---- our GPTQ ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(act_order):
+@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, False), (True, True)])
+def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(act_order, static_groups):
     """The algorithm on one linear: with correlated inputs (as activations are), GPTQ's output
     error on the calibration inputs is well below round to nearest on the same 4-bit grid, and
-    the result survives the GPTQ checkpoint layout exactly."""
+    the result survives the GPTQ checkpoint layout exactly. Static groups stay in channel
+    order even with act-order (no input permutation at run time)."""
     from llmbench.quant.checkpoint import gptq_linear, gptq_tensors
     from llmbench.quant.gptq import GPTQSettings, gptq_quantize, group_params
 
@@ -261,7 +262,8 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(act_order):
     x[:, :8] *= 10  # a few outlier channels, as LLM activations have
     w = torch.randn(n, k) * 0.05
     hessian = 2 * x.t() @ x / x.shape[0]
-    result = gptq_quantize(w, hessian, GPTQSettings(group_size=group, act_order=act_order))
+    result = gptq_quantize(w, hessian, GPTQSettings(group_size=group, act_order=act_order,
+                                                    static_groups=static_groups))
     rtn = torch.empty_like(w)
     for g in range(k // group):
         cols = slice(g * group, (g + 1) * group)
@@ -275,6 +277,8 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_inputs(act_order):
     assert error_gptq < 0.8 * error_rtn
     assert bool((result.q >= 0).all() and (result.q <= 15).all())
     assert sorted(torch.bincount(result.g_idx).tolist()) == [group] * (k // group)
+    if static_groups:
+        assert torch.equal(result.g_idx, torch.arange(k) // group)
     tensors = gptq_tensors(result.q, result.zeros, result.scales, result.g_idx, None)
     linear = gptq_linear(tensors, k, n, "proj", "test")
     torch.testing.assert_close(linear.dequantize(), result.dequantized, rtol=0, atol=1e-6)
@@ -323,3 +327,13 @@ def test_run_gptq_refuses_bad_flags(tmp_path):
                        "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(result, "missing.jsonl: no such file")
     assert not (tmp_path / "o").exists()
+
+
+def test_run_gptq_static_groups_flag_reaches_settings_and_config():
+    from llmbench.quant import gptq
+
+    args = gptq.build_parser().parse_args(["--act-order", "--static-groups"])
+    settings = gptq.settings_from_args(args)
+    assert settings.static_groups and settings.act_order
+    config = gptq.quantization_config(settings, nsamples=4, seqlen=32)
+    assert config["static_groups"] is True and config["desc_act"] is True

@@ -7,7 +7,8 @@ error is spread over the columns not yet quantized, weighted by the inverse Hess
 H^-1 (H = 2 X^T X / n). As the paper does, H^-1 is taken through the upper Cholesky factor of
 its inverse (numerically stable), columns are handled in blocks (rank-B updates for the rest),
 H is dampened by percdamp x mean(diag H), and with act-order columns go in decreasing diag(H)
-order (groups then follow that order; the checkpoint's g_idx records each channel's group).
+order (groups then follow that order; the checkpoint's g_idx records each channel's group),
+unless static groups fix every group's range up front, in channel order.
 Decoder layers are done in order, each calibrated on the outputs of the layers already
 quantized. The layer's linears are calibrated on its unquantized inputs together (no
 "true sequential" pass within a layer), which saves one forward per sub-block.
@@ -48,6 +49,9 @@ class GPTQSettings:
     percdamp: float = 0.01
     block_size: int = 128
     clip_search: bool = True  # pick each group's range by the squared error of rounding it
+    # Every group's range from the weights before any error update, groups in channel order
+    # (with act_order the groups then need no input permutation at run time).
+    static_groups: bool = False
 
 
 @dataclass
@@ -124,33 +128,42 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor,
     dead = torch.diag(h) == 0  # channels never active in calibration: weight irrelevant
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    group = k if settings.group_size == -1 else settings.group_size
+    groups = math.ceil(k / group)
+    scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
+    static = settings.static_groups
+    if static:
+        for g in range(groups):
+            cols = slice(g * group, min((g + 1) * group, k))
+            scales[:, g], zeros[:, g] = group_params(w[:, cols], settings.sym,
+                                                     settings.clip_search, torch.diag(h)[cols])
     perm = torch.argsort(torch.diag(h), descending=True) if settings.act_order else None
+    col_group = torch.arange(k) // group  # static: each column's group, in quantization order
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h, col_group = w[:, perm], h[perm][:, perm], col_group[perm]
     hinv = inverse_hessian_factor(h, settings.percdamp)
     diag = torch.diag(h)
-    group = k if settings.group_size == -1 else settings.group_size
     # Blocks never straddle a group start, so a group's range is taken from columns that all
     # carry the error of every earlier block (and none of the current one yet).
     block = group if group <= settings.block_size else settings.block_size
     if group % block:
         block = math.gcd(group, block)
-    groups = math.ceil(k / group)
     q = torch.zeros(n, k, dtype=torch.int64)
     dq = torch.zeros(n, k)
-    scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        if i1 % group == 0:
+        if not static and i1 % group == 0:
             g = i1 // group
             cols = slice(i1, min(i1 + group, k))
             scales[:, g], zeros[:, g] = group_params(w[:, cols], settings.sym,
                                                      settings.clip_search, diag[cols])
         s, z = scales[:, i1 // group], zeros[:, i1 // group]
         for i in range(i2 - i1):
+            if static:
+                s, z = scales[:, col_group[i1 + i]], zeros[:, col_group[i1 + i]]
             col = w1[:, i]
             qi = torch.clamp(torch.round(col / s) + z, 0, 15)
             dqi = (qi - z) * s
@@ -159,7 +172,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor,
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    g_idx = torch.arange(k) // group  # in the (possibly permuted) quantization order
+    # dynamic groups are consecutive in the (possibly permuted) quantization order
+    g_idx = col_group if static else torch.arange(k) // group
     if perm is not None:  # back to the original channel order
         inverse = torch.argsort(perm)
         q, dq, g_idx = q[:, inverse], dq[:, inverse], g_idx[inverse]
@@ -324,7 +338,8 @@ def int4_linears(model: torch.nn.Module, results: dict[str, QuantizedWeight]
 def quantization_config(settings: GPTQSettings, nsamples: int, seqlen: int) -> dict[str, Any]:
     return {"quant_method": "gptq", "bits": 4, "group_size": settings.group_size,
             "desc_act": settings.act_order, "sym": settings.sym, "checkpoint_format": "gptq",
-            "damp_percent": settings.percdamp, "true_sequential": False, "static_groups": False,
+            "damp_percent": settings.percdamp, "true_sequential": False,
+            "static_groups": settings.static_groups,
             "quantizer": "llmbench", "calibration": {"nsamples": nsamples, "seqlen": seqlen}}
 
 
@@ -396,6 +411,10 @@ def add_gptq_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="asymmetric weights, an integer zero point per group (default)")
     group.add_argument("--act-order", action="store_true",
                        help="quantize columns in decreasing Hessian diagonal order (desc_act)")
+    group.add_argument("--static-groups", action="store_true",
+                       help="every group's scale and zero from the weights before GPTQ's error "
+                            "updates, groups in channel order (with --act-order: no input "
+                            "permutation at run time)")
     group.add_argument("--percdamp", type=float, default=0.01,
                        help="Hessian dampening, a fraction of its mean diagonal (default 0.01)")
     group.add_argument("--nsamples", type=flags.positive_int, default=32,
@@ -423,7 +442,7 @@ def settings_from_args(args: argparse.Namespace) -> GPTQSettings:
     if not 0 < args.percdamp < 1:
         raise UserError(f"--percdamp {args.percdamp}: use a fraction in (0, 1)")
     return GPTQSettings(group_size=group, sym=args.sym, act_order=args.act_order,
-                        percdamp=args.percdamp)
+                        percdamp=args.percdamp, static_groups=args.static_groups)
 
 
 def perplexity_on(model: Any, ids: torch.Tensor) -> float:
@@ -451,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     calib, heldout = calibration_ids(tokenizer, texts, args.nsamples, args.seqlen, args.seed)
     print(f"model: {loaded.source.display_name} | GPTQ 4-bit group {settings.group_size} "
-          f"{'sym' if settings.sym else 'asym'} act-order {settings.act_order} | calibration "
+          f"{'sym' if settings.sym else 'asym'} act-order {settings.act_order} "
+          f"static-groups {settings.static_groups} | calibration "
           f"{args.nsamples} x {args.seqlen} tokens of {source}", flush=True)
     ppl = {"fp32": (perplexity_on(model, heldout), quality.perplexity(model, tokenizer))}
     if not args.skip_rtn:  # the same layers by round to nearest (lm_head stays float too)

@@ -72,7 +72,6 @@ inline void bf16_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
   const int64_t K = a.K, KB = K - K % W2;
   const uint16_t* w = static_cast<const uint16_t*>(a.w) + n0 * K;
   const float* xp = a.xp + m0 * K;
-  const bool short_rows = K * static_cast<int64_t>(sizeof(uint16_t)) < LLMB_BF16_DECODE_SHORT_ROW;
   V acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = vzero();
@@ -82,10 +81,11 @@ inline void bf16_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
         // Long rows: each row LLMB_BF16_DECODE_PF bytes ahead. Short rows (SmolLM2's 1152
         // bytes): the next tile's rows, as far into them as this tile has come (it is R rows
         // ahead, contiguous), which kept more lines in flight there.
-        const char* row = reinterpret_cast<const char*>(w + r * K + k);
-        const char* tile = reinterpret_cast<const char*>(w);
-        const int64_t ahead = R * K * static_cast<int64_t>(sizeof(uint16_t));
-        __builtin_prefetch(short_rows ? tile + ahead + (k * R + r * W2) * 2 : row + LLMB_BF16_DECODE_PF, 0, 3);
+        const bool short_rows = K * 2 < LLMB_BF16_DECODE_SHORT_ROW;  // loop-invariant
+        const char* next = short_rows
+                               ? reinterpret_cast<const char*>(w + R * K + k * R + r * W2)
+                               : reinterpret_cast<const char*>(w + r * K + k) + LLMB_BF16_DECODE_PF;
+        __builtin_prefetch(next, 0, 3);
       }
       const VI v = vi_load(w + r * K + k);
       const V even = bf16_even(v), odd = bf16_odd(v);
@@ -149,17 +149,20 @@ struct BF16PairKern {
   }
 };
 
+#if LLMB_BF16_DECODE_ROWS > 4
+// Only compiled where a unit asks for it, so that the others' code stays as it was measured.
 void rows_bf16(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   constexpr int R = LLMB_BF16_DECODE_ROWS;
-  if (R > 4 && a.M == 1) {  // rows come in quads: R-row tiles, then at most one of 4, then 1s
-    int64_t n = n_begin;
-    for (; n + R <= n_end; n += R) bf16_tile<R, 1>(a, n, 0);
-    for (; n + 4 <= n_end; n += 4) bf16_tile<4, 1>(a, n, 0);
-    for (; n < n_end; ++n) bf16_row(a, n);
-    return;
-  }
-  rows<BF16PairKern>(a, n_begin, n_end);
+  if (a.M != 1) return rows<BF16PairKern>(a, n_begin, n_end);
+  int64_t n = n_begin;  // rows come in quads: R-row tiles, then at most one of 4, then 1s
+  for (; n + R <= n_end; n += R) bf16_tile<R, 1>(a, n, 0);
+  for (; n + 4 <= n_end; n += 4) bf16_tile<4, 1>(a, n, 0);
+  for (; n < n_end; ++n) bf16_row(a, n);
 }
+#define LLMB_ROWS_BF16 &rows_bf16
+#else
+#define LLMB_ROWS_BF16 &rows<BF16PairKern>
+#endif
 
 inline int64_t i8_rows_offset(int64_t M) { return (M + 15) & ~int64_t{15}; }
 
@@ -379,7 +382,7 @@ void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 // The table of a unit that has both shims: these kernels for bf16, int8 and int4.
 #define LLMB_INT_KERNEL_TABLE(NAME)                                                    \
   {                                                                                    \
-    NAME, {&rows<DenseKern<FmtF32>>, &rows_bf16, &rows<I8Int16Kern>,                     \
+    NAME, {&rows<DenseKern<FmtF32>>, LLMB_ROWS_BF16, &rows<I8Int16Kern>,                 \
            LLMB_I4_INT16 ? &rows_i4_int : &rows_i4},                                   \
     {                                                                                  \
       nullptr, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr                \

@@ -119,10 +119,11 @@ inline V vabs(V v) { return _mm512_abs_ps(v); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
 
-// - bf16 batch-1 decode in tiles of 8 rows, each row prefetched 512 bytes ahead into L1:
-//   more loads in flight than one row at a time with the 4 KiB L2 prefetch. (/tmp microbench,
-//   2 threads, 1 GiB of bf16 rows: K = 2048 24 vs 21.5 GB/s without the prefetch and 17.7 for
-//   the row loop; K = 576 18 vs 15.)
+// - bf16 batch-1 decode in tiles of 8 rows, each row prefetched 512 bytes ahead into L1 (rows
+//   under 2 KiB: the next tile): more loads in flight than one row at a time with the 4 KiB L2
+//   prefetch. /tmp microbench, 2 threads, 1 GiB of bf16 rows: K = 2048 24 GB/s against 21.5
+//   without the prefetch and 17.7 for the row loop; K = 576 21 against 15 and 16.4. Whole
+//   steps: TinyLlama bf16 97-100 -> 83-85 ms, SmolLM2 16.7-19.2 -> 14.7-16.5 ms.
 #define LLMB_BF16_DECODE_ROWS 8
 #define LLMB_BF16_DECODE_PF 512
 #include "gemv_int_impl.h"
