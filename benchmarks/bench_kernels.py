@@ -27,7 +27,6 @@ Usage: python benchmarks/bench_kernels.py [--m 1] [--group-size 64] [--threads N
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import llmbench.kernels as K  # noqa: E402
+from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -196,18 +196,18 @@ def fmt_gbs(r) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="decode linear bandwidth: torch vs llmbench.kernels")
-    ap.add_argument("--m", type=int, default=1, help="rows of x (batch*tokens), default 1")
-    ap.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
+    ap = Parser(description="decode linear bandwidth: torch vs llmbench.kernels")
+    ap.add_argument("--m", type=positive_int, default=1, help="rows of x (batch*tokens), default 1")
+    ap.add_argument("--group-size", type=positive_int, default=64, help="int4 group size (default 64)")
     ap.add_argument(
-        "--threads", type=int, default=0, help="torch.set_num_threads (default: unchanged)"
+        "--threads", type=non_negative_int, default=0, help="torch.set_num_threads (default: unchanged)"
     )
     ap.add_argument("--models", default="smollm2,tinyllama")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=positive_int, default=7)
     ap.add_argument(
-        "--working-set-mib", type=int, default=160, help="weight copies cycled per measurement"
+        "--working-set-mib", type=positive_int, default=160, help="weight copies cycled per measurement"
     )
-    ap.add_argument("--read-mib", type=int, default=1024, help="size of the plain-read test tensor")
+    ap.add_argument("--read-mib", type=positive_int, default=1024, help="size of the plain-read test tensor")
     ap.add_argument(
         "--stat", choices=["median", "min"], default="median", help="statistic over timed calls"
     )

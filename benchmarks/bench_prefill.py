@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from llmbench import kernels  # noqa: E402
+from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536)]  # SmolLM2-135M: qkv, gate_up, down
 
@@ -65,15 +66,22 @@ def candidates(compiled, x: torch.Tensor, w: torch.Tensor, cold_mib: int) -> dic
     }
 
 
+def row_counts(text: str) -> list[int]:
+    """--m: comma-separated positive integers."""
+    try:
+        return [positive_int(v.strip()) for v in text.split(",")]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--m", default="16,32,64,128,256")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cold-mib", type=int, default=0,
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=row_counts, default=row_counts("16,32,64,128,256"),
+                        help="comma-separated activation row counts")
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--cold-mib", type=non_negative_int, default=0,
                         help="cycle through copies of the weights filling this many MiB")
     args = parser.parse_args()
-    if args.cold_mib < 0:
-        parser.error("--cold-mib must be 0 (hot weights) or a positive size")
     torch.set_num_threads(args.threads)
     compiled = kernels.compiled()
     if compiled is None:
@@ -84,7 +92,7 @@ def main() -> int:
           "kernel / torch (ratio > 1: the kernel is faster)")
     print(f"{'M':>4} {'N x K':>10} | {'f32':>20} | {'bf16':>20} | {'int8':>20} | "
           f"{'int4 g32':>20}")
-    for m in (int(v) for v in args.m.split(",")):
+    for m in args.m:
         for n, k in SHAPES:
             pairs = candidates(compiled, torch.randn(m, k), torch.randn(n, k), args.cold_mib)
             cells = []

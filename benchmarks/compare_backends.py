@@ -36,6 +36,7 @@ from llmbench import kernels  # noqa: E402
 from llmbench.backends import prepare  # noqa: E402
 from llmbench.bench import run_benchmark  # noqa: E402
 from llmbench.environment import collect_environment  # noqa: E402
+from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
 from llmbench.models import cache_root, load_model  # noqa: E402
 from llmbench.prompts import Prompt, build_prompt  # noqa: E402
 from llmbench.report import compute_statistics, write_atomic  # noqa: E402
@@ -224,16 +225,16 @@ def table(rows: list[dict[str, Any]], bandwidth: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (embedded), tinyllama-1b (random weights), or any -m value")
     default_configs = ",".join(c for c in CONFIGS if c != "native-bf16-fp8kv")
     parser.add_argument("--configs", default=default_configs,
                         help=f"comma-separated, from: {', '.join(CONFIGS)}")
-    parser.add_argument("--input-tokens", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--num-iter", type=int, default=5)
-    parser.add_argument("--num-warmup", type=int, default=1)
+    parser.add_argument("--input-tokens", type=positive_int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--num-iter", type=positive_int, default=5)
+    parser.add_argument("--num-warmup", type=non_negative_int, default=1)
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--same-process", action="store_true",
                         help="measure every config in this process instead of one child each")
@@ -279,6 +280,10 @@ def main() -> int:
          "bandwidth_probes_gb_per_s": probes, "rows": rows,
          "settings": vars(args), "environment": collect_environment()}, indent=1, default=str))
     print(f"written: {out / stem}.md and .json")
+    failed = [r for r in rows if r.get("error")]
+    if len(failed) == len(rows):  # written all the same: the table says why each failed
+        print(f"error: compare_backends: no config ran ({failed[0]['error']})", file=sys.stderr)
+        return 1
     return 0
 
 
