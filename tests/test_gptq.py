@@ -329,11 +329,18 @@ def test_run_gptq_refuses_bad_flags(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_run_gptq_static_groups_flag_reaches_settings_and_config():
-    from llmbench.quant import gptq
+def test_run_gptq_static_groups_end_to_end(tmp_path, tiny_llama):
+    """utils/run_gptq.py --act-order --static-groups: the folder records static_groups, and its
+    projections load without an input permutation (groups in channel order)."""
+    from llmbench.models import load_model
 
-    args = gptq.build_parser().parse_args(["--act-order", "--static-groups"])
-    settings = gptq.settings_from_args(args)
-    assert settings.static_groups and settings.act_order
-    config = gptq.quantization_config(settings, nsamples=4, seqlen=32)
-    assert config["static_groups"] is True and config["desc_act"] is True
+    out = tmp_path / "gptq"
+    result = run_entry("utils/run_gptq.py", "-m", str(tiny_llama), "--nsamples", "4",
+                       "--seqlen", "32", "--group-size", "32", "--act-order", "--static-groups",
+                       "--skip-rtn", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "static-groups True" in result.stdout
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["static_groups"] is True and qconfig["desc_act"] is True
+    linears = load_model(str(out), "float32").quantized[0]
+    assert linears and all(linear.perm is None for linear in linears.values())

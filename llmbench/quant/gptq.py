@@ -133,10 +133,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor,
     scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
     static = settings.static_groups
     if static:
+        col_weight = torch.diag(h)
         for g in range(groups):
             cols = slice(g * group, min((g + 1) * group, k))
             scales[:, g], zeros[:, g] = group_params(w[:, cols], settings.sym,
-                                                     settings.clip_search, torch.diag(h)[cols])
+                                                     settings.clip_search, col_weight[cols])
     perm = torch.argsort(torch.diag(h), descending=True) if settings.act_order else None
     col_group = torch.arange(k) // group  # static: each column's group, in quantization order
     if perm is not None:
