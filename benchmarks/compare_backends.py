@@ -37,6 +37,7 @@ from llmbench.backends import prepare  # noqa: E402
 from llmbench.bench import run_benchmark  # noqa: E402
 from llmbench.environment import collect_environment  # noqa: E402
 from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
+from llmbench.memory import huge_page_buffer, huge_page_bytes  # noqa: E402
 from llmbench.models import cache_root, load_model  # noqa: E402
 from llmbench.prompts import Prompt, build_prompt  # noqa: E402
 from llmbench.report import compute_statistics, write_atomic  # noqa: E402
@@ -75,12 +76,23 @@ TINYLLAMA_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_laye
 
 
 def read_bandwidth_gb_per_s(gib: float = 1.0, repeats: int = 7) -> dict[str, float]:
-    """How fast this machine streams a large tensor from memory, two ways, medians over
-    `repeats`: summing an fp32 tensor (torch.sum), and a batch-1 fp32 linear over a weight of the
-    same size through our kernels (when built; with software prefetch, which one core of some
-    CPUs needs to keep enough reads in flight). The floor uses the faster one, so that no config
-    can beat its floor by reading smarter than the probe did."""
-    data = torch.ones(int(gib * 2**30) // 4)
+    """How fast this machine streams a large tensor from memory, medians over `repeats`:
+    summing an fp32 tensor (torch.sum), and a batch-1 fp32 linear over a weight of the same size
+    through our kernels (when built; with software prefetch, which one core of some CPUs needs
+    to keep enough reads in flight); each on torch's ordinary allocation and, where the OS puts
+    it there, on 2 MiB pages as the native backend's weights are (llmbench.memory). The floor
+    uses the fastest, so that no config can beat its floor by reading smarter than the probe
+    did."""
+    nbytes = int(gib * 2**30)
+    rates = _probe_rates(torch.ones(nbytes // 4), repeats, "")
+    buffer, _ = huge_page_buffer(nbytes)
+    data = buffer.view(torch.float32).fill_(1.0)  # pages are placed on first touch
+    if huge_page_bytes(buffer):  # else the OS gave ordinary pages: measured above already
+        rates.update(_probe_rates(data, repeats, ", 2 MiB pages"))
+    return rates
+
+
+def _probe_rates(data: torch.Tensor, repeats: int, label: str) -> dict[str, float]:
     probes = {"torch.sum": lambda: data.sum()}
     if kernels.available():
         weight = data.view(-1, 4096)
@@ -94,7 +106,7 @@ def read_bandwidth_gb_per_s(gib: float = 1.0, repeats: int = 7) -> dict[str, flo
             start = time.perf_counter()
             probe()
             times.append(time.perf_counter() - start)
-        rates[name] = data.numel() * 4 / statistics.median(times) / 1e9
+        rates[name + label] = data.numel() * 4 / statistics.median(times) / 1e9
     return rates
 
 
@@ -213,10 +225,16 @@ def table(rows: list[dict[str, Any]], bandwidth: float) -> str:
         floor_ms = r["weight_bytes"] / bandwidth / 1e6
         first = f"{base['first_token_ms'] / r['first_token_ms']:.2f}x" if base else "-"
         nxt = f"{base['next_token_ms'] / r['next_token_ms']:.2f}x" if base else "-"
-        ran_as = f"{r['backend']} ({r['backend_details'].get('kernels', 'transformers')}"
-        step = r["backend_details"].get("decode_step", "")
-        ran_as += ", compiled step)" if step.startswith("compiled") else (
-            ", python step)" if step else ")")
+        details = r["backend_details"]
+        how = [details.get("kernels", "transformers")]
+        step = details.get("decode_step", "")
+        if step:
+            how.append("compiled step" if step.startswith("compiled") else "python step")
+        placement = details.get("weight_placement") or {}
+        if placement.get("arena_bytes"):
+            share = (placement.get("huge_page_bytes") or 0) / placement["arena_bytes"]
+            how.append(f"weights {share:.0%} on 2 MiB pages")
+        ran_as = f"{r['backend']} ({', '.join(how)})"
         lines.append(f"| {r['config']} | {ran_as} | {r['first_token_ms']:.1f} | "
                      f"{r['next_token_ms']:.2f} | {r['tokens_per_s']:.1f} | {r['gb_per_s']:.1f} | "
                      f"{100 * r['gb_per_s'] / bandwidth:.0f}% | {floor_ms:.2f} | "

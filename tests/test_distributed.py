@@ -47,13 +47,18 @@ def free_port() -> int:
 def launch(*args: str, env: dict[str, str] | None = None,
            timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """What the README says: DS_ACCELERATOR=cpu deepspeed --num_accelerators 2
-    --bind_cores_to_rank run.py --benchmark --autotp ..."""
+    --bind_cores_to_rank run.py --benchmark --autotp ...". Every launch must leave none of
+    DeepSpeed's shared-memory all-reduce files behind in /dev/shm (each holds RAM until reboot)."""
+    port = free_port()
     command = [deepspeed_launcher(), "--num_accelerators", "2", "--bind_cores_to_rank",
-               "--master_port", str(free_port()), str(ROOT / "run.py"), "--benchmark", "--autotp",
+               "--master_port", str(port), str(ROOT / "run.py"), "--benchmark", "--autotp",
                *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT,
-                          timeout=timeout)
+    result = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT,
+                            timeout=timeout)
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"left in /dev/shm: {left}"
+    return result
 
 
 def only_report(output_dir: Path) -> dict:

@@ -55,6 +55,22 @@ def test_greedy_and_beam_tokens_match_stock(stock_and_native):
             assert generate(native, prompt, **beam) == generate(stock.model, prompt, **beam)
 
 
+def test_native_weights_live_in_one_arena_in_step_order(stock_and_native):
+    """The model the token tests above ran reads every projection and the embedding from one
+    arena (llmbench.memory), layer by layer in the order a decode step reads them, the tied
+    embedding and lm_head sharing one copy."""
+    _, _, native = stock_and_native
+    arena = native.placement["arena"]
+    start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    pointers = [t.data_ptr() for layer in native.layers
+                for t in (layer.qkv.weight, layer.o.weight, layer.gate_up.weight,
+                          layer.down.weight)]
+    assert all(start <= p < end for p in pointers + [native.embed.data_ptr()])
+    assert pointers == sorted(pointers) and all(p % 64 == 0 for p in pointers)
+    assert native.tied and native.lm_head.weight.data_ptr() == native.embed.data_ptr()
+    assert native.placement["arena_bytes"] == arena.numel() >= native.weight_bytes
+
+
 def test_sampling_with_top_k_1_is_greedy(stock_and_native):
     _, stock, native = stock_and_native
     prompt = prompts_for(stock)[0]
@@ -87,6 +103,10 @@ def test_run_py_native_same_text_as_stock_and_reports_kernels(embedded_model_dir
     assert texts["native"] == texts["stock"]
     assert report["backend"]["kernels"] in ("avx512", "avx2", "generic", "torch-fallback")
     assert report["backend"]["weight_bytes_per_token"] > 0
+    placement = report["backend"]["weight_placement"]  # what the kernel really gave
+    assert placement["arena_bytes"] >= report["backend"]["weight_bytes_per_token"]
+    assert 0 <= placement["huge_page_bytes"] <= placement["arena_bytes"]
+    assert placement["thp_mode"] in ("always", "madvise", "never")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3", "gemma"])

@@ -21,13 +21,16 @@ class PreparedModel:
 
 
 def prepare(model: Any, *, backend: str, dtype: str, family: str,
-            kv_cache_dtype: str = "auto") -> PreparedModel:
+            kv_cache_dtype: str = "auto", place_weights: bool = True) -> PreparedModel:
+    """place_weights=False: the caller replaces the native projections next (quantization),
+    and their placement happens then, so the float weights are not copied for nothing."""
     if kv_cache_dtype != "auto" and backend != "native":
         raise UserError(f"--kv-cache-dtype {kv_cache_dtype} needs --backend native")
     if backend == "native":
         from llmbench.backends import native
 
-        return native.prepare(model, dtype=dtype, family=family, kv_cache_dtype=kv_cache_dtype)
+        return native.prepare(model, dtype=dtype, family=family, kv_cache_dtype=kv_cache_dtype,
+                              place_weights=place_weights)
     if backend == "stock":
         from llmbench.backends import stock
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmbench import kernels
+from llmbench import kernels, memory
 from llmbench.backends import PreparedModel
 from llmbench.environment import has_native_bf16
 from llmbench.errors import UserError
@@ -227,6 +227,7 @@ class NativeModel:
         self._plan: Any = None  # the compiled decode step, built on first use
         self._plan_note = ""
         self._bound = False  # the plan holds this generate() call's caches
+        self.placement: dict[str, Any] = {}  # place_weights' record, for the report
 
     def _take_layer(self, layer: Any) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -258,7 +259,13 @@ class NativeModel:
             for attr in ("qkv", "o", "gate_up", "down"):
                 setattr(layer, attr, convert(f"layers.{index}.{attr}", getattr(layer, attr)))
         self.lm_head = convert("lm_head", self.lm_head)
-        self._plan, self._plan_note = None, ""  # rebuilt over the new projections
+        self.place_weights()
+
+    def place_weights(self) -> None:
+        """Copy the decode weights into one huge-page arena, in the order a step reads them
+        (llmbench.memory says why); the projections and the embedding then point into it."""
+        self._plan, self._plan_note = None, ""  # rebuilt over the moved weights
+        self.placement = memory.place_in_arena([*self.layers, self.lm_head, self])
 
     # ---- the compiled decode step -----------------------------------------------------------
 
@@ -299,10 +306,11 @@ class NativeModel:
 
     def runtime_details(self) -> dict[str, Any]:
         """What the report should say about how decode steps run."""
+        placement = {"weight_placement": memory.placement_summary(self.placement)}
         if not self.use_compiled_step:
-            return {"decode_step": "python step (compiled step switched off)"}
+            return {"decode_step": "python step (compiled step switched off)", **placement}
         self._compiled_plan()
-        return {"decode_step": self._plan_note}
+        return {"decode_step": self._plan_note, **placement}
 
     @property
     def weight_bytes(self) -> int:
@@ -592,7 +600,8 @@ class NativeModel:
         return torch.multinomial(torch.softmax(logits, dim=-1), 1)[:, 0]
 
 
-def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str) -> PreparedModel:
+def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str,
+            place_weights: bool = True) -> PreparedModel:
     if family not in NATIVE_FAMILIES:
         from llmbench.backends import stock
 
@@ -605,6 +614,8 @@ def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str) -> Prep
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"native backend runs float32 and bfloat16 weights, not {dtype}")
     native = NativeModel(model, kv_cache_dtype)
+    if place_weights:
+        native.place_weights()
     return PreparedModel(model=native, backend="native", details={
         "kernels": kernels.isa(),
         "kernels_built": kernels.available(),

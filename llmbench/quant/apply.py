@@ -247,7 +247,7 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
     set_compute(qlinears, scheme)
     swapped = set(qlinears)
     stock_bytes = float_bytes_outside(model, swapped) + sum(q.nbytes for q in qlinears.values())
-    prepared = backends.prepare(model, backend=backend, dtype=dtype,
+    prepared = backends.prepare(model, backend=backend, dtype=dtype, place_weights=False,
                                 family=loaded.family.model_type, kv_cache_dtype=kv_cache_dtype)
     details = quantization_details(qlinears, scheme)
     if prepared.backend == "native":
