@@ -9,6 +9,9 @@ gpt-fast, whose whole generation path reads top to bottom here:
   so bf16 weights never mean bf16 arithmetic on CPUs without it (only the logits are rounded to
   bf16, as stock's are, so both break near-ties alike and pick the same tokens); where the CPU
   has bf16 matrix math, bf16 prefills multiply in bf16 as stock's do (BF16_PREFILL_GEMM);
+- those weights (and the quantized ones `map_linears` puts in) live in one arena on 2 MiB pages
+  where the OS allows, in the order a decode step reads them (llmbench.memory: 4 KiB pages cost
+  about a fifth of the bandwidth on short rows); the report says how much landed on huge pages;
 - the KV cache is preallocated from prompt + output length; the prompt's keys and values are
   computed and stored once per sequence, not once per beam;
 - beam search never copies the cache: each beam keeps a table of which cache slot holds its key
