@@ -93,6 +93,11 @@ def _tensor_slots(obj: Any, seen: set[int]) -> list[tuple[Any, str, torch.Tensor
     return slots
 
 
+def _view_of(tensor: torch.Tensor) -> tuple:
+    """Which memory a contiguous tensor shows, and how: equal for a tied embedding and lm_head."""
+    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)
+
+
 def place_in_arena(objects: list[Any]) -> dict[str, Any]:
     """Move every contiguous tensor held by `objects` (and by the llmbench objects they hold)
     into one huge-page arena, in the order given, and point the attributes at the copies.
@@ -104,14 +109,13 @@ def place_in_arena(objects: list[Any]) -> dict[str, Any]:
     offsets: dict[tuple, int] = {}
     total = 0
     for _, _, tensor in slots:
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if key not in offsets:
-            offsets[key] = total
+        if _view_of(tensor) not in offsets:
+            offsets[_view_of(tensor)] = total
             total += -(-tensor.nbytes // ALIGN_BYTES) * ALIGN_BYTES
     arena, advised = huge_page_buffer(total)
     copies: dict[tuple, torch.Tensor] = {}
     for owner, name, tensor in slots:
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        key = _view_of(tensor)
         if key not in copies:
             start = offsets[key]
             copy = arena[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
