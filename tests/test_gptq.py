@@ -6,6 +6,7 @@ layouts, not against itself."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -319,6 +320,78 @@ def test_run_gptq_end_to_end_then_benchmark(tmp_path, tiny_llama):
         torch.testing.assert_close(qlinears[name].dequantize(), linear.dequantize())
 
 
+def test_scale_tuning_lowers_kl_with_integers_fixed(tiny_llama):
+    """tune_scales after GPTQ: the KL to the float model on the tuning windows falls, the
+    integers and zero points stay GPTQ's, the scales are fp16 values, the student gets plain
+    linears back holding the new dequantized weights, and the checkpoint layout round-trips."""
+    import copy
+
+    from llmbench.models import load_model
+    from llmbench.quant.checkpoint import gptq_linear, gptq_tensors
+    from llmbench.quant.gptq import GPTQSettings, quantize_model
+    from llmbench.quant.scale_tuning import ScaleTuning, _kl_to_teacher, tune_scales
+
+    student = load_model(str(tiny_llama), "float32").model
+    teacher = copy.deepcopy(student)
+    generator = torch.Generator().manual_seed(0)
+    vocab = student.config.vocab_size
+    calib = torch.randint(0, vocab, (4, 32), generator=generator)
+    windows = torch.randint(0, vocab, (8, 32), generator=generator)
+    results = quantize_model(student, calib, GPTQSettings(group_size=GROUP, act_order=True),
+                             log=lambda _line: None)
+    before = {name: (r.q.clone(), r.zeros.clone(), r.scales.clone())
+              for name, r in results.items()}
+
+    def kl() -> float:
+        with torch.no_grad():
+            return float(_kl_to_teacher(student(input_ids=windows).logits,
+                                        teacher(input_ids=windows).logits))
+
+    kl_gptq = kl()
+    trainable = [p.requires_grad for p in student.parameters()]
+    stats = tune_scales(student, teacher, results, windows, ScaleTuning(epochs=3, lr=1e-2),
+                        log=lambda _line: None)
+    kl_tuned = kl()
+    print(f"KL to float: GPTQ {kl_gptq:.5f}, tuned {kl_tuned:.5f}", file=sys.stderr)
+    assert kl_tuned < 0.9 * kl_gptq
+    assert stats["kl_last_epoch"] < stats["kl_first_epoch"]
+    modules = dict(student.named_modules())
+    changed = 0
+    for name, result in results.items():
+        q, zeros, scales = before[name]
+        assert torch.equal(result.q, q) and torch.equal(result.zeros, zeros)
+        assert torch.equal(result.scales, result.scales.half().float())
+        changed += int(not torch.equal(result.scales, scales))
+        assert type(modules[name]) is torch.nn.Linear
+        assert torch.equal(modules[name].weight, result.dequantized)
+        n, k = result.q.shape
+        linear = gptq_linear(gptq_tensors(result.q, result.zeros, result.scales, result.g_idx,
+                                          None), k, n, name, "test")
+        torch.testing.assert_close(linear.dequantize(), result.dequantized, rtol=0, atol=1e-6)
+    assert changed == len(results)
+    assert [p.requires_grad for p in student.parameters()] == trainable
+
+
+def test_run_gptq_tune_scales_end_to_end(tmp_path, tiny_llama):
+    """utils/run_gptq.py --tune-scales: the tuned row is printed, the folder's config records
+    the tuning, and the folder loads as a GPTQ checkpoint."""
+    from llmbench.models import load_model
+
+    out = tmp_path / "gptq"
+    result = run_entry("utils/run_gptq.py", "-m", str(tiny_llama), "--nsamples", "4",
+                       "--seqlen", "32", "--group-size", "32", "--act-order", "--static-groups",
+                       "--skip-rtn", "--tune-scales", "--tune-epochs", "1",
+                       "--tune-nsamples", "4", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "scale tuning epoch 1/1" in result.stdout
+    assert re.search(r"^ +tuned ", result.stdout, re.MULTILINE), result.stdout
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    tuning = qconfig["scale_tuning"]
+    assert (tuning["epochs"], tuning["nsamples"], tuning["seqlen"]) == (1, 4, 32)
+    assert tuning["kl_first_epoch"] > 0
+    assert load_model(str(out), "float32").quantized[0]
+
+
 def test_run_gptq_refuses_bad_flags(tmp_path):
     result = run_entry("utils/run_gptq.py", "--wbits", "3", "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(result, "--wbits 3")
@@ -326,6 +399,13 @@ def test_run_gptq_refuses_bad_flags(tmp_path):
     result = run_entry("utils/run_gptq.py", "--dataset", str(tmp_path / "missing.jsonl"),
                        "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(result, "missing.jsonl: no such file")
+    assert not (tmp_path / "o").exists()
+    result = run_entry("utils/run_gptq.py", "--tune-epochs", "3", "--output-dir",
+                       str(tmp_path / "o"))
+    assert_one_line_error(result, "--tune-epochs needs --tune-scales")
+    result = run_entry("utils/run_gptq.py", "--tune-scales", "--tune-lr", "2", "--output-dir",
+                       str(tmp_path / "o"))
+    assert_one_line_error(result, "--tune-lr 2.0")
     assert not (tmp_path / "o").exists()
 
 
