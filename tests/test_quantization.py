@@ -292,7 +292,7 @@ def test_int4_group32_within_10_percent(embedded_reference):
     assert abs(result["perplexity_change"]) < 0.10
 
 
-@pytest.mark.slow  # GPTQ of the 30 layers, then 2 epochs of scale tuning: ~6 min on 2 cores
+@pytest.mark.slow  # GPTQ of the 30 layers, then 3 epochs of scale tuning: ~8 min on 2 cores
 def test_int4_group128_within_10_percent(embedded_reference):
     """INT4 group 128 through GPTQ (act-order, static groups) with its scales tuned end to end,
     as `utils/run_gptq.py --act-order --static-groups --tune-scales` makes it, run by the int4
