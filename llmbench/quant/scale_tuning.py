@@ -84,6 +84,8 @@ def tune_scales(student: torch.nn.Module, teacher: torch.nn.Module,
             total, steps = 0.0, 0
             for batch in windows[torch.randperm(len(windows), generator=order)].split(
                     tuning.batch):
+                # Recomputed every epoch: kept, the float model's logits would take
+                # windows x seqlen x vocab x 4 bytes (3.2 GB for SmolLM2's defaults).
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=batch, use_cache=False).logits
                 loss = _kl_to_teacher(student(input_ids=batch, use_cache=False).logits,
