@@ -381,13 +381,14 @@ def test_run_gptq_tune_scales_end_to_end(tmp_path, tiny_llama):
     result = run_entry("utils/run_gptq.py", "-m", str(tiny_llama), "--nsamples", "4",
                        "--seqlen", "32", "--group-size", "32", "--act-order", "--static-groups",
                        "--skip-rtn", "--tune-scales", "--tune-epochs", "1",
-                       "--tune-nsamples", "4", "--output-dir", str(out))
+                       "--tune-nsamples", "4", "--tune-lr", "0.01", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
     assert "scale tuning epoch 1/1" in result.stdout
     assert re.search(r"^ +tuned ", result.stdout, re.MULTILINE), result.stdout
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     tuning = qconfig["scale_tuning"]
-    assert (tuning["epochs"], tuning["nsamples"], tuning["seqlen"]) == (1, 4, 32)
+    assert (tuning["epochs"], tuning["nsamples"], tuning["seqlen"], tuning["lr"]) == (1, 4, 32,
+                                                                                      0.01)
     assert tuning["kl_first_epoch"] > 0
     assert load_model(str(out), "float32").quantized[0]
 
