@@ -36,13 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from llmbench import kernels, memory
-from llmbench.backends import PreparedModel
+from llmbench.backends import PreparedModel, blocks
+from llmbench.backends.blocks import ACTIVATIONS, NATIVE_FAMILIES
 from llmbench.environment import has_native_bf16
 from llmbench.errors import UserError
 
-NATIVE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-# MLP activations the native step implements, by config.hidden_act; the C++ step numbers them.
-ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}
 KV_CACHE_DTYPES = ("auto", "fp8_e5m2")
 # generate() settings the native loop implements; anything else is refused, never ignored.
 SUPPORTED_GENERATE_KEYS = {"input_ids", "attention_mask", "pad_token_id", "max_new_tokens",
@@ -97,23 +95,16 @@ class Linear:
         return self.weight.numel() * self.weight.element_size()
 
 
-def fuse(*linears: torch.nn.Linear) -> Linear:
-    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
-    biases = [lin.bias for lin in linears]
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b.detach() if b is not None else torch.zeros(lin.out_features, dtype=lin.weight.dtype)
-         for b, lin in zip(biases, linears, strict=True)])
-    return Linear(weight, bias)
-
-
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
     qkv: Any  # Linear, or a quantized linear put in by map_linears
     o: Any
-    mlp_norm: torch.Tensor
-    gate_up: Any
+    mlp_norm: torch.Tensor | None  # None: parallel block, the MLP reads the attention's norm
+    gate_up: Any  # [gate | up] for a gated MLP, the input projection of a plain one
     down: Any
+    attn_norm_bias: torch.Tensor | None = None  # LayerNorm biases
+    mlp_norm_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # qwen3 normalizes each head's q and k
     k_norm: torch.Tensor | None = None
 
@@ -190,40 +181,47 @@ class BeamHistory:
 
 
 class NativeModel:
-    """A llama-like decoder over our kernels, with a generate() for the benchmark loop."""
+    """Any decoder that llmbench.backends.blocks describes, over our kernels, with a generate()
+    for the benchmark loop."""
 
     def __init__(self, hf_model: Any, kv_cache_dtype: str) -> None:
+        parts = blocks.map_model(hf_model)  # raises blocks.Unsupported
+        block = parts.block
         config = hf_model.config
-        inner = hf_model.model
         self.config = config
+        self.block = block
         self.generation_config = hf_model.generation_config
-        self.rotary = inner.rotary_emb  # transformers' own: every rope type, exact same tables
-        attn0 = inner.layers[0].self_attn
-        self.head_dim = attn0.head_dim
-        self.scaling = attn0.scaling
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.eps = config.rms_norm_eps
-        self.sliding_window = getattr(config, "sliding_window", None)
-        self.weight_dtype = inner.embed_tokens.weight.dtype
+        modules = dict(hf_model.named_modules())
+        self.rope_tables = parts.rope_tables
+        self.head_dim = block.head_dim
+        self.scaling = block.scaling
+        self.heads = block.heads
+        self.kv_heads = block.kv_heads
+        self.eps = block.eps
+        self.sliding_window = block.sliding_window
+        self.alibi_slopes = parts.alibi_slopes
+        self.embed = modules[parts.embed].weight.detach()
+        self.weight_dtype = self.embed.dtype
         # auto: the activations' dtype (fp32), so attention reads the cache without converting.
         self.kv_dtype = {"auto": torch.float32, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
-        self.embed = inner.embed_tokens.weight.detach()
-        # Gemma's quirks, as its transformers code has them: the embedding is multiplied by
-        # sqrt(hidden) (a scalar in the weights' dtype) and its RMSNorms scale by (1 + weight).
-        embed_scale = getattr(inner.embed_tokens, "embed_scale", None)
-        self.embed_scale = None if embed_scale is None else float(
-            embed_scale.to(self.embed.dtype))
-        self.norm_offset = 1.0 if config.model_type == "gemma" else 0.0
-        self.final_norm = inner.norm.weight.detach().float() + self.norm_offset
-        self.layers = [self._take_layer(layer) for layer in inner.layers]
-        lm_head = hf_model.lm_head
+        # Gemma multiplies the embedding by sqrt(hidden), a scalar in the weights' dtype.
+        self.embed_scale = parts.embed_scale
+        self.embed_norm = parts.embed_norm
+        self.pos_embed = (None if parts.pos_embed is None
+                          else modules[parts.pos_embed].weight.detach())
+        self.pos_offset = parts.pos_offset
+        self.final_norm = parts.final_norm.weight
+        self.final_norm_bias = parts.final_norm.bias
+        # Which HF rows make each projection (install_native quantizes through the same map).
+        self.sources: dict[str, list[blocks.Source]] = {}
+        self.layers = [self._take_layer(hf_model, index, layer)
+                       for index, layer in enumerate(parts.layers)]
+        lm_head = modules[parts.lm_head]
+        self.sources["lm_head"] = [blocks.Source(parts.lm_head)]
         self.lm_head = Linear(lm_head.weight.detach(),
                               None if lm_head.bias is None else lm_head.bias.detach())
         self.tied = lm_head.weight.data_ptr() == self.embed.data_ptr()
-        self.activation = getattr(config, "hidden_act", "silu")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(f"native backend: activation {self.activation} not implemented")
+        self.activation = block.activation
         self.intermediate = self.layers[0].down.weight.shape[1]
         # False runs every decode step as torch ops (tests and benchmarks compare the two).
         self.use_compiled_step = True
@@ -232,27 +230,17 @@ class NativeModel:
         self._bound = False  # the plan holds this generate() call's caches
         self.placement: dict[str, Any] = {}  # place_weights' record, for the report
 
-    def _take_layer(self, layer: Any) -> Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        if hasattr(attn, "qkv_proj"):  # phi3 ships them fused already
-            qkv = Linear(attn.qkv_proj.weight.detach(), None)
-            gate_up = Linear(mlp.gate_up_proj.weight.detach(), None)
-        else:
-            qkv = fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-            gate_up = fuse(mlp.gate_proj, mlp.up_proj)
-        q_norm = getattr(attn, "q_norm", None)
-        k_norm = getattr(attn, "k_norm", None)
-        return Layer(
-            attn_norm=layer.input_layernorm.weight.detach().float() + self.norm_offset,
-            qkv=qkv,
-            o=Linear(attn.o_proj.weight.detach(),
-                     None if attn.o_proj.bias is None else attn.o_proj.bias.detach()),
-            mlp_norm=layer.post_attention_layernorm.weight.detach().float() + self.norm_offset,
-            gate_up=gate_up,
-            down=Linear(mlp.down_proj.weight.detach(), None),
-            q_norm=None if q_norm is None else q_norm.weight.detach().float(),
-            k_norm=None if k_norm is None else k_norm.weight.detach().float(),
-        )
+    def _take_layer(self, hf_model: Any, index: int, parts: blocks.LayerParts) -> Layer:
+        projections = {}
+        for attr in ("qkv", "o", "gate_up", "down"):
+            sources = getattr(parts, attr)
+            self.sources[f"layers.{index}.{attr}"] = sources
+            projections[attr] = Linear(*blocks.source_weights(hf_model, sources))
+        mlp_norm = parts.mlp_norm
+        return Layer(attn_norm=parts.attn_norm.weight, attn_norm_bias=parts.attn_norm.bias,
+                     mlp_norm=None if mlp_norm is None else mlp_norm.weight,
+                     mlp_norm_bias=None if mlp_norm is None else mlp_norm.bias,
+                     q_norm=parts.q_norm, k_norm=parts.k_norm, **projections)
 
     def map_linears(self, convert: Callable[[str, Linear], Any]) -> None:
         """Replace each projection by convert(name, linear), e.g. a quantized one: anything with
@@ -324,17 +312,24 @@ class NativeModel:
     # ---- the forward pass -------------------------------------------------------------------
 
     def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(length).unsqueeze(0)
-        cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
-        return cos[0].float(), sin[0].float()  # [length, rotary_dim]
+        """cos and sin [length, rotary_dim]; zero-width for families without RoPE, so the same
+        code (and the compiled step) runs them with nothing to rotate."""
+        if self.rope_tables is None:
+            empty = torch.zeros(length, 0)
+            return empty, empty.clone()
+        return self.rope_tables(length)
 
-    def _qkv(self, layer: Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """h [R, S, H] -> q [R, heads, S, d], k and v [R, kv, S, d], rope applied."""
-        rows, seq, _ = h.shape
-        x = rms_norm(h, layer.attn_norm, self.eps)
-        qkv = layer.qkv(x.view(rows * seq, -1))
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        if self.block.norm == "rms":
+            return rms_norm(x, weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+
+    def _qkv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """normed x [R, S, H] -> q [R, heads, S, d], k and v [R, kv, S, d], rope applied."""
+        rows, seq, _ = x.shape
+        qkv = layer.qkv(x.reshape(rows * seq, -1))
         d = self.head_dim
-        if layer.q_norm is None:  # RoPE in place on the fused output: one call for q and k
+        if layer.q_norm is None and cos.shape[-1]:  # RoPE in place: one call for q and k
             kernels.rope_qk_(qkv, cos, sin, self.heads, self.kv_heads, d)
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q = q.view(rows, seq, self.heads, d).transpose(1, 2)
@@ -345,25 +340,65 @@ class NativeModel:
             k = kernels.reference.rope(rms_norm(k, layer.k_norm, self.eps), cos, sin)
         return q, k, v
 
-    def _mlp_and_output(self, layer: Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        rows, seq, hidden = h.shape
-        h = h + layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
-        x = rms_norm(h, layer.mlp_norm, self.eps).view(rows * seq, hidden)
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        if ACTIVATIONS[self.activation] == 0:
-            gate = F.silu(gate)
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        up = layer.gate_up(x)
+        if self.block.mlp == "gated":
+            gate, up = up.chunk(2, dim=-1)
         else:
+            gate, up = up, None
+        kind = ACTIVATIONS[self.activation]
+        if kind == 0:
+            gate = F.silu(gate)
+        elif kind == 1:
             gate = F.gelu(gate, approximate="tanh")
-        return h + layer.down(gate * up).view(rows, seq, hidden)
+        elif kind == 2:
+            gate = F.gelu(gate)
+        else:
+            gate = F.relu(gate)
+        return layer.down(gate if up is None else gate * up)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def _block_output(self, layer: Layer, h: torch.Tensor, x: torch.Tensor,
+                      attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream after one block: h [R, S, H] its input, x = attention norm(h),
+        attn [R, S, heads * d] the attention's output before the o projection."""
+        rows, seq, hidden = h.shape
+        out = layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
+        if self.block.residual == "parallel":  # both branches read the block's input
+            mlp_in = x if layer.mlp_norm is None else self._norm(h, layer.mlp_norm,
+                                                                 layer.mlp_norm_bias)
+            mlp = self._mlp(layer, mlp_in.reshape(rows * seq, hidden)).view(rows, seq, hidden)
+            return h + (out + mlp)
+        h = h + out
+        x = self._norm(h, layer.mlp_norm, layer.mlp_norm_bias).view(rows * seq, hidden)
+        return h + self._mlp(layer, x).view(rows, seq, hidden)
+
+    def _embed(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """ids [R, S] starting at absolute `position` -> fp32 [R, S, H]."""
         rows = F.embedding(ids, self.embed)
         if self.embed_scale is not None:  # in the weights' dtype, as stock rounds it
             rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
-        return rows.float()
+        rows = rows.float()
+        if self.pos_embed is not None:  # learned absolute positions (OPT, GPTBigCode)
+            start = position + self.pos_offset
+            rows = rows + self.pos_embed[start: start + ids.shape[1]].float()
+        if self.embed_norm is not None:  # bloom
+            rows = F.layer_norm(rows, (rows.shape[-1],), self.embed_norm.weight,
+                                self.embed_norm.bias, self.eps)
+        return rows
+
+    def _alibi(self, query_positions: torch.Tensor, keys: int) -> torch.Tensor | None:
+        """ALiBi's bias [heads, queries, keys]: slope * key position, minus infinity past the
+        query (softmax ignores a per-row constant, so BLOOM's absolute and MPT's relative
+        forms give the same weights)."""
+        if self.alibi_slopes is None:
+            return None
+        key_positions = torch.arange(keys, dtype=torch.float32)
+        bias = self.alibi_slopes[:, None, None] * key_positions
+        future = key_positions[None, :] > query_positions[:, None]
+        return bias.masked_fill(future, -math.inf)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(rms_norm(h, self.final_norm, self.eps))
+        logits = self.lm_head(self._norm(h, self.final_norm, self.final_norm_bias))
         if self.weight_dtype != torch.float32:
             # Stock returns logits in the weights' dtype: bf16's coarse steps turn near-ties
             # into exact ties, which argmax and top-k break by index. Rounding ours the same
@@ -375,15 +410,21 @@ class NativeModel:
                 sin: torch.Tensor) -> torch.Tensor:
         """ids [B, P] -> logits of the last position [B, V]; fills the caches' prompt part."""
         seq = ids.shape[1]
-        h = self._embed(ids)
+        h = self._embed(ids, 0)
         c, s = cos[:seq], sin[:seq]
+        alibi = self._alibi(torch.arange(seq), seq)
         for layer, cache in zip(self.layers, caches, strict=True):
-            q, k, v = self._qkv(layer, h, c, s)
+            x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+            q, k, v = self._qkv(layer, x, c, s)
             cache.prompt_k.copy_(k)
             cache.prompt_v.copy_(v)
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
-                                                  enable_gqa=True)
-            h = self._mlp_and_output(layer, h, attn.transpose(1, 2))
+            if alibi is None:
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                      scale=self.scaling, enable_gqa=True)
+            else:
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi,
+                                                      scale=self.scaling, enable_gqa=True)
+            h = self._block_output(layer, h, x, attn.transpose(1, 2))
         return self._logits(h[:, -1])
 
     def decode(self, ids: torch.Tensor, caches: list[KVCache], history: BeamHistory,
@@ -398,11 +439,13 @@ class NativeModel:
             history.length += 1
             return logits
         c, s = cos[position: position + 1], sin[position: position + 1]
-        h = self._embed(ids).unsqueeze(1)  # [R, 1, H]
+        h = self._embed(ids.unsqueeze(1), position)  # [R, 1, H]
         group = self.heads // self.kv_heads
         d = self.head_dim
+        alibi = self._alibi(torch.tensor([position]), position + 1)  # [heads, 1, keys]
         for layer, cache in zip(self.layers, caches, strict=True):
-            q, k, v = self._qkv(layer, h, c, s)  # q [R, heads, 1, d], k/v [R, kv, 1, d]
+            x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+            q, k, v = self._qkv(layer, x, c, s)  # q [R, heads, 1, d], k/v [R, kv, 1, d]
             cache.gen_k[:, :, step: step + 1].copy_(k)
             cache.gen_v[:, :, step: step + 1].copy_(v)
             if beams == 1:  # attend over the buffer's filled prefix
@@ -413,8 +456,10 @@ class NativeModel:
                 # kernel with per-call thread set-up) costs more than the arithmetic.
                 qg = q.reshape(rows, self.kv_heads, group, d)
                 scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scaling)
+                if alibi is not None:
+                    scores = scores + alibi.view(self.kv_heads, group, -1)
                 attn = torch.matmul(torch.softmax(scores, dim=-1), values)
-                h = self._mlp_and_output(layer, h, attn.reshape(rows, 1, self.heads * d))
+                h = self._block_output(layer, h, x, attn.reshape(rows, 1, self.heads * d))
                 continue
             # Scores against the prompt, shared by the beams of a sequence: [B, kv, beams*g, P].
             qp = q.view(batch, beams, self.kv_heads, group, d).permute(0, 2, 1, 3, 4)
@@ -430,7 +475,10 @@ class NativeModel:
             scores_prompt = scores_prompt.view(batch, self.kv_heads, beams, group, -1)
             scores_prompt = scores_prompt.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads,
                                                                          group, -1)
-            probs = torch.softmax(torch.cat((scores_prompt, scores_gen), dim=-1), dim=-1)
+            scores = torch.cat((scores_prompt, scores_gen), dim=-1)
+            if alibi is not None:
+                scores = scores + alibi.view(self.kv_heads, group, -1)
+            probs = torch.softmax(scores, dim=-1)
             prompt_len = pk.shape[2]
             probs_prompt = probs[..., :prompt_len].reshape(batch, beams, self.kv_heads, group,
                                                           prompt_len)
@@ -439,7 +487,7 @@ class NativeModel:
             out_prompt = torch.matmul(probs_prompt, pv).view(batch, self.kv_heads, beams, group, d)
             out_prompt = out_prompt.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads, group, d)
             out = out_prompt + torch.matmul(probs[..., prompt_len:], gv)
-            h = self._mlp_and_output(layer, h, out.reshape(rows, 1, self.heads * d))
+            h = self._block_output(layer, h, x, out.reshape(rows, 1, self.heads * d))
         history.length += 1
         return self._logits(h[:, 0])
 
@@ -605,18 +653,18 @@ class NativeModel:
 
 def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str,
             place_weights: bool = True) -> PreparedModel:
-    if family not in NATIVE_FAMILIES:
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"native backend runs float32 and bfloat16 weights, not {dtype}")
+    try:
+        native = NativeModel(model, kv_cache_dtype)
+    except blocks.Unsupported as reason:
         from llmbench.backends import stock
 
         prepared = stock.prepare(model)
-        note = (f"native backend does not cover family '{family}' yet "
-                f"(covered: {', '.join(NATIVE_FAMILIES)}): this run is STOCK transformers")
+        note = f"{reason}: this run is STOCK transformers"
         return PreparedModel(model=prepared.model, backend="stock",
                              details={**prepared.details, "requested": "native",
                                       "fallback_reason": note})
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"native backend runs float32 and bfloat16 weights, not {dtype}")
-    native = NativeModel(model, kv_cache_dtype)
     if place_weights:
         native.place_weights()
     return PreparedModel(model=native, backend="native", details={
@@ -627,5 +675,6 @@ def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str,
         **({"prefill_matmul": prefill_matmul()} if dtype == "bfloat16" else {}),
         "kv_cache_dtype": str(native.kv_dtype).replace("torch.", ""),
         "tied_embedding": native.tied,
+        "block": native.block.describe(),
         "weight_bytes_per_token": native.weight_bytes,
     })

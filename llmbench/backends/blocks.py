@@ -1,0 +1,521 @@
+"""Each family's decoder block, described by its parts, and the map from a Hugging Face module
+tree onto that description.
+
+The native backend (native.py: the torch-op step and the prefill; kernels/csrc/decode_step.cpp:
+the compiled decode step) runs any `Block` below, so a new family is a new `_map_<family>`
+function that names its modules and says which parts it has, not a new model class:
+
+- norm: RMSNorm or LayerNorm (with or without bias), gemma's (1 + weight) offset;
+- residual: sequential (attention, then MLP, each with its own pre-norm) or parallel (both read
+  the block's input: one shared norm as GPT-J / Falcon-7B / Phi-2 / CodeGen, or two as GPT-NeoX
+  and Falcon-40B's new decoder architecture);
+- positions: rotary (full or partial; GPT-J / CodeGen's interleaved pairs are turned into the
+  rotate-half layout by permuting q's and k's output rows once, which leaves q.k unchanged),
+  ALiBi (BLOOM, MPT), learned absolute positions (OPT, GPTBigCode), or none;
+- attention: MHA / GQA / MQA from the fused projection's shape; every fused QKV layout (NeoX's
+  and BLOOM's per-head [q k v], Falcon's grouped [q.. k v], CodeGen's four [q v k] shards) is
+  reordered once into [q heads | k heads | v heads], biases with it;
+- MLP: gated (act(gate) * up) or plain (act(fc1 x + b)), SiLU / GELU (erf or tanh) / ReLU.
+
+Projections are described as `Source`s: which HF modules, and which of their output rows in
+which order, make a native projection. The float path reads the modules' weights through them;
+quantization (llmbench.quant.apply.install_native) takes the same rows of the quantized
+modules, so both always agree on the layout. Settings a family has but the step does not
+implement raise `Unsupported` with the reason, and the model runs stock with that reason in the
+report (`fallback_reason`), never silently different.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class Unsupported(Exception):
+    """This model's settings are outside what the native step implements (the message says
+    which); it runs stock instead, and the report says why."""
+
+
+# MLP activations the native step implements, in the C++ step's numbering (decode_step.cpp).
+ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1,
+               "gelu": 2, "relu": 3}
+
+
+@dataclass(frozen=True)
+class Block:
+    """What one decoder block computes (the same for every layer of a model)."""
+
+    family: str
+    norm: str  # "rms" | "layer"
+    eps: float
+    residual: str  # "sequential" | "parallel"
+    position: str  # "rope" | "alibi" | "learned" | "none"
+    mlp: str  # "gated" | "plain"
+    activation: str  # a key of ACTIVATIONS
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float  # multiplies q.k
+    norm_offset: float = 0.0  # gemma: RMSNorm scales by (1 + weight)
+    rotary_dim: int = 0
+    rope_interleaved: bool = False  # GPT-J pairs, permuted to rotate-half at load
+    qk_norm: bool = False  # qwen3: per-head RMSNorm of q and k before RoPE
+    embed_norm: bool = False  # bloom: LayerNorm right after the embedding
+    sliding_window: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The report's account of the block."""
+        return {key: value for key, value in self.__dict__.items() if key != "family"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Output rows of one HF linear module (all of them when rows is None)."""
+
+    module: str
+    rows: torch.Tensor | None = None
+
+
+@dataclass
+class Norm:
+    weight: torch.Tensor  # fp32, offset already added
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class LayerParts:
+    attn_norm: Norm
+    mlp_norm: Norm | None  # None: a parallel block whose MLP reads the attention's norm
+    qkv: list[Source]
+    o: list[Source]
+    gate_up: list[Source]  # [gate | up] for a gated MLP, the input projection of a plain one
+    down: list[Source]
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class ModelParts:
+    block: Block
+    embed: str  # the token embedding module's name
+    layers: list[LayerParts]
+    final_norm: Norm
+    lm_head: str
+    embed_scale: float | None = None  # gemma: sqrt(hidden), in the weights' dtype
+    embed_norm: Norm | None = None
+    pos_embed: str | None = None  # learned positions: this embedding module ...
+    pos_offset: int = 0  # ... read at position + offset (OPT's 2)
+    alibi_slopes: torch.Tensor | None = None  # [heads] fp32
+    rope_tables: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _cfg(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _norm(module: Any, offset: float = 0.0) -> Norm:
+    bias = getattr(module, "bias", None)
+    return Norm(module.weight.detach().float() + offset,
+                None if bias is None else bias.detach().float())
+
+
+def _rows(*blocks: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b.reshape(-1) for b in blocks]).long()
+
+
+def _interleaved_to_half(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Within one head: the even dims of the rotary part, then its odd dims, then the rest.
+    Rotating pairs (2i, 2i+1) is then rotate-half RoPE over the first rotary_dim dims."""
+    rot = torch.arange(rotary_dim)
+    return torch.cat((rot[0::2], rot[1::2], torch.arange(rotary_dim, head_dim)))
+
+
+def _permute_heads(rows: torch.Tensor, heads: int, head_dim: int,
+                   order: torch.Tensor) -> torch.Tensor:
+    return rows.view(heads, head_dim)[:, order].reshape(-1)
+
+
+def _module_rope(rotary: Any) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """transformers' own rotary embedding: every rope type, exactly its tables."""
+    def tables(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length).unsqueeze(0)
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
+    return tables
+
+
+def _sinusoid_rope(buffer: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """GPT-J / CodeGen's table ([positions, rot] = sin | cos per pair), in rotate-half form."""
+    half = buffer.shape[1] // 2
+
+    def tables(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if length > buffer.shape[0]:
+            raise Unsupported(f"{length} positions exceed the model's {buffer.shape[0]}")
+        sin, cos = buffer[:length, :half].float(), buffer[:length, half:].float()
+        return torch.cat((cos, cos), -1).contiguous(), torch.cat((sin, sin), -1).contiguous()
+    return tables
+
+
+def _refuse(condition: Any, reason: str) -> None:
+    if condition:
+        raise Unsupported(reason)
+
+
+# ---- the families -------------------------------------------------------------------------------
+
+def _map_llama_like(model: Any) -> ModelParts:
+    """llama, mistral, qwen2, qwen3, phi3, gemma and stablelm: llama's module names."""
+    config, inner = model.config, model.model
+    family = config.model_type
+    layer0 = inner.layers[0]
+    attn0 = layer0.self_attn
+    heads = config.num_attention_heads
+    d = attn0.head_dim
+    kv = _cfg(config, "num_key_value_heads", default=heads)
+    gemma = family == "gemma"
+    offset = 1.0 if gemma else 0.0
+    layer_norm = isinstance(layer0.input_layernorm, torch.nn.LayerNorm)
+    parallel = bool(getattr(config, "use_parallel_residual", False))
+    _refuse(getattr(config, "qk_layernorm", False),
+            f"{family}: per-head q/k LayerNorm (qk_layernorm) is not implemented")
+    rotary_dim = int(_module_rope(inner.rotary_emb)(1)[0].shape[-1])
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        prefix = f"model.layers.{i}"
+        if hasattr(attn, "qkv_proj"):  # phi3 ships them fused already
+            qkv = [Source(f"{prefix}.self_attn.qkv_proj")]
+            gate_up = [Source(f"{prefix}.mlp.gate_up_proj")]
+        else:
+            qkv = [Source(f"{prefix}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")]
+            gate_up = [Source(f"{prefix}.mlp.{p}") for p in ("gate_proj", "up_proj")]
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        post = getattr(layer, "post_attention_layernorm", None)
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.input_layernorm, offset),
+            mlp_norm=None if parallel or post is None else _norm(post, offset),
+            qkv=qkv, o=[Source(f"{prefix}.self_attn.o_proj")], gate_up=gate_up,
+            down=[Source(f"{prefix}.mlp.down_proj")],
+            q_norm=None if q_norm is None else q_norm.weight.detach().float(),
+            k_norm=None if k_norm is None else k_norm.weight.detach().float()))
+    embed_scale = getattr(inner.embed_tokens, "embed_scale", None)
+    block = Block(family=family, norm="layer" if layer_norm else "rms",
+                  eps=_cfg(config, "rms_norm_eps", "layer_norm_eps"),
+                  residual="parallel" if parallel else "sequential", position="rope",
+                  mlp="gated", activation=getattr(config, "hidden_act", "silu"), heads=heads,
+                  kv_heads=kv, head_dim=d, scaling=attn0.scaling, norm_offset=offset,
+                  rotary_dim=rotary_dim, qk_norm=layers[0].q_norm is not None,
+                  sliding_window=getattr(config, "sliding_window", None))
+    return ModelParts(
+        block=block, embed="model.embed_tokens", layers=layers,
+        final_norm=_norm(inner.norm, offset), lm_head="lm_head",
+        embed_scale=None if embed_scale is None else float(
+            embed_scale.to(inner.embed_tokens.weight.dtype)),
+        rope_tables=_module_rope(inner.rotary_emb))
+
+
+def _map_gptj(model: Any) -> ModelParts:
+    """GPT-J and CodeGen: parallel block with one LayerNorm, interleaved partial RoPE."""
+    config, inner = model.config, model.transformer
+    family = config.model_type
+    heads, hidden = config.n_head, config.n_embd
+    d = hidden // heads
+    rot = config.rotary_dim or d
+    order = _interleaved_to_half(d, rot)
+    ident = torch.arange(d)
+    layers = []
+    for i in range(len(inner.h)):
+        prefix = f"transformer.h.{i}"
+        if family == "codegen":
+            # qkv_proj rows: 4 shards of [q | v | k], each holding heads/4 heads.
+            mp = 4
+            local = heads // mp * d
+            shards = torch.arange(3 * hidden).view(mp, 3, local)
+            q_rows, v_rows, k_rows = shards[:, 0], shards[:, 1], shards[:, 2]
+            rows = _rows(_permute_heads(q_rows.reshape(-1), heads, d, order),
+                         _permute_heads(k_rows.reshape(-1), heads, d, order),
+                         _permute_heads(v_rows.reshape(-1), heads, d, ident))
+            qkv = [Source(f"{prefix}.attn.qkv_proj", rows)]
+        else:
+            permuted = _permute_heads(torch.arange(hidden), heads, d, order)
+            qkv = [Source(f"{prefix}.attn.q_proj", permuted),
+                   Source(f"{prefix}.attn.k_proj", permuted), Source(f"{prefix}.attn.v_proj")]
+        layers.append(LayerParts(
+            attn_norm=_norm(inner.h[i].ln_1), mlp_norm=None, qkv=qkv,
+            o=[Source(f"{prefix}.attn.out_proj")], gate_up=[Source(f"{prefix}.mlp.fc_in")],
+            down=[Source(f"{prefix}.mlp.fc_out")]))
+    block = Block(family=family, norm="layer", eps=config.layer_norm_epsilon,
+                  residual="parallel", position="rope", mlp="plain",
+                  activation=config.activation_function, heads=heads, kv_heads=heads,
+                  head_dim=d, scaling=1.0 / math.sqrt(d), rotary_dim=rot, rope_interleaved=True)
+    return ModelParts(block=block, embed="transformer.wte", layers=layers,
+                      final_norm=_norm(inner.ln_f), lm_head="lm_head",
+                      rope_tables=_sinusoid_rope(inner.h[0].attn.embed_positions))
+
+
+def _map_gpt_neox(model: Any) -> ModelParts:
+    config, inner = model.config, model.gpt_neox
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    d = hidden // heads
+    parallel = bool(config.use_parallel_residual)
+    # query_key_value rows: per head [q | k | v].
+    per_head = torch.arange(3 * hidden).view(heads, 3, d)
+    rows = _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        prefix = f"gpt_neox.layers.{i}"
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.input_layernorm), mlp_norm=_norm(layer.post_attention_layernorm),
+            qkv=[Source(f"{prefix}.attention.query_key_value", rows)],
+            o=[Source(f"{prefix}.attention.dense")], gate_up=[Source(f"{prefix}.mlp.dense_h_to_4h")],
+            down=[Source(f"{prefix}.mlp.dense_4h_to_h")]))
+    tables = _module_rope(inner.rotary_emb)
+    block = Block(family="gpt_neox", norm="layer", eps=config.layer_norm_eps,
+                  residual="parallel" if parallel else "sequential", position="rope",
+                  mlp="plain", activation=config.hidden_act, heads=heads, kv_heads=heads,
+                  head_dim=d, scaling=1.0 / math.sqrt(d), rotary_dim=int(tables(1)[0].shape[-1]))
+    return ModelParts(block=block, embed="gpt_neox.embed_in", layers=layers,
+                      final_norm=_norm(inner.final_layer_norm), lm_head="embed_out"
+                      if hasattr(model, "embed_out") else "lm_head", rope_tables=tables)
+
+
+def _map_falcon(model: Any) -> ModelParts:
+    config, inner = model.config, model.transformer
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    d = hidden // heads
+    _refuse(config.alibi, "falcon: the ALiBi variant is not implemented")
+    new_arch = bool(config.new_decoder_architecture)
+    if new_arch:
+        kv = config.num_kv_heads
+        group = heads // kv
+        grouped = torch.arange((heads + 2 * kv) * d).view(kv, group + 2, d)
+        rows = _rows(grouped[:, :group], grouped[:, group], grouped[:, group + 1])
+    elif config.multi_query:
+        kv, rows = 1, None  # [q heads | k | v]
+    else:
+        kv = heads
+        per_head = torch.arange(3 * hidden).view(heads, 3, d)
+        rows = _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+    layers = []
+    for i, layer in enumerate(inner.h):
+        prefix = f"transformer.h.{i}"
+        if new_arch and getattr(layer, "ln_attn", None) is not None:
+            attn_norm, mlp_norm = _norm(layer.ln_attn), _norm(layer.ln_mlp)
+        elif config.parallel_attn or new_arch:
+            attn_norm, mlp_norm = _norm(layer.input_layernorm), None
+        else:
+            attn_norm, mlp_norm = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+        layers.append(LayerParts(
+            attn_norm=attn_norm, mlp_norm=mlp_norm,
+            qkv=[Source(f"{prefix}.self_attention.query_key_value", rows)],
+            o=[Source(f"{prefix}.self_attention.dense")],
+            gate_up=[Source(f"{prefix}.mlp.dense_h_to_4h")],
+            down=[Source(f"{prefix}.mlp.dense_4h_to_h")]))
+    parallel = new_arch or config.parallel_attn
+    block = Block(family="falcon", norm="layer", eps=config.layer_norm_epsilon,
+                  residual="parallel" if parallel else "sequential", position="rope",
+                  mlp="plain", activation=getattr(config, "activation", "gelu"), heads=heads,
+                  kv_heads=kv, head_dim=d, scaling=1.0 / math.sqrt(d), rotary_dim=d)
+    return ModelParts(block=block, embed="transformer.word_embeddings", layers=layers,
+                      final_norm=_norm(inner.ln_f), lm_head="lm_head",
+                      rope_tables=_module_rope(inner.rotary_emb))
+
+
+def _map_opt(model: Any) -> ModelParts:
+    config, decoder = model.config, model.model.decoder
+    _refuse(not config.do_layer_norm_before, "opt: post-norm blocks (do_layer_norm_before=False, "
+            "OPT-350M) are not implemented")
+    _refuse(decoder.project_in is not None or decoder.final_layer_norm is None,
+            "opt: word_embed_proj_dim != hidden_size is not implemented")
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    d = hidden // heads
+    layers = []
+    for i, layer in enumerate(decoder.layers):
+        prefix = f"model.decoder.layers.{i}"
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.self_attn_layer_norm), mlp_norm=_norm(layer.final_layer_norm),
+            qkv=[Source(f"{prefix}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")],
+            o=[Source(f"{prefix}.self_attn.out_proj")], gate_up=[Source(f"{prefix}.fc1")],
+            down=[Source(f"{prefix}.fc2")]))
+    block = Block(family="opt", norm="layer", eps=1e-5, residual="sequential",
+                  position="learned", mlp="plain", activation=config.activation_function,
+                  heads=heads, kv_heads=heads, head_dim=d, scaling=d ** -0.5)
+    return ModelParts(block=block, embed="model.decoder.embed_tokens", layers=layers,
+                      final_norm=_norm(decoder.final_layer_norm), lm_head="lm_head",
+                      pos_embed="model.decoder.embed_positions",
+                      pos_offset=int(getattr(decoder.embed_positions, "offset", 2)))
+
+
+def _map_bloom(model: Any) -> ModelParts:
+    from transformers.models.bloom import modeling_bloom
+
+    config, inner = model.config, model.transformer
+    _refuse(config.apply_residual_connection_post_layernorm,
+            "bloom: apply_residual_connection_post_layernorm is not implemented")
+    heads, hidden = config.n_head, config.hidden_size
+    d = hidden // heads
+    per_head = torch.arange(3 * hidden).view(heads, 3, d)
+    rows = _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+    layers = []
+    for i, layer in enumerate(inner.h):
+        prefix = f"transformer.h.{i}"
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.input_layernorm), mlp_norm=_norm(layer.post_attention_layernorm),
+            qkv=[Source(f"{prefix}.self_attention.query_key_value", rows)],
+            o=[Source(f"{prefix}.self_attention.dense")],
+            gate_up=[Source(f"{prefix}.mlp.dense_h_to_4h")],
+            down=[Source(f"{prefix}.mlp.dense_4h_to_h")]))
+    block = Block(family="bloom", norm="layer", eps=config.layer_norm_epsilon,
+                  residual="sequential", position="alibi", mlp="plain",
+                  activation="gelu_pytorch_tanh", heads=heads, kv_heads=heads, head_dim=d,
+                  scaling=1.0 / math.sqrt(d), embed_norm=True)
+    slopes = modeling_bloom._get_alibi_slopes(heads, torch.device("cpu")).float()
+    return ModelParts(block=block, embed="transformer.word_embeddings", layers=layers,
+                      final_norm=_norm(inner.ln_f), lm_head="lm_head",
+                      embed_norm=_norm(inner.word_embeddings_layernorm), alibi_slopes=slopes)
+
+
+def _map_gpt_bigcode(model: Any) -> ModelParts:
+    config, inner = model.config, model.transformer
+    heads, hidden = config.n_head, config.n_embd
+    d = hidden // heads
+    if config.multi_query:
+        kv, rows = 1, None  # c_attn rows: [q heads | k | v]
+    else:
+        kv = heads
+        per_head = torch.arange(3 * hidden).view(heads, 3, d)
+        rows = _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+    _refuse(not config.scale_attn_weights, "gpt_bigcode: scale_attn_weights=False")
+    layers = []
+    for i, layer in enumerate(inner.h):
+        prefix = f"transformer.h.{i}"
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.ln_1), mlp_norm=_norm(layer.ln_2),
+            qkv=[Source(f"{prefix}.attn.c_attn", rows)], o=[Source(f"{prefix}.attn.c_proj")],
+            gate_up=[Source(f"{prefix}.mlp.c_fc")], down=[Source(f"{prefix}.mlp.c_proj")]))
+    block = Block(family="gpt_bigcode", norm="layer", eps=config.layer_norm_epsilon,
+                  residual="sequential", position="learned", mlp="plain",
+                  activation=config.activation_function, heads=heads, kv_heads=kv, head_dim=d,
+                  scaling=1.0 / math.sqrt(d))
+    return ModelParts(block=block, embed="transformer.wte", layers=layers,
+                      final_norm=_norm(inner.ln_f), lm_head="lm_head", pos_embed="transformer.wpe")
+
+
+def _map_mpt(model: Any) -> ModelParts:
+    from transformers.models.mpt import modeling_mpt
+
+    config, inner = model.config, model.transformer
+    attn_config = config.attn_config
+    _refuse(not attn_config.alibi, "mpt: models without ALiBi are not implemented")
+    _refuse(attn_config.clip_qkv, "mpt: clip_qkv is not implemented")
+    _refuse(attn_config.qk_ln, "mpt: qk_ln is not implemented")
+    heads, hidden = config.n_heads, config.d_model
+    d = hidden // heads
+    layers = []
+    for i, layer in enumerate(inner.blocks):
+        prefix = f"transformer.blocks.{i}"
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.norm_1), mlp_norm=_norm(layer.norm_2),
+            qkv=[Source(f"{prefix}.attn.Wqkv")], o=[Source(f"{prefix}.attn.out_proj")],
+            gate_up=[Source(f"{prefix}.ffn.up_proj")], down=[Source(f"{prefix}.ffn.down_proj")]))
+    scale = attn_config.softmax_scale or 1.0 / math.sqrt(d)
+    block = Block(family="mpt", norm="layer", eps=config.layer_norm_epsilon,
+                  residual="sequential", position="alibi", mlp="plain", activation="gelu",
+                  heads=heads, kv_heads=heads, head_dim=d, scaling=scale)
+    alibi = modeling_mpt.build_mpt_alibi_tensor(heads, 2, attn_config.alibi_bias_max)
+    slopes = -alibi.reshape(heads, 2)[:, 0].float()  # slope * (key - query) at key = query - 1
+    return ModelParts(block=block, embed="transformer.wte", layers=layers,
+                      final_norm=_norm(inner.norm_f), lm_head="lm_head", alibi_slopes=slopes)
+
+
+def _map_phi(model: Any) -> ModelParts:
+    config, inner = model.config, model.model
+    _refuse(config.qk_layernorm, "phi: qk_layernorm is not implemented")
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    attn0 = inner.layers[0].self_attn
+    d = attn0.head_dim
+    kv = _cfg(config, "num_key_value_heads", default=heads)
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        prefix = f"model.layers.{i}"
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.input_layernorm), mlp_norm=None,
+            qkv=[Source(f"{prefix}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")],
+            o=[Source(f"{prefix}.self_attn.dense")], gate_up=[Source(f"{prefix}.mlp.fc1")],
+            down=[Source(f"{prefix}.mlp.fc2")]))
+    tables = _module_rope(inner.rotary_emb)
+    block = Block(family="phi", norm="layer", eps=config.layer_norm_eps, residual="parallel",
+                  position="rope", mlp="plain", activation=config.hidden_act, heads=heads,
+                  kv_heads=kv, head_dim=d, scaling=attn0.scaling,
+                  rotary_dim=int(tables(1)[0].shape[-1]))
+    del hidden
+    return ModelParts(block=block, embed="model.embed_tokens", layers=layers,
+                      final_norm=_norm(inner.final_layernorm), lm_head="lm_head",
+                      rope_tables=tables)
+
+
+MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
+    **{family: _map_llama_like
+       for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "stablelm")},
+    "gptj": _map_gptj,
+    "codegen": _map_gptj,
+    "gpt_neox": _map_gpt_neox,
+    "falcon": _map_falcon,
+    "opt": _map_opt,
+    "bloom": _map_bloom,
+    "gpt_bigcode": _map_gpt_bigcode,
+    "mpt": _map_mpt,
+    "phi": _map_phi,
+}
+NATIVE_FAMILIES = tuple(MAPPERS)
+
+
+def map_model(model: Any) -> ModelParts:
+    """The model's block description and where each part lives; Unsupported if the family or
+    one of its settings is outside what the native step implements."""
+    family = model.config.model_type
+    mapper = MAPPERS.get(family)
+    if mapper is None:
+        raise Unsupported(f"native backend does not cover family '{family}' yet "
+                          f"(covered: {', '.join(NATIVE_FAMILIES)})")
+    parts = mapper(model)
+    if parts.block.activation not in ACTIVATIONS:
+        raise Unsupported(f"{family}: activation {parts.block.activation} is not implemented")
+    return parts
+
+
+def source_weights(model: Any, sources: list[Source]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float weight [N, K] and bias [N] (or None) that `sources` describe."""
+    modules = dict(model.named_modules())
+    weights, biases = [], []
+    for source in sources:
+        module = modules[source.module]
+        weight = module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach()
+        if source.rows is not None:
+            weight = weight[source.rows]
+            bias = None if bias is None else bias[source.rows]
+        weights.append(weight)
+        biases.append(bias)
+    if all(b is None for b in biases):
+        bias_out = None
+    else:
+        bias_out = torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+                              for b, w in zip(biases, weights, strict=True)])
+    weight_out = weights[0] if len(weights) == 1 else torch.cat(weights)
+    return weight_out.contiguous(), bias_out
+
+
+__all__ = ["ACTIVATIONS", "Block", "LayerParts", "ModelParts", "NATIVE_FAMILIES", "Norm",
+           "Source", "Unsupported", "map_model", "source_weights"]
