@@ -277,18 +277,28 @@ class NativeModel:
             self._plan_note = (f"python step: {missing[0]} ({kind}) has no compiled kernel")
         if self._plan_note:
             return None
+        block = self.block
+        embed_norm = self.embed_norm
         plan = kernels.compiled().DecodePlan(
             hidden=self.embed.shape[1], heads=self.heads, kv_heads=self.kv_heads,
             head_dim=self.head_dim, intermediate=self.intermediate, eps=float(self.eps),
             scaling=float(self.scaling), embed=self.embed.contiguous(),
             final_norm=self.final_norm, embed_scale=self.embed_scale or 1.0,
             activation=ACTIVATIONS[self.activation],
-            round_logits_bf16=self.weight_dtype != torch.float32)
+            round_logits_bf16=self.weight_dtype != torch.float32,
+            layer_norm=block.norm == "layer", final_norm_bias=self.final_norm_bias,
+            parallel=block.residual == "parallel", gated=block.mlp == "gated",
+            alibi_slopes=self.alibi_slopes,
+            pos_embed=None if self.pos_embed is None else self.pos_embed.float().contiguous(),
+            pos_offset=self.pos_offset,
+            embed_norm=None if embed_norm is None else embed_norm.weight,
+            embed_norm_bias=None if embed_norm is None else embed_norm.bias)
         index = {name: plan.add_linear(**spec) for name, spec in specs.items()}
         for i, layer in enumerate(self.layers):
             plan.add_layer(layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.k_norm,
                            *(index[f"layers.{i}.{attr}"] for attr in ("qkv", "o", "gate_up",
-                                                                     "down")))
+                                                                     "down")),
+                           attn_norm_bias=layer.attn_norm_bias, mlp_norm_bias=layer.mlp_norm_bias)
         plan.set_lm_head(index["lm_head"])
         self._plan = plan
         self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
@@ -532,6 +542,9 @@ class NativeModel:
         if self.sliding_window and total > self.sliding_window:
             raise UserError(f"native backend: {total} tokens exceed the sliding window "
                             f"({self.sliding_window})")
+        if self.pos_embed is not None and total + self.pos_offset > self.pos_embed.shape[0]:
+            raise UserError(f"native backend: {total} tokens exceed the model's "
+                            f"{self.pos_embed.shape[0] - self.pos_offset} learned positions")
         cos, sin = self._rope_tables(total)
         caches = [KVCache(batch, beams, self.kv_heads, self.head_dim, prompt_len, new_tokens,
                           self.kv_dtype) for _ in self.layers]

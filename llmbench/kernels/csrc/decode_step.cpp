@@ -1,4 +1,6 @@
-// The native backend's decode step for llama-like decoders, whole, in one call.
+// The native backend's decode step, whole, in one call, for any block that
+// llmbench/backends/blocks.py describes (RMSNorm or LayerNorm, sequential or
+// parallel residual, RoPE / ALiBi / learned positions, gated or plain MLP).
 //
 // Why: a decode step of a small model is ~30 layers x ~25 small torch ops; at
 // several microseconds of Python and dispatcher time each, that overhead was a
@@ -11,7 +13,7 @@
 // Layout and semantics match llmbench/backends/native.py's Python path (which
 // stays the reference and the fallback):
 //   qkv projection output = [q heads | k heads | v heads] x head_dim;
-//   gate_up output = [gate | up]; activation SiLU;
+//   gate_up output = [gate | up] (gated MLP) or the plain MLP's hidden layer;
 //   rotate-half RoPE over the first `rot` dims of each head (tables from
 //   transformers' rotary embedding, one row per absolute position);
 //   optional per-head RMSNorm of q and k (qwen3) before RoPE;
@@ -71,7 +73,9 @@ struct Projection {
 
 struct Layer {
   const float* attn_norm;
-  const float* mlp_norm;
+  const float* attn_norm_bias;  // LayerNorm only, may be nullptr
+  const float* mlp_norm;        // nullptr: parallel block whose MLP reads the attention's norm
+  const float* mlp_norm_bias;
   const float* q_norm;  // nullptr unless per-head q/k norms (qwen3)
   const float* k_norm;
   int64_t qkv, o, gate_up, down;  // indexes into DecodePlan::linears_
@@ -82,12 +86,17 @@ class DecodePlan {
   DecodePlan(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
              int64_t intermediate, double eps, double scaling, at::Tensor embed,
              at::Tensor final_norm, bool round_logits_bf16, double embed_scale,
-             int64_t activation)
+             int64_t activation, bool layer_norm, const std::optional<at::Tensor>& final_norm_bias,
+             bool parallel, bool gated, const std::optional<at::Tensor>& alibi_slopes,
+             const std::optional<at::Tensor>& pos_embed, int64_t pos_offset,
+             const std::optional<at::Tensor>& embed_norm,
+             const std::optional<at::Tensor>& embed_norm_bias)
       : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), d_(head_dim),
         inter_(intermediate), eps_(static_cast<float>(eps)),
         scaling_(static_cast<float>(scaling)), round_bf16_(round_logits_bf16),
-        embed_scale_(static_cast<float>(embed_scale)), activation_(activation) {
-    TORCH_CHECK(activation == kSiLU || activation == kGeluTanh,
+        embed_scale_(static_cast<float>(embed_scale)), activation_(activation),
+        layer_norm_(layer_norm), parallel_(parallel), gated_(gated), pos_offset_(pos_offset) {
+    TORCH_CHECK(activation >= kSiLU && activation <= kReLU,
                 "decode_step: unknown activation ", activation);
     TORCH_CHECK(heads % kv_heads == 0, "decode_step: heads must be a multiple of kv_heads");
     TORCH_CHECK(embed.dim() == 2 && embed.size(1) == hidden && embed.is_contiguous() &&
@@ -95,6 +104,16 @@ class DecodePlan {
                 "decode_step: embedding must be a contiguous fp32/bf16 [V, hidden] tensor");
     embed_ = keep(embed);
     final_norm_ = vec(final_norm, hidden, "final_norm");
+    final_norm_bias_ = opt_vec(final_norm_bias, hidden, "final_norm_bias");
+    alibi_ = opt_vec(alibi_slopes, heads, "alibi_slopes");
+    embed_norm_ = opt_vec(embed_norm, hidden, "embed_norm");
+    embed_norm_bias_ = opt_vec(embed_norm_bias, hidden, "embed_norm_bias");
+    if (pos_embed.has_value()) {
+      TORCH_CHECK(pos_embed->dim() == 2 && pos_embed->size(1) == hidden &&
+                      pos_embed->is_contiguous() && pos_embed->scalar_type() == at::kFloat,
+                  "decode_step: pos_embed must be contiguous fp32 [positions, hidden]");
+      pos_embed_ = keep(*pos_embed);
+    }
   }
 
   int64_t add_linear(int64_t fmt, const at::Tensor& w, const std::optional<at::Tensor>& scales,
@@ -156,19 +175,26 @@ class DecodePlan {
     return static_cast<int64_t>(linears_.size()) - 1;
   }
 
-  void add_layer(const at::Tensor& attn_norm, const at::Tensor& mlp_norm,
+  void add_layer(const at::Tensor& attn_norm, const std::optional<at::Tensor>& mlp_norm,
                  const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                 int64_t qkv, int64_t o, int64_t gate_up, int64_t down) {
+                 int64_t qkv, int64_t o, int64_t gate_up, int64_t down,
+                 const std::optional<at::Tensor>& attn_norm_bias,
+                 const std::optional<at::Tensor>& mlp_norm_bias) {
+    TORCH_CHECK(mlp_norm.has_value() || parallel_,
+                "decode_step: only a parallel block may share the attention's norm");
     const int64_t nq = heads_ * d_, nkv = kv_heads_ * d_;
     auto fits = [&](int64_t i, int64_t n, int64_t k) {
       return linears_.at(i).d.N == n && linears_.at(i).in_features == k;
     };
     TORCH_CHECK(fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) &&
-                    fits(gate_up, 2 * inter_, hidden_) && fits(down, hidden_, inter_),
+                    fits(gate_up, (gated_ ? 2 : 1) * inter_, hidden_) &&
+                    fits(down, hidden_, inter_),
                 "decode_step: projection shapes do not match the model's dimensions");
-    layers_.push_back(Layer{vec(attn_norm, hidden_, "attn_norm"), vec(mlp_norm, hidden_, "mlp_norm"),
-                            q_norm.has_value() ? vec(*q_norm, d_, "q_norm") : nullptr,
-                            k_norm.has_value() ? vec(*k_norm, d_, "k_norm") : nullptr, qkv, o,
+    layers_.push_back(Layer{vec(attn_norm, hidden_, "attn_norm"),
+                            opt_vec(attn_norm_bias, hidden_, "attn_norm_bias"),
+                            opt_vec(mlp_norm, hidden_, "mlp_norm"),
+                            opt_vec(mlp_norm_bias, hidden_, "mlp_norm_bias"),
+                            opt_vec(q_norm, d_, "q_norm"), opt_vec(k_norm, d_, "k_norm"), qkv, o,
                             gate_up, down});
   }
 
@@ -241,6 +267,8 @@ class DecodePlan {
     attn_.resize(R * nq);
     gu_.resize(R * 2 * inter_);
     act_.resize(R * inter_);
+    mlp_out_.resize(R * H);
+    mlp_x_.resize(R * H);
 
     const int64_t V = embed_.size(0);
     for (int64_t r = 0; r < R; ++r) {
@@ -258,45 +286,49 @@ class DecodePlan {
             dst[i] = c10::detail::f32_from_bits(
                 c10::detail::round_to_nearest_even(dst[i] * embed_scale_));
       }
+      if (pos_embed_.defined()) {  // learned absolute positions (OPT, GPTBigCode)
+        const int64_t row = position + pos_offset_;
+        TORCH_CHECK(row >= 0 && row < pos_embed_.size(0), "decode_step: position ", position,
+                    " past the model's learned positions");
+        const float* pos = pos_embed_.data_ptr<float>() + row * H;
+        for (int64_t i = 0; i < H; ++i) dst[i] += pos[i];
+      }
     }
+    if (embed_norm_) layer_norm_rows(h_.data(), embed_norm_, embed_norm_bias_, h_.data(), R, H,
+                                     eps_);
 
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
-      rms_norm_rows(h_.data(), L.attn_norm, x_.data(), R, H);
+      norm_rows(h_.data(), L.attn_norm, L.attn_norm_bias, x_.data(), R, H);
       project(L.qkv, x_.data(), R, qkv_.data(), nqkv);
       for (int64_t r = 0; r < R; ++r) {
         float* row = qkv_.data() + r * nqkv;
         for (int64_t hh = 0; hh < heads_ + kv_heads_; ++hh) {
           float* head = row + hh * d_;
           if (L.q_norm) rms_norm_rows(head, hh < heads_ ? L.q_norm : L.k_norm, head, 1, d_);
-          rope(head, position);
+          if (rot_) rope(head, position);
         }
         store_kv(li, r, step, row + nq, row + nq + nkv);
       }
       attention(li, R, step, nqkv);
       project(L.o, attn_.data(), R, tmp_.data(), H);
-      for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
-      rms_norm_rows(h_.data(), L.mlp_norm, x_.data(), R, H);
-      project(L.gate_up, x_.data(), R, gu_.data(), 2 * inter_);
-      for (int64_t r = 0; r < R; ++r) {
-        const float* gate = gu_.data() + r * 2 * inter_;
-        const float* up = gate + inter_;
-        float* out = act_.data() + r * inter_;
-        if (activation_ == kSiLU) {
-          for (int64_t i = 0; i < inter_; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-        } else {  // gelu, tanh approximation
-          constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
-          for (int64_t i = 0; i < inter_; ++i) {
-            const float g = gate[i];
-            out[i] = 0.5f * g * (1.f + std::tanh(kC * (g + 0.044715f * g * g * g))) * up[i];
-          }
+      if (parallel_) {  // the MLP reads the block's input too: h += attn + mlp
+        const float* mlp_in = x_.data();
+        if (L.mlp_norm) {
+          norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, mlp_x_.data(), R, H);
+          mlp_in = mlp_x_.data();
         }
+        mlp(L, mlp_in, R, mlp_out_.data());
+        for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i] + mlp_out_[i];
+      } else {
+        for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
+        norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, x_.data(), R, H);
+        mlp(L, x_.data(), R, mlp_out_.data());
+        for (int64_t i = 0; i < R * H; ++i) h_[i] += mlp_out_[i];
       }
-      project(L.down, act_.data(), R, tmp_.data(), H);
-      for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
     }
 
-    rms_norm_rows(h_.data(), final_norm_, x_.data(), R, H);
+    norm_rows(h_.data(), final_norm_, final_norm_bias_, x_.data(), R, H);
     const LinearDesc& head = linears_[lm_head_].d;
     at::Tensor logits = at::empty({R, head.N}, at::kFloat);
     float* out = logits.data_ptr<float>();
@@ -321,6 +353,45 @@ class DecodePlan {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == n && t.is_contiguous(),
                 "decode_step: ", what, " must be contiguous fp32 with ", n, " elements");
     return keep(t).data_ptr<float>();
+  }
+
+  const float* opt_vec(const std::optional<at::Tensor>& t, int64_t n, const char* what) {
+    return t.has_value() ? vec(*t, n, what) : nullptr;
+  }
+
+  void norm_rows(const float* in, const float* weight, const float* bias, float* out,
+                 int64_t rows, int64_t n) const {
+    if (layer_norm_)
+      layer_norm_rows(in, weight, bias, out, rows, n, eps_);
+    else
+      llmb::rms_norm_rows(in, weight, out, rows, n, eps_);
+  }
+
+  // out [rows, hidden] = down(act(gate) * up) or down(act(up)); x rows are dense.
+  void mlp(const Layer& L, const float* x, int64_t R, float* out) {
+    const int64_t width = (gated_ ? 2 : 1) * inter_;
+    project(L.gate_up, x, R, gu_.data(), width);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* gate = gu_.data() + r * width;
+      const float* up = gated_ ? gate + inter_ : nullptr;
+      float* o = act_.data() + r * inter_;
+      for (int64_t i = 0; i < inter_; ++i) {
+        const float g = gate[i];
+        float a;
+        switch (activation_) {
+          case kSiLU: a = g / (1.f + std::exp(-g)); break;
+          case kGeluTanh: {
+            constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
+            a = 0.5f * g * (1.f + std::tanh(kC * (g + 0.044715f * g * g * g)));
+            break;
+          }
+          case kGelu: a = 0.5f * g * (1.f + std::erf(g * 0.7071067811865476f)); break;
+          default: a = g > 0.f ? g : 0.f;
+        }
+        o[i] = up ? a * up[i] : a;
+      }
+    }
+    project(L.down, act_.data(), R, out, hidden_);
   }
 
   // y[r, :] = projection(x[r, :in_features]); x rows are dense.
@@ -406,7 +477,7 @@ class DecodePlan {
       const T* key = entry<T>(pk_[li], gk_[li], r, g, t);
       float dot = 0.f;
       for (int64_t i = 0; i < d_; ++i) dot += q[i] * load(key, i, lut);
-      scores[t] = dot * scaling_;
+      scores[t] = dot * scaling_ + (alibi_ ? alibi_[hh] * static_cast<float>(t) : 0.f);
       top = std::max(top, scores[t]);
     }
     float sum = 0.f;
@@ -438,14 +509,20 @@ class DecodePlan {
     });
   }
 
-  static constexpr int64_t kSiLU = 0, kGeluTanh = 1;  // native.py ACTIVATIONS
+  static constexpr int64_t kSiLU = 0, kGeluTanh = 1, kGelu = 2, kReLU = 3;  // blocks.ACTIVATIONS
   const int64_t hidden_, heads_, kv_heads_, d_, inter_;
   const float eps_, scaling_;
   const bool round_bf16_;
   const float embed_scale_;
   const int64_t activation_;
-  at::Tensor embed_;
+  const bool layer_norm_, parallel_, gated_;
+  const int64_t pos_offset_;
+  at::Tensor embed_, pos_embed_;
   const float* final_norm_ = nullptr;
+  const float* final_norm_bias_ = nullptr;
+  const float* alibi_ = nullptr;  // ALiBi slopes [heads]: score += slope * key position
+  const float* embed_norm_ = nullptr;
+  const float* embed_norm_bias_ = nullptr;
   std::vector<at::Tensor> owned_;
   std::vector<Projection> linears_;
   std::vector<Layer> layers_;
@@ -461,7 +538,7 @@ class DecodePlan {
   const int64_t* table_ = nullptr;
   int64_t table_stride_ = 0;
   // scratch, reused across steps
-  std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_;
+  std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_, mlp_out_, mlp_x_;
 };
 
 }  // namespace
@@ -471,11 +548,18 @@ void register_decode(pybind11::module& m) {
   py::class_<DecodePlan>(m, "DecodePlan",
                          "A llama-like decoder's decode step over the compiled kernels")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor,
-                    at::Tensor, bool, double, int64_t>(),
+                    at::Tensor, bool, double, int64_t, bool, const std::optional<at::Tensor>&,
+                    bool, bool, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&>(),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("intermediate"), py::arg("eps"), py::arg("scaling"), py::arg("embed"),
            py::arg("final_norm"), py::arg("round_logits_bf16"), py::arg("embed_scale") = 1.0,
-           py::arg("activation") = 0)
+           py::arg("activation") = 0, py::arg("layer_norm") = false,
+           py::arg("final_norm_bias") = py::none(), py::arg("parallel") = false,
+           py::arg("gated") = true, py::arg("alibi_slopes") = py::none(),
+           py::arg("pos_embed") = py::none(), py::arg("pos_offset") = 0,
+           py::arg("embed_norm") = py::none(), py::arg("embed_norm_bias") = py::none())
       .def("add_linear", &DecodePlan::add_linear, py::arg("fmt"), py::arg("w"),
            py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("group_size") = 0, py::arg("bias") = py::none(),
@@ -485,7 +569,8 @@ void register_decode(pybind11::module& m) {
            py::arg("act_sym") = true, py::arg("act_block") = 0)
       .def("add_layer", &DecodePlan::add_layer, py::arg("attn_norm"), py::arg("mlp_norm"),
            py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"), py::arg("o"),
-           py::arg("gate_up"), py::arg("down"))
+           py::arg("gate_up"), py::arg("down"), py::arg("attn_norm_bias") = py::none(),
+           py::arg("mlp_norm_bias") = py::none())
       .def("set_lm_head", &DecodePlan::set_lm_head)
       .def("bind", &DecodePlan::bind, py::arg("prompt_k"), py::arg("prompt_v"),
            py::arg("gen_k"), py::arg("gen_v"), py::arg("cos"), py::arg("sin"), py::arg("table"),
