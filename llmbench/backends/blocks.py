@@ -192,7 +192,7 @@ def _map_llama_like(model: Any) -> ModelParts:
     rotary_dim = int(_module_rope(inner.rotary_emb)(1)[0].shape[-1])
     layers = []
     for i, layer in enumerate(inner.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         prefix = f"model.layers.{i}"
         if hasattr(attn, "qkv_proj"):  # phi3 ships them fused already
             qkv = [Source(f"{prefix}.self_attn.qkv_proj")]
@@ -278,7 +278,8 @@ def _map_gpt_neox(model: Any) -> ModelParts:
         layers.append(LayerParts(
             attn_norm=_norm(layer.input_layernorm), mlp_norm=_norm(layer.post_attention_layernorm),
             qkv=[Source(f"{prefix}.attention.query_key_value", rows)],
-            o=[Source(f"{prefix}.attention.dense")], gate_up=[Source(f"{prefix}.mlp.dense_h_to_4h")],
+            o=[Source(f"{prefix}.attention.dense")],
+            gate_up=[Source(f"{prefix}.mlp.dense_h_to_4h")],
             down=[Source(f"{prefix}.mlp.dense_4h_to_h")]))
     tables = _module_rope(inner.rotary_emb)
     block = Block(family="gpt_neox", norm="layer", eps=config.layer_norm_eps,
@@ -315,7 +316,8 @@ def _map_falcon(model: Any) -> ModelParts:
         elif config.parallel_attn or new_arch:
             attn_norm, mlp_norm = _norm(layer.input_layernorm), None
         else:
-            attn_norm, mlp_norm = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+            attn_norm = _norm(layer.input_layernorm)
+            mlp_norm = _norm(layer.post_attention_layernorm)
         layers.append(LayerParts(
             attn_norm=attn_norm, mlp_norm=mlp_norm,
             qkv=[Source(f"{prefix}.self_attention.query_key_value", rows)],

@@ -22,7 +22,8 @@ gpt-fast, whose whole generation path reads top to bottom here:
   weight-streaming kernels) when the kernels are built and every projection has a compiled
   kernel; otherwise the same step runs as torch ops here (`decode`), and the report says which.
 
-Families outside NATIVE_FAMILIES run stock, and the report says so.
+Families outside blocks.NATIVE_FAMILIES (or settings blocks.py does not implement) run stock,
+and the report says why (`fallback_reason`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from llmbench import kernels, memory
 from llmbench.backends import PreparedModel, blocks
-from llmbench.backends.blocks import ACTIVATIONS, NATIVE_FAMILIES
+from llmbench.backends.blocks import ACTIVATIONS
 from llmbench.environment import has_native_bf16
 from llmbench.errors import UserError
 

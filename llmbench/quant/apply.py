@@ -34,6 +34,7 @@ from llmbench.quant.linears import (
     NF4Linear,
     QuantizedLinear,
     fuse,
+    take_rows,
 )
 from llmbench.quant.scheme import MIN_IN_FEATURES, Scheme, act_levels_for, quantize_weight
 
@@ -121,36 +122,21 @@ def install_hf(model: torch.nn.Module, qlinears: dict[str, Any]) -> None:
         model.set_submodule(name, QuantizedLinear(linear))
 
 
-# NativeModel projection -> the HF modules it fuses, per layer (first match wins).
-_NATIVE_PARTS = {
-    "qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.qkv_proj",)),
-    "o": (("self_attn.o_proj",),),
-    "gate_up": (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",)),
-    "down": (("mlp.down_proj",),),
-}
-
-
-def install_native(native: Any, qlinears: dict[str, Any], prefix: str = "model.") -> int:
-    """Map quantized projections into a NativeModel; returns how many projections it replaced."""
+def install_native(native: Any, qlinears: dict[str, Any]) -> int:
+    """Map quantized projections into a NativeModel through its `sources` (which HF modules,
+    which rows, in which order: llmbench.backends.blocks); returns how many projections it
+    replaced. A projection whose parts are not all quantized stays float."""
     replaced = 0
 
     def convert(name: str, linear: Any) -> Any:
         nonlocal replaced
-        if name == "lm_head":
-            hf_names: tuple[str, ...] = ("lm_head",) if "lm_head" in qlinears else ()
-        else:
-            _, index, kind = name.split(".")
-            hf_names = ()
-            for option in _NATIVE_PARTS[kind]:
-                names = tuple(f"{prefix}layers.{index}.{part}" for part in option)
-                if all(n in qlinears for n in names):
-                    hf_names = names
-                    break
-        if not hf_names:
+        sources = native.sources[name]
+        if not all(source.module in qlinears for source in sources):
             return linear
         replaced += 1
-        return fuse([qlinears[n] for n in hf_names])
+        return fuse([qlinears[source.module] if source.rows is None
+                      else take_rows(qlinears[source.module], source.rows)
+                      for source in sources])
 
     native.map_linears(convert)
     return replaced

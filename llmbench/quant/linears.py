@@ -10,6 +10,7 @@ kernel: they dequantize in pure torch on every call (correct, not fast), and the
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -361,6 +362,28 @@ def fuse(parts: list[Any]) -> Any:
     if len(kinds) != 1:
         return _Concat(parts)
     return type(parts[0]).fuse(parts)
+
+
+# Per-output-row tensors of the classes above (a projection's rows are independent: every
+# format quantizes along the input dimension only).
+_ROW_TENSORS = ("qweight", "packed", "weight", "scales", "zeros", "zero_term", "bias")
+
+
+def take_rows(linear: Any, rows: torch.Tensor) -> Any:
+    """The projection computing only output rows `rows` of `linear`, in that order (the native
+    backend reorders fused QKV layouts this way, float and quantized alike)."""
+    if isinstance(linear, _Concat):
+        raise ValueError("cannot reorder the rows of projections kept side by side")
+    taken = copy.copy(linear)
+    for attr, value in vars(linear).items():
+        if isinstance(value, torch.Tensor) and attr in _ROW_TENSORS:
+            setattr(taken, attr, value[rows].contiguous())
+        elif type(value) in LINEAR_CLASSES.values():  # StaticInt8Linear's inner Int8Linear
+            setattr(taken, attr, take_rows(value, rows))
+    if isinstance(taken, StaticInt8Linear):
+        taken.bias = taken.inner.bias
+    taken.out_features = int(rows.numel())
+    return taken
 
 
 class QuantizedLinear(torch.nn.Module):

@@ -1,0 +1,172 @@
+"""--backend native for every family llmbench.backends.blocks describes.
+
+Each family's tiny random model (tests/tiny_models.py, plus the layouts a family has more than
+one of: Falcon-40B's new decoder architecture, NeoX's sequential residual, multi-head
+GPTBigCode, parallel StableLM with biases) must give stock's tokens exactly in fp32, greedy and
+beam, from both the compiled C++ step and the torch-op step; bf16 must stay close to stock
+bf16; weight-only INT8 and INT4 must run native (no fallback) with the same tokens as stock
+running the same quantized weights, through the entry points users run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import run_entry
+from tiny_models import make_tiny_model
+
+from llmbench.backends import blocks, prepare
+from llmbench.backends.native import KVCache
+from llmbench.models import load_model
+from llmbench.quant import apply
+from llmbench.quant.scheme import Scheme
+
+# name -> (model_type, config overrides)
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{family: (family, {}) for family in (
+        "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gptj", "codegen", "gpt_neox",
+        "falcon", "opt", "bloom", "gpt_bigcode", "mpt", "stablelm", "phi")},
+    "falcon-40b-layout": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "falcon-mha-sequential": ("falcon", {"multi_query": False, "parallel_attn": False,
+                                         "bias": True}),
+    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
+    "gpt_bigcode-mha": ("gpt_bigcode", {"multi_query": False}),
+    "stablelm-parallel-bias": ("stablelm", {"use_parallel_residual": True,
+                                            "use_qkv_bias": True}),
+}
+NEW_TOKENS = 12
+PROMPT = torch.tensor([[1, 4500, 301, 22000, 7, 812, 16000, 90, 3000, 41000, 5, 2222]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("native-families")
+    return {name: make_tiny_model(model_type, root / name, embedded_model_dir, **overrides)
+            for name, (model_type, overrides) in MODELS.items()}
+
+
+def generate(model: Any, beams: int = 1) -> list[list[int]]:
+    with torch.inference_mode():
+        out = model.generate(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT),
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False, num_beams=beams, pad_token_id=2)
+    return out[:, PROMPT.shape[1]:].tolist()
+
+
+def native_of(folder: Path, dtype: str = "float32") -> Any:
+    loaded = load_model(str(folder), dtype)
+    prepared = prepare(loaded.model, backend="native", dtype=dtype,
+                       family=loaded.family.model_type)
+    assert prepared.backend == "native", prepared.details.get("fallback_reason")
+    return prepared
+
+
+def test_every_native_family_is_tested() -> None:
+    assert {model_type for model_type, _ in MODELS.values()} == set(blocks.NATIVE_FAMILIES)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_native_fp32_tokens_are_stocks(tiny: dict[str, Path], name: str) -> None:
+    stock = load_model(str(tiny[name]), "float32").model
+    native = native_of(tiny[name]).model
+    assert native.runtime_details()["decode_step"].startswith("compiled C++ step")
+    greedy = generate(stock)
+    assert generate(native) == greedy
+    assert generate(native, beams=4) == generate(stock, beams=4)
+    native.use_compiled_step = False  # the torch-op reference step, same tokens
+    assert generate(native) == greedy
+
+
+@pytest.mark.parametrize("name", ["gptj", "gpt_neox", "falcon-40b-layout", "opt", "bloom",
+                                  "gpt_bigcode", "mpt", "phi", "stablelm", "codegen"])
+def test_native_bf16_prefill_close_to_stock_bf16(tiny: dict[str, Path], name: str) -> None:
+    """Stock computes in bf16, native in fp32 from the same bf16 weights: on random weights
+    their greedy paths part at near-ties, so the logits are compared (bf16's step is 2^-8)."""
+    stock = load_model(str(tiny[name]), "bfloat16").model
+    native = native_of(tiny[name], "bfloat16").model
+    with torch.inference_mode():
+        expected = stock(input_ids=PROMPT).logits[0, -1].float()
+        caches = [KVCache(1, 1, native.kv_heads, native.head_dim, PROMPT.shape[1], 1,
+                          torch.float32) for _ in native.layers]
+        cos, sin = native._rope_tables(PROMPT.shape[1] + 1)
+        got = native.prefill(PROMPT, caches, cos, sin)[0]
+    assert float((got - expected).abs().max()) < 0.03 * float(expected.abs().max())
+    assert len(generate(native)[0]) == NEW_TOKENS
+
+
+@pytest.mark.parametrize("weight_dtype,group", [("INT8", -1), ("INT4", 32)])
+@pytest.mark.parametrize("name", MODELS)
+def test_native_quantized_runs_native_with_stocks_tokens(tiny: dict[str, Path], name: str,
+                                                         weight_dtype: str, group: int) -> None:
+    """The same quantized projections, fused and reordered into the native model (through
+    blocks' sources) and swapped into stock's nn.Linear modules, give the same tokens."""
+    scheme = Scheme("woq", weight_dtype, group, weight_dtype == "INT4")
+    runs = []
+    for backend in ("stock", "native"):
+        loaded = load_model(str(tiny[name]), "float32")
+        qlinears = apply.quantize_rtn(loaded.model, scheme)
+        prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype="float32",
+                                           kv_cache_dtype="auto", scheme=scheme)
+        assert prepared.backend == backend
+        if backend == "native":
+            native = prepared.model
+            projections = 4 * len(native.layers) + 1
+            assert prepared.details["quantization"]["native_projections_replaced"] == projections
+            assert native.runtime_details()["decode_step"].startswith("compiled C++ step")
+        runs.append(generate(prepared.model))
+    assert runs[0] == runs[1]
+
+
+def only_report(folder: Path) -> dict[str, Any]:
+    reports = [p for p in folder.glob("*.json") if not p.name.startswith("best_model")]
+    assert len(reports) == 1, reports
+    return json.loads(reports[0].read_text())
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("falcon-40b-layout", []),
+    ("codegen", ["--ipex-weight-only-quantization", "--weight-dtype", "INT4",
+                 "--group-size", "32"]),
+    ("bloom", ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]),
+])
+def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, name: str,
+                                      extra: list[str]) -> None:
+    """As a user runs it: run.py --benchmark --backend native (quantizing first when asked)."""
+    result = run_entry("run.py", "--benchmark", "-m", str(tiny[name]), "--backend", "native",
+                       "--greedy", "--token-latency", "--input-tokens", "8",
+                       "--max-new-tokens", "4", "--num-iter", "1", "--num-warmup", "0",
+                       "--output-dir", str(tmp_path), *extra)
+    assert result.returncode == 0, result.stderr
+    assert "First token average latency" in result.stdout
+    report = only_report(tmp_path)
+    backend = report["backend"]
+    assert backend["name"] == "native" and "fallback_reason" not in backend
+    assert backend["block"]["norm"] == "layer"
+    assert backend["decode_step"].startswith("compiled C++ step")
+    if extra:
+        assert backend["quantization"]["native_projections_replaced"] == 9
+
+
+def test_unimplemented_setting_falls_back_loudly(tiny: dict[str, Path], tmp_path: Path,
+                                                 embedded_model_dir: Path) -> None:
+    """OPT-350M's post-norm blocks are outside the step: stock runs, and the report says why."""
+    folder = make_tiny_model("opt", tmp_path / "opt-post-norm", embedded_model_dir,
+                             do_layer_norm_before=False)
+    loaded = load_model(str(folder), "float32")
+    prepared = prepare(loaded.model, backend="native", dtype="float32", family="opt")
+    assert prepared.backend == "stock"
+    assert "post-norm" in prepared.details["fallback_reason"]
+    assert "STOCK" in prepared.details["fallback_reason"]
