@@ -7,6 +7,7 @@ Run by hand on a quiet machine (nothing else busy: two cores measure contention 
 
     python benchmarks/compare_backends.py                      # embedded SmolLM2-135M
     python benchmarks/compare_backends.py --model tinyllama-1b # random weights, TinyLlama shape
+    python benchmarks/compare_backends.py --model gptj-shape   # any FAMILY-shape in FAMILY_SHAPES
 
 Writes the table as markdown and JSON into --output-dir (benchmarks/results by default).
 
@@ -110,6 +111,75 @@ def _probe_rates(data: torch.Tensor, repeats: int, label: str) -> dict[str, floa
     return rates
 
 
+# A real model's layer shape per family (hidden size, heads, MLP width, vocab of the model named;
+# the smallest of that family in the validated-model tables where we know it), random weights,
+# with as many layers as make about FAMILY_SHAPE_BYTES of fp32 weights (at least one: a 7B-class
+# layer alone is 0.8 GB). The embedding and lm_head come on top.
+FAMILY_SHAPE_BYTES = 0.5e9
+FAMILY_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gptj": ("GPT-J-6B", "gptj", dict(n_embd=4096, n_head=16, n_inner=16384, rotary_dim=64,
+                                       vocab_size=50400, n_positions=2048)),
+    "gpt_neox": ("Dolly-v2-3B / Pythia-2.8B", "gpt_neox", dict(
+        hidden_size=2560, num_attention_heads=32, intermediate_size=10240, vocab_size=50280,
+        rotary_pct=0.25, max_position_embeddings=2048)),
+    "falcon": ("Falcon-7B", "falcon", dict(hidden_size=4544, num_attention_heads=71,
+                                           multi_query=True, parallel_attn=True, bias=False,
+                                           vocab_size=65024, ffn_hidden_size=18176)),
+    "falcon40b": ("Falcon-40B (new decoder architecture), 4544 wide", "falcon", dict(
+        hidden_size=4544, num_attention_heads=71, num_kv_heads=1,
+        new_decoder_architecture=True, bias=False, vocab_size=65024, ffn_hidden_size=18176)),
+    "opt": ("OPT-1.3B", "opt", dict(hidden_size=2048, word_embed_proj_dim=2048,
+                                    num_attention_heads=32, ffn_dim=8192, vocab_size=50272,
+                                    max_position_embeddings=2048)),
+    "bloom": ("BLOOM-1b7", "bloom", dict(hidden_size=2048, n_head=16, vocab_size=250880)),
+    "codegen": ("CodeGen-2B", "codegen", dict(n_embd=2560, n_head=32, n_inner=10240,
+                                              rotary_dim=64, vocab_size=51200, n_positions=2048,
+                                              n_ctx=2048)),
+    "gpt_bigcode": ("StarCoder", "gpt_bigcode", dict(n_embd=6144, n_head=48, n_inner=24576,
+                                                     multi_query=True, vocab_size=49152,
+                                                     n_positions=8192)),
+    "mpt": ("MPT-7B", "mpt", dict(d_model=4096, n_heads=32, expansion_ratio=4,
+                                  vocab_size=50432, max_seq_len=2048)),
+    "stablelm": ("StableLM-2-1.6B", "stablelm", dict(
+        hidden_size=2048, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=5632, vocab_size=100352, partial_rotary_factor=0.25,
+        use_qkv_bias=True, max_position_embeddings=4096)),
+    "phi": ("Phi-2", "phi", dict(hidden_size=2560, num_attention_heads=32,
+                                 intermediate_size=10240, vocab_size=51200,
+                                 partial_rotary_factor=0.4, max_position_embeddings=2048)),
+}
+
+
+def random_family_shape(key: str, tokenizer_dir: Path) -> Path:
+    """Build (once, cached) a random-weight model with FAMILY_SHAPES[key]'s layer shape."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    real, model_type, shape = FAMILY_SHAPES[key]
+    folder = cache_root() / f"random-{key}-shape"
+    if (folder / "config.json").is_file():
+        return folder
+    one_layer = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        model_type, **shape, **{_layers_key(model_type): 1}), dtype=torch.float32)
+    outside = {id(p) for name, p in one_layer.named_parameters()
+               if ".h.0." not in name and ".layers.0." not in name and ".blocks.0." not in name}
+    layer_bytes = sum(p.numel() * 4 for p in one_layer.parameters() if id(p) not in outside)
+    layers = max(1, round(FAMILY_SHAPE_BYTES / layer_bytes))
+    del one_layer
+    print(f"building a random-weight {real}-shaped {model_type} model, {layers} layer(s) of "
+          f"{layer_bytes / 1e9:.2f} GB (once)...", flush=True)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **shape, **{_layers_key(model_type): layers},
+                                  bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def _layers_key(model_type: str) -> str:
+    return {"gptj": "n_layer", "codegen": "n_layer", "gpt_bigcode": "n_layer", "bloom": "n_layer",
+            "mpt": "n_layers"}.get(model_type, "num_hidden_layers")
+
+
 def random_tinyllama(tokenizer_dir: Path) -> Path:
     """Build (once, cached) a random-weight model of TinyLlama-1.1B's shape."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -128,11 +198,13 @@ def random_tinyllama(tokenizer_dir: Path) -> Path:
 def resolve_model(name: str) -> str | None:
     if name == "smollm2":
         return None
-    if name == "tinyllama-1b":
+    if name == "tinyllama-1b" or name.removesuffix("-shape") in FAMILY_SHAPES:
         from llmbench.models import materialize_gguf, resolve_source
 
         tokenizer_dir = Path(materialize_gguf(resolve_source(None))[0].path)
-        return str(random_tinyllama(tokenizer_dir))
+        if name == "tinyllama-1b":
+            return str(random_tinyllama(tokenizer_dir))
+        return str(random_family_shape(name.removesuffix("-shape"), tokenizer_dir))
     return name  # any -m value
 
 
@@ -245,7 +317,9 @@ def table(rows: list[dict[str, Any]], bandwidth: float) -> str:
 def main() -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2",
-                        help="smollm2 (embedded), tinyllama-1b (random weights), or any -m value")
+                        help="smollm2 (embedded), tinyllama-1b (random weights), FAMILY-shape "
+                        f"(random weights, a real model's layer shape; FAMILY one of "
+                        f"{', '.join(FAMILY_SHAPES)}), or any -m value")
     default_configs = ",".join(c for c in CONFIGS if c != "native-bf16-fp8kv")
     parser.add_argument("--configs", default=default_configs,
                         help=f"comma-separated, from: {', '.join(CONFIGS)}")

@@ -122,7 +122,7 @@ def test_other_llama_like_families_match_stock(family, embedded_model_dir, tmp_p
 
 
 def test_uncovered_family_runs_stock_and_says_so(embedded_model_dir, tmp_path):
-    folder = make_tiny_model("gpt_neox", tmp_path / "neox", embedded_model_dir)
+    folder = make_tiny_model("t5", tmp_path / "t5", embedded_model_dir)
     out = tmp_path / "out"
     assert generation_main(["-m", str(folder), "--backend", "native", "--greedy",
                             "--max-new-tokens", "2", "--num-iter", "1", "--num-warmup", "0",

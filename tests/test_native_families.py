@@ -30,7 +30,7 @@ from llmbench.quant.scheme import Scheme
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     **{family: (family, {}) for family in (
         "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gptj", "codegen", "gpt_neox",
-        "falcon", "opt", "bloom", "gpt_bigcode", "mpt", "stablelm", "phi")},
+        "falcon", "opt", "bloom", "gpt_bigcode", "mpt", "stablelm", "phi", "mixtral")},
     "falcon-40b-layout": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
     "falcon-mha-sequential": ("falcon", {"multi_query": False, "parallel_attn": False,
                                          "bias": True}),
@@ -108,26 +108,43 @@ def test_native_bf16_prefill_close_to_stock_bf16(tiny: dict[str, Path], name: st
 
 
 @pytest.mark.parametrize("weight_dtype,group", [("INT8", -1), ("INT4", 32)])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [name for name in MODELS  # llama's cousins: test_quantization
+                                  if name not in ("mistral", "qwen2", "qwen3", "phi3", "gemma")])
 def test_native_quantized_runs_native_with_stocks_tokens(tiny: dict[str, Path], name: str,
                                                          weight_dtype: str, group: int) -> None:
     """The same quantized projections, fused and reordered into the native model (through
     blocks' sources) and swapped into stock's nn.Linear modules, give the same tokens."""
     scheme = Scheme("woq", weight_dtype, group, weight_dtype == "INT4")
+    qlinears = apply.quantize_rtn(load_model(str(tiny[name]), "float32").model, scheme)
     runs = []
     for backend in ("stock", "native"):
         loaded = load_model(str(tiny[name]), "float32")
-        qlinears = apply.quantize_rtn(loaded.model, scheme)
         prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype="float32",
                                            kv_cache_dtype="auto", scheme=scheme)
         assert prepared.backend == backend
         if backend == "native":
             native = prepared.model
-            projections = 4 * len(native.layers) + 1
+            projections = 1 + sum(len(layer.projections(i))
+                                  for i, layer in enumerate(native.layers))
             assert prepared.details["quantization"]["native_projections_replaced"] == projections
             assert native.runtime_details()["decode_step"].startswith("compiled C++ step")
         runs.append(generate(prepared.model))
     assert runs[0] == runs[1]
+
+
+def test_moe_reads_only_the_routed_experts(tiny: dict[str, Path]) -> None:
+    """A decode step of a sequence reads top_k of the experts: the bytes per token (and so the
+    floor) count those, not all of them."""
+    native = native_of(tiny["mixtral"]).model
+    routing = native.block.experts
+    assert (routing.count, routing.top_k) == (4, 2)
+    every = native.lm_head.nbytes + sum(
+        getattr(owner, attr).nbytes + (layer.router.nbytes if attr == "qkv" else 0)
+        for i, layer in enumerate(native.layers) for _, owner, attr in layer.projections(i))
+    expert = native.layers[0].experts[0]
+    per_expert = expert.gate_up.nbytes + expert.down.nbytes
+    unread = len(native.layers) * (routing.count - routing.top_k) * per_expert
+    assert native.weight_bytes == every - unread
 
 
 def only_report(folder: Path) -> dict[str, Any]:
@@ -141,6 +158,8 @@ def only_report(folder: Path) -> dict[str, Any]:
     ("codegen", ["--ipex-weight-only-quantization", "--weight-dtype", "INT4",
                  "--group-size", "32"]),
     ("bloom", ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]),
+    ("mixtral", ["--ipex-weight-only-quantization", "--weight-dtype", "INT4",
+                 "--group-size", "32"]),
 ])
 def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, name: str,
                                       extra: list[str]) -> None:
@@ -154,10 +173,10 @@ def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, nam
     report = only_report(tmp_path)
     backend = report["backend"]
     assert backend["name"] == "native" and "fallback_reason" not in backend
-    assert backend["block"]["norm"] == "layer"
     assert backend["decode_step"].startswith("compiled C++ step")
-    if extra:
-        assert backend["quantization"]["native_projections_replaced"] == 9
+    if extra:  # every projection quantized: 2 layers x (4, or 2 + 4 experts x 2) + lm_head
+        replaced = 21 if name == "mixtral" else 9
+        assert backend["quantization"]["native_projections_replaced"] == replaced
 
 
 def test_unimplemented_setting_falls_back_loudly(tiny: dict[str, Path], tmp_path: Path,

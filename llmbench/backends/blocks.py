@@ -15,7 +15,9 @@ function that names its modules and says which parts it has, not a new model cla
 - attention: MHA / GQA / MQA from the fused projection's shape; every fused QKV layout (NeoX's
   and BLOOM's per-head [q k v], Falcon's grouped [q.. k v], CodeGen's four [q v k] shards) is
   reordered once into [q heads | k heads | v heads], biases with it;
-- MLP: gated (act(gate) * up) or plain (act(fc1 x + b)), SiLU / GELU (erf or tanh) / ReLU.
+- MLP: gated (act(gate) * up) or plain (act(fc1 x + b)), SiLU / GELU (erf or tanh) / ReLU;
+  or a mixture of experts (`Experts`: a float router, top-k of softmax gates, renormalized or
+  not, each expert a gated MLP; a decode step reads only the experts it routes to).
 
 Projections are described as `Source`s: which HF modules, and which of their output rows in
 which order, make a native projection. The float path reads the modules' weights through them;
@@ -46,6 +48,17 @@ ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "ge
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A sparse MLP: router logits = W_router x, gates = softmax over all experts, the top_k
+    experts run (as gated MLPs) and their outputs are summed weighted by their gates (divided by
+    the gates' sum when `normalize`)."""
+
+    count: int
+    top_k: int
+    normalize: bool
+
+
+@dataclass(frozen=True)
 class Block:
     """What one decoder block computes (the same for every layer of a model)."""
 
@@ -66,18 +79,29 @@ class Block:
     qk_norm: bool = False  # qwen3: per-head RMSNorm of q and k before RoPE
     embed_norm: bool = False  # bloom: LayerNorm right after the embedding
     sliding_window: int | None = None
+    experts: Experts | None = None  # MoE layers' routing (the layers with a router use it)
 
     def describe(self) -> dict[str, Any]:
         """The report's account of the block."""
-        return {key: value for key, value in self.__dict__.items() if key != "family"}
+        described = {key: value for key, value in self.__dict__.items() if key != "family"}
+        if self.experts is not None:
+            described["experts"] = dict(self.experts.__dict__)
+        return described
 
 
 @dataclass(frozen=True)
 class Source:
-    """Output rows of one HF linear module (all of them when rows is None)."""
+    """Output rows of one HF linear module (all of them when rows is None); with `expert`, the
+    module is a 3-D expert parameter ([experts, out, in]) and the source is that expert's
+    matrix. `name` is the key quantization files use for it."""
 
     module: str
     rows: torch.Tensor | None = None
+    expert: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.module if self.expert is None else f"{self.module}.{self.expert}"
 
 
 @dataclass
@@ -92,10 +116,12 @@ class LayerParts:
     mlp_norm: Norm | None  # None: a parallel block whose MLP reads the attention's norm
     qkv: list[Source]
     o: list[Source]
-    gate_up: list[Source]  # [gate | up] for a gated MLP, the input projection of a plain one
-    down: list[Source]
+    gate_up: list[Source] | None  # [gate | up] for a gated MLP, a plain one's input projection
+    down: list[Source] | None  # (both None in a mixture-of-experts layer)
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    router: list[Source] | None = None  # MoE layers: the router, kept float
+    experts: list[tuple[list[Source], list[Source]]] = field(default_factory=list)
 
 
 @dataclass
@@ -175,7 +201,7 @@ def _refuse(condition: Any, reason: str) -> None:
 # ---- the families -------------------------------------------------------------------------------
 
 def _map_llama_like(model: Any) -> ModelParts:
-    """llama, mistral, qwen2, qwen3, phi3, gemma and stablelm: llama's module names."""
+    """llama, mistral, qwen2, qwen3, phi3, gemma, stablelm and mixtral: llama's module names."""
     config, inner = model.config, model.model
     family = config.model_type
     layer0 = inner.layers[0]
@@ -194,21 +220,32 @@ def _map_llama_like(model: Any) -> ModelParts:
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
         prefix = f"model.layers.{i}"
+        experts: list[tuple[list[Source], list[Source]]] = []
+        router = None
+        gate_up: list[Source] | None
+        down: list[Source] | None = [Source(f"{prefix}.mlp.down_proj")]
         if hasattr(attn, "qkv_proj"):  # phi3 ships them fused already
             qkv = [Source(f"{prefix}.self_attn.qkv_proj")]
             gate_up = [Source(f"{prefix}.mlp.gate_up_proj")]
         else:
             qkv = [Source(f"{prefix}.self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")]
             gate_up = [Source(f"{prefix}.mlp.{p}") for p in ("gate_proj", "up_proj")]
+        if family == "mixtral":  # every layer a sparse MLP over 3-D expert tensors
+            router = [Source(f"{prefix}.mlp.gate")]
+            stacked = f"{prefix}.mlp.experts"
+            experts = [([Source(f"{stacked}.gate_up_proj", expert=e)],
+                        [Source(f"{stacked}.down_proj", expert=e)])
+                       for e in range(config.num_local_experts)]
+            gate_up = down = None
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         post = getattr(layer, "post_attention_layernorm", None)
         layers.append(LayerParts(
             attn_norm=_norm(layer.input_layernorm, offset),
             mlp_norm=None if parallel or post is None else _norm(post, offset),
-            qkv=qkv, o=[Source(f"{prefix}.self_attn.o_proj")], gate_up=gate_up,
-            down=[Source(f"{prefix}.mlp.down_proj")],
+            qkv=qkv, o=[Source(f"{prefix}.self_attn.o_proj")], gate_up=gate_up, down=down,
             q_norm=None if q_norm is None else q_norm.weight.detach().float(),
-            k_norm=None if k_norm is None else k_norm.weight.detach().float()))
+            k_norm=None if k_norm is None else k_norm.weight.detach().float(),
+            router=router, experts=experts))
     embed_scale = getattr(inner.embed_tokens, "embed_scale", None)
     block = Block(family=family, norm="layer" if layer_norm else "rms",
                   eps=_cfg(config, "rms_norm_eps", "layer_norm_eps"),
@@ -216,7 +253,9 @@ def _map_llama_like(model: Any) -> ModelParts:
                   mlp="gated", activation=getattr(config, "hidden_act", "silu"), heads=heads,
                   kv_heads=kv, head_dim=d, scaling=attn0.scaling, norm_offset=offset,
                   rotary_dim=rotary_dim, qk_norm=layers[0].q_norm is not None,
-                  sliding_window=getattr(config, "sliding_window", None))
+                  sliding_window=getattr(config, "sliding_window", None),
+                  experts=None if family != "mixtral" else Experts(
+                      config.num_local_experts, config.num_experts_per_tok, normalize=True))
     return ModelParts(
         block=block, embed="model.embed_tokens", layers=layers,
         final_norm=_norm(inner.norm, offset), lm_head="lm_head",
@@ -469,7 +508,8 @@ def _map_phi(model: Any) -> ModelParts:
 
 MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     **{family: _map_llama_like
-       for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "stablelm")},
+       for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "stablelm",
+                      "mixtral")},
     "gptj": _map_gptj,
     "codegen": _map_gptj,
     "gpt_neox": _map_gpt_neox,
@@ -502,9 +542,13 @@ def source_weights(model: Any, sources: list[Source]) -> tuple[torch.Tensor, tor
     modules = dict(model.named_modules())
     weights, biases = [], []
     for source in sources:
-        module = modules[source.module]
-        weight = module.weight.detach()
-        bias = None if module.bias is None else module.bias.detach()
+        if source.expert is not None:
+            weight, bias = model.get_parameter(source.module).detach()[source.expert], None
+        else:
+            module = modules[source.module]
+            weight = module.weight.detach()
+            bias = getattr(module, "bias", None)
+            bias = None if bias is None else bias.detach()
         if source.rows is not None:
             weight = weight[source.rows]
             bias = None if bias is None else bias[source.rows]
@@ -519,5 +563,20 @@ def source_weights(model: Any, sources: list[Source]) -> tuple[torch.Tensor, tor
     return weight_out.contiguous(), bias_out
 
 
-__all__ = ["ACTIVATIONS", "Block", "LayerParts", "ModelParts", "NATIVE_FAMILIES", "Norm",
-           "Source", "Unsupported", "map_model", "source_weights"]
+def expert_matrices(model: Any) -> dict[str, torch.Tensor]:
+    """Every expert's matrix of the models blocks maps with 3-D expert tensors, by Source.name
+    (what weight-only quantization quantizes besides the nn.Linear modules)."""
+    try:
+        parts = map_model(model)
+    except Unsupported:
+        return {}
+    found = {}
+    for layer in parts.layers:
+        for gate_up, down in layer.experts:
+            for source in (*gate_up, *down):
+                found[source.name] = model.get_parameter(source.module).detach()[source.expert]
+    return found
+
+
+__all__ = ["ACTIVATIONS", "Block", "Experts", "LayerParts", "ModelParts", "NATIVE_FAMILIES",
+           "Norm", "Source", "Unsupported", "expert_matrices", "map_model", "source_weights"]

@@ -1,9 +1,12 @@
 """The native backend: what ipex.llm.optimize does, from upstream PyTorch and our own kernels.
 
-For llama-like decoders it replaces transformers' model by a plain one in the manner of
-gpt-fast, whose whole generation path reads top to bottom here:
+For every family llmbench.backends.blocks describes (the block's parts: norm kind, residual
+layout, positions, MLP kind; the HF module tree mapped onto them once) it replaces transformers'
+model by a plain one in the manner of gpt-fast, whose whole generation path reads top to bottom
+here:
 
-- weights are taken over once: fused QKV and gate/up projections, stored in the model's dtype
+- weights are taken over once: fused QKV (every family's layout reordered to [q | k | v]) and
+  gate/up projections, stored in the model's dtype
   (fp32 or bf16) and multiplied by llmbench.kernels, which stream the weights at close to the
   memory bandwidth for decode (M <= 16) and use torch's GEMM for prefill; activations are fp32,
   so bf16 weights never mean bf16 arithmetic on CPUs without it (only the logits are rounded to
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -97,17 +100,35 @@ class Linear:
 
 
 @dataclass
+class Expert:
+    gate_up: Any
+    down: Any
+
+
+@dataclass
 class Layer:
     attn_norm: torch.Tensor
     qkv: Any  # Linear, or a quantized linear put in by map_linears
     o: Any
     mlp_norm: torch.Tensor | None  # None: parallel block, the MLP reads the attention's norm
     gate_up: Any  # [gate | up] for a gated MLP, the input projection of a plain one
-    down: Any
+    down: Any  # (gate_up and down are None in a mixture-of-experts layer)
     attn_norm_bias: torch.Tensor | None = None  # LayerNorm biases
     mlp_norm_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # qwen3 normalizes each head's q and k
     k_norm: torch.Tensor | None = None
+    router: Any = None  # MoE: a float Linear [experts, hidden]
+    experts: list[Expert] = field(default_factory=list)
+
+    def projections(self, index: int) -> list[tuple[str, Any, str]]:
+        """(name, owner, attribute) of every projection a step may read, in step order; names
+        are "layers.<i>.<qkv|o|gate_up|down>" and "layers.<i>.experts.<e>.<gate_up|down>"."""
+        found = [(f"layers.{index}.{attr}", self, attr) for attr in ("qkv", "o", "gate_up", "down")
+                 if getattr(self, attr) is not None]
+        for e, expert in enumerate(self.experts):
+            found += [(f"layers.{index}.experts.{e}.{attr}", expert, attr)
+                      for attr in ("gate_up", "down")]
+        return found
 
 
 # Formats the compiled decode step runs, in llmbench.kernels' numbering (csrc/common.h Fmt).
@@ -223,7 +244,9 @@ class NativeModel:
                               None if lm_head.bias is None else lm_head.bias.detach())
         self.tied = lm_head.weight.data_ptr() == self.embed.data_ptr()
         self.activation = block.activation
-        self.intermediate = self.layers[0].down.weight.shape[1]
+        first = self.layers[0]
+        self.intermediate = (first.down if first.down is not None
+                             else first.experts[0].down).weight.shape[1]
         # False runs every decode step as torch ops (tests and benchmarks compare the two).
         self.use_compiled_step = True
         self._plan: Any = None  # the compiled decode step, built on first use
@@ -232,24 +255,33 @@ class NativeModel:
         self.placement: dict[str, Any] = {}  # place_weights' record, for the report
 
     def _take_layer(self, hf_model: Any, index: int, parts: blocks.LayerParts) -> Layer:
-        projections = {}
-        for attr in ("qkv", "o", "gate_up", "down"):
-            sources = getattr(parts, attr)
-            self.sources[f"layers.{index}.{attr}"] = sources
-            projections[attr] = Linear(*blocks.source_weights(hf_model, sources))
+        def take(name: str, sources: list[blocks.Source] | None) -> Linear | None:
+            if sources is None:
+                return None
+            self.sources[name] = sources
+            return Linear(*blocks.source_weights(hf_model, sources))
+
+        projections = {attr: take(f"layers.{index}.{attr}", getattr(parts, attr))
+                       for attr in ("qkv", "o", "gate_up", "down")}
+        experts = [Expert(take(f"layers.{index}.experts.{e}.gate_up", gate_up),
+                          take(f"layers.{index}.experts.{e}.down", down))
+                   for e, (gate_up, down) in enumerate(parts.experts)]
+        router = (None if parts.router is None
+                  else Linear(*blocks.source_weights(hf_model, parts.router)))
         mlp_norm = parts.mlp_norm
         return Layer(attn_norm=parts.attn_norm.weight, attn_norm_bias=parts.attn_norm.bias,
                      mlp_norm=None if mlp_norm is None else mlp_norm.weight,
                      mlp_norm_bias=None if mlp_norm is None else mlp_norm.bias,
-                     q_norm=parts.q_norm, k_norm=parts.k_norm, **projections)
+                     q_norm=parts.q_norm, k_norm=parts.k_norm, router=router,
+                     experts=experts, **projections)
 
     def map_linears(self, convert: Callable[[str, Linear], Any]) -> None:
         """Replace each projection by convert(name, linear), e.g. a quantized one: anything with
         __call__(x fp32 [M, K]) -> fp32 [M, N] and an `nbytes` property fits. Names are
-        "layers.<i>.<qkv|o|gate_up|down>" and "lm_head"."""
+        Layer.projections' names and "lm_head" (MoE routers stay float)."""
         for index, layer in enumerate(self.layers):
-            for attr in ("qkv", "o", "gate_up", "down"):
-                setattr(layer, attr, convert(f"layers.{index}.{attr}", getattr(layer, attr)))
+            for name, owner, attr in layer.projections(index):
+                setattr(owner, attr, convert(name, getattr(owner, attr)))
         self.lm_head = convert("lm_head", self.lm_head)
         self.place_weights()
 
@@ -266,9 +298,12 @@ class NativeModel:
         self._plan_note)."""
         if self._plan is not None or self._plan_note:
             return self._plan
-        projections = [("lm_head", self.lm_head)] + [
-            (f"layers.{i}.{attr}", getattr(layer, attr))
-            for i, layer in enumerate(self.layers) for attr in ("qkv", "o", "gate_up", "down")]
+        projections = [("lm_head", self.lm_head)]
+        for i, layer in enumerate(self.layers):
+            projections += [(name, getattr(owner, attr))
+                            for name, owner, attr in layer.projections(i)]
+            if layer.router is not None:
+                projections.append((f"layers.{i}.router", layer.router))
         specs = {name: kernel_spec(p) for name, p in projections}
         missing = [name for name, spec in specs.items() if spec is None]
         if not kernels.available() or not hasattr(kernels.compiled(), "DecodePlan"):
@@ -295,11 +330,22 @@ class NativeModel:
             embed_norm=None if embed_norm is None else embed_norm.weight,
             embed_norm_bias=None if embed_norm is None else embed_norm.bias)
         index = {name: plan.add_linear(**spec) for name, spec in specs.items()}
+        routing = block.experts
         for i, layer in enumerate(self.layers):
-            plan.add_layer(layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.k_norm,
-                           *(index[f"layers.{i}.{attr}"] for attr in ("qkv", "o", "gate_up",
-                                                                     "down")),
-                           attn_norm_bias=layer.attn_norm_bias, mlp_norm_bias=layer.mlp_norm_bias)
+            moe = layer.router is not None
+            plan.add_layer(
+                layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.k_norm,
+                index[f"layers.{i}.qkv"], index[f"layers.{i}.o"],
+                -1 if moe else index[f"layers.{i}.gate_up"],
+                -1 if moe else index[f"layers.{i}.down"],
+                attn_norm_bias=layer.attn_norm_bias, mlp_norm_bias=layer.mlp_norm_bias,
+                router=index[f"layers.{i}.router"] if moe else -1,
+                expert_gate_up=[index[f"layers.{i}.experts.{e}.gate_up"]
+                                for e in range(len(layer.experts))],
+                expert_down=[index[f"layers.{i}.experts.{e}.down"]
+                             for e in range(len(layer.experts))],
+                top_k=routing.top_k if moe else 0,
+                normalize=bool(moe and routing.normalize))
         plan.set_lm_head(index["lm_head"])
         self._plan = plan
         self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
@@ -316,9 +362,17 @@ class NativeModel:
 
     @property
     def weight_bytes(self) -> int:
-        total = sum(lin.nbytes for layer in self.layers
-                    for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        return total + self.lm_head.nbytes
+        """Bytes one decode step of one sequence reads: every projection, but of a sparse MLP
+        the router and the top-k experts it routes to (all experts of a layer are one size)."""
+        total = self.lm_head.nbytes
+        for index, layer in enumerate(self.layers):
+            dense = [getattr(owner, attr) for _, owner, attr in layer.projections(index)
+                     if owner is layer]
+            total += sum(p.nbytes for p in dense)
+            if layer.experts:
+                per_expert = layer.experts[0].gate_up.nbytes + layer.experts[0].down.nbytes
+                total += layer.router.nbytes + self.block.experts.top_k * per_expert
+        return total
 
     # ---- the forward pass -------------------------------------------------------------------
 
@@ -352,7 +406,28 @@ class NativeModel:
         return q, k, v
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        up = layer.gate_up(x)
+        if layer.router is not None:
+            return self._experts(layer, x)
+        return self._dense_mlp(layer.gate_up, layer.down, x)
+
+    def _experts(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        """x [N, H]: each row through its top-k experts, summed by gate weight in ascending
+        expert order (as transformers adds them up)."""
+        routing = self.block.experts
+        gates = torch.softmax(layer.router(x), dim=-1)
+        weights, chosen = gates.topk(routing.top_k, dim=-1)
+        if routing.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            expert = layer.experts[e]
+            y = self._dense_mlp(expert.gate_up, expert.down, x[rows])
+            out.index_add_(0, rows, y * weights[rows, slot, None])
+        return out
+
+    def _dense_mlp(self, gate_up: Any, down: Any, x: torch.Tensor) -> torch.Tensor:
+        up = gate_up(x)
         if self.block.mlp == "gated":
             gate, up = up.chunk(2, dim=-1)
         else:
@@ -366,7 +441,7 @@ class NativeModel:
             gate = F.gelu(gate)
         else:
             gate = F.relu(gate)
-        return layer.down(gate if up is None else gate * up)
+        return down(gate if up is None else gate * up)
 
     def _block_output(self, layer: Layer, h: torch.Tensor, x: torch.Tensor,
                       attn: torch.Tensor) -> torch.Tensor:

@@ -73,11 +73,18 @@ def projection_scheme(scheme: Scheme, is_output: bool) -> Scheme:
 
 
 def quantize_rtn(model: torch.nn.Module, scheme: Scheme) -> dict[str, Any]:
-    """Every projection in the scheme's format (the lm_head per projection_scheme)."""
+    """Every projection in the scheme's format (the lm_head per projection_scheme), and every
+    expert matrix of a mixture-of-experts model kept in 3-D tensors (named
+    "<parameter>.<expert>", see backends.blocks.expert_matrices)."""
+    from llmbench.backends.blocks import expert_matrices
+
     output = model.get_output_embeddings()
-    return {name: quantize_weight(module.weight, module.bias,
-                                  projection_scheme(scheme, module is output))
-            for name, module in linear_modules(model, scheme.lm_head).items()}
+    found = {name: quantize_weight(module.weight, module.bias,
+                                   projection_scheme(scheme, module is output))
+             for name, module in linear_modules(model, scheme.lm_head).items()}
+    for name, weight in expert_matrices(model).items():
+        found[name] = quantize_weight(weight, None, scheme)
+    return found
 
 
 # ---- identity of the source model ----------------------------------------------------------
@@ -118,8 +125,18 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], path: str) ->
 # ---- installing ------------------------------------------------------------------------------
 
 def install_hf(model: torch.nn.Module, qlinears: dict[str, Any]) -> None:
+    """Swap each quantized nn.Linear in. An expert matrix of a 3-D expert tensor has no module
+    to swap: its dequantized weights are written into the tensor instead, so stock computes
+    the quantized model's numbers (from float storage: no memory saved there)."""
+    modules = dict(model.named_modules())
     for name, linear in qlinears.items():
-        model.set_submodule(name, QuantizedLinear(linear))
+        if name in modules:
+            model.set_submodule(name, QuantizedLinear(linear))
+            continue
+        parameter, expert = name.rsplit(".", 1)
+        tensor = model.get_parameter(parameter)
+        with torch.no_grad():
+            tensor[int(expert)] = linear.dequantize().to(tensor.dtype)
 
 
 def install_native(native: Any, qlinears: dict[str, Any]) -> int:
@@ -131,11 +148,11 @@ def install_native(native: Any, qlinears: dict[str, Any]) -> int:
     def convert(name: str, linear: Any) -> Any:
         nonlocal replaced
         sources = native.sources[name]
-        if not all(source.module in qlinears for source in sources):
+        if not all(source.name in qlinears for source in sources):
             return linear
         replaced += 1
-        return fuse([qlinears[source.module] if source.rows is None
-                      else take_rows(qlinears[source.module], source.rows)
+        return fuse([qlinears[source.name] if source.rows is None
+                      else take_rows(qlinears[source.name], source.rows)
                       for source in sources])
 
     native.map_linears(convert)
@@ -374,13 +391,20 @@ def build_linear(entry: dict[str, Any], parts: dict[str, torch.Tensor], name: st
 
 
 def check_against_model(qlinears: dict[str, Any], model: torch.nn.Module, source: str) -> None:
-    """Every quantized projection must name a linear of the model with the same shape."""
+    """Every quantized projection must name a linear (or an expert matrix) of the model with
+    the same shape."""
+    from llmbench.backends.blocks import expert_matrices
+
     modules = dict(model.named_modules())
+    experts = expert_matrices(model) if any(name not in modules for name in qlinears) else {}
     for name, linear in qlinears.items():
         module = modules.get(name)
-        if not isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear):
+            shape = (module.out_features, module.in_features)
+        elif name in experts:
+            shape = tuple(experts[name].shape)
+        else:
             raise UserError(f"{source}: {name} is not a linear layer of this model")
-        if (module.out_features, module.in_features) != (linear.out_features,
-                                                         linear.in_features):
+        if shape != (linear.out_features, linear.in_features):
             raise UserError(f"{source}: {name} is {linear.out_features}x{linear.in_features}, "
-                            f"the model's is {module.out_features}x{module.in_features}")
+                            f"the model's is {shape[0]}x{shape[1]}")

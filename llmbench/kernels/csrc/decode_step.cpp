@@ -78,7 +78,11 @@ struct Layer {
   const float* mlp_norm_bias;
   const float* q_norm;  // nullptr unless per-head q/k norms (qwen3)
   const float* k_norm;
-  int64_t qkv, o, gate_up, down;  // indexes into DecodePlan::linears_
+  int64_t qkv, o, gate_up, down;  // indexes into DecodePlan::linears_ (MLP: -1 if MoE)
+  int64_t router = -1;            // MoE: the float router [experts, hidden]
+  std::vector<int64_t> expert_gate_up, expert_down;
+  int64_t top_k = 0;
+  bool normalize = false;         // gates of the chosen experts divided by their sum
 };
 
 class DecodePlan {
@@ -179,23 +183,35 @@ class DecodePlan {
                  const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                  int64_t qkv, int64_t o, int64_t gate_up, int64_t down,
                  const std::optional<at::Tensor>& attn_norm_bias,
-                 const std::optional<at::Tensor>& mlp_norm_bias) {
+                 const std::optional<at::Tensor>& mlp_norm_bias, int64_t router,
+                 const std::vector<int64_t>& expert_gate_up,
+                 const std::vector<int64_t>& expert_down, int64_t top_k, bool normalize) {
     TORCH_CHECK(mlp_norm.has_value() || parallel_,
                 "decode_step: only a parallel block may share the attention's norm");
     const int64_t nq = heads_ * d_, nkv = kv_heads_ * d_;
     auto fits = [&](int64_t i, int64_t n, int64_t k) {
       return linears_.at(i).d.N == n && linears_.at(i).in_features == k;
     };
-    TORCH_CHECK(fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) &&
-                    fits(gate_up, (gated_ ? 2 : 1) * inter_, hidden_) &&
-                    fits(down, hidden_, inter_),
+    auto fits_mlp = [&](int64_t up, int64_t dn) {
+      const int64_t width = linears_.at(dn).in_features;
+      return fits(up, (gated_ ? 2 : 1) * width, hidden_) && fits(dn, hidden_, width);
+    };
+    const bool moe = router >= 0;
+    bool mlp_ok = moe ? (fits(router, static_cast<int64_t>(expert_gate_up.size()), hidden_) &&
+                         expert_gate_up.size() == expert_down.size() && top_k > 0 &&
+                         top_k <= static_cast<int64_t>(expert_gate_up.size()))
+                      : fits_mlp(gate_up, down);
+    for (size_t e = 0; moe && e < expert_gate_up.size(); ++e)
+      mlp_ok = mlp_ok && fits_mlp(expert_gate_up[e], expert_down[e]);
+    TORCH_CHECK(fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) && mlp_ok,
                 "decode_step: projection shapes do not match the model's dimensions");
     layers_.push_back(Layer{vec(attn_norm, hidden_, "attn_norm"),
                             opt_vec(attn_norm_bias, hidden_, "attn_norm_bias"),
                             opt_vec(mlp_norm, hidden_, "mlp_norm"),
                             opt_vec(mlp_norm_bias, hidden_, "mlp_norm_bias"),
                             opt_vec(q_norm, d_, "q_norm"), opt_vec(k_norm, d_, "k_norm"), qkv, o,
-                            gate_up, down});
+                            gate_up, down, router, expert_gate_up, expert_down, top_k,
+                            normalize});
   }
 
   void set_lm_head(int64_t index) {
@@ -367,15 +383,25 @@ class DecodePlan {
       llmb::rms_norm_rows(in, weight, out, rows, n, eps_);
   }
 
-  // out [rows, hidden] = down(act(gate) * up) or down(act(up)); x rows are dense.
   void mlp(const Layer& L, const float* x, int64_t R, float* out) {
-    const int64_t width = (gated_ ? 2 : 1) * inter_;
-    project(L.gate_up, x, R, gu_.data(), width);
+    if (L.router >= 0)
+      experts(L, x, R, out);
+    else
+      dense_mlp(L.gate_up, L.down, x, R, out);
+  }
+
+  // out [rows, hidden] = down(act(gate) * up) or down(act(up)); x rows are dense.
+  void dense_mlp(int64_t gate_up, int64_t down, const float* x, int64_t R, float* out) {
+    const int64_t inter = linears_[down].in_features;
+    const int64_t width = (gated_ ? 2 : 1) * inter;
+    gu_.resize(R * width);
+    act_.resize(R * inter);
+    project(gate_up, x, R, gu_.data(), width);
     for (int64_t r = 0; r < R; ++r) {
       const float* gate = gu_.data() + r * width;
-      const float* up = gated_ ? gate + inter_ : nullptr;
-      float* o = act_.data() + r * inter_;
-      for (int64_t i = 0; i < inter_; ++i) {
+      const float* up = gated_ ? gate + inter : nullptr;
+      float* o = act_.data() + r * inter;
+      for (int64_t i = 0; i < inter; ++i) {
         const float g = gate[i];
         float a;
         switch (activation_) {
@@ -391,7 +417,37 @@ class DecodePlan {
         o[i] = up ? a * up[i] : a;
       }
     }
-    project(L.down, act_.data(), R, out, hidden_);
+    project(down, act_.data(), R, out, hidden_);
+  }
+
+  // A sparse MLP: each row through the top_k experts of its softmax gates, only their weights
+  // read, summed by gate weight in ascending expert order (as transformers adds them).
+  void experts(const Layer& L, const float* x, int64_t R, float* out) {
+    const int64_t E = static_cast<int64_t>(L.expert_gate_up.size()), H = hidden_;
+    gates_.resize(R * E);
+    project(L.router, x, R, gates_.data(), E);
+    std::fill_n(out, R * H, 0.f);
+    expert_out_.resize(H);
+    std::vector<int64_t> order(E);
+    for (int64_t r = 0; r < R; ++r) {
+      float* g = gates_.data() + r * E;
+      const float top = *std::max_element(g, g + E);
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += (g[e] = std::exp(g[e] - top));
+      for (int64_t e = 0; e < E; ++e) g[e] /= sum;
+      for (int64_t e = 0; e < E; ++e) order[e] = e;
+      std::partial_sort(order.begin(), order.begin() + L.top_k, order.end(),
+                        [&](int64_t a, int64_t b) { return g[a] > g[b] || (g[a] == g[b] && a < b); });
+      std::sort(order.begin(), order.begin() + L.top_k);
+      float chosen = 0.f;
+      for (int64_t k = 0; k < L.top_k; ++k) chosen += g[order[k]];
+      for (int64_t k = 0; k < L.top_k; ++k) {
+        const int64_t e = order[k];
+        const float w = L.normalize ? g[e] / chosen : g[e];
+        dense_mlp(L.expert_gate_up[e], L.expert_down[e], x + r * H, 1, expert_out_.data());
+        for (int64_t i = 0; i < H; ++i) out[r * H + i] += expert_out_[i] * w;
+      }
+    }
   }
 
   // y[r, :] = projection(x[r, :in_features]); x rows are dense.
@@ -538,7 +594,8 @@ class DecodePlan {
   const int64_t* table_ = nullptr;
   int64_t table_stride_ = 0;
   // scratch, reused across steps
-  std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_, mlp_out_, mlp_x_;
+  std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_, mlp_out_, mlp_x_, gates_,
+      expert_out_;
 };
 
 }  // namespace
@@ -570,7 +627,10 @@ void register_decode(pybind11::module& m) {
       .def("add_layer", &DecodePlan::add_layer, py::arg("attn_norm"), py::arg("mlp_norm"),
            py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("attn_norm_bias") = py::none(),
-           py::arg("mlp_norm_bias") = py::none())
+           py::arg("mlp_norm_bias") = py::none(), py::arg("router") = -1,
+           py::arg("expert_gate_up") = std::vector<int64_t>{},
+           py::arg("expert_down") = std::vector<int64_t>{}, py::arg("top_k") = 0,
+           py::arg("normalize") = false)
       .def("set_lm_head", &DecodePlan::set_lm_head)
       .def("bind", &DecodePlan::bind, py::arg("prompt_k"), py::arg("prompt_v"),
            py::arg("gen_k"), py::arg("gen_v"), py::arg("cos"), py::arg("sin"), py::arg("table"),
