@@ -88,7 +88,11 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
         return []
     if path is not None:
         return []
-    quantize_dests = [action.dest for action in cli.build_parser()._actions]
+    from llmbench.quant.checkpoint import folder_quantization
+
+    if scheme.method != "checkpoint" and folder_quantization(args.model_name_or_path):
+        return []  # -m is a GPTQ/AWQ folder: the benchmark step runs its weights as they are
+    quantize_dests = cli.quantize_only_dests()
     steps.append(Step("quantize", "single_instance/run_quantization.py",
                       flags.forward_argv(parser, args, quantize_dests)))
     return ["--quantized-model-path", str(Path(args.output_dir) / "best_model.safetensors")]

@@ -473,9 +473,10 @@ def wait_for_shard(name_or_path: str | None, save_path: Path, identity_args: dic
 
 def build_shard_parser(prog: str = "create_shard_model.py") -> flags.Parser:
     parser = flags.Parser(prog=prog, description=SHARD_DESCRIPTION)
-    parser.add_argument("-m", "--model-name-or-path", "--model-id", dest="model_name_or_path",
-                        default=None, help="hub id, local folder, or .gguf file; omitted: the "
-                                           "embedded SmolLM2-135M-Instruct")
+    parser.add_argument(*flags.MODEL_FLAG_NAMES, dest="model_name_or_path", default=None,
+                        help=flags.MODEL_HELP)
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="the model, as the v2.1 example passes it (the same as -m)")
     parser.add_argument("--save-path", default=None,
                         help="folder to write (default: --output-dir/<family>_local_shard)")
     parser.add_argument("--output-dir", default="./saved_results",
@@ -492,6 +493,11 @@ def build_shard_parser(prog: str = "create_shard_model.py") -> flags.Parser:
 
 def shard_main(argv: list[str] | None = None) -> int:
     args = build_shard_parser().parse_args(argv)
+    if args.model is not None:
+        if args.model_name_or_path not in (None, args.model):
+            raise UserError(f"two models given: -m {args.model_name_or_path} and {args.model}; "
+                            "pass one")
+        args.model_name_or_path = args.model
     save_path = (Path(args.save_path) if args.save_path else
                  default_shard_path(args.model_name_or_path, args.output_dir, args.config_file))
     local_rank = env_int("LOCAL_RANK")
@@ -829,7 +835,8 @@ def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser
     # rank is refused by llmbench.quant.autotp.autotp_scheme.
     return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
                                                   flags.add_rank_flags,
-                                                  flags.add_quantization_flags))
+                                                  flags.add_quantization_flags,
+                                                  flags.add_benchmark_noop_flag))
 
 
 def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]],

@@ -27,7 +27,8 @@ DESCRIPTION = "Generation latency benchmark of a Hugging Face causal LM on CPU."
 
 def build_parser(prog: str = "run_generation.py") -> flags.Parser:
     return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
-                                                  flags.add_quantization_flags))
+                                                  flags.add_quantization_flags,
+                                                  flags.add_benchmark_noop_flag))
 
 
 def resolve_backend(args: argparse.Namespace) -> str:

@@ -39,7 +39,7 @@ import torch
 
 from llmbench import flags
 from llmbench.errors import UserError
-from llmbench.quant.apply import projection_scheme, quantization_details, set_compute
+from llmbench.quant.apply import projection_scheme, quantization_details, with_compute
 from llmbench.quant.linears import QuantizedLinear
 from llmbench.quant.scheme import MIN_GROUP, MIN_IN_FEATURES, Scheme, quantize_weight
 
@@ -271,7 +271,7 @@ def quantize_autotp(model: torch.nn.Module, scheme: Scheme) -> TPQuantization:
         own = projection_scheme(scheme, p.module is output)
         module = p.module
         if p.split in ("column", "whole"):
-            inner = quantize_weight(module.weight, module.bias, own)
+            inner = with_compute(quantize_weight(module.weight, module.bias, own), scheme)
             replacement: torch.nn.Module = QuantizedLinear(inner)
         else:
             if module.weight.shape[1] == 0:
@@ -280,7 +280,7 @@ def quantize_autotp(model: torch.nn.Module, scheme: Scheme) -> TPQuantization:
                 # the all-reduce and the bias) stays as it is, holding no weight to quantize.
                 result.empty_slices.append(p.name)
                 continue
-            inner = quantize_weight(module.weight, None, own)
+            inner = with_compute(quantize_weight(module.weight, None, own), scheme)
             if p.split == "lm_head":
                 offset = sum(p.partition_sizes[:p.tp_index])
                 replacement = LmHeadRowParallelQuantized(inner, module.mp_group, module.bias,
@@ -294,7 +294,6 @@ def quantize_autotp(model: torch.nn.Module, scheme: Scheme) -> TPQuantization:
         result.qlinears[p.name] = inner
         result.splits[p.name] = p.split
         model.set_submodule(p.name, replacement)
-    set_compute(result.qlinears, scheme)
     gc.collect()  # the float slices are gone with the DeepSpeed layers
     return result
 

@@ -362,6 +362,20 @@ def load_low_precision(path: str, model: torch.nn.Module) -> tuple[dict[str, Int
 
 # ---- -m DIR with a quantization_config --------------------------------------------------------
 
+def folder_quantization(name_or_path: str | None) -> dict[str, Any] | None:
+    """The quantization_config of a local GPTQ/AWQ folder given as -m (None for anything else),
+    read from its config.json without loading the model: run.py plans its steps with it."""
+    if not name_or_path:
+        return None
+    config = Path(name_or_path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return hf_quantization(json.loads(config.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def hf_quantization(config_dict: dict[str, Any]) -> dict[str, Any] | None:
     """The folder's GPTQ/AWQ settings, or None when it isn't a GPTQ/AWQ checkpoint."""
     qc = config_dict.get("quantization_config")
