@@ -518,6 +518,39 @@ def build_rank_parser(prog: str = "run_accuracy_with_deepspeed.py") -> flags.Par
                                                        flags.add_rank_flags))
 
 
+def check_rank_args(args: argparse.Namespace) -> Any:
+    """What run_accuracy_with_deepspeed.py refuses before anything loads (every rank alike),
+    and the weight-only scheme each rank quantizes its slice with (None: float)."""
+    from llmbench.quant.autotp import WHOLE_MODEL_REASON, refuse_checkpoint_folder
+    from llmbench.quant.cli import scheme_from_args
+
+    backend = "ipex" if args.ipex else args.backend
+    if backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
+        raise UserError("run_accuracy_with_deepspeed.py --ipex: ipex.llm.optimize of a DeepSpeed "
+                        "AutoTP model is not wired in here; drop --ipex")
+    if backend != "stock" or args.kv_cache_dtype != "auto":
+        raise UserError("run_accuracy_with_deepspeed.py runs transformers' own model, tensor "
+                        "parallel: drop --backend/--kv-cache-dtype")
+    apply_quantized_dtype(args)
+    if args.quantized_model_path is not None:
+        raise UserError(f"--quantized-model-path does not run tensor parallel: a saved quantized "
+                        f"model {WHOLE_MODEL_REASON}, or evaluate it with "
+                        "single_instance/run_accuracy.py")
+    if args.low_precision_checkpoint is not None:
+        raise UserError(f"--low-precision-checkpoint does not run tensor parallel: a whole-model "
+                        f"checkpoint {WHOLE_MODEL_REASON}")
+    refuse_checkpoint_folder(args.model_name_or_path)
+    scheme = scheme_from_args(args)
+    if scheme is not None and scheme.method != "woq":
+        raise UserError(f"{scheme.describe()} does not run tensor parallel: each rank quantizes "
+                        "its slice round to nearest (--ipex-weight-only-quantization without "
+                        "--gptq / --ipex-smooth-quant)")
+    return scheme
+
+
 def rank_main(argv: list[str] | None = None) -> int:
     """distributed/run_accuracy_with_deepspeed.py: every rank holds a slice of the model and
     scores every document (lm-eval sees one process per rank: the ranks run the same batches in
@@ -526,15 +559,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     from llmbench.precision import check_dtype
 
     args = build_rank_parser().parse_args(argv)
-    backend = "ipex" if args.ipex else args.backend
-    if backend != "stock" or args.kv_cache_dtype != "auto":
-        raise UserError("run_accuracy_with_deepspeed.py runs transformers' own model, tensor "
-                        "parallel: drop --backend/--ipex/--kv-cache-dtype")
-    from llmbench.quant.cli import scheme_from_args
-
-    if args.quantized_model_path is not None or scheme_from_args(args) is not None:
-        raise UserError("quantized models don't run tensor parallel yet: evaluate them with "
-                        "single_instance/run_accuracy.py")
+    scheme = check_rank_args(args)
     requests = task_requests(args)
     notes = check_dtype(args.dtype)
     info = distributed.setup_environment(args.local_rank)
@@ -556,6 +581,14 @@ def rank_main(argv: list[str] | None = None) -> int:
                                       details={"tp_size": info.world_size,
                                                "communication_backend": comm_backend,
                                                "load_path": tp.load_path})
+    if scheme is not None:  # each rank quantizes its own slice, as the AutoTP benchmark does
+        from llmbench.quant import autotp as tp_quant
+
+        quant = tp_quant.quantize_autotp(tp.loaded.model, scheme)
+        prepared.details["quantization"] = quant.details()
+        if is_root:
+            print(f"quantized: {scheme.describe()}, {tp_quant.APPLIED}: {len(quant.qlinears)} "
+                  f"projections per rank, {len(quant.left_float)} left float", flush=True)
     extra = {"distributed": {"world_size": info.world_size,
                              "communication_backend": comm_backend,
                              "load_path": tp.load_path,

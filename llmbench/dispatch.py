@@ -137,8 +137,17 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
                         "without it")
     if args.max_shard_size != "500MB" and not args.shard_model:
         raise UserError("--max-shard-size only applies with --shard-model")
-    if args.ipex or args.backend != "stock":
+    if args.ipex or args.backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
+        raise UserError("--autotp with --ipex: ipex.llm.optimize of a DeepSpeed AutoTP model is "
+                        "not wired in here; run --autotp without --ipex (transformers' model)")
+    if args.backend != "stock":
         raise UserError("--autotp runs transformers' own model (--backend stock)")
+    from llmbench.quant.autotp import refuse_checkpoint_folder
+
+    refuse_checkpoint_folder(args.model_name_or_path)
     from llmbench.distributed import build_parser as rank_parser
 
     rank_dests = [action.dest for action in rank_parser()._actions]

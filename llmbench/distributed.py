@@ -896,6 +896,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     scheme = tp_quant.autotp_scheme(parser, args)  # every rank refuses alike, before joining
+    tp_quant.refuse_checkpoint_folder(args.model_name_or_path)
+    if getattr(args, "ipex", False) or getattr(args, "backend", "stock") == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
     if args.quant_with_amp:
         args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
     backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")

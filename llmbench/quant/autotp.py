@@ -52,6 +52,20 @@ WHOLE_MODEL_REASON = ("is not split per rank; quantize per rank with "
                       "--ipex-weight-only-quantization")
 
 
+def refuse_checkpoint_folder(name_or_path: str | None) -> None:
+    """A GPTQ/AWQ folder as -m under AutoTP: refused in one line, before anything loads."""
+    from llmbench.quant.checkpoint import folder_quantization
+
+    settings = folder_quantization(name_or_path)
+    if settings is not None:
+        raise UserError(f"-m {name_or_path} is a {settings.get('quant_method', '?').upper()} INT4 "
+                        "checkpoint folder, which does not run with --autotp yet: its packed "
+                        "weights are whole-model tensors that AutoTP would have to cut per rank; "
+                        "run it single instance (drop --autotp), or pass --autotp the float "
+                        "model with --ipex-weight-only-quantization --weight-dtype INT4 (each "
+                        "rank quantizes its own slice)")
+
+
 def autotp_scheme(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Scheme | None:
     """The weight-only scheme an --autotp run quantizes each rank's slice with (None: no
     quantization), refusing in one line what can't run per rank. Used by run.py before the

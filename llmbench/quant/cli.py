@@ -106,10 +106,27 @@ def checkpoint_scheme(args: argparse.Namespace) -> Scheme:
     if args.weight_dtype in ("NF4", "FP8"):
         raise UserError(f"--low-precision-checkpoint holds INT4 GPTQ/AWQ weights, not "
                         f"--weight-dtype {args.weight_dtype}")
+    args.low_precision_checkpoint = str(resolve_checkpoint_path(args.low_precision_checkpoint))
     return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode,
                   act_quant_mode=act_quant_mode_of(args),
                   extra={"checkpoint_file": str(Path(args.low_precision_checkpoint)
                                                 .expanduser().resolve())})
+
+
+def resolve_checkpoint_path(path: str) -> Path:
+    """--low-precision-checkpoint as IPEX v2.1's README writes it, saved_results/
+    gptq_checkpoint_g128.pt (its utils/run_gptq.py's torch file): where that file doesn't exist
+    and our utils/run_gptq.py's gptq_checkpoint.safetensors is beside it, that one (with a
+    note)."""
+    given = Path(path).expanduser()
+    if given.exists() or given.suffix not in (".pt", ".pth", ".bin"):
+        return given
+    ours = given.with_name("gptq_checkpoint.safetensors")
+    if ours.is_file():
+        print(f"note: --low-precision-checkpoint {path}: IPEX's torch checkpoint is not made "
+              f"here; using {ours}, which utils/run_gptq.py wrote", flush=True)
+        return ours
+    return given
 
 
 def check_saved_scheme(saved: Scheme, wanted: Scheme | None, path: str) -> None:
