@@ -47,6 +47,10 @@ def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
         *flags.generation_groups(), flags.add_quantization_flags))
     generation_dests = [action.dest for action in generation_parser._actions]
     steps = autotp_steps(parser, args)
+    if not args.autotp:
+        from llmbench.generation import resolve_backend
+
+        resolve_backend(args)  # --ipex without IPEX: one line, before any step starts
     quantized_argv = quantization_steps(parser, args, steps)
     if args.benchmark and not args.autotp:
         steps.append(Step("benchmark", "single_instance/run_generation.py",

@@ -24,6 +24,7 @@ stops the other ranks, and a rank waiting on a dead peer fails after --dist-time
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -875,6 +876,27 @@ def gather(obj: Any) -> list[Any]:
     return gathered
 
 
+def check_args(parser: flags.Parser, args: argparse.Namespace) -> Any:
+    """What a rank refuses before joining the others (every rank alike), and the weight-only
+    scheme it quantizes its slice with (None: float)."""
+    from llmbench.quant import autotp as tp_quant
+
+    scheme = tp_quant.autotp_scheme(parser, args)
+    tp_quant.refuse_checkpoint_folder(args.model_name_or_path)
+    backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
+    if backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
+    if args.quant_with_amp:
+        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
+    if backend != "stock":
+        raise UserError(f"--autotp runs transformers' own model (--backend stock), not {backend}")
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        raise UserError("--kv-cache-dtype needs --backend native, which --autotp does not run")
+    return scheme
+
+
 def main(argv: list[str] | None = None) -> int:
     from llmbench.backends import PreparedModel
     from llmbench.bench import BenchmarkRun, run_benchmark
@@ -895,19 +917,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    scheme = tp_quant.autotp_scheme(parser, args)  # every rank refuses alike, before joining
-    tp_quant.refuse_checkpoint_folder(args.model_name_or_path)
-    if getattr(args, "ipex", False) or getattr(args, "backend", "stock") == "ipex":
-        from llmbench.backends.ipex import require_ipex
-
-        require_ipex()  # IPEX absent: one line saying so
-    if args.quant_with_amp:
-        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
-    backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
-    if backend != "stock":
-        raise UserError(f"--autotp runs transformers' own model (--backend stock), not {backend}")
-    if getattr(args, "kv_cache_dtype", "auto") != "auto":
-        raise UserError("--kv-cache-dtype needs --backend native, which --autotp does not run")
+    scheme = check_args(parser, args)
     mode, generate_kwargs = decoding_settings(
         greedy=args.greedy, sample=args.sample, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
