@@ -521,7 +521,7 @@ def build_rank_parser(prog: str = "run_accuracy_with_deepspeed.py") -> flags.Par
 def check_rank_args(args: argparse.Namespace) -> Any:
     """What run_accuracy_with_deepspeed.py refuses before anything loads (every rank alike),
     and the weight-only scheme each rank quantizes its slice with (None: float)."""
-    from llmbench.quant.autotp import WHOLE_MODEL_REASON, refuse_checkpoint_folder
+    from llmbench.quant.autotp import WHOLE_MODEL_REASON
     from llmbench.quant.cli import scheme_from_args
 
     backend = "ipex" if args.ipex else args.backend
@@ -542,7 +542,6 @@ def check_rank_args(args: argparse.Namespace) -> Any:
     if args.low_precision_checkpoint is not None:
         raise UserError(f"--low-precision-checkpoint does not run tensor parallel: a whole-model "
                         f"checkpoint {WHOLE_MODEL_REASON}")
-    refuse_checkpoint_folder(args.model_name_or_path)
     scheme = scheme_from_args(args)
     if scheme is not None and scheme.method != "woq":
         raise UserError(f"{scheme.describe()} does not run tensor parallel: each rank quantizes "
@@ -581,13 +580,11 @@ def rank_main(argv: list[str] | None = None) -> int:
                                       details={"tp_size": info.world_size,
                                                "communication_backend": comm_backend,
                                                "load_path": tp.load_path})
-    if scheme is not None:  # each rank quantizes its own slice, as the AutoTP benchmark does
-        from llmbench.quant import autotp as tp_quant
-
-        quant = tp_quant.quantize_autotp(tp.loaded.model, scheme)
+    if scheme is not None or tp.checkpoint is not None:  # as the AutoTP benchmark does
+        quant, scheme = distributed.quantize_rank(tp, scheme, args)
         prepared.details["quantization"] = quant.details()
         if is_root:
-            print(f"quantized: {scheme.describe()}, {tp_quant.APPLIED}: {len(quant.qlinears)} "
+            print(f"quantized: {scheme.describe()}, {quant.applied}: {len(quant.qlinears)} "
                   f"projections per rank, {len(quant.left_float)} left float", flush=True)
     extra = {"distributed": {"world_size": info.world_size,
                              "communication_backend": comm_backend,

@@ -149,9 +149,6 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
                         "not wired in here; run --autotp without --ipex (transformers' model)")
     if args.backend != "stock":
         raise UserError("--autotp runs transformers' own model (--backend stock)")
-    from llmbench.quant.autotp import refuse_checkpoint_folder
-
-    refuse_checkpoint_folder(args.model_name_or_path)
     from llmbench.distributed import build_parser as rank_parser
 
     rank_dests = [action.dest for action in rank_parser()._actions]

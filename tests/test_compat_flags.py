@@ -160,3 +160,29 @@ def test_compat_flags_are_defined_once():
     names = [o for a in parser._actions for o in a.option_strings]
     assert len(names) == len(set(names))
     assert {"--int8-bf16-mixed", "--int8", "--deployment-mode", "--jit", "--model"} <= set(names)
+
+
+@pytest.mark.parametrize("k,group", [(256, 32), (200, 64)])
+def test_checkpoint_slices_for_autotp_are_the_checkpoints_own_weights(k, group):
+    """A GPTQ folder under --autotp: each rank's slice is cut from the checkpoint's integers,
+    scales and zero points, so it dequantizes to exactly the whole projection's slice."""
+    from llmbench.quant.autotp import columns_of, rows_of
+    from llmbench.quant.scheme import Scheme, quantize_weight
+
+    torch.manual_seed(0)
+    whole = quantize_weight(torch.randn(24, k), torch.randn(24), Scheme("gptq", "INT4", group,
+                                                                         False))
+    reference = whole.dequantize()
+    rows = [5, 0, 17, 3]
+    assert torch.equal(rows_of(whole, rows).dequantize(), reference[rows])
+    assert torch.equal(rows_of(whole, rows).bias, whole.bias[rows])
+    cut = 128 if k % 128 == 0 else 128
+    for offset, width in ((0, cut), (cut, k - cut)):
+        part = columns_of(whole, offset, width, "proj")
+        assert part.in_features == width and part.bias is None
+        assert torch.equal(part.dequantize(), reference[:, offset:offset + width])
+    with pytest.raises(UserError, match="not on the checkpoint's groups"):
+        columns_of(whole, group // 2, group, "proj")
+    whole.perm = torch.randperm(k)
+    with pytest.raises(UserError, match="act-order"):
+        columns_of(whole, 0, cut, "proj")

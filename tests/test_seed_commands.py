@@ -7,8 +7,9 @@ How each line is checked (the table printed at the end says which, line by line;
   its subprocess launcher is replaced by an in-process call, so the flags each step gets are
   the ones run.py builds) and must exit 0 with its summary lines. Lines that are the same
   command once parsed (the READMEs' "general command" and "example" pairs) run once.
-- `launched`: two representative `deepspeed` lines run under the real launcher (2 ranks):
-  AutoTP weight-only INT8 with --shard-model, and distributed accuracy with weight-only INT8.
+- `launched`: two representative `deepspeed` lines run under the real launcher (2 ranks): a
+  GPTQ INT4 folder under AutoTP with --lowp-mode BF16, and distributed accuracy with weight-only
+  INT8 (AutoTP weight-only INT8 with --shard-model is launched in tests/test_distributed.py).
 - `parsed`: every other `deepspeed` line is checked the way its ranks start: run.py's own
   planning (which refuses what can't run, before any launch) and the rank script's checks
   (llmbench.distributed.check_args, llmbench.accuracy.check_rank_args) on its flags.
@@ -70,11 +71,9 @@ SUMMARY = {
     "utils/create_shard_model.py": ("shard:",),
     "utils/run_gptq.py": ("saved:",),
 }
-LAUNCHED = ("2.1.1.7 WoQ INT8 distributed", "2.1.2.2 distributed accuracy WoQ")
-# Lines refused on purpose, with the one-line message they must give (not built yet: a GPTQ
-# folder's packed INT4 tensors are whole-model; AutoTP would have to cut them per rank).
-REFUSED = {"2.1.1.8 WoQ INT4 GPTQ distributed": "checkpoint folder, which does not run with "
-                                                "--autotp yet"}
+LAUNCHED = ("2.1.1.8 WoQ INT4 GPTQ distributed", "2.1.2.2 distributed accuracy WoQ")
+# Lines refused on purpose, with the one-line message they must give (none at present).
+REFUSED: dict[str, str] = {}
 
 
 def ipex_imports() -> bool:
