@@ -186,3 +186,58 @@ def test_checkpoint_slices_for_autotp_are_the_checkpoints_own_weights(k, group):
     whole.perm = torch.randperm(k)
     with pytest.raises(UserError, match="act-order"):
         columns_of(whole, 0, cut, "proj")
+
+
+def write_channel_int8_folder(src, dst) -> dict[str, torch.Tensor]:
+    """A channel INT8 folder in meituan/DeepSeek-R1-Channel-INT8's layout made from the tiny
+    float model in `src`: every linear's `weight` int8 plus `weight_scale` [N, 1], and the
+    quantization_config IPEX's README has users add. Returns the dequantized weights."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    out, reference = {}, {}
+    for key, tensor in state.items():
+        linear = (key.endswith("proj.weight") and tensor.dim() == 2 and tensor.shape[1] >= 32)
+        if not linear:
+            out[key] = tensor
+            continue
+        scale = tensor.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127
+        q = torch.round(tensor.float() / scale).clamp(-127, 127).to(torch.int8)
+        out[key], out[key + "_scale"] = q, scale
+        reference[key] = q.float() * scale
+    save_file(out, str(dst / "model.safetensors"))
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "int8", "bits": 8, "group_size": -1}
+    (dst / "config.json").write_text(json.dumps(config))
+    return reference
+
+
+def test_deepseek_r1_channel_int8_folder_loads_and_runs(tmp_path, embedded_model_dir, capsys):
+    """The DeepSeek-R1 channel-INT8 format on a tiny random deepseek_v3: -m of the folder runs
+    its int8 weights as they are (our per-channel Int8Linear), with the examples' flags."""
+    from tiny_models import make_tiny_model
+
+    from llmbench.generation import main as generation_main
+    from llmbench.models import load_model
+    from llmbench.quant.linears import Int8Linear
+
+    tiny = make_tiny_model("deepseek_v3", tmp_path / "tiny", embedded_model_dir)
+    folder = tmp_path / "DeepSeek-R1-Channel-INT8"
+    reference = write_channel_int8_folder(tiny, folder)
+    loaded = load_model(str(folder), "float32")
+    qlinears, scheme = loaded.quantized
+    assert (scheme.method, scheme.weight_dtype, scheme.group_size) == ("int8", "INT8", -1)
+    assert qlinears and all(isinstance(q, Int8Linear) for q in qlinears.values())
+    for name, linear in qlinears.items():
+        assert torch.equal(linear.dequantize(), reference[f"{name}.weight"])
+    status = generation_main(["-m", str(folder), "--ipex-weight-only-quantization",
+                              "--weight-dtype", "INT8", "--greedy", "--token-latency",
+                              "--num-iter", "1", "--num-warmup", "0", "--max-new-tokens", "2",
+                              "--input-tokens", "8", "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert status == 0 and "Inference latency:" in out
+    assert "holds int8 INT8 per-channel sym weights: they are used as they are" in out

@@ -40,7 +40,7 @@ import torch
 from llmbench import flags
 from llmbench.errors import UserError
 from llmbench.quant.apply import projection_scheme, quantization_details, with_compute
-from llmbench.quant.linears import Int4Linear, QuantizedLinear
+from llmbench.quant.linears import Int4Linear, Int8Linear, QuantizedLinear
 from llmbench.quant.scheme import MIN_GROUP, MIN_IN_FEATURES, Scheme, quantize_weight
 
 APPLIED = "quantized per rank after sharding"
@@ -308,16 +308,23 @@ def _row_keys(weight: torch.Tensor) -> list[bytes]:
     return [row.numpy().tobytes() for row in rows]
 
 
-def rows_of(linear: Int4Linear, rows: list[int]) -> Int4Linear:
+def rows_of(linear: Any, rows: list[int]) -> Any:
     index = torch.tensor(rows, dtype=torch.long)
     bias = None if linear.bias is None else linear.bias[index]
+    if isinstance(linear, Int8Linear):  # a channel INT8 folder
+        zeros = None if linear.zeros is None else linear.zeros[index]
+        return Int8Linear(linear.qweight[index], linear.scales[index], zeros, bias)
     return Int4Linear(linear.packed[index], linear.scales[index], linear.zeros[index],
                       linear.group_size, linear.in_features, bias, linear.perm)
 
 
-def columns_of(linear: Int4Linear, offset: int, width: int, name: str) -> Int4Linear:
+def columns_of(linear: Any, offset: int, width: int, name: str) -> Any:
     """This rank's input channels [offset, offset + width) of a checkpoint projection: whole
-    groups of its integers, scales and zero points (no bias: it is added after the sum)."""
+    groups of its integers, scales and zero points (no bias: it is added after the sum). INT8
+    per channel: the columns, with each row's scale as it is."""
+    if isinstance(linear, Int8Linear):
+        return Int8Linear(linear.qweight[:, offset:offset + width].contiguous(), linear.scales,
+                          linear.zeros, None)
     group = linear.group_size
     if linear.perm is not None:
         raise UserError(f"--autotp with an act-order (desc_act) checkpoint: {name}'s input "

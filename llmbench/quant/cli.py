@@ -387,6 +387,11 @@ def prepare_checkpoint_folder(args: argparse.Namespace, loaded: Any, backend: st
         "path": loaded.source.path, "checkpoint": {key: scheme.extra[key] for key in (
             "bits", "desc_act", "checkpoint_format")} | {"method": scheme.method,
                                                          "group_size": scheme.group_size}})
+    if scheme.extra.get("float_int8_weights"):
+        note = (f"{scheme.extra['float_int8_weights']} int8 weights of the checkpoint that are "
+                "not linear layers here (fused MoE experts) run dequantized, in float")
+        prepared.details["quantization"]["note"] = note
+        print(f"note: {note}", flush=True)
     print(f"quantized: {scheme.describe()} (desc_act {scheme.extra['desc_act']}) checkpoint "
           f"{loaded.source.path} ({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB "
           "read per token)", flush=True)
