@@ -334,32 +334,71 @@ def results_table(results: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- the model and the report
 
 
+def apply_quantized_dtype(args: argparse.Namespace) -> str | None:
+    """The examples' `--dtype int8|int4` (and --quant-with-amp / --int8-bf16-mixed) in the
+    accuracy scripts: weight-only quantization with that weight type. With
+    --quantized-model-path the saved model must hold it (checked once it is read); without, the
+    model is quantized round to nearest in this process, as --ipex-weight-only-quantization
+    --weight-dtype INT8|INT4 asks. The layers left in float run in bf16 with --quant-with-amp,
+    else fp32. Returns the weight type --dtype asked for (None: a float --dtype)."""
+    weight = args.dtype.upper() if args.dtype in ("int8", "int4") else None
+    if weight is not None:
+        if args.ipex_weight_only_quantization and args.weight_dtype not in ("INT8", weight):
+            raise UserError(f"--dtype {args.dtype} contradicts --weight-dtype {args.weight_dtype}")
+        if args.quantized_model_path is None and args.low_precision_checkpoint is None:
+            args.ipex_weight_only_quantization = True
+            args.weight_dtype = weight
+        args.dtype = "float32"
+    if args.quant_with_amp:
+        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as the benchmark's
+    return weight
+
+
+def check_weight_dtype(prepared: Any, weight: str | None) -> None:
+    if weight is None:
+        return
+    scheme = (prepared.details.get("quantization") or {}).get("scheme") or {}
+    if scheme.get("weight_dtype") != weight:
+        raise UserError(f"--dtype {weight.lower()}: the quantized model holds "
+                        f"{scheme.get('weight_dtype') or 'no quantized'} weights")
+
+
 def load_and_prepare(args: argparse.Namespace, backend: str) -> tuple[Any, Any, list[str]]:
     """The model exactly as the benchmark runs it: load_model, then backends.prepare, with the
     same dtype and backend. A saved quantized model (--quantized-model-path, from the
-    quantization work) plugs in here, in place of load_model + prepare."""
+    quantization work) plugs in here, in place of load_model + prepare; a quantization scheme
+    without one is applied here (round to nearest, or GPTQ with --gptq)."""
     from llmbench.models import load_model
     from llmbench.precision import check_dtype
+    from llmbench.quant.cli import scheme_from_args
 
     notes = check_dtype(args.dtype)
-    loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
-    if getattr(args, "quantized_model_path", None) is not None or loaded.quantized is not None:
+    scheme = None
+    if getattr(args, "quantized_model_path", None) is None:
+        scheme = scheme_from_args(args)
+    if scheme is not None and scheme.method not in ("woq", "gptq"):
+        raise UserError("run_accuracy.py evaluates a saved quantized model for this scheme: "
+                        "pass --quantized-model-path (run.py with the same flags makes one "
+                        "first)")
+    loaded = load_model(args.model_name_or_path, "float32" if scheme else args.dtype,
+                        args.config_file)
+    if scheme is not None:
+        from llmbench.quant.cli import quantize_in_process
+
+        prepared = quantize_in_process(args, loaded, scheme, backend)
+    elif getattr(args, "quantized_model_path", None) is not None or loaded.quantized is not None:
         from llmbench.quant.cli import prepare_saved  # the benchmark's own loader
 
         prepared = prepare_saved(args, loaded, backend)
     else:
-        from llmbench.quant.cli import scheme_from_args
-
-        if scheme_from_args(args) is not None:
-            raise UserError("run_accuracy.py evaluates a saved quantized model: pass "
-                            "--quantized-model-path (run.py with --ipex-weight-only-quantization "
-                            "makes one first)")
         prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
                                     family=loaded.family.model_type,
                                     kv_cache_dtype=args.kv_cache_dtype)
     loaded.model = prepared.model
     if "fallback_reason" in prepared.details:
         notes.append(prepared.details["fallback_reason"])
+    if "note" in (prepared.details.get("quantization") or {}):
+        notes.append(prepared.details["quantization"]["note"])
     import torch
 
     if not isinstance(prepared.model, torch.nn.Module):
@@ -458,11 +497,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     backend = resolve_backend(args)
+    weight = apply_quantized_dtype(args)
     requests = task_requests(args)
     announce_default(args)
     quiet_lm_eval_logging()
     manager, tasks = load_tasks(requests)
     loaded, prepared, notes = load_and_prepare(args, backend)
+    check_weight_dtype(prepared, weight)
     return evaluate_and_report(args, loaded, prepared, requests, manager, tasks, notes)
 
 
@@ -477,6 +518,38 @@ def build_rank_parser(prog: str = "run_accuracy_with_deepspeed.py") -> flags.Par
                                                        flags.add_rank_flags))
 
 
+def check_rank_args(args: argparse.Namespace) -> Any:
+    """What run_accuracy_with_deepspeed.py refuses before anything loads (every rank alike),
+    and the weight-only scheme each rank quantizes its slice with (None: float)."""
+    from llmbench.quant.autotp import WHOLE_MODEL_REASON
+    from llmbench.quant.cli import scheme_from_args
+
+    backend = "ipex" if args.ipex else args.backend
+    if backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
+        raise UserError("run_accuracy_with_deepspeed.py --ipex: ipex.llm.optimize of a DeepSpeed "
+                        "AutoTP model is not wired in here; drop --ipex")
+    if backend != "stock" or args.kv_cache_dtype != "auto":
+        raise UserError("run_accuracy_with_deepspeed.py runs transformers' own model, tensor "
+                        "parallel: drop --backend/--kv-cache-dtype")
+    apply_quantized_dtype(args)
+    if args.quantized_model_path is not None:
+        raise UserError(f"--quantized-model-path does not run tensor parallel: a saved quantized "
+                        f"model {WHOLE_MODEL_REASON}, or evaluate it with "
+                        "single_instance/run_accuracy.py")
+    if args.low_precision_checkpoint is not None:
+        raise UserError(f"--low-precision-checkpoint does not run tensor parallel: a whole-model "
+                        f"checkpoint {WHOLE_MODEL_REASON}")
+    scheme = scheme_from_args(args)
+    if scheme is not None and scheme.method != "woq":
+        raise UserError(f"{scheme.describe()} does not run tensor parallel: each rank quantizes "
+                        "its slice round to nearest (--ipex-weight-only-quantization without "
+                        "--gptq / --ipex-smooth-quant)")
+    return scheme
+
+
 def rank_main(argv: list[str] | None = None) -> int:
     """distributed/run_accuracy_with_deepspeed.py: every rank holds a slice of the model and
     scores every document (lm-eval sees one process per rank: the ranks run the same batches in
@@ -485,15 +558,7 @@ def rank_main(argv: list[str] | None = None) -> int:
     from llmbench.precision import check_dtype
 
     args = build_rank_parser().parse_args(argv)
-    backend = "ipex" if args.ipex else args.backend
-    if backend != "stock" or args.kv_cache_dtype != "auto":
-        raise UserError("run_accuracy_with_deepspeed.py runs transformers' own model, tensor "
-                        "parallel: drop --backend/--ipex/--kv-cache-dtype")
-    from llmbench.quant.cli import scheme_from_args
-
-    if args.quantized_model_path is not None or scheme_from_args(args) is not None:
-        raise UserError("quantized models don't run tensor parallel yet: evaluate them with "
-                        "single_instance/run_accuracy.py")
+    scheme = check_rank_args(args)
     requests = task_requests(args)
     notes = check_dtype(args.dtype)
     info = distributed.setup_environment(args.local_rank)
@@ -515,6 +580,12 @@ def rank_main(argv: list[str] | None = None) -> int:
                                       details={"tp_size": info.world_size,
                                                "communication_backend": comm_backend,
                                                "load_path": tp.load_path})
+    if scheme is not None or tp.checkpoint is not None:  # as the AutoTP benchmark does
+        quant, scheme = distributed.quantize_rank(tp, scheme, args)
+        prepared.details["quantization"] = quant.details()
+        if is_root:
+            print(f"quantized: {scheme.describe()}, {quant.applied}: {len(quant.qlinears)} "
+                  f"projections per rank, {len(quant.left_float)} left float", flush=True)
     extra = {"distributed": {"world_size": info.world_size,
                              "communication_backend": comm_backend,
                              "load_path": tp.load_path,

@@ -47,6 +47,10 @@ def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
         *flags.generation_groups(), flags.add_quantization_flags))
     generation_dests = [action.dest for action in generation_parser._actions]
     steps = autotp_steps(parser, args)
+    if not args.autotp:
+        from llmbench.generation import resolve_backend
+
+        resolve_backend(args)  # --ipex without IPEX: one line, before any step starts
     quantized_argv = quantization_steps(parser, args, steps)
     if args.benchmark and not args.autotp:
         steps.append(Step("benchmark", "single_instance/run_generation.py",
@@ -88,7 +92,11 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
         return []
     if path is not None:
         return []
-    quantize_dests = [action.dest for action in cli.build_parser()._actions]
+    from llmbench.quant.checkpoint import folder_quantization
+
+    if scheme.method != "checkpoint" and folder_quantization(args.model_name_or_path):
+        return []  # -m is a GPTQ/AWQ folder: the benchmark step runs its weights as they are
+    quantize_dests = cli.quantize_only_dests()
     steps.append(Step("quantize", "single_instance/run_quantization.py",
                       flags.forward_argv(parser, args, quantize_dests)))
     return ["--quantized-model-path", str(Path(args.output_dir) / "best_model.safetensors")]
@@ -133,7 +141,13 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
                         "without it")
     if args.max_shard_size != "500MB" and not args.shard_model:
         raise UserError("--max-shard-size only applies with --shard-model")
-    if args.ipex or args.backend != "stock":
+    if args.ipex or args.backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
+        raise UserError("--autotp with --ipex: ipex.llm.optimize of a DeepSpeed AutoTP model is "
+                        "not wired in here; run --autotp without --ipex (transformers' model)")
+    if args.backend != "stock":
         raise UserError("--autotp runs transformers' own model (--backend stock)")
     from llmbench.distributed import build_parser as rank_parser
 

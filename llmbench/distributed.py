@@ -24,6 +24,7 @@ stops the other ranks, and a rank waiting on a dead peer fails after --dist-time
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -473,9 +474,10 @@ def wait_for_shard(name_or_path: str | None, save_path: Path, identity_args: dic
 
 def build_shard_parser(prog: str = "create_shard_model.py") -> flags.Parser:
     parser = flags.Parser(prog=prog, description=SHARD_DESCRIPTION)
-    parser.add_argument("-m", "--model-name-or-path", "--model-id", dest="model_name_or_path",
-                        default=None, help="hub id, local folder, or .gguf file; omitted: the "
-                                           "embedded SmolLM2-135M-Instruct")
+    parser.add_argument(*flags.MODEL_FLAG_NAMES, dest="model_name_or_path", default=None,
+                        help=flags.MODEL_HELP)
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="the model, as the v2.1 example passes it (the same as -m)")
     parser.add_argument("--save-path", default=None,
                         help="folder to write (default: --output-dir/<family>_local_shard)")
     parser.add_argument("--output-dir", default="./saved_results",
@@ -492,6 +494,11 @@ def build_shard_parser(prog: str = "create_shard_model.py") -> flags.Parser:
 
 def shard_main(argv: list[str] | None = None) -> int:
     args = build_shard_parser().parse_args(argv)
+    if args.model is not None:
+        if args.model_name_or_path not in (None, args.model):
+            raise UserError(f"two models given: -m {args.model_name_or_path} and {args.model}; "
+                            "pass one")
+        args.model_name_or_path = args.model
     save_path = (Path(args.save_path) if args.save_path else
                  default_shard_path(args.model_name_or_path, args.output_dir, args.config_file))
     local_rank = env_int("LOCAL_RANK")
@@ -522,6 +529,7 @@ class AutoTPModel:
     checkpoint_files: list[str] = field(default_factory=list)
     local_weight_bytes: int = 0  # this rank's slice
     notes: list[str] = field(default_factory=list)
+    checkpoint: Any = None  # a GPTQ/AWQ folder: (whole projections by name, its scheme)
 
 
 def _module_and_leaf(model: Any, name: str) -> tuple[Any, str]:
@@ -728,8 +736,22 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
 
     files = weight_files(Path(source.path)) if source.kind != "hub" else []
     model = None
+    checkpoint = None
     problem = "one rank: nothing to split" if info.world_size == 1 else None
-    if problem is None and not files:
+    from llmbench.quant.checkpoint import folder_quantization
+
+    if source.kind != "hub" and folder_quantization(source.path) is not None:
+        # A GPTQ/AWQ folder: converted whole by the single-instance loader (the float model
+        # holds the dequantized weights), sliced by AutoTP, then each rank's INT4 slices are
+        # cut from the checkpoint's own tensors (quant.autotp.slice_checkpoint_autotp).
+        from llmbench.models import load_model
+
+        whole = load_model(source.path, dtype, config_file)
+        model, checkpoint = whole.model, whole.quantized
+        problem = "a GPTQ/AWQ folder is converted whole, then cut per rank"
+        notes.append(f"loading the whole model on every rank: {problem}")
+        files = []
+    elif problem is None and not files:
         problem = "no local checkpoint files (a hub id: pass --shard-model to make a local shard)"
     if problem is None:
         with init_empty_weights(include_buffers=False):
@@ -738,7 +760,9 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
         problem = meta_load_problem(model, files)
         if problem is not None:
             model = None
-    if model is not None:
+    if checkpoint is not None:
+        load_path = "whole model per rank"
+    elif model is not None:
         load_path = "meta+checkpoint"
     else:
         load_path = "whole model per rank"
@@ -799,7 +823,7 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
     local = sum(p.numel() * p.element_size() for p in module.parameters())
     return AutoTPModel(loaded=loaded, load_path=load_path,
                        checkpoint_files=[str(p) for p in files] if checkpoint_json else [],
-                       local_weight_bytes=local, notes=notes)
+                       local_weight_bytes=local, notes=notes, checkpoint=checkpoint)
 
 
 def _is_non_persistent(model: Any, name: str) -> bool:
@@ -829,7 +853,8 @@ def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser
     # rank is refused by llmbench.quant.autotp.autotp_scheme.
     return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
                                                   flags.add_rank_flags,
-                                                  flags.add_quantization_flags))
+                                                  flags.add_quantization_flags,
+                                                  flags.add_benchmark_noop_flag))
 
 
 def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]],
@@ -868,6 +893,50 @@ def gather(obj: Any) -> list[Any]:
     return gathered
 
 
+def quantize_rank(tp: AutoTPModel, scheme: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """This rank's quantized projections: cut from a GPTQ/AWQ folder's own (-m of one; the
+    weight-only flags then only choose how to compute, as single instance), or quantized from
+    its float slice (--ipex-weight-only-quantization). Returns (TPQuantization, scheme)."""
+    import dataclasses
+
+    from llmbench.quant import autotp as tp_quant
+
+    if tp.checkpoint is None:
+        return tp_quant.quantize_autotp(tp.loaded.model, scheme), scheme
+    qlinears, folder_scheme = tp.checkpoint
+    if scheme is not None:
+        if scheme.weight_dtype not in ("INT8", "INT4") or args.group_size not in (
+                0, folder_scheme.group_size):
+            raise UserError(f"-m {tp.loaded.source.display_name} is already a quantized "
+                            f"checkpoint ({folder_scheme.describe()}): drop the quantization "
+                            "flags, or pass only --ipex-weight-only-quantization [--weight-dtype "
+                            "INT4] [--lowp-mode ...]")
+        folder_scheme = dataclasses.replace(folder_scheme, lowp_mode=scheme.lowp_mode,
+                                            act_quant_mode=scheme.act_quant_mode)
+    quant = tp_quant.slice_checkpoint_autotp(tp.loaded.model, qlinears, folder_scheme)
+    return quant, folder_scheme
+
+
+def check_args(parser: flags.Parser, args: argparse.Namespace) -> Any:
+    """What a rank refuses before joining the others (every rank alike), and the weight-only
+    scheme it quantizes its slice with (None: float)."""
+    from llmbench.quant import autotp as tp_quant
+
+    scheme = tp_quant.autotp_scheme(parser, args)
+    backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
+    if backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
+    if args.quant_with_amp:
+        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
+    if backend != "stock":
+        raise UserError(f"--autotp runs transformers' own model (--backend stock), not {backend}")
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        raise UserError("--kv-cache-dtype needs --backend native, which --autotp does not run")
+    return scheme
+
+
 def main(argv: list[str] | None = None) -> int:
     from llmbench.backends import PreparedModel
     from llmbench.bench import BenchmarkRun, run_benchmark
@@ -888,14 +957,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    scheme = tp_quant.autotp_scheme(parser, args)  # every rank refuses alike, before joining
-    if args.quant_with_amp:
-        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
-    backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
-    if backend != "stock":
-        raise UserError(f"--autotp runs transformers' own model (--backend stock), not {backend}")
-    if getattr(args, "kv_cache_dtype", "auto") != "auto":
-        raise UserError("--kv-cache-dtype needs --backend native, which --autotp does not run")
+    scheme = check_args(parser, args)
     mode, generate_kwargs = decoding_settings(
         greedy=args.greedy, sample=args.sample, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
@@ -922,9 +984,9 @@ def main(argv: list[str] | None = None) -> int:
     notes += tp.notes
     quant = None
     decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
-    if scheme is not None:
+    if scheme is not None or tp.checkpoint is not None:
         start = time.perf_counter()
-        quant = tp_quant.quantize_autotp(loaded.model, scheme)
+        quant, scheme = quantize_rank(tp, scheme, args)
         quant.seconds = time.perf_counter() - start
         tp.local_weight_bytes = tp_quant.weight_bytes(loaded.model)
         # The GB/s figure: what all ranks read per decoding step together, their quantized
@@ -954,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
         if quant is not None:
             splits = prepared.details["quantization"]["splits_per_rank"]
-            print(f"quantized: {scheme.describe()}, {tp_quant.APPLIED}: "
+            print(f"quantized: {scheme.describe()}, {quant.applied}: "
                   f"{len(quant.qlinears)} projections per rank ("
                   + ", ".join(f"{n} {k}" for k, n in splits.items() if n)
                   + f"), {len(quant.left_float)} left float, in {quant.seconds:.1f} s; "

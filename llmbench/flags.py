@@ -15,6 +15,11 @@ from llmbench.errors import USER_ERROR_EXIT
 from llmbench.quant.calibration import add_dataset_flag
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The accuracy scripts' --dtype also takes the examples' int8 / int4: weight-only quantization
+# (llmbench.accuracy.apply_quantized_dtype says how it maps onto the quantization flags).
+ACCURACY_DTYPES = (*DTYPES, "int8", "int4")
+# Where an older example's flag leaves its one-line note (see CompatFlag).
+COMPAT_NOTES = "compat_notes"
 BACKENDS = ("stock", "native", "ipex")
 KV_CACHE_DTYPES = ("auto", "fp8_e5m2")
 
@@ -25,6 +30,44 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {self.prog}: {message}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """argparse's, then one `note: ...` line per older-example flag given (CompatFlag)."""
+        parsed = super().parse_args(args, namespace)
+        for note in getattr(parsed, COMPAT_NOTES, None) or []:
+            print(f"note: {note}", flush=True)
+        return parsed
+
+
+class CompatFlag(argparse.Action):
+    """A flag of the older example scripts (IPEX v2.1's README and before): it sets today's
+    equivalent settings (`sets`, possibly none) and leaves a one-line note that Parser prints,
+    so it is never accepted silently. It is never forwarded itself (forward_argv skips it): run.py
+    passes its steps today's flags."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, note: str,
+                 sets: dict[str, object] | None = None, help: str | None = None,
+                 **kwargs: object) -> None:
+        super().__init__(option_strings, dest=COMPAT_NOTES, nargs=0, default=None,
+                         help=help or note)
+        self.note = note
+        self.sets = dict(sets or {})
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        for dest, value in self.sets.items():
+            setattr(namespace, dest, value)
+        notes = list(getattr(namespace, COMPAT_NOTES, None) or [])
+        note = f"{option_string}: {self.note}"
+        if note not in notes:
+            notes.append(note)
+        setattr(namespace, COMPAT_NOTES, notes)
+
+
+def add_compat_flag(group: argparse._ArgumentGroup, name: str, note: str,
+                    sets: dict[str, object] | None = None) -> None:
+    group.add_argument(name, action=CompatFlag, note=note, sets=sets)
 
 
 def positive_int(text: str) -> int:
@@ -53,14 +96,22 @@ def _int(text: str) -> int:
 GroupAdder = Callable[[argparse.ArgumentParser], argparse._ArgumentGroup]
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+MODEL_FLAG_NAMES = ("-m", "--model-name-or-path", "--model-id", "--model")
+MODEL_HELP = "hub id, local folder, or .gguf file; omitted: the embedded SmolLM2-135M-Instruct"
+NOT_COMPILED_NOTE = ("not used: the v2.1 scripts' TorchScript path is IPEX's; the model runs as "
+                     "--backend says (native: our compiled decode step)")
+
+
+def add_model_flags(parser: argparse.ArgumentParser,
+                    dtypes: Sequence[str] = DTYPES) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "-m", "--model-name-or-path", "--model-id", dest="model_name_or_path", default=None,
-        help="hub id, local folder, or .gguf file; omitted: the embedded SmolLM2-135M-Instruct",
-    )
-    group.add_argument("--dtype", choices=DTYPES, default="float32",
-                       help="dtype of the weights and of the computation (default float32)")
+    group.add_argument(*MODEL_FLAG_NAMES, dest="model_name_or_path", default=None,
+                       help=MODEL_HELP)
+    extra = (" (int8/int4: weight-only quantization, see --ipex-weight-only-quantization)"
+             if "int8" in dtypes else "")
+    group.add_argument("--dtype", choices=dtypes, default="float32",
+                       help=f"dtype of the weights and of the computation (default float32)"
+                            f"{extra}")
     group.add_argument("--config-file", default=None,
                        help="JSON whose keys override the model's config (see utils/model_config/)")
     group.add_argument("--backend", choices=BACKENDS, default="stock",
@@ -71,7 +122,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                             "(auto), or fp8_e5m2")
     group.add_argument("--ipex", action="store_true",
                        help="same as --backend ipex (Intel Extension for PyTorch)")
+    add_compat_flag(group, "--deployment-mode", NOT_COMPILED_NOTE)
+    add_compat_flag(group, "--jit", NOT_COMPILED_NOTE)
     return group
+
+
+def add_accuracy_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The model group of the accuracy scripts: --dtype also takes int8 / int4."""
+    return add_model_flags(parser, ACCURACY_DTYPES)
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -97,7 +155,8 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     return group
 
 
-def add_benchmark_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def add_benchmark_flags(parser: argparse.ArgumentParser,
+                        output_dir: bool = True) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("benchmark")
     group.add_argument("--num-iter", type=positive_int, default=10,
                        help="measured iterations (default 10)")
@@ -107,8 +166,21 @@ def add_benchmark_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                        help="time every decoding step: first-token and next-token latency")
     group.add_argument("--profile", action="store_true",
                        help="profile one extra iteration: operator table and a trace file")
-    group.add_argument("--output-dir", default="./saved_results",
-                       help="where reports are written (default ./saved_results)")
+    if output_dir:
+        group.add_argument("--output-dir", default="./saved_results",
+                           help="where reports are written (default ./saved_results)")
+    return group
+
+
+def add_benchmark_run_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The benchmark group of run_quantization.py --benchmark (its --output-dir is its own)."""
+    return add_benchmark_flags(parser, output_dir=False)
+
+
+def add_benchmark_noop_flag(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--benchmark on a script that does nothing else (run.py's means: run this script)."""
+    group = parser.add_argument_group("compatibility")
+    add_compat_flag(group, "--benchmark", "this script always runs the benchmark")
     return group
 
 
@@ -156,12 +228,14 @@ def add_accuracy_run_flags(parser: argparse.ArgumentParser) -> argparse._Argumen
                        help="documents per forward pass (default 1)")
     group.add_argument("--output-dir", default="./saved_results",
                        help="where results are written (default ./saved_results)")
+    add_compat_flag(group, "--accuracy-only", "this script always measures accuracy")
     return group
 
 
 def accuracy_groups() -> tuple[GroupAdder, ...]:
     """The flags of single_instance/run_accuracy.py."""
-    return (add_model_flags, add_accuracy_flags, add_accuracy_run_flags, add_quantization_flags)
+    return (add_accuracy_model_flags, add_accuracy_flags, add_accuracy_run_flags,
+            add_quantization_flags)
 
 
 def positive_float(text: str) -> float:
@@ -230,6 +304,15 @@ def add_quantization_flags(parser: argparse.ArgumentParser) -> argparse._Argumen
     group.add_argument("--quant-with-amp", action="store_true",
                        help="bf16 for the layers that are not quantized (same as --dtype "
                             "bfloat16)")
+    add_compat_flag(group, "--int8-bf16-mixed", "v2.1's name for --quant-with-amp: INT8 "
+                    "quantization with bf16 for the layers that are not quantized",
+                    {"quant_with_amp": True})
+    add_compat_flag(group, "--int8", "v2.1's INT8 with fp32 for the layers that are not "
+                    "quantized: today's default (no --quant-with-amp)")
+    group.add_argument("--gptq", action="store_true",
+                       help="with --ipex-weight-only-quantization: INT4 weights by GPTQ "
+                            "(utils/run_gptq.py's algorithm, calibrated on --dataset or the "
+                            "shipped text) instead of round to nearest")
     group.add_argument("--act-quant-mode", default=None,
                        help="int8 activations for --lowp-mode INT8: PER_BATCH_SYM (per row, "
                             "symmetric; the default), PER_BATCH, PER_TENSOR[_SYM], "
@@ -280,7 +363,8 @@ def forward_argv(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """
     argv: list[str] = []
     for action in parser._actions:
-        if action.dest not in dests or isinstance(action, argparse._HelpAction):
+        if (action.dest not in dests or isinstance(action, argparse._HelpAction | CompatFlag)
+                or not action.option_strings):
             continue
         value = getattr(args, action.dest)
         if value == action.default:

@@ -27,13 +27,21 @@ DESCRIPTION = "Generation latency benchmark of a Hugging Face causal LM on CPU."
 
 def build_parser(prog: str = "run_generation.py") -> flags.Parser:
     return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
-                                                  flags.add_quantization_flags))
+                                                  flags.add_quantization_flags,
+                                                  flags.add_benchmark_noop_flag))
 
 
 def resolve_backend(args: argparse.Namespace) -> str:
+    """--backend / --ipex; IPEX is checked here, so that a machine without it says so in one
+    line before anything loads."""
     if args.ipex and args.backend not in ("stock", "ipex"):
         raise UserError(f"--ipex contradicts --backend {args.backend}")
-    return "ipex" if args.ipex else args.backend
+    backend = "ipex" if args.ipex else args.backend
+    if backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()
+    return backend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.streaming and (generate_kwargs["num_beams"] > 1 or args.batch_size > 1):
         raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
     if args.quantized_model_path is None:
+        from llmbench.quant.checkpoint import folder_quantization
         from llmbench.quant.cli import scheme_from_args
 
-        if scheme_from_args(args) is not None:
+        # -m of a GPTQ/AWQ folder takes the examples' weight-only flags (prepare_saved checks
+        # them against the folder)
+        if (scheme_from_args(args) is not None
+                and folder_quantization(args.model_name_or_path) is None):
             raise UserError("run_generation.py benchmarks a saved quantized model: pass "
                             "--quantized-model-path (run.py with --ipex-weight-only-quantization "
                             "makes one first)")

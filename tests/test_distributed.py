@@ -264,7 +264,9 @@ def test_run_py_plans_shard_then_benchmark(tiny_llama, tmp_path):
     (["--benchmark", "--local_rank=0"], "without --autotp"),
     (["--autotp"], "pass --benchmark"),
     (["--benchmark", "--autotp", "--max-shard-size", "1GB"], "only applies with --shard-model"),
-    (["--benchmark", "--autotp", "--ipex"], "--backend stock"),
+    (["--benchmark", "--autotp", "--backend", "native"], "--backend stock"),
+    # The examples' `--autotp --ipex` (issue 19): without IPEX, one line saying so.
+    (["--benchmark", "--autotp", "--ipex"], "Intel Extension for PyTorch does not import here"),
 ])
 def test_run_py_refuses_distributed_flags_that_would_do_nothing(args, needle):
     result = run_entry("run.py", *args)
@@ -540,9 +542,8 @@ def test_run_py_forwards_woq_flags_to_the_ranks():
     # What scheme_from_args refuses everywhere is refused here too.
     (["--ipex-weight-only-quantization", "--weight-dtype", "INT4", "--group-size", "48"],
      "--group-size 48 is not allowed"),
-    (["--ipex-weight-only-quantization", "--group-size", "64"],
+    (["--ipex-weight-only-quantization", "--weight-dtype", "FP8", "--group-size", "64"],
      "quantizes per output channel only"),
-    (["--ipex-weight-only-quantization", "--lowp-mode", "BF16"], "--lowp-mode BF16"),
     (["--ipex-weight-only-quantization", "--weight-dtype", "NF4", "--lowp-mode", "INT8"],
      "runs int8 activations against INT8 or INT4 weights"),
 ])

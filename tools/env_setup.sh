@@ -1,10 +1,30 @@
 #!/usr/bin/env bash
 # Install llmbench's dependencies into the active Python environment (a venv if one is active),
 # plus the embedded default model and numactl. Safe to run again: it only adds what's missing.
+#
+#   bash tools/env_setup.sh               the default setup (torch 2.13 CPU, transformers 5.x)
+#   bash tools/env_setup.sh --with-ipex   then Intel Extension for PyTorch 2.8.0 for --ipex, with
+#                                         the torch 2.8 / transformers 4.51.3 it was built for,
+#                                         into the active venv only (it replaces those two)
 set -euo pipefail
+
+with_ipex=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-ipex) with_ipex=1 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "error: env_setup.sh: unknown option $arg (use --with-ipex or nothing)" >&2; exit 2 ;;
+  esac
+done
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -n "${VIRTUAL_ENV:-}" ]; then python=$VIRTUAL_ENV/bin/python; else python=${PYTHON:-python3}; fi
+if [ "$with_ipex" = 1 ] && [ -z "${VIRTUAL_ENV:-}" ]; then
+  echo "error: env_setup.sh --with-ipex installs torch 2.8 and transformers 4.51.3 over the default" \
+       "setup's: activate a venv for it first (python3 -m venv .venv-ipex && source" \
+       ".venv-ipex/bin/activate)" >&2
+  exit 2
+fi
 echo "llmbench setup: installing into $("$python" -c 'import sys; print(sys.prefix)')"
 
 pip_install() { "$python" -m pip install --disable-pip-version-check -q "$@"; }
@@ -20,6 +40,25 @@ if ! command -v numactl >/dev/null 2>&1; then
       echo "llmbench setup: warning: numactl could not be installed; core binding is unavailable"
   else
     echo "llmbench setup: note: numactl is missing and apt-get is not usable here; install it for core binding"
+  fi
+fi
+
+if [ "$with_ipex" = 1 ]; then
+  # IPEX 2.8.0 (archived upstream) is built against torch 2.8 and validated with transformers
+  # 4.51.3. The CPU build of torch 2.8 is on PyTorch's own index; PyPI's torch 2.8.0 is the CUDA
+  # build (several GB with its nvidia-* wheels): LLMBENCH_IPEX_TORCH=torch==2.8.0 takes that.
+  ipex_torch=${LLMBENCH_IPEX_TORCH:-torch==2.8.0+cpu}
+  echo "llmbench setup: --with-ipex: $ipex_torch, intel-extension-for-pytorch==2.8.0, transformers==4.51.3"
+  if ! pip_install --extra-index-url https://download.pytorch.org/whl/cpu "$ipex_torch" \
+       intel-extension-for-pytorch==2.8.0 transformers==4.51.3; then
+    echo "error: env_setup.sh --with-ipex: could not install $ipex_torch with IPEX 2.8.0 (the CPU" \
+         "build needs https://download.pytorch.org/whl/cpu; LLMBENCH_IPEX_TORCH=torch==2.8.0 uses" \
+         "PyPI's CUDA build instead)" >&2
+    exit 1
+  fi
+  if ! "$python" -c "import intel_extension_for_pytorch as ipex; print('llmbench setup: ipex', ipex.__version__)"; then
+    echo "error: env_setup.sh --with-ipex: intel_extension_for_pytorch installed but does not import" >&2
+    exit 1
   fi
 fi
 

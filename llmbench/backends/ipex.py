@@ -16,12 +16,18 @@ HOW_TO_GET_IT = ("install intel-extension-for-pytorch with the torch and transfo
                  "separate environment, or run without --ipex")
 
 
-def prepare(model: Any, *, dtype: str, family: str) -> PreparedModel:
+def require_ipex() -> Any:
+    """The ipex module, or one line saying why it doesn't import here and how to get it."""
     try:
         import intel_extension_for_pytorch as ipex  # type: ignore[import-not-found]
     except Exception as exc:  # ImportError, or an ABI mismatch raising anything
         raise UserError(f"--ipex: Intel Extension for PyTorch does not import here "
                         f"({type(exc).__name__}: {exc}); {HOW_TO_GET_IT}") from exc
+    return ipex
+
+
+def prepare(model: Any, *, dtype: str, family: str) -> PreparedModel:
+    ipex = require_ipex()
     import torch
 
     try:

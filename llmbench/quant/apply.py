@@ -28,9 +28,12 @@ from llmbench.errors import UserError
 from llmbench.kernels import int8_act
 from llmbench.quant.linears import (
     LINEAR_CLASSES,
+    LOWP_DTYPES,
     FloatLinear,
     Int4Linear,
+    Int8GroupLinear,
     Int8Linear,
+    LowpLinear,
     NF4Linear,
     QuantizedLinear,
     fuse,
@@ -182,21 +185,46 @@ def set_float_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) 
             params[name].copy_(tensor.to(params[name].dtype))
 
 
-def set_compute(qlinears: dict[str, Any], scheme: Scheme) -> None:
-    """--lowp-mode INT8: the INT8 and INT4 projections quantize their activations to int8 at
-    run time as --act-quant-mode says (check_lowp_mode allows no other weights). Per row
-    symmetric on INT8 weights is the int8 kernels' exact int8 x int8 path (act_qmax); every
-    other case hands the kernels the int8 levels (ActLevels). Otherwise fp32 activations."""
+def with_compute(linear: Any, scheme: Scheme) -> Any:
+    """One projection set to compute as --lowp-mode says. INT8: the INT8 and INT4 projections
+    quantize their activations to int8 at run time as --act-quant-mode says (check_lowp_mode
+    allows no other weights); per row symmetric on INT8 weights is the int8 kernels' exact
+    int8 x int8 path (act_qmax), every other case hands the kernels the int8 levels
+    (ActLevels). BF16/FP16: wrapped in LowpLinear (bf16/fp16 matmul on the dequantized weights).
+    Otherwise fp32 activations. Returns the projection to run (the same object unless
+    wrapped)."""
+    if isinstance(linear, LowpLinear):
+        linear = linear.inner
     int8_compute = scheme.lowp_mode == "INT8"
-    for linear in qlinears.values():
-        if isinstance(linear, Int8Linear):
-            exact = int8_compute and scheme.act_quant_mode == "PER_BATCH_SYM"
-            linear.act_qmax = int8_act.INT8_MAX if exact else 0.0
-            linear.act_levels = (act_levels_for(scheme.act_quant_mode, -1)
-                                 if int8_compute and not exact else None)
-        elif isinstance(linear, Int4Linear):
-            linear.act_levels = (act_levels_for(scheme.act_quant_mode, linear.group_size)
-                                 if int8_compute else None)
+    if isinstance(linear, Int8Linear):
+        exact = int8_compute and scheme.act_quant_mode == "PER_BATCH_SYM"
+        linear.act_qmax = int8_act.INT8_MAX if exact else 0.0
+        linear.act_levels = (act_levels_for(scheme.act_quant_mode, -1)
+                             if int8_compute and not exact else None)
+    elif isinstance(linear, Int4Linear):
+        linear.act_levels = (act_levels_for(scheme.act_quant_mode, linear.group_size)
+                             if int8_compute else None)
+    if scheme.lowp_mode in LOWP_DTYPES and linear.kind != "float":
+        return LowpLinear(linear, scheme.lowp_mode)
+    return linear
+
+
+def set_compute(qlinears: dict[str, Any], scheme: Scheme) -> dict[str, Any]:
+    """with_compute for every projection; returns what to run (save the projections given,
+    never the returned ones: a LowpLinear is a way of computing, not a stored format)."""
+    return {name: with_compute(linear, scheme) for name, linear in qlinears.items()}
+
+
+def lowp_description(lowp_mode: str) -> str:
+    from llmbench.environment import has_native_bf16, has_native_fp16
+
+    name = "bf16" if lowp_mode == "BF16" else "fp16"
+    native = has_native_bf16() if lowp_mode == "BF16" else has_native_fp16()
+    how = ("native on this CPU" if native else
+           f"emulated: this CPU has no {name} arithmetic, torch widens it")
+    return (f"--lowp-mode {lowp_mode}: weights dequantized to {name} and multiplied with {name} "
+            f"activations by torch's {name} matmul ({how}); no weight-streaming kernel, the "
+            "model runs torch ops")
 
 
 def compute_description(qlinears: dict[str, Any], scheme: Scheme) -> str | None:
@@ -205,6 +233,8 @@ def compute_description(qlinears: dict[str, Any], scheme: Scheme) -> str | None:
     exact = sorted({q.kind for q in qlinears.values()
                     if q.kind == "w8a8" or getattr(q, "act_qmax", 0.0)})
     parts = [f"{'/'.join(exact)} projections: {int8_act.describe()}"] if exact else []
+    if scheme.lowp_mode in LOWP_DTYPES:
+        parts.append(lowp_description(scheme.lowp_mode))
     by_kind: dict[str, set[str]] = {}
     for q in qlinears.values():
         if getattr(q, "act_levels", None) is not None:
@@ -225,7 +255,7 @@ def quantization_details(qlinears: dict[str, Any], scheme: Scheme) -> dict[str, 
     compute = compute_description(qlinears, scheme)
     if compute is not None:
         details["compute"] = compute
-    pure_torch = [k for k in kinds if k in ("nf4", "fp8")]
+    pure_torch = [k for k in kinds if k.split("-")[0] in ("nf4", "fp8", "int8g")]
     if pure_torch:
         details["note"] = (f"{', '.join(pure_torch)} weights are dequantized in pure torch on "
                            "every call (no kernel): correct, not fast")
@@ -247,7 +277,9 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
     if dtype == "bfloat16":  # fallback projections run in the model's dtype
         qlinears = {n: q.to_bf16() if isinstance(q, FloatLinear) else q
                     for n, q in qlinears.items()}
-    set_compute(qlinears, scheme)
+    qlinears = set_compute(qlinears, scheme)
+    if scheme.lowp_mode in LOWP_DTYPES:
+        print(f"note: {lowp_description(scheme.lowp_mode)}", flush=True)
     swapped = set(qlinears)
     stock_bytes = float_bytes_outside(model, swapped) + sum(q.nbytes for q in qlinears.values())
     prepared = backends.prepare(model, backend=backend, dtype=dtype, place_weights=False,
@@ -270,7 +302,7 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
 def _layout(linear: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"kind": linear.kind, "in_features": linear.in_features,
                              "out_features": linear.out_features}
-    if isinstance(linear, Int4Linear | NF4Linear):
+    if isinstance(linear, Int4Linear | NF4Linear | Int8GroupLinear):
         entry["group_size"] = linear.group_size
     return entry
 
@@ -318,6 +350,26 @@ def save(output_dir: str | Path, qlinears: dict[str, Any], scheme: Scheme,
     return out / MODEL_FILE
 
 
+def resolve_model_path(model_path: str | Path) -> Path:
+    """--quantized-model-path as the examples write it: a folder, best_model.safetensors, or
+    IPEX's best_model.pt (a TorchScript file we don't write): a .pt/.bin path that doesn't exist
+    but has our best_model.safetensors beside it means that one, with a note saying so."""
+    path = Path(model_path)
+    if path.is_dir():
+        return path / MODEL_FILE
+    if not path.exists() and path.suffix in (".pt", ".pth", ".bin"):
+        ours = path.with_name(MODEL_FILE)
+        if ours.is_file():
+            print(f"note: --quantized-model-path {path}: IPEX's TorchScript {path.name} is not "
+                  f"made here; using {ours}, which run.py / run_quantization.py saved",
+                  flush=True)
+            return ours
+        raise UserError(f"--quantized-model-path {path}: no such file (llmbench saves "
+                        f"{MODEL_FILE} + {META_FILE}; IPEX's TorchScript .pt files don't load "
+                        "here)")
+    return path
+
+
 def meta_path_for(model_path: str | Path) -> Path:
     path = Path(model_path)
     if path.is_dir():
@@ -332,9 +384,7 @@ def load(model_path: str | Path) -> tuple[dict[str, Any], Scheme, dict[str, Any]
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(model_path)
-    if path.is_dir():
-        path = path / MODEL_FILE
+    path = resolve_model_path(model_path)
     meta_file = meta_path_for(path)
     if not path.is_file():
         raise UserError(f"--quantized-model-path {path}: no such file")
@@ -374,6 +424,10 @@ def build_linear(entry: dict[str, Any], parts: dict[str, torch.Tensor], name: st
                                entry["in_features"], parts.get("bias"))
         elif kind == "float":
             linear = FloatLinear(parts["weight"], parts.get("bias"))
+        elif kind == "int8g":
+            linear = Int8GroupLinear(parts["qweight"], parts["scales"], parts.get("zeros"),
+                                     entry["group_size"], entry["in_features"],
+                                     parts.get("bias"))
         elif kind == "w8a8":
             linear = LINEAR_CLASSES[kind](parts["qweight"], parts["scales"], parts["act_scale"],
                                           parts.get("bias"))

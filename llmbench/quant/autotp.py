@@ -39,11 +39,12 @@ import torch
 
 from llmbench import flags
 from llmbench.errors import UserError
-from llmbench.quant.apply import projection_scheme, quantization_details, set_compute
-from llmbench.quant.linears import QuantizedLinear
+from llmbench.quant.apply import projection_scheme, quantization_details, with_compute
+from llmbench.quant.linears import Int4Linear, Int8Linear, QuantizedLinear
 from llmbench.quant.scheme import MIN_GROUP, MIN_IN_FEATURES, Scheme, quantize_weight
 
 APPLIED = "quantized per rank after sharding"
+CHECKPOINT_APPLIED = "the checkpoint's INT4 projections, each rank's slice cut from them"
 # The quantization flags that weight-only quantization per rank uses; the group's others
 # belong to SmoothQuant or to saved/checkpoint models.
 WOQ_DESTS = ("ipex_weight_only_quantization", "weight_dtype", "group_size",
@@ -166,6 +167,7 @@ class TPQuantization:
     row_per_channel: list[str] = field(default_factory=list)  # scales over the rank's slice
     empty_slices: list[str] = field(default_factory=list)  # row-parallel, width 0 on this rank
     seconds: float = 0.0  # set by the caller: how long quantizing took
+    applied: str = APPLIED  # or CHECKPOINT_APPLIED
 
     def details(self) -> dict[str, Any]:
         """The report's quantization section: the single-instance one, plus the split."""
@@ -173,7 +175,7 @@ class TPQuantization:
         counts = {kind: sum(1 for split in self.splits.values() if split == kind)
                   for kind in ("column", "row", "lm_head", "whole")}
         details.update({
-            "applied": APPLIED,
+            "applied": self.applied,
             "quantized_projections_per_rank": len(self.qlinears),
             "float_projections_per_rank": len(self.left_float),
             "float_projections": dict(self.left_float),
@@ -271,7 +273,7 @@ def quantize_autotp(model: torch.nn.Module, scheme: Scheme) -> TPQuantization:
         own = projection_scheme(scheme, p.module is output)
         module = p.module
         if p.split in ("column", "whole"):
-            inner = quantize_weight(module.weight, module.bias, own)
+            inner = with_compute(quantize_weight(module.weight, module.bias, own), scheme)
             replacement: torch.nn.Module = QuantizedLinear(inner)
         else:
             if module.weight.shape[1] == 0:
@@ -280,7 +282,7 @@ def quantize_autotp(model: torch.nn.Module, scheme: Scheme) -> TPQuantization:
                 # the all-reduce and the bias) stays as it is, holding no weight to quantize.
                 result.empty_slices.append(p.name)
                 continue
-            inner = quantize_weight(module.weight, None, own)
+            inner = with_compute(quantize_weight(module.weight, None, own), scheme)
             if p.split == "lm_head":
                 offset = sum(p.partition_sizes[:p.tp_index])
                 replacement = LmHeadRowParallelQuantized(inner, module.mp_group, module.bias,
@@ -294,8 +296,109 @@ def quantize_autotp(model: torch.nn.Module, scheme: Scheme) -> TPQuantization:
         result.qlinears[p.name] = inner
         result.splits[p.name] = p.split
         model.set_submodule(p.name, replacement)
-    set_compute(result.qlinears, scheme)
     gc.collect()  # the float slices are gone with the DeepSpeed layers
+    return result
+
+
+# ---- a GPTQ/AWQ folder under AutoTP ----------------------------------------------------------
+
+
+def _row_keys(weight: torch.Tensor) -> list[bytes]:
+    rows = weight.detach().float().contiguous()
+    return [row.numpy().tobytes() for row in rows]
+
+
+def rows_of(linear: Any, rows: list[int]) -> Any:
+    index = torch.tensor(rows, dtype=torch.long)
+    bias = None if linear.bias is None else linear.bias[index]
+    if isinstance(linear, Int8Linear):  # a channel INT8 folder
+        zeros = None if linear.zeros is None else linear.zeros[index]
+        return Int8Linear(linear.qweight[index], linear.scales[index], zeros, bias)
+    return Int4Linear(linear.packed[index], linear.scales[index], linear.zeros[index],
+                      linear.group_size, linear.in_features, bias, linear.perm)
+
+
+def columns_of(linear: Any, offset: int, width: int, name: str) -> Any:
+    """This rank's input channels [offset, offset + width) of a checkpoint projection: whole
+    groups of its integers, scales and zero points (no bias: it is added after the sum). INT8
+    per channel: the columns, with each row's scale as it is."""
+    if isinstance(linear, Int8Linear):
+        return Int8Linear(linear.qweight[:, offset:offset + width].contiguous(), linear.scales,
+                          linear.zeros, None)
+    group = linear.group_size
+    if linear.perm is not None:
+        raise UserError(f"--autotp with an act-order (desc_act) checkpoint: {name}'s input "
+                        "channels are permuted, so a rank's slice of them is not a run of whole "
+                        "groups; run it single instance, or use a checkpoint made without "
+                        "act-order")
+    end = offset + width
+    if offset % group or (width % group and end != linear.in_features):
+        raise UserError(f"--autotp: {name} is split at input channel {offset} (+{width}), not on "
+                        f"the checkpoint's groups of {group}; run it single instance")
+    from llmbench import kernels
+
+    q = kernels.unpack_int4(linear.packed)
+    padded_end = linear.padded_in if end == linear.in_features else end
+    padded_end += (-(padded_end - offset)) % group
+    part = q[:, offset:padded_end]
+    groups = slice(offset // group, -(-padded_end // group))
+    return Int4Linear(kernels.pack_int4(part.contiguous()), linear.scales[:, groups],
+                      linear.zeros[:, groups], group, width)
+
+
+def slice_checkpoint_autotp(model: torch.nn.Module, whole: dict[str, Any],
+                            scheme: Scheme) -> TPQuantization:
+    """-m of a GPTQ/AWQ folder under --autotp: every rank loaded the folder (its projections
+    converted, the float model holding their dequantized weights) and AutoTP sliced the float
+    model; each INT4 projection of this rank is now cut from the checkpoint's own integers,
+    scales and zero points, so the ranks together run exactly the single-instance weights.
+    Column-parallel slices are found by matching their rows against the dequantized checkpoint
+    (this also covers layers DeepSpeed reorders, e.g. fused qkv); row-parallel slices must
+    start and end on the checkpoint's groups."""
+    result = TPQuantization(scheme, applied=CHECKPOINT_APPLIED)
+    for p in find_projections(model):
+        linear = whole.get(p.name)
+        if linear is None:  # e.g. the lm_head, which GPTQ/AWQ folders keep in float
+            result.left_float[p.name] = "not quantized in the checkpoint"
+            continue
+        module = p.module
+        reference = linear.dequantize().to(module.weight.dtype)
+        if p.split == "whole":
+            inner: Any = linear
+            replacement: torch.nn.Module = QuantizedLinear(with_compute(inner, scheme))
+        elif p.split == "column":
+            where = {key: i for i, key in enumerate(_row_keys(reference))}
+            try:
+                rows = [where[key] for key in _row_keys(module.weight)]
+            except KeyError:
+                raise UserError(f"--autotp: a row of {p.name} on this rank is not a row of the "
+                                "checkpoint's projection") from None
+            inner = rows_of(linear, rows)
+            replacement = QuantizedLinear(with_compute(inner, scheme))
+        else:
+            if module.weight.shape[1] == 0:
+                result.empty_slices.append(p.name)
+                continue
+            offset = sum(p.partition_sizes[:p.tp_index])
+            width = module.weight.shape[1]
+            if not torch.equal(reference[:, offset:offset + width], module.weight):
+                raise UserError(f"--autotp: {p.name}'s slice on this rank is not input channels "
+                                f"{offset}..{offset + width} of the checkpoint's projection")
+            inner = columns_of(linear, offset, width, p.name)
+            computing = with_compute(inner, scheme)
+            if p.split == "lm_head":
+                replacement = LmHeadRowParallelQuantized(computing, module.mp_group,
+                                                         module.bias, p.in_features, offset)
+            else:
+                replacement = RowParallelQuantized(computing, module.mp_group, module.bias,
+                                                   p.in_features)
+            result.row_slices.setdefault(_pattern(p.name), list(p.partition_sizes))
+        result.qlinears[p.name] = inner
+        result.splits[p.name] = p.split
+        model.set_submodule(p.name, replacement)
+    if not result.qlinears:
+        raise UserError("--autotp: none of the checkpoint's quantized projections is a linear "
+                        "layer of the sliced model")
     return result
 
 

@@ -42,6 +42,11 @@ from llmbench.quant.linears import Int4Linear
 from llmbench.quant.scheme import MIN_GROUP, Scheme, effective_group
 
 METHODS = ("gptq", "awq")
+# Channel INT8 folders (meituan/DeepSeek-R1-Channel-INT8): `<module>.weight` int8 [N, K] and
+# `<module>.weight_scale` [N] or [N, 1], w = weight * scale, symmetric per output channel; IPEX's
+# README has users add `"quantization_config": {"quant_method": "int8", "bits": 8,
+# "group_size": -1}` to config.json, and SGLang names the same layout "w8a8_int8".
+CHANNEL_INT8_METHODS = ("int8", "w8a8_int8")
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # bits 4j of an AWQ word hold output channel AWQ_ORDER[j]
 PACK = 8  # 4-bit values per int32 word
@@ -250,7 +255,8 @@ def _flag(value: Any) -> bool:
 
 
 def scheme_of(settings: dict[str, Any], source: str, **extra: Any) -> Scheme:
-    return Scheme(settings["quant_method"], "INT4", settings["group_size"], settings["sym"],
+    weight_dtype = "INT8" if settings["quant_method"] == "int8" else "INT4"
+    return Scheme(settings["quant_method"], weight_dtype, settings["group_size"], settings["sym"],
                   extra={"bits": settings["bits"], "desc_act": settings["desc_act"],
                          "checkpoint_format": settings["checkpoint_format"], "source": source,
                          **extra})
@@ -362,10 +368,34 @@ def load_low_precision(path: str, model: torch.nn.Module) -> tuple[dict[str, Int
 
 # ---- -m DIR with a quantization_config --------------------------------------------------------
 
+def folder_quantization(name_or_path: str | None) -> dict[str, Any] | None:
+    """The quantization_config of a local GPTQ/AWQ folder given as -m (None for anything else),
+    read from its config.json without loading the model: run.py plans its steps with it."""
+    if not name_or_path:
+        return None
+    config = Path(name_or_path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return hf_quantization(json.loads(config.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def hf_quantization(config_dict: dict[str, Any]) -> dict[str, Any] | None:
-    """The folder's GPTQ/AWQ settings, or None when it isn't a GPTQ/AWQ checkpoint."""
+    """The folder's GPTQ/AWQ (or channel INT8) settings, or None when it isn't one."""
     qc = config_dict.get("quantization_config")
-    if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() not in METHODS:
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    if method in CHANNEL_INT8_METHODS:
+        assert isinstance(qc, dict)
+        group = int(qc.get("group_size", -1))
+        if int(qc.get("bits", 8)) != 8 or group != -1:
+            raise UserError(f"quant_method {method!r} with bits {qc.get('bits')} and group_size "
+                            f"{group}: channel INT8 checkpoints are 8-bit per output channel "
+                            "(bits 8, group_size -1)")
+        return {"quant_method": "int8", "bits": 8, "group_size": -1, "desc_act": False,
+                "sym": True, "checkpoint_format": "channel_int8"}
+    if method not in METHODS:
         return None
     return describe_settings(qc)
 
@@ -387,13 +417,96 @@ def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def channel_int8_by_module(tensors: dict[str, torch.Tensor]
+                           ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A channel INT8 folder's tensors: (module -> {weight, weight_scale[, bias]}) for every
+    module with an int8 weight and a weight_scale, and the float rest."""
+    modules = {key[: -len(".weight_scale")] for key in tensors if key.endswith(".weight_scale")}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        owner, _, suffix = key.rpartition(".")
+        if owner in modules and suffix in ("weight", "weight_scale", "bias"):
+            grouped.setdefault(owner, {})[suffix] = tensor
+        else:
+            rest[key] = tensor
+    return grouped, rest
+
+
+def convert_channel_int8(grouped: dict[str, dict[str, torch.Tensor]], model: torch.nn.Module,
+                         source: str) -> dict[str, Any]:
+    """Every channel INT8 projection as our symmetric per-channel Int8Linear (the same numbers:
+    q int8, one scale per output channel), checked against the model's linears."""
+    from llmbench.quant.linears import Int8Linear
+
+    modules = dict(model.named_modules())
+    qlinears: dict[str, Any] = {}
+    for name in sorted(grouped):
+        parts = grouped[name]
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear):
+            raise UserError(f"{source}: {name}.weight_scale names no linear layer of this model")
+        n, k = module.out_features, module.in_features
+        weight, scale = parts.get("weight"), parts["weight_scale"]
+        if weight is None or weight.dtype != torch.int8 or tuple(weight.shape) != (n, k):
+            got = None if weight is None else f"{weight.dtype} {list(weight.shape)}"
+            raise UserError(f"{source}: {name}.weight is {got}, expected int8 [{n}, {k}] beside "
+                            "its weight_scale")
+        if scale.numel() != n:
+            raise UserError(f"{source}: {name}.weight_scale has {scale.numel()} values, expected "
+                            f"one per output channel ({n})")
+        qlinears[name] = Int8Linear(weight, scale.reshape(n).float(), None, parts.get("bias"))
+    if not qlinears:
+        raise UserError(f"{source}: quant_method int8 but no '.weight_scale' tensors in it")
+    return qlinears
+
+
+def load_channel_int8_folder(path: Path, config: Any, auto_class: Any, dtype: str,
+                             settings: dict[str, Any]) -> tuple[Any, dict[str, Any], Scheme]:
+    """A channel INT8 folder: its int8 weights dequantized (w = q * scale) into a float state
+    dict that transformers loads as it loads any checkpoint (its key conversions included: e.g.
+    deepseek_v3's per-expert weights become the fused expert tensors), then every projection
+    that is an nn.Linear of the model runs as our Int8Linear on the folder's own integers.
+    Weights that are not nn.Linear modules here (fused MoE experts) stay in float, and the
+    report says how many."""
+    source = str(path)
+    tensors = folder_tensors(path)
+    grouped, floats = channel_int8_by_module(tensors)
+    state = dict(floats)
+    for name, parts in grouped.items():
+        weight = parts.get("weight")
+        if weight is None or weight.dtype != torch.int8:
+            raise UserError(f"{source}: {name}.weight_scale without an int8 {name}.weight")
+        scale = parts["weight_scale"].float().reshape(-1, 1)
+        state[f"{name}.weight"] = weight.float() * scale
+        if "bias" in parts:
+            state[f"{name}.bias"] = parts["bias"]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model_class = type(auto_class.from_config(config)) if not hasattr(
+        auto_class, "_model_mapping") else auto_class._model_mapping[type(config)]
+    try:
+        model = model_class.from_pretrained(None, config=config, state_dict=state,
+                                            dtype=getattr(torch, dtype))
+    except Exception as exc:
+        raise UserError(f"cannot load {source} as a channel INT8 checkpoint: {exc}") from exc
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    qlinears = convert_channel_int8({n: g for n, g in grouped.items() if n in linears}, model,
+                                    source)
+    model.eval()
+    left = len(grouped) - len(qlinears)
+    return model, qlinears, scheme_of(settings, source, float_int8_weights=left)
+
+
 def load_hf_folder(folder: str, config: Any, auto_class: Any, dtype: str,
-                   settings: dict[str, Any]) -> tuple[Any, dict[str, Int4Linear], Scheme]:
+                   settings: dict[str, Any]) -> tuple[Any, dict[str, Any], Scheme]:
     """Build the model of a GPTQ/AWQ folder from its config (without the quantization_config),
     fill its float tensors from the safetensors files, and convert each quantized projection
     (its float weight set to the dequantized one). Returns (model, projections, scheme)."""
     path = Path(folder)
     source = str(path)
+    if settings["quant_method"] == "int8":
+        return load_channel_int8_folder(path, config, auto_class, dtype, settings)
     tensors = folder_tensors(path)
     grouped, floats = group_by_module(tensors, source, allow_other=True)
     if hasattr(config, "quantization_config"):

@@ -15,6 +15,7 @@ from llmbench.quant.scheme import (
     DEFAULT_ACT_QUANT_MODE,
     Scheme,
     check_lowp_mode,
+    quantize_weight,
     resolve_group_size,
 )
 
@@ -28,18 +29,26 @@ def add_output_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
                        help="where best_model.safetensors and best_model.json go")
     group.add_argument("--skip-quality", action="store_true",
                        help="don't measure perplexity and greedy agreement against fp32")
+    group.add_argument("--benchmark", action="store_true",
+                       help="then benchmark the saved model (run_generation.py's flags); with "
+                            "--quantized-model-path, only benchmark it")
     return group
 
 
 def build_parser(prog: str = "run_quantization.py") -> flags.Parser:
     return flags.build_parser(prog, DESCRIPTION, (flags.add_model_flags,
                                                   flags.add_quantization_flags,
-                                                  add_output_flags))
+                                                  add_output_flags, flags.add_generation_flags,
+                                                  flags.add_benchmark_run_flags))
+
 
 
 def method_of(args: argparse.Namespace) -> str | None:
     chosen = [name for name, on in (("woq", args.ipex_weight_only_quantization),
                                     ("smoothquant", args.ipex_smooth_quant)) if on]
+    if getattr(args, "gptq", False) and chosen != ["woq"]:
+        raise UserError("--gptq applies with --ipex-weight-only-quantization (INT4 weights by "
+                        "GPTQ)")
     if len(chosen) > 1:
         raise UserError("--ipex-weight-only-quantization and --ipex-smooth-quant exclude each "
                         "other: pick one")
@@ -73,6 +82,14 @@ def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
                             "activations are int8 per tensor with calibrated static scales")
         return Scheme("smoothquant", "INT8", -1, True, args.lowp_mode, True,
                       {"alpha": args.alpha})
+    if getattr(args, "gptq", False):
+        # v2.1's --gptq: INT4 weights by GPTQ (the --weight-dtype default INT8 is the old
+        # scripts' too, and meant INT4 there with --gptq)
+        if args.weight_dtype not in ("INT8", "INT4"):
+            raise UserError(f"--gptq makes INT4 weights, not --weight-dtype {args.weight_dtype}")
+        group = resolve_group_size("INT4", args.group_size)
+        return Scheme("gptq", "INT4", group, args.woq_sym_quant_weight, args.lowp_mode,
+                      act_quant_mode=act_quant_mode_of(args))
     group = resolve_group_size(args.weight_dtype, args.group_size)
     sym = args.woq_sym_quant_weight or args.weight_dtype in ("NF4", "FP8")
     return Scheme("woq", args.weight_dtype, group, sym, args.lowp_mode,
@@ -89,10 +106,27 @@ def checkpoint_scheme(args: argparse.Namespace) -> Scheme:
     if args.weight_dtype in ("NF4", "FP8"):
         raise UserError(f"--low-precision-checkpoint holds INT4 GPTQ/AWQ weights, not "
                         f"--weight-dtype {args.weight_dtype}")
+    args.low_precision_checkpoint = str(resolve_checkpoint_path(args.low_precision_checkpoint))
     return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode,
                   act_quant_mode=act_quant_mode_of(args),
                   extra={"checkpoint_file": str(Path(args.low_precision_checkpoint)
                                                 .expanduser().resolve())})
+
+
+def resolve_checkpoint_path(path: str) -> Path:
+    """--low-precision-checkpoint as IPEX v2.1's README writes it, saved_results/
+    gptq_checkpoint_g128.pt (its utils/run_gptq.py's torch file): where that file doesn't exist
+    and our utils/run_gptq.py's gptq_checkpoint.safetensors is beside it, that one (with a
+    note)."""
+    given = Path(path).expanduser()
+    if given.exists() or given.suffix not in (".pt", ".pth", ".bin"):
+        return given
+    ours = given.with_name("gptq_checkpoint.safetensors")
+    if ours.is_file():
+        print(f"note: --low-precision-checkpoint {path}: IPEX's torch checkpoint is not made "
+              f"here; using {ours}, which utils/run_gptq.py wrote", flush=True)
+        return ours
+    return given
 
 
 def check_saved_scheme(saved: Scheme, wanted: Scheme | None, path: str) -> None:
@@ -116,15 +150,57 @@ def check_saved_scheme(saved: Scheme, wanted: Scheme | None, path: str) -> None:
                         f"{wanted.describe()}")
 
 
+def quantize_only_dests() -> list[str]:
+    """What run.py passes its quantization step (the benchmark step gets the rest)."""
+    parser = flags.build_parser("run_quantization.py", "", (
+        flags.add_model_flags, flags.add_quantization_flags, add_output_flags))
+    return [action.dest for action in parser._actions if action.dest != "benchmark"]
+
+
+def benchmark_argv(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   model_path: str) -> list[str]:
+    """run_generation.py's command line for --benchmark of the saved model."""
+    from llmbench.generation import build_parser as generation_parser
+
+    dests = [action.dest for action in generation_parser()._actions
+             if action.dest != "quantized_model_path"]
+    return flags.forward_argv(parser, args, dests) + ["--quantized-model-path", model_path]
+
+
+def check_benchmark_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.benchmark:
+        return
+    scratch = flags.Parser()
+    only = [*flags.group_dests(scratch, flags.add_generation_flags(scratch)),
+            *flags.group_dests(scratch, flags.add_benchmark_run_flags(scratch))]
+    given = [flag for flag in flags.forward_argv(parser, args, only) if flag.startswith("--")]
+    if given:
+        raise UserError(f"{given[0]} only applies with --benchmark")
+
+
+def run_benchmark(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  model_path: str) -> int:
+    from llmbench.dispatch import Step, run_step
+
+    return run_step(Step("benchmark", "single_instance/run_generation.py",
+                         benchmark_argv(parser, args, model_path)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_benchmark_flags(parser, args)
+    if args.quantized_model_path is not None:
+        if not args.benchmark:
+            raise UserError("--quantized-model-path is already quantized: benchmark it with "
+                            "--benchmark, run_generation.py or run.py --benchmark")
+        from llmbench.quant.apply import resolve_model_path
+
+        return run_benchmark(parser, args, str(resolve_model_path(args.quantized_model_path)))
     scheme = scheme_from_args(args)
     if scheme is None:
         raise UserError("nothing to quantize: pass --ipex-weight-only-quantization, "
                         "--ipex-smooth-quant or --low-precision-checkpoint")
-    if args.quantized_model_path is not None:
-        raise UserError("--quantized-model-path is already quantized: benchmark it with "
-                        "run_generation.py (or run.py --benchmark)")
     if args.backend == "ipex" or args.ipex:
         raise UserError("quantization runs on our kernels (--backend stock or native), not IPEX")
 
@@ -147,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = None
     if scheme.method == "woq":
         qlinears = apply.quantize_rtn(model, scheme)
+    elif scheme.method == "gptq":
+        qlinears, extra["gptq"] = quantize_gptq(args, loaded, scheme)
     elif scheme.method == "checkpoint":
         from llmbench.quant.checkpoint import load_low_precision
 
@@ -171,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{scheme.method} is not implemented yet")
     quantize_seconds = time.perf_counter() - start
     apply.set_float_tensors(model, float_overrides)
-    apply.set_compute(qlinears, scheme)  # quality is measured as the benchmark will compute
-    apply.install_hf(model, qlinears)
+    # quality is measured as the benchmark will compute; the projections saved are qlinears
+    apply.install_hf(model, apply.set_compute(qlinears, scheme))
 
     result = None
     if reference is not None:
@@ -190,7 +268,65 @@ def main(argv: list[str] | None = None) -> int:
 
         write_recipe(args.qconfig_summary_file, recipe)
         print(f"smoothquant recipe: {args.qconfig_summary_file}", flush=True)
+    if args.benchmark:
+        del model, qlinears, loaded
+        return run_benchmark(parser, args, str(path))
     return 0
+
+
+def quantize_gptq(args: argparse.Namespace, loaded: Any, scheme: Scheme
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--gptq: GPTQ (llmbench.quant.gptq, utils/run_gptq.py's algorithm) over the decoder
+    layers, calibrated on --calib-iters windows of --calib-len tokens of --dataset (default: the
+    shipped text); the lm_head INT8 per channel as for INT4 round to nearest."""
+    import torch
+
+    from llmbench.quant import apply
+    from llmbench.quant.calibration import load_texts
+    from llmbench.quant.gptq import GPTQSettings, calibration_ids, int4_linears, quantize_model
+
+    texts, source = load_texts(args.dataset)
+    settings = GPTQSettings(group_size=scheme.group_size, sym=scheme.sym)
+    torch.manual_seed(0)
+    calib, _ = calibration_ids(loaded.tokenizer, texts, args.calib_iters, args.calib_len, 0)
+    start = time.perf_counter()
+    results = quantize_model(loaded.model, calib, settings, log=lambda line: None)
+    qlinears = int4_linears(loaded.model, results)
+    output = loaded.model.get_output_embeddings()
+    for name, module in apply.linear_modules(loaded.model).items():
+        if module is output and name not in qlinears:
+            qlinears[name] = quantize_weight(module.weight, module.bias,
+                                             apply.projection_scheme(scheme, True))
+    info = {"calibration": {"source": source, "nsamples": args.calib_iters,
+                            "seqlen": args.calib_len},
+            "layers": len(results), "seconds": round(time.perf_counter() - start, 2)}
+    print(f"gptq: {len(results)} projections, calibration {args.calib_iters} x "
+          f"{args.calib_len} tokens of {source}, in {info['seconds']:.1f} s", flush=True)
+    return qlinears, info
+
+
+def quantize_in_process(args: argparse.Namespace, loaded: Any, scheme: Scheme,
+                        backend: str) -> Any:
+    """Weight-only quantization of the loaded fp32 model in this process (nothing saved): what
+    the accuracy scripts do for `--dtype int8|int4` / --ipex-weight-only-quantization without a
+    saved model. The float layers then run in args.dtype."""
+    import torch
+
+    from llmbench.quant import apply
+
+    if scheme.method == "gptq":
+        qlinears, _ = quantize_gptq(args, loaded, scheme)
+    else:
+        qlinears = apply.quantize_rtn(loaded.model, scheme)
+    if args.dtype != "float32":
+        loaded.model.to(getattr(torch, args.dtype))
+        loaded.dtype = args.dtype
+    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,
+                                       kv_cache_dtype=args.kv_cache_dtype, scheme=scheme)
+    print(f"quantized: {scheme.describe()} in this process, not saved "
+          f"({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB read per token)",
+          flush=True)
+    return prepared
 
 
 def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
@@ -227,16 +363,35 @@ def prepare_checkpoint_folder(args: argparse.Namespace, loaded: Any, backend: st
     """-m DIR of a GPTQ/AWQ folder: its int4 projections, converted at load, put in."""
     from llmbench.quant import apply
 
-    if args.quantized_model_path is not None or scheme_from_args(args) is not None:
-        raise UserError(f"-m {loaded.source.display_name} is already a quantized GPTQ/AWQ "
-                        "checkpoint: drop the quantization flags")
     qlinears, scheme = loaded.quantized
+    wanted = None if args.quantized_model_path is not None else scheme_from_args(args)
+    if args.quantized_model_path is not None or (wanted is not None and (
+            wanted.method not in ("woq", "gptq") or wanted.weight_dtype not in ("INT8", "INT4")
+            or args.group_size not in (0, scheme.group_size))):
+        raise UserError(f"-m {loaded.source.display_name} is already a quantized GPTQ/AWQ "
+                        f"checkpoint ({scheme.describe()}): drop the quantization flags, or pass "
+                        "only --ipex-weight-only-quantization [--weight-dtype INT4] "
+                        "[--lowp-mode ...] as the examples do")
+    if wanted is not None:
+        # The examples' `-m <INT4 checkpoint> --ipex-weight-only-quantization --weight-dtype
+        # INT4 --lowp-mode BF16`: the checkpoint's weights are used; the flags choose how to
+        # compute.
+        print(f"note: -m {loaded.source.display_name} holds {scheme.describe()} weights: they "
+              "are used as they are (--ipex-weight-only-quantization quantizes nothing more; "
+              f"--lowp-mode {wanted.lowp_mode} sets the compute)", flush=True)
+        scheme = dataclasses.replace(scheme, lowp_mode=wanted.lowp_mode,
+                                     act_quant_mode=wanted.act_quant_mode)
     prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,
                                        kv_cache_dtype=args.kv_cache_dtype, scheme=scheme)
     prepared.details["quantization"].update({
         "path": loaded.source.path, "checkpoint": {key: scheme.extra[key] for key in (
             "bits", "desc_act", "checkpoint_format")} | {"method": scheme.method,
                                                          "group_size": scheme.group_size}})
+    if scheme.extra.get("float_int8_weights"):
+        note = (f"{scheme.extra['float_int8_weights']} int8 weights of the checkpoint that are "
+                "not linear layers here (fused MoE experts) run dequantized, in float")
+        prepared.details["quantization"]["note"] = note
+        print(f"note: {note}", flush=True)
     print(f"quantized: {scheme.describe()} (desc_act {scheme.extra['desc_act']}) checkpoint "
           f"{loaded.source.path} ({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB "
           "read per token)", flush=True)

@@ -412,7 +412,7 @@ DESCRIPTION = ("GPTQ INT4 (our implementation of Frantar et al. 2022) with a loc
 
 def add_gptq_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("GPTQ")
-    group.add_argument("-m", "--model-name-or-path", default=None,
+    group.add_argument(*flags.MODEL_FLAG_NAMES, dest="model_name_or_path", default=None,
                        help="float model: hub id, local folder or .gguf (default: the embedded "
                             "SmolLM2-135M-Instruct)")
     group.add_argument("--output-dir", default="./saved_results/gptq",

@@ -350,8 +350,99 @@ class _Concat:
         return sum(p.nbytes for p in self.parts)
 
 
+class Int8GroupLinear:
+    """INT8 weights with a scale (and, asymmetric, a zero point) per group of `group_size`
+    input channels: w = (q - z) * s. No compiled kernel takes int8 groups, so this dequantizes
+    in pure torch on every call (correct, not fast; the report says so), as NF4 does."""
+
+    kind = "int8g"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, in_features: int, bias: torch.Tensor | None = None) -> None:
+        self.qweight = qweight.contiguous()  # int8 [N, K padded to whole groups]
+        self.scales = scales.float().contiguous()  # [N, groups]
+        self.zeros = None if zeros is None else zeros.float().contiguous()
+        self.group_size = int(group_size)
+        self.in_features = int(in_features)
+        self.out_features = self.qweight.shape[0]
+        self.bias = None if bias is None else bias.float().contiguous()
+
+    def dequantize(self) -> torch.Tensor:
+        n, kp = self.qweight.shape
+        q = self.qweight.float().view(n, kp // self.group_size, self.group_size)
+        if self.zeros is not None:
+            q = q - self.zeros[:, :, None]
+        return (q * self.scales[:, :, None]).view(n, kp)[:, : self.in_features]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(), self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.zeros is None else self.zeros.numel() * 4
+        return (self.qweight.numel() + self.scales.numel() * 4 + extra
+                + _bias_bytes(self.bias))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    @classmethod
+    def fuse(cls, parts: list[Int8GroupLinear]) -> Any:
+        first = parts[0]
+        if any(p.group_size != first.group_size or p.in_features != first.in_features
+               or (p.zeros is None) != (first.zeros is None) for p in parts):
+            return _Concat(parts)
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                   zeros, first.group_size, first.in_features, _cat_bias(parts))
+
+
+LOWP_DTYPES = {"BF16": torch.bfloat16, "FP16": torch.float16}
+
+
+class LowpLinear:
+    """--lowp-mode BF16|FP16 (IPEX's compute dtype of weight-only quantization): the weights
+    dequantized to bf16/fp16 and multiplied with the activations rounded to that dtype, by
+    torch's matmul in that dtype; the result back in fp32. Where the CPU has no bf16/fp16
+    arithmetic torch emulates it (the report says so). The weights stay stored as quantized;
+    this wrapper is never saved (apply.save takes the projections it wraps)."""
+
+    def __init__(self, inner: Any, lowp_mode: str) -> None:
+        self.inner = inner
+        self.lowp_mode = lowp_mode
+        self.dtype = LOWP_DTYPES[lowp_mode]
+        self.kind = f"{inner.kind}-{lowp_mode.lower()}"
+        self.in_features = inner.in_features
+        self.out_features = inner.out_features
+        bias = getattr(inner, "bias", None)
+        self.bias = None if bias is None else bias.to(self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.inner.dequantize().to(self.dtype)
+        return F.linear(x.to(self.dtype), weight, self.bias).float()
+
+    def dequantize(self) -> torch.Tensor:
+        return self.inner.dequantize()
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.inner.tensors()
+
+    @classmethod
+    def fuse(cls, parts: list[LowpLinear]) -> LowpLinear:
+        return cls(fuse([p.inner for p in parts]), parts[0].lowp_mode)
+
+
 LINEAR_CLASSES = {cls.kind: cls for cls in (Int8Linear, Int4Linear, NF4Linear, FP8Linear,
-                                            StaticInt8Linear, FloatLinear)}
+                                            StaticInt8Linear, FloatLinear, Int8GroupLinear)}
 
 
 def fuse(parts: list[Any]) -> Any:

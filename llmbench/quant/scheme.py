@@ -11,7 +11,13 @@ import torch
 from llmbench import kernels
 from llmbench.errors import UserError
 from llmbench.kernels.int8_act import ActLevels
-from llmbench.quant.linears import FP8Linear, Int4Linear, Int8Linear, NF4Linear
+from llmbench.quant.linears import (
+    FP8Linear,
+    Int4Linear,
+    Int8GroupLinear,
+    Int8Linear,
+    NF4Linear,
+)
 
 WEIGHT_DTYPES = ("INT8", "INT4", "NF4", "FP8")
 # --act-quant-mode (IPEX's names), for --lowp-mode INT8: the scale's scope is the whole tensor
@@ -75,15 +81,16 @@ def resolve_group_size(weight_dtype: str, group_size: int) -> int:
     if group_size < MIN_GROUP or group_size & (group_size - 1):
         raise UserError(f"--group-size {group_size} is not allowed: use 0 (automatic), -1 "
                         f"(per-channel) or a power of two >= {MIN_GROUP}")
-    if weight_dtype in ("INT8", "FP8"):
-        raise UserError(f"--group-size {group_size} with --weight-dtype {weight_dtype}: our "
-                        f"{weight_dtype} path quantizes per output channel only; use 0 or -1")
+    if weight_dtype == "FP8":
+        raise UserError(f"--group-size {group_size} with --weight-dtype FP8: our FP8 path "
+                        "quantizes per output channel only; use 0 or -1")
     return group_size
 
 
 def check_lowp_mode(lowp_mode: str, act_quant_mode: str | None, weight_dtype: str) -> None:
-    """--lowp-mode AUTO/FP32: fp32 compute. INT8: int8 activations against INT8 or INT4
-    weights; anything else is refused rather than run as something else."""
+    """--lowp-mode AUTO/FP32: fp32 compute. BF16/FP16: weights dequantized to that dtype and
+    multiplied in it (linears.LowpLinear; emulated where the CPU lacks it). INT8: int8
+    activations against INT8 or INT4 weights; anything else is refused."""
     if lowp_mode == "INT8":
         if weight_dtype not in ("INT8", "INT4"):
             raise UserError(f"--lowp-mode INT8 runs int8 activations against INT8 or INT4 "
@@ -93,9 +100,8 @@ def check_lowp_mode(lowp_mode: str, act_quant_mode: str | None, weight_dtype: st
             raise UserError(f"--act-quant-mode {act_quant_mode} is not a mode: use one of "
                             f"{', '.join(ACT_QUANT_MODES)}")
         return
-    if lowp_mode not in ("AUTO", "FP32"):
-        raise UserError(f"--lowp-mode {lowp_mode}: our weight-only kernels compute in fp32 "
-                        "(or int8 with --lowp-mode INT8), not bf16/fp16; use AUTO, FP32 or INT8")
+    if lowp_mode not in LOWP_MODES:
+        raise UserError(f"--lowp-mode {lowp_mode}: use one of {', '.join(LOWP_MODES)}")
     if act_quant_mode is not None:
         raise UserError("--act-quant-mode applies to --lowp-mode INT8; leave it out")
 
@@ -128,6 +134,16 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, scheme: Sch
     w = weight.detach().float()
     b = None if bias is None else bias.detach().float()
     n, k = w.shape
+    if scheme.weight_dtype == "INT8" and scheme.group_size != -1 and scheme.group_size < k:
+        # Groups of input channels (IPEX's INT8 --group-size), the last one zero-padded.
+        group = scheme.group_size
+        wg = _padded(w, group).view(n, -1, group)
+        q, s, lo = _clipped_grid(wg, 255 if not scheme.sym else 127, scheme.sym,
+                                 CLIP_GRID_8BIT)
+        if scheme.sym:
+            return Int8GroupLinear(q.view(n, -1).to(torch.int8), s, None, group, k, b)
+        z = -128.0 - lo / s
+        return Int8GroupLinear((q - 128).view(n, -1).to(torch.int8), s, z, group, k, b)
     if scheme.weight_dtype == "INT8":
         # One group per row; symmetric q in [-127, 127], asymmetric stored as int8 with a zero
         # point: w = (q - z) * s with q = u - 128 for u in [0, 255].
