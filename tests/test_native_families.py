@@ -132,6 +132,28 @@ def test_native_quantized_runs_native_with_stocks_tokens(tiny: dict[str, Path], 
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("weight_dtype,group,lowp", [("INT8", 32, "AUTO"), ("INT4", 32, "BF16")])
+@pytest.mark.parametrize("name", ["codegen", "falcon-40b-layout"])
+def test_reordered_layouts_keep_every_quantized_format(tiny: dict[str, Path], name: str,
+                                                       weight_dtype: str, group: int,
+                                                       lowp: str) -> None:
+    """INT8 groups and --lowp-mode BF16 (projections without a compiled kernel, so the torch-op
+    step runs, and says so) through the row reordering of CodeGen's and Falcon-40B's fused
+    QKV: stock's tokens."""
+    scheme = Scheme("woq", weight_dtype, group, weight_dtype == "INT4", lowp)
+    qlinears = apply.quantize_rtn(load_model(str(tiny[name]), "float32").model, scheme)
+    runs = []
+    for backend in ("stock", "native"):
+        loaded = load_model(str(tiny[name]), "float32")
+        prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype="float32",
+                                           kv_cache_dtype="auto", scheme=scheme)
+        assert prepared.backend == backend
+        if backend == "native":
+            assert "has no compiled kernel" in prepared.model.runtime_details()["decode_step"]
+        runs.append(generate(prepared.model))
+    assert runs[0] == runs[1]
+
+
 def test_moe_reads_only_the_routed_experts(tiny: dict[str, Path]) -> None:
     """A decode step of a sequence reads top_k of the experts: the bytes per token (and so the
     floor) count those, not all of them."""

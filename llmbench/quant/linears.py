@@ -469,8 +469,8 @@ def take_rows(linear: Any, rows: torch.Tensor) -> Any:
     for attr, value in vars(linear).items():
         if isinstance(value, torch.Tensor) and attr in _ROW_TENSORS:
             setattr(taken, attr, value[rows].contiguous())
-        elif type(value) in LINEAR_CLASSES.values():  # StaticInt8Linear's inner Int8Linear
-            setattr(taken, attr, take_rows(value, rows))
+        elif hasattr(value, "out_features") and hasattr(value, "tensors"):
+            setattr(taken, attr, take_rows(value, rows))  # a wrapped projection (`inner`)
     if isinstance(taken, StaticInt8Linear):
         taken.bias = taken.inner.bias
     taken.out_features = int(rows.numel())
