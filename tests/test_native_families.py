@@ -115,21 +115,24 @@ def test_native_quantized_runs_native_with_stocks_tokens(tiny: dict[str, Path], 
     """The same quantized projections, fused and reordered into the native model (through
     blocks' sources) and swapped into stock's nn.Linear modules, give the same tokens."""
     scheme = Scheme("woq", weight_dtype, group, weight_dtype == "INT4")
-    qlinears = apply.quantize_rtn(load_model(str(tiny[name]), "float32").model, scheme)
-    runs = []
+    stock_tokens, native = quantized_on_both(tiny[name], scheme)
+    projections = 1 + sum(len(layer.projections(i)) for i, layer in enumerate(native.model.layers))
+    assert native.details["quantization"]["native_projections_replaced"] == projections
+    assert native.model.runtime_details()["decode_step"].startswith("compiled C++ step")
+    assert generate(native.model) == stock_tokens
+
+
+def quantized_on_both(folder: Path, scheme: Scheme) -> tuple[list[list[int]], Any]:
+    """One set of quantized projections, run by stock (swapped modules): its tokens; and put
+    into the native model (fused, rows reordered through blocks' sources): the prepared model."""
+    qlinears = apply.quantize_rtn(load_model(str(folder), "float32").model, scheme)
+    prepared = {}
     for backend in ("stock", "native"):
-        loaded = load_model(str(tiny[name]), "float32")
-        prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype="float32",
-                                           kv_cache_dtype="auto", scheme=scheme)
-        assert prepared.backend == backend
-        if backend == "native":
-            native = prepared.model
-            projections = 1 + sum(len(layer.projections(i))
-                                  for i, layer in enumerate(native.layers))
-            assert prepared.details["quantization"]["native_projections_replaced"] == projections
-            assert native.runtime_details()["decode_step"].startswith("compiled C++ step")
-        runs.append(generate(prepared.model))
-    assert runs[0] == runs[1]
+        prepared[backend] = apply.prepare_quantized(
+            load_model(str(folder), "float32"), qlinears, backend=backend, dtype="float32",
+            kv_cache_dtype="auto", scheme=scheme)
+        assert prepared[backend].backend == backend
+    return generate(prepared["stock"].model), prepared["native"]
 
 
 @pytest.mark.parametrize("weight_dtype,group,lowp", [("INT8", 32, "AUTO"), ("INT4", 32, "BF16")])
@@ -141,17 +144,9 @@ def test_reordered_layouts_keep_every_quantized_format(tiny: dict[str, Path], na
     step runs, and says so) through the row reordering of CodeGen's and Falcon-40B's fused
     QKV: stock's tokens."""
     scheme = Scheme("woq", weight_dtype, group, weight_dtype == "INT4", lowp)
-    qlinears = apply.quantize_rtn(load_model(str(tiny[name]), "float32").model, scheme)
-    runs = []
-    for backend in ("stock", "native"):
-        loaded = load_model(str(tiny[name]), "float32")
-        prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype="float32",
-                                           kv_cache_dtype="auto", scheme=scheme)
-        assert prepared.backend == backend
-        if backend == "native":
-            assert "has no compiled kernel" in prepared.model.runtime_details()["decode_step"]
-        runs.append(generate(prepared.model))
-    assert runs[0] == runs[1]
+    stock_tokens, native = quantized_on_both(tiny[name], scheme)
+    assert "has no compiled kernel" in native.model.runtime_details()["decode_step"]
+    assert generate(native.model) == stock_tokens
 
 
 def test_moe_reads_only_the_routed_experts(tiny: dict[str, Path]) -> None:

@@ -160,6 +160,13 @@ def _rows(*blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([b.reshape(-1) for b in blocks]).long()
 
 
+def _per_head_qkv_rows(heads: int, d: int) -> torch.Tensor:
+    """A fused projection laid out per head [q k v] (NeoX, BLOOM, multi-head Falcon and
+    GPTBigCode): the row order that makes it [q heads | k heads | v heads]."""
+    per_head = torch.arange(3 * heads * d).view(heads, 3, d)
+    return _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+
+
 def _interleaved_to_half(head_dim: int, rotary_dim: int) -> torch.Tensor:
     """Within one head: the even dims of the rotary part, then its odd dims, then the rest.
     Rotating pairs (2i, 2i+1) is then rotate-half RoPE over the first rotary_dim dims."""
@@ -308,9 +315,7 @@ def _map_gpt_neox(model: Any) -> ModelParts:
     heads, hidden = config.num_attention_heads, config.hidden_size
     d = hidden // heads
     parallel = bool(config.use_parallel_residual)
-    # query_key_value rows: per head [q | k | v].
-    per_head = torch.arange(3 * hidden).view(heads, 3, d)
-    rows = _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+    rows = _per_head_qkv_rows(heads, d)
     layers = []
     for i, layer in enumerate(inner.layers):
         prefix = f"gpt_neox.layers.{i}"
@@ -345,8 +350,7 @@ def _map_falcon(model: Any) -> ModelParts:
         kv, rows = 1, None  # [q heads | k | v]
     else:
         kv = heads
-        per_head = torch.arange(3 * hidden).view(heads, 3, d)
-        rows = _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+        rows = _per_head_qkv_rows(heads, d)
     layers = []
     for i, layer in enumerate(inner.h):
         prefix = f"transformer.h.{i}"
@@ -406,8 +410,7 @@ def _map_bloom(model: Any) -> ModelParts:
             "bloom: apply_residual_connection_post_layernorm is not implemented")
     heads, hidden = config.n_head, config.hidden_size
     d = hidden // heads
-    per_head = torch.arange(3 * hidden).view(heads, 3, d)
-    rows = _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+    rows = _per_head_qkv_rows(heads, d)
     layers = []
     for i, layer in enumerate(inner.h):
         prefix = f"transformer.h.{i}"
@@ -435,8 +438,7 @@ def _map_gpt_bigcode(model: Any) -> ModelParts:
         kv, rows = 1, None  # c_attn rows: [q heads | k | v]
     else:
         kv = heads
-        per_head = torch.arange(3 * hidden).view(heads, 3, d)
-        rows = _rows(per_head[:, 0], per_head[:, 1], per_head[:, 2])
+        rows = _per_head_qkv_rows(heads, d)
     _refuse(not config.scale_attn_weights, "gpt_bigcode: scale_attn_weights=False")
     layers = []
     for i, layer in enumerate(inner.h):
