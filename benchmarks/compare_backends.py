@@ -147,6 +147,14 @@ FAMILY_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("Phi-2", "phi", dict(hidden_size=2560, num_attention_heads=32,
                                  intermediate_size=10240, vocab_size=51200,
                                  partial_rotary_factor=0.4, max_position_embeddings=2048)),
+    # 8 of the real 64 routed experts, every layer sparse: a token reads the router, its top 6
+    # experts and the 2 shared ones either way, so the per-token bytes are the real model's.
+    "deepseek_v2": ("DeepSeek-V2-Lite (8 of 64 routed experts)", "deepseek_v2", dict(
+        hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        moe_intermediate_size=1408, n_routed_experts=8, n_shared_experts=2,
+        num_experts_per_tok=6, first_k_dense_replace=0, intermediate_size=10944,
+        vocab_size=102400, max_position_embeddings=4096)),
 }
 
 

@@ -38,6 +38,16 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_bigcode-mha": ("gpt_bigcode", {"multi_query": False}),
     "stablelm-parallel-bias": ("stablelm", {"use_parallel_residual": True,
                                             "use_qkv_bias": True}),
+    # DeepSeek: MLA with and without q's bottleneck, interleaved and rotate-half RoPE, softmax
+    # greedy / group-limited and sigmoid group-limited (top-2 group scores) routing.
+    # (kv_lora_rank 32: wide enough for kv_b to be quantized, so that its absorbed matrices
+    # come from the dequantized weights.)
+    "deepseek_v2": ("deepseek_v2", {"kv_lora_rank": 32}),
+    "deepseek_v2-group-limited-no-q-rank": ("deepseek_v2", {
+        "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1,
+        "q_lora_rank": None, "kv_lora_rank": 32}),
+    "deepseek_v3": ("deepseek_v3", {"n_group": 2, "topk_group": 1, "kv_lora_rank": 32}),
+    "deepseek_v3-rotate-half": ("deepseek_v3", {"rope_interleave": False, "kv_lora_rank": 32}),
 }
 NEW_TOKENS = 12
 PROMPT = torch.tensor([[1, 4500, 301, 22000, 7, 812, 16000, 90, 3000, 41000, 5, 2222]])
@@ -91,7 +101,8 @@ def test_native_fp32_tokens_are_stocks(tiny: dict[str, Path], name: str) -> None
 
 
 @pytest.mark.parametrize("name", ["gptj", "gpt_neox", "falcon-40b-layout", "opt", "bloom",
-                                  "gpt_bigcode", "mpt", "phi", "stablelm", "codegen"])
+                                  "gpt_bigcode", "mpt", "phi", "stablelm", "codegen",
+                                  "deepseek_v3"])
 def test_native_bf16_prefill_close_to_stock_bf16(tiny: dict[str, Path], name: str) -> None:
     """Stock computes in bf16, native in fp32 from the same bf16 weights: on random weights
     their greedy paths part at near-ties, so the logits are compared (bf16's step is 2^-8)."""
@@ -100,7 +111,8 @@ def test_native_bf16_prefill_close_to_stock_bf16(tiny: dict[str, Path], name: st
     with torch.inference_mode():
         expected = stock(input_ids=PROMPT).logits[0, -1].float()
         caches = [KVCache(1, 1, native.kv_heads, native.head_dim, PROMPT.shape[1], 1,
-                          torch.float32) for _ in native.layers]
+                          torch.float32, shared_values=native.block.latent is not None)
+                  for _ in native.layers]
         cos, sin = native._rope_tables(PROMPT.shape[1] + 1)
         got = native.prefill(PROMPT, caches, cos, sin)[0]
     assert float((got - expected).abs().max()) < 0.03 * float(expected.abs().max())
@@ -116,7 +128,8 @@ def test_native_quantized_runs_native_with_stocks_tokens(tiny: dict[str, Path], 
     blocks' sources) and swapped into stock's nn.Linear modules, give the same tokens."""
     scheme = Scheme("woq", weight_dtype, group, weight_dtype == "INT4")
     stock_tokens, native = quantized_on_both(tiny[name], scheme)
-    projections = 1 + sum(len(layer.projections(i)) for i, layer in enumerate(native.model.layers))
+    projections = 1 + sum(len(layer.projections(i)) + (layer.w_uk is not None)  # + MLA's kv_b
+                          for i, layer in enumerate(native.model.layers))
     assert native.details["quantization"]["native_projections_replaced"] == projections
     assert native.model.runtime_details()["decode_step"].startswith("compiled C++ step")
     assert generate(native.model) == stock_tokens
@@ -149,18 +162,23 @@ def test_reordered_layouts_keep_every_quantized_format(tiny: dict[str, Path], na
     assert generate(native.model) == stock_tokens
 
 
-def test_moe_reads_only_the_routed_experts(tiny: dict[str, Path]) -> None:
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_moe_reads_only_the_routed_experts(tiny: dict[str, Path], name: str) -> None:
     """A decode step of a sequence reads top_k of the experts: the bytes per token (and so the
-    floor) count those, not all of them."""
-    native = native_of(tiny["mixtral"]).model
+    floor) count those, not all of them (and DeepSeek's shared experts and absorbed kv_b)."""
+    native = native_of(tiny[name]).model
     routing = native.block.experts
     assert (routing.count, routing.top_k) == (4, 2)
     every = native.lm_head.nbytes + sum(
-        getattr(owner, attr).nbytes + (layer.router.nbytes if attr == "qkv" else 0)
-        for i, layer in enumerate(native.layers) for _, owner, attr in layer.projections(i))
-    expert = native.layers[0].experts[0]
+        getattr(owner, attr).nbytes for i, layer in enumerate(native.layers)
+        for _, owner, attr in layer.projections(i))
+    every += sum(layer.router.nbytes for layer in native.layers if layer.router is not None)
+    every += sum(layer.w_uk.nbytes + layer.w_uv.nbytes for layer in native.layers
+                 if layer.w_uk is not None)
+    moe_layers = [layer for layer in native.layers if layer.experts]
+    expert = moe_layers[0].experts[0]
     per_expert = expert.gate_up.nbytes + expert.down.nbytes
-    unread = len(native.layers) * (routing.count - routing.top_k) * per_expert
+    unread = len(moe_layers) * (routing.count - routing.top_k) * per_expert
     assert native.weight_bytes == every - unread
 
 
@@ -177,6 +195,7 @@ def only_report(folder: Path) -> dict[str, Any]:
     ("bloom", ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]),
     ("mixtral", ["--ipex-weight-only-quantization", "--weight-dtype", "INT4",
                  "--group-size", "32"]),
+    ("deepseek_v3", ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]),
 ])
 def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, name: str,
                                       extra: list[str]) -> None:
@@ -191,8 +210,12 @@ def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, nam
     backend = report["backend"]
     assert backend["name"] == "native" and "fallback_reason" not in backend
     assert backend["decode_step"].startswith("compiled C++ step")
-    if extra:  # every projection quantized: 2 layers x (4, or 2 + 4 experts x 2) + lm_head
-        replaced = 21 if name == "mixtral" else 9
+    if name.startswith("deepseek"):
+        assert backend["block"]["latent"]["kv_rank"] == 32
+    # Every projection quantized: lm_head + 2 layers x (4; mixtral 2 + 4 experts x 2;
+    # deepseek [q_a kv_a], q_b, o, kv_b, then dense gate_up and down or 4 experts x 2 + shared 2).
+    replaced = {"mixtral": 21, "deepseek_v3": 21}.get(name, 9)
+    if extra:
         assert backend["quantization"]["native_projections_replaced"] == replaced
 
 

@@ -15,9 +15,15 @@ function that names its modules and says which parts it has, not a new model cla
 - attention: MHA / GQA / MQA from the fused projection's shape; every fused QKV layout (NeoX's
   and BLOOM's per-head [q k v], Falcon's grouped [q.. k v], CodeGen's four [q v k] shards) is
   reordered once into [q heads | k heads | v heads], biases with it;
+- attention: or DeepSeek's multi-head latent attention (`Latent`), run in its absorbed form:
+  the cache holds one latent row per token ([rotary key | normed compressed kv], shared by
+  every head as a single key/value head), q's no-position part is multiplied into the latent
+  space by kv_b's key half and the attention's output out of it by kv_b's value half;
 - MLP: gated (act(gate) * up) or plain (act(fc1 x + b)), SiLU / GELU (erf or tanh) / ReLU;
-  or a mixture of experts (`Experts`: a float router, top-k of softmax gates, renormalized or
-  not, each expert a gated MLP; a decode step reads only the experts it routes to).
+  or a mixture of experts (`Experts`: a float router, top-k of softmax or sigmoid scores,
+  optionally group-limited and bias-corrected (DeepSeek), renormalized or not, scaled, each
+  expert a gated MLP, plus always-on shared experts; a decode step reads only the experts it
+  routes to). Dense and expert layers may alternate (DeepSeek's first dense layers).
 
 Projections are described as `Source`s: which HF modules, and which of their output rows in
 which order, make a native projection. The float path reads the modules' weights through them;
@@ -49,13 +55,35 @@ ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "ge
 
 @dataclass(frozen=True)
 class Experts:
-    """A sparse MLP: router logits = W_router x, gates = softmax over all experts, the top_k
-    experts run (as gated MLPs) and their outputs are summed weighted by their gates (divided by
-    the gates' sum when `normalize`)."""
+    """A sparse MLP: router logits = W_router x, scores = softmax (or sigmoid) of them; the
+    top_k experts by score (plus a per-layer correction bias, for choosing only) run as gated
+    MLPs, summed weighted by their scores (divided by the chosen scores' sum when `normalize`,
+    times `scale`). Group-limited routing first keeps the `top_groups` best of `groups` equal
+    groups of experts, a group scored by its best expert ("max") or best two ("top2")."""
 
     count: int
     top_k: int
     normalize: bool
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    groups: int = 1
+    top_groups: int = 1
+    group_score: str = "max"  # "max" | "top2"
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Latent:
+    """Multi-head latent attention (DeepSeek-V2/V3): q from one projection or through a
+    q_rank bottleneck (RMS-normed); keys and values from one compressed kv_rank latent
+    (RMS-normed) plus a rope_dim rotary key shared by all heads. Per head: q.k = q_rope.k_rope
+    + q_nope.(W_uk c), value W_uv c."""
+
+    q_rank: int  # 0: q comes from one projection
+    kv_rank: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    norm_eps: float  # the latents' RMSNorms
 
 
 @dataclass(frozen=True)
@@ -80,13 +108,12 @@ class Block:
     embed_norm: bool = False  # bloom: LayerNorm right after the embedding
     sliding_window: int | None = None
     experts: Experts | None = None  # MoE layers' routing (the layers with a router use it)
+    latent: Latent | None = None  # MLA: heads share one latent key/value head of head_dim
 
     def describe(self) -> dict[str, Any]:
         """The report's account of the block."""
-        described = {key: value for key, value in self.__dict__.items() if key != "family"}
-        if self.experts is not None:
-            described["experts"] = dict(self.experts.__dict__)
-        return described
+        return {key: dict(value.__dict__) if isinstance(value, Experts | Latent) else value
+                for key, value in self.__dict__.items() if key != "family"}
 
 
 @dataclass(frozen=True)
@@ -121,7 +148,15 @@ class LayerParts:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     router: list[Source] | None = None  # MoE layers: the router, kept float
+    router_bias: torch.Tensor | None = None  # added to the scores for choosing experts only
     experts: list[tuple[list[Source], list[Source]]] = field(default_factory=list)
+    shared: tuple[list[Source], list[Source]] | None = None  # an always-on gated MLP
+    # MLA: qkv is [q (or q's bottleneck) | rotary key | compressed kv]; q_b lifts the
+    # bottleneck to the heads' q; kv_b is absorbed (never run as a projection).
+    q_b: list[Source] | None = None
+    q_a_norm: torch.Tensor | None = None
+    kv_a_norm: torch.Tensor | None = None
+    kv_b: list[Source] | None = None
 
 
 @dataclass
@@ -185,6 +220,16 @@ def _module_rope(rotary: Any) -> Callable[[int], tuple[torch.Tensor, torch.Tenso
         positions = torch.arange(length).unsqueeze(0)
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
         return cos[0].float().contiguous(), sin[0].float().contiguous()
+    return tables
+
+
+def _complex_rope(rotary: Any) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """DeepSeek-V2's rotary embedding returns e^(i theta) per pair: its tables in rotate-half
+    form (the pairs are de-interleaved at load as GPT-J's are)."""
+    def tables(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(length).unsqueeze(0))[0]
+        cos, sin = freqs.real.float(), freqs.imag.float()
+        return torch.cat((cos, cos), -1).contiguous(), torch.cat((sin, sin), -1).contiguous()
     return tables
 
 
@@ -508,6 +553,77 @@ def _map_phi(model: Any) -> ModelParts:
                       rope_tables=tables)
 
 
+def _map_deepseek(model: Any) -> ModelParts:
+    """DeepSeek-V2 / V2.5 / V3 / R1: multi-head latent attention; dense gated MLPs in the first
+    layers, then routed experts (3-D tensors) plus shared experts."""
+    config, inner = model.config, model.model
+    family = config.model_type
+    heads = config.num_attention_heads
+    nope, rope, v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    q_rank, kv_rank = config.q_lora_rank or 0, config.kv_lora_rank
+    attn0 = inner.layers[0].self_attn
+    # V2's complex rotation and V3's rope_interleave rotate pairs (2i, 2i+1): de-interleave q's
+    # and the rotary key's rows (q.k unchanged); each head's q becomes [rotary | no-position].
+    interleaved = family == "deepseek_v2" or bool(getattr(config, "rope_interleave", False))
+    rope_order = _interleaved_to_half(rope, rope) if interleaved else torch.arange(rope)
+    per_head = torch.arange(heads * (nope + rope)).view(heads, nope + rope)
+    q_rows = torch.cat((per_head[:, nope:][:, rope_order], per_head[:, :nope]), 1).reshape(-1)
+    kv_rows = torch.cat((kv_rank + rope_order, torch.arange(kv_rank)))  # [rotary key | latent]
+    count = _cfg(config, "n_routed_experts", "num_local_experts", "num_experts")
+    if family == "deepseek_v2":
+        method = config.topk_method
+        _refuse(method not in ("greedy", "group_limited_greedy"),
+                f"deepseek_v2: expert routing '{method}' is not implemented")
+        limited = method == "group_limited_greedy"
+        routing = Experts(count, config.num_experts_per_tok, normalize=False,
+                          groups=config.n_group if limited else 1,
+                          top_groups=config.topk_group if limited else 1,
+                          scale=float(config.routed_scaling_factor))
+    else:
+        routing = Experts(count, config.num_experts_per_tok, normalize=bool(config.norm_topk_prob),
+                          scoring="sigmoid", groups=config.n_group or 1,
+                          top_groups=config.topk_group or 1, group_score="top2",
+                          scale=float(config.routed_scaling_factor))
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        prefix = f"model.layers.{i}"
+        attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+        kv_a = Source(f"{attn}.kv_a_proj_with_mqa", kv_rows)
+        if q_rank:
+            qkv, q_b = [Source(f"{attn}.q_a_proj"), kv_a], [Source(f"{attn}.q_b_proj", q_rows)]
+        else:
+            qkv, q_b = [Source(f"{attn}.q_proj", q_rows), kv_a], None
+        parts = LayerParts(
+            attn_norm=_norm(layer.input_layernorm), mlp_norm=_norm(layer.post_attention_layernorm),
+            qkv=qkv, o=[Source(f"{attn}.o_proj")], gate_up=None, down=None, q_b=q_b,
+            q_a_norm=None if not q_rank else layer.self_attn.q_a_layernorm.weight.detach().float(),
+            kv_a_norm=layer.self_attn.kv_a_layernorm.weight.detach().float(),
+            kv_b=[Source(f"{attn}.kv_b_proj")])
+        if hasattr(layer.mlp, "experts"):
+            bias = getattr(layer.mlp.gate, "e_score_correction_bias", None)
+            parts.router = [Source(f"{mlp}.gate")]
+            parts.router_bias = None if bias is None else bias.detach().float()
+            parts.experts = [([Source(f"{mlp}.experts.gate_up_proj", expert=e)],
+                              [Source(f"{mlp}.experts.down_proj", expert=e)])
+                             for e in range(count)]
+            shared = f"{mlp}.shared_experts"
+            parts.shared = ([Source(f"{shared}.gate_proj"), Source(f"{shared}.up_proj")],
+                            [Source(f"{shared}.down_proj")])
+        else:
+            parts.gate_up = [Source(f"{mlp}.gate_proj"), Source(f"{mlp}.up_proj")]
+            parts.down = [Source(f"{mlp}.down_proj")]
+        layers.append(parts)
+    latent = Latent(q_rank=q_rank, kv_rank=kv_rank, nope_dim=nope, rope_dim=rope, v_dim=v_dim,
+                    norm_eps=float(attn0.kv_a_layernorm.variance_epsilon))
+    block = Block(family=family, norm="rms", eps=config.rms_norm_eps, residual="sequential",
+                  position="rope", mlp="gated", activation=config.hidden_act, heads=heads,
+                  kv_heads=1, head_dim=rope + kv_rank, scaling=attn0.scaling, rotary_dim=rope,
+                  latent=latent, experts=routing if any(p.router for p in layers) else None)
+    tables = (_complex_rope if family == "deepseek_v2" else _module_rope)(inner.rotary_emb)
+    return ModelParts(block=block, embed="model.embed_tokens", layers=layers,
+                      final_norm=_norm(inner.norm), lm_head="lm_head", rope_tables=tables)
+
+
 MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     **{family: _map_llama_like
        for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "stablelm",
@@ -521,6 +637,8 @@ MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     "gpt_bigcode": _map_gpt_bigcode,
     "mpt": _map_mpt,
     "phi": _map_phi,
+    "deepseek_v2": _map_deepseek,
+    "deepseek_v3": _map_deepseek,
 }
 NATIVE_FAMILIES = tuple(MAPPERS)
 
@@ -580,5 +698,6 @@ def expert_matrices(model: Any) -> dict[str, torch.Tensor]:
     return found
 
 
-__all__ = ["ACTIVATIONS", "Block", "Experts", "LayerParts", "ModelParts", "NATIVE_FAMILIES",
-           "Norm", "Source", "Unsupported", "expert_matrices", "map_model", "source_weights"]
+__all__ = ["ACTIVATIONS", "Block", "Experts", "LayerParts", "Latent", "ModelParts",
+           "NATIVE_FAMILIES", "Norm", "Source", "Unsupported", "expert_matrices", "map_model",
+           "source_weights"]

@@ -118,15 +118,30 @@ class Layer:
     q_norm: torch.Tensor | None = None  # qwen3 normalizes each head's q and k
     k_norm: torch.Tensor | None = None
     router: Any = None  # MoE: a float Linear [experts, hidden]
+    router_bias: torch.Tensor | None = None  # DeepSeek-V3: added to scores to choose experts
     experts: list[Expert] = field(default_factory=list)
+    shared: Expert | None = None  # DeepSeek: shared experts, run for every token
+    # Multi-head latent attention (blocks.Latent): q's bottleneck projection and norms, and
+    # kv_b absorbed into fp32 per-head matrices: w_uk [heads, nope, kv_rank] (keys),
+    # w_uv [heads, v_dim, kv_rank] (values).
+    q_b: Any = None
+    q_a_norm: torch.Tensor | None = None
+    kv_a_norm: torch.Tensor | None = None
+    w_uk: torch.Tensor | None = None
+    w_uv: torch.Tensor | None = None
 
     def projections(self, index: int) -> list[tuple[str, Any, str]]:
         """(name, owner, attribute) of every projection a step may read, in step order; names
-        are "layers.<i>.<qkv|o|gate_up|down>" and "layers.<i>.experts.<e>.<gate_up|down>"."""
-        found = [(f"layers.{index}.{attr}", self, attr) for attr in ("qkv", "o", "gate_up", "down")
+        are "layers.<i>.<qkv|q_b|o|gate_up|down>", "layers.<i>.experts.<e>.<gate_up|down>"
+        and "layers.<i>.shared.<gate_up|down>"."""
+        found = [(f"layers.{index}.{attr}", self, attr)
+                 for attr in ("qkv", "q_b", "o", "gate_up", "down")
                  if getattr(self, attr) is not None]
         for e, expert in enumerate(self.experts):
             found += [(f"layers.{index}.experts.{e}.{attr}", expert, attr)
+                      for attr in ("gate_up", "down")]
+        if self.shared is not None:
+            found += [(f"layers.{index}.shared.{attr}", self.shared, attr)
                       for attr in ("gate_up", "down")]
         return found
 
@@ -172,21 +187,26 @@ class KVCache:
     tokens' per beam slot [B*beams, kv, N, d]. With one beam both are views of one buffer
     [B, kv, P+N, d], so a decode step attends over a plain prefix of it. With several,
     `BeamHistory.table[r, j]` is the slot whose entry at generated position j belongs to beam
-    row r, so reordering beams rewrites that small table instead of the cache."""
+    row r, so reordering beams rewrites that small table instead of the cache. With
+    `shared_values` (MLA's latent rows are both key and value) v is k: stored once."""
 
     def __init__(self, batch: int, beams: int, kv_heads: int, head_dim: int, prompt_len: int,
-                 new_tokens: int, dtype: torch.dtype) -> None:
+                 new_tokens: int, dtype: torch.dtype, shared_values: bool = False) -> None:
         self.dtype = dtype
+
+        def values_of(keys: torch.Tensor) -> torch.Tensor:
+            return keys if shared_values else torch.zeros_like(keys)
+
         if beams == 1:
             self.k = torch.zeros(batch, kv_heads, prompt_len + new_tokens, head_dim, dtype=dtype)
-            self.v = torch.zeros_like(self.k)
+            self.v = values_of(self.k)
             self.prompt_k, self.gen_k = self.k[:, :, :prompt_len], self.k[:, :, prompt_len:]
             self.prompt_v, self.gen_v = self.v[:, :, :prompt_len], self.v[:, :, prompt_len:]
         else:
             self.prompt_k = torch.zeros(batch, kv_heads, prompt_len, head_dim, dtype=dtype)
-            self.prompt_v = torch.zeros_like(self.prompt_k)
+            self.prompt_v = values_of(self.prompt_k)
             self.gen_k = torch.zeros(batch * beams, kv_heads, new_tokens, head_dim, dtype=dtype)
-            self.gen_v = torch.zeros_like(self.gen_k)
+            self.gen_v = values_of(self.gen_k)
 
 
 class BeamHistory:
@@ -268,12 +288,29 @@ class NativeModel:
                    for e, (gate_up, down) in enumerate(parts.experts)]
         router = (None if parts.router is None
                   else Linear(*blocks.source_weights(hf_model, parts.router)))
+        shared = (None if parts.shared is None
+                  else Expert(take(f"layers.{index}.shared.gate_up", parts.shared[0]),
+                              take(f"layers.{index}.shared.down", parts.shared[1])))
         mlp_norm = parts.mlp_norm
-        return Layer(attn_norm=parts.attn_norm.weight, attn_norm_bias=parts.attn_norm.bias,
-                     mlp_norm=None if mlp_norm is None else mlp_norm.weight,
-                     mlp_norm_bias=None if mlp_norm is None else mlp_norm.bias,
-                     q_norm=parts.q_norm, k_norm=parts.k_norm, router=router,
-                     experts=experts, **projections)
+        layer = Layer(attn_norm=parts.attn_norm.weight, attn_norm_bias=parts.attn_norm.bias,
+                      mlp_norm=None if mlp_norm is None else mlp_norm.weight,
+                      mlp_norm_bias=None if mlp_norm is None else mlp_norm.bias,
+                      q_norm=parts.q_norm, k_norm=parts.k_norm, router=router,
+                      router_bias=parts.router_bias, experts=experts, shared=shared,
+                      q_b=take(f"layers.{index}.q_b", parts.q_b), q_a_norm=parts.q_a_norm,
+                      kv_a_norm=parts.kv_a_norm, **projections)
+        if parts.kv_b is not None:
+            self.sources[f"layers.{index}.kv_b"] = parts.kv_b
+            self._absorb(layer, blocks.source_weights(hf_model, parts.kv_b)[0])
+        return layer
+
+    def _absorb(self, layer: Layer, kv_b: torch.Tensor) -> None:
+        """MLA: split kv_b [heads * (nope + v), kv_rank] into the per-head matrices the
+        absorbed attention multiplies by (fp32, from the weights as stored or dequantized)."""
+        latent = self.block.latent
+        per_head = kv_b.float().view(self.heads, latent.nope_dim + latent.v_dim, -1)
+        layer.w_uk = per_head[:, : latent.nope_dim].contiguous()
+        layer.w_uv = per_head[:, latent.nope_dim:].contiguous()
 
     def map_linears(self, convert: Callable[[str, Linear], Any]) -> None:
         """Replace each projection by convert(name, linear), e.g. a quantized one: anything with
@@ -282,6 +319,11 @@ class NativeModel:
         for index, layer in enumerate(self.layers):
             for name, owner, attr in layer.projections(index):
                 setattr(owner, attr, convert(name, getattr(owner, attr)))
+            if layer.w_uk is not None:  # MLA's kv_b: absorbed from what quantization made of it
+                kv_b = torch.cat((layer.w_uk, layer.w_uv), dim=1).flatten(0, 1)
+                converted = convert(f"layers.{index}.kv_b", Linear(kv_b))
+                self._absorb(layer, converted.dequantize() if hasattr(converted, "dequantize")
+                             else converted.weight)
         self.lm_head = convert("lm_head", self.lm_head)
         self.place_weights()
 
@@ -331,8 +373,17 @@ class NativeModel:
             embed_norm_bias=None if embed_norm is None else embed_norm.bias)
         index = {name: plan.add_linear(**spec) for name, spec in specs.items()}
         routing = block.experts
+        latent = block.latent
+        if latent is not None:
+            plan.set_latent(q_rank=latent.q_rank, kv_rank=latent.kv_rank, nope=latent.nope_dim,
+                            rope=latent.rope_dim, v_dim=latent.v_dim, eps=latent.norm_eps)
+        if routing is not None:
+            plan.set_routing(sigmoid=routing.scoring == "sigmoid", groups=routing.groups,
+                             top_groups=routing.top_groups,
+                             group_top2=routing.group_score == "top2", scale=routing.scale)
         for i, layer in enumerate(self.layers):
             moe = layer.router is not None
+            shared = layer.shared is not None
             plan.add_layer(
                 layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.k_norm,
                 index[f"layers.{i}.qkv"], index[f"layers.{i}.o"],
@@ -345,7 +396,12 @@ class NativeModel:
                 expert_down=[index[f"layers.{i}.experts.{e}.down"]
                              for e in range(len(layer.experts))],
                 top_k=routing.top_k if moe else 0,
-                normalize=bool(moe and routing.normalize))
+                normalize=bool(moe and routing.normalize), router_bias=layer.router_bias,
+                shared_gate_up=index[f"layers.{i}.shared.gate_up"] if shared else -1,
+                shared_down=index[f"layers.{i}.shared.down"] if shared else -1,
+                q_b=index[f"layers.{i}.q_b"] if layer.q_b is not None else -1,
+                q_a_norm=layer.q_a_norm, kv_a_norm=layer.kv_a_norm, w_uk=layer.w_uk,
+                w_uv=layer.w_uv)
         plan.set_lm_head(index["lm_head"])
         self._plan = plan
         self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
@@ -367,8 +423,10 @@ class NativeModel:
         total = self.lm_head.nbytes
         for index, layer in enumerate(self.layers):
             dense = [getattr(owner, attr) for _, owner, attr in layer.projections(index)
-                     if owner is layer]
+                     if owner is layer or owner is layer.shared]
             total += sum(p.nbytes for p in dense)
+            if layer.w_uk is not None:  # MLA's absorbed kv_b
+                total += layer.w_uk.nbytes + layer.w_uv.nbytes
             if layer.experts:
                 per_expert = layer.experts[0].gate_up.nbytes + layer.experts[0].down.nbytes
                 total += layer.router.nbytes + self.block.experts.top_k * per_expert
@@ -391,6 +449,8 @@ class NativeModel:
 
     def _qkv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """normed x [R, S, H] -> q [R, heads, S, d], k and v [R, kv, S, d], rope applied."""
+        if self.block.latent is not None:
+            return self._latent_qkv(layer, x, cos, sin)
         rows, seq, _ = x.shape
         qkv = layer.qkv(x.reshape(rows * seq, -1))
         d = self.head_dim
@@ -405,6 +465,27 @@ class NativeModel:
             k = kernels.reference.rope(rms_norm(k, layer.k_norm, self.eps), cos, sin)
         return q, k, v
 
+    def _latent_qkv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """MLA, absorbed: normed x [R, S, H] -> q [R, heads, S, d] and one key/value head
+        [R, 1, S, d] with d = rope_dim + kv_rank: key = value = [rotated k_rope | normed c];
+        q = [rotated q_rope | q_nope W_uk]. (The value's rotary part is dropped after the
+        attention, in _block_output.)"""
+        latent = self.block.latent
+        rows, seq, _ = x.shape
+        fused = layer.qkv(x.reshape(rows * seq, -1))
+        kv_width = latent.rope_dim + latent.kv_rank
+        q, kv = fused.split([fused.shape[-1] - kv_width, kv_width], dim=-1)
+        if layer.q_b is not None:
+            q = layer.q_b(rms_norm(q.contiguous(), layer.q_a_norm, latent.norm_eps))
+        q = q.view(rows, seq, self.heads, -1).transpose(1, 2)
+        q_rope, q_nope = q.split([latent.rope_dim, latent.nope_dim], dim=-1)
+        k_rope, c = kv.view(rows, 1, seq, kv_width).split([latent.rope_dim, latent.kv_rank], -1)
+        c = rms_norm(c.contiguous(), layer.kv_a_norm, latent.norm_eps)
+        rope = kernels.reference.rope
+        q = torch.cat((rope(q_rope, cos, sin), torch.matmul(q_nope, layer.w_uk)), dim=-1)
+        k = torch.cat((rope(k_rope, cos, sin), c), dim=-1)
+        return q, k, k
+
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         if layer.router is not None:
             return self._experts(layer, x)
@@ -413,18 +494,39 @@ class NativeModel:
     def _experts(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """x [N, H]: each row through its top-k experts, summed by gate weight in ascending
         expert order (as transformers adds them up)."""
-        routing = self.block.experts
-        gates = torch.softmax(layer.router(x), dim=-1)
-        weights, chosen = gates.topk(routing.top_k, dim=-1)
-        if routing.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, chosen = self._route(layer, x)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             expert = layer.experts[e]
             y = self._dense_mlp(expert.gate_up, expert.down, x[rows])
             out.index_add_(0, rows, y * weights[rows, slot, None])
+        if layer.shared is not None:
+            out = out + self._dense_mlp(layer.shared.gate_up, layer.shared.down, x)
         return out
+
+    def _route(self, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (weights, experts) [N, top_k], as blocks.Experts describes."""
+        routing = self.block.experts
+        logits = layer.router(x)
+        scores = (torch.softmax(logits, dim=-1) if routing.scoring == "softmax"
+                  else torch.sigmoid(logits))
+        choice = scores if layer.router_bias is None else scores + layer.router_bias
+        if routing.groups > 1:
+            grouped = choice.view(-1, routing.groups, routing.count // routing.groups)
+            group_scores = (grouped.max(dim=-1).values if routing.group_score == "max"
+                            else grouped.topk(2, dim=-1).values.sum(dim=-1))
+            best = group_scores.topk(routing.top_groups, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            keep = keep.repeat_interleave(routing.count // routing.groups, dim=1)
+            choice = choice.masked_fill(~keep, -math.inf)
+            if routing.scoring == "softmax":  # DeepSeek-V2 zeroes the other groups' scores
+                scores = scores.masked_fill(~keep, 0.0)
+        chosen = choice.topk(routing.top_k, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        if routing.normalize:  # (the epsilon is DeepSeek-V3's; it never changes fp32 sums ~1)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * routing.scale, chosen
 
     def _dense_mlp(self, gate_up: Any, down: Any, x: torch.Tensor) -> torch.Tensor:
         up = gate_up(x)
@@ -448,6 +550,9 @@ class NativeModel:
         """The residual stream after one block: h [R, S, H] its input, x = attention norm(h),
         attn [R, S, heads * d] the attention's output before the o projection."""
         rows, seq, hidden = h.shape
+        if layer.w_uv is not None:  # MLA: each head's latent output -> its value space
+            latent = attn.reshape(rows, seq, self.heads, -1)[..., self.block.latent.rope_dim:]
+            attn = torch.matmul(latent.transpose(1, 2), layer.w_uv.transpose(1, 2)).transpose(1, 2)
         out = layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
         if self.block.residual == "parallel":  # both branches read the block's input
             mlp_in = x if layer.mlp_norm is None else self._norm(h, layer.mlp_norm,
@@ -623,7 +728,8 @@ class NativeModel:
                             f"{self.pos_embed.shape[0] - self.pos_offset} learned positions")
         cos, sin = self._rope_tables(total)
         caches = [KVCache(batch, beams, self.kv_heads, self.head_dim, prompt_len, new_tokens,
-                          self.kv_dtype) for _ in self.layers]
+                          self.kv_dtype, shared_values=self.block.latent is not None)
+                  for _ in self.layers]
         history = BeamHistory(batch * beams, new_tokens, indirect=beams > 1)
         if streamer is not None:
             streamer.put(ids.cpu())

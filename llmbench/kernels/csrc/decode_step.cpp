@@ -21,6 +21,13 @@
 //   generated part [rows, kv, N, d], fp32 or fp8 e5m2, last dim contiguous;
 //   with a beam table, generated position j of row r is read from slot
 //   table[r, j]; without one, from slot r.
+// Multi-head latent attention (DeepSeek; set_latent): qkv's output is
+//   [q, or q's bottleneck | rotary key | compressed kv]; the cache holds one
+//   latent row per token, [rotated rotary key | normed kv], as a single key
+//   head that is also the value (d = rope + kv_rank); each head's query is
+//   [rotated q_rope | q_nope W_uk] and its output's latent part times W_uv
+//   feeds o. Routing (set_routing): softmax or sigmoid scores, a choice-only
+//   bias, group-limited choice, renormalized, scaled; shared experts added.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e5m2.h>
@@ -28,6 +35,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -83,6 +91,26 @@ struct Layer {
   std::vector<int64_t> expert_gate_up, expert_down;
   int64_t top_k = 0;
   bool normalize = false;         // gates of the chosen experts divided by their sum
+  const float* router_bias = nullptr;  // [experts], added to the scores to choose only
+  int64_t shared_gate_up = -1, shared_down = -1;  // always-on shared experts (DeepSeek)
+  // MLA (see the top): q's bottleneck projection (-1: none) and norms, W_uk, W_uv.
+  int64_t q_b = -1;
+  const float* q_a_norm = nullptr;
+  const float* kv_a_norm = nullptr;
+  const float* w_uk = nullptr;  // [heads, nope, kv_rank]
+  const float* w_uv = nullptr;  // [heads, v_dim, kv_rank]
+};
+
+struct Latent {  // blocks.Latent; enabled when kv_rank > 0
+  int64_t q_rank = 0, kv_rank = 0, nope = 0, rope = 0, v_dim = 0;
+  float eps = 0.f;
+};
+
+struct Routing {  // blocks.Experts beyond the top-k choice itself
+  bool sigmoid = false;
+  int64_t groups = 1, top_groups = 1;
+  bool group_top2 = false;  // a group's score: its best two experts summed (else its best)
+  float scale = 1.f;
 };
 
 class DecodePlan {
@@ -185,7 +213,11 @@ class DecodePlan {
                  const std::optional<at::Tensor>& attn_norm_bias,
                  const std::optional<at::Tensor>& mlp_norm_bias, int64_t router,
                  const std::vector<int64_t>& expert_gate_up,
-                 const std::vector<int64_t>& expert_down, int64_t top_k, bool normalize) {
+                 const std::vector<int64_t>& expert_down, int64_t top_k, bool normalize,
+                 const std::optional<at::Tensor>& router_bias, int64_t shared_gate_up,
+                 int64_t shared_down, int64_t q_b, const std::optional<at::Tensor>& q_a_norm,
+                 const std::optional<at::Tensor>& kv_a_norm, const std::optional<at::Tensor>& w_uk,
+                 const std::optional<at::Tensor>& w_uv) {
     TORCH_CHECK(mlp_norm.has_value() || parallel_,
                 "decode_step: only a parallel block may share the attention's norm");
     const int64_t nq = heads_ * d_, nkv = kv_heads_ * d_;
@@ -203,15 +235,55 @@ class DecodePlan {
                       : fits_mlp(gate_up, down);
     for (size_t e = 0; moe && e < expert_gate_up.size(); ++e)
       mlp_ok = mlp_ok && fits_mlp(expert_gate_up[e], expert_down[e]);
-    TORCH_CHECK(fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) && mlp_ok,
+    if (shared_gate_up >= 0) mlp_ok = mlp_ok && moe && fits_mlp(shared_gate_up, shared_down);
+    bool attn_ok;
+    if (lat_.kv_rank) {
+      const int64_t q_width = lat_.q_rank ? lat_.q_rank : heads_ * (lat_.nope + lat_.rope);
+      attn_ok = fits(qkv, q_width + d_, hidden_) && fits(o, hidden_, heads_ * lat_.v_dim) &&
+                (lat_.q_rank ? q_b >= 0 && fits(q_b, heads_ * (lat_.nope + lat_.rope),
+                                                  lat_.q_rank)
+                             : q_b < 0) &&
+                w_uk.has_value() && w_uv.has_value() && kv_a_norm.has_value();
+    } else {
+      attn_ok = fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) && q_b < 0;
+    }
+    TORCH_CHECK(attn_ok && mlp_ok,
                 "decode_step: projection shapes do not match the model's dimensions");
-    layers_.push_back(Layer{vec(attn_norm, hidden_, "attn_norm"),
-                            opt_vec(attn_norm_bias, hidden_, "attn_norm_bias"),
-                            opt_vec(mlp_norm, hidden_, "mlp_norm"),
-                            opt_vec(mlp_norm_bias, hidden_, "mlp_norm_bias"),
-                            opt_vec(q_norm, d_, "q_norm"), opt_vec(k_norm, d_, "k_norm"), qkv, o,
-                            gate_up, down, router, expert_gate_up, expert_down, top_k,
-                            normalize});
+    Layer L{vec(attn_norm, hidden_, "attn_norm"),
+            opt_vec(attn_norm_bias, hidden_, "attn_norm_bias"),
+            opt_vec(mlp_norm, hidden_, "mlp_norm"),
+            opt_vec(mlp_norm_bias, hidden_, "mlp_norm_bias"),
+            opt_vec(q_norm, d_, "q_norm"), opt_vec(k_norm, d_, "k_norm"), qkv, o,
+            gate_up, down, router, expert_gate_up, expert_down, top_k,
+            normalize};
+    L.router_bias = opt_vec(router_bias, static_cast<int64_t>(expert_gate_up.size()),
+                            "router_bias");
+    L.shared_gate_up = shared_gate_up;
+    L.shared_down = shared_down;
+    if (lat_.kv_rank) {
+      L.q_b = q_b;
+      L.q_a_norm = opt_vec(q_a_norm, lat_.q_rank, "q_a_norm");
+      L.kv_a_norm = vec(*kv_a_norm, lat_.kv_rank, "kv_a_norm");
+      L.w_uk = vec(*w_uk, heads_ * lat_.nope * lat_.kv_rank, "w_uk");
+      L.w_uv = vec(*w_uv, heads_ * lat_.v_dim * lat_.kv_rank, "w_uv");
+    }
+    layers_.push_back(L);
+  }
+
+  // Before add_layer: the layers are DeepSeek's multi-head latent attention.
+  void set_latent(int64_t q_rank, int64_t kv_rank, int64_t nope, int64_t rope, int64_t v_dim,
+                  double eps) {
+    TORCH_CHECK(layers_.empty() && kv_rank > 0 && kv_heads_ == 1 && d_ == rope + kv_rank,
+                "decode_step: latent attention needs one kv head of rope + kv_rank dims, set "
+                "before any layer");
+    lat_ = Latent{q_rank, kv_rank, nope, rope, v_dim, static_cast<float>(eps)};
+  }
+
+  void set_routing(bool sigmoid, int64_t groups, int64_t top_groups, bool group_top2,
+                   double scale) {
+    TORCH_CHECK(groups >= 1 && top_groups >= 1 && top_groups <= groups,
+                "decode_step: bad expert groups");
+    routing_ = Routing{sigmoid, groups, top_groups, group_top2, static_cast<float>(scale)};
   }
 
   void set_lm_head(int64_t index) {
@@ -316,18 +388,22 @@ class DecodePlan {
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       norm_rows(h_.data(), L.attn_norm, L.attn_norm_bias, x_.data(), R, H);
-      project(L.qkv, x_.data(), R, qkv_.data(), nqkv);
-      for (int64_t r = 0; r < R; ++r) {
-        float* row = qkv_.data() + r * nqkv;
-        for (int64_t hh = 0; hh < heads_ + kv_heads_; ++hh) {
-          float* head = row + hh * d_;
-          if (L.q_norm) rms_norm_rows(head, hh < heads_ ? L.q_norm : L.k_norm, head, 1, d_);
-          if (rot_) rope(head, position);
+      if (lat_.kv_rank) {
+        latent_attention(L, li, R, position, step, nqkv);
+      } else {
+        project(L.qkv, x_.data(), R, qkv_.data(), nqkv);
+        for (int64_t r = 0; r < R; ++r) {
+          float* row = qkv_.data() + r * nqkv;
+          for (int64_t hh = 0; hh < heads_ + kv_heads_; ++hh) {
+            float* head = row + hh * d_;
+            if (L.q_norm) rms_norm_rows(head, hh < heads_ ? L.q_norm : L.k_norm, head, 1, d_);
+            if (rot_) rope(head, position);
+          }
+          store_kv(li, r, step, row + nq, row + nq + nkv);
         }
-        store_kv(li, r, step, row + nq, row + nq + nkv);
+        attention(li, R, step, nqkv);
+        project(L.o, attn_.data(), R, tmp_.data(), H);
       }
-      attention(li, R, step, nqkv);
-      project(L.o, attn_.data(), R, tmp_.data(), H);
       if (parallel_) {  // the MLP reads the block's input too: h += attn + mlp
         const float* mlp_in = x_.data();
         if (L.mlp_norm) {
@@ -429,25 +505,126 @@ class DecodePlan {
     std::fill_n(out, R * H, 0.f);
     expert_out_.resize(H);
     std::vector<int64_t> order(E);
+    std::vector<float> choice(E);
+    const Routing& rt = routing_;
+    const int64_t per_group = E / rt.groups;
+    std::vector<float> group_score(rt.groups);
+    std::vector<int64_t> group_order(rt.groups);
+    auto greater = [](const float* v) {  // descending, ties to the lower index
+      return [v](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); };
+    };
     for (int64_t r = 0; r < R; ++r) {
       float* g = gates_.data() + r * E;
-      const float top = *std::max_element(g, g + E);
-      float sum = 0.f;
-      for (int64_t e = 0; e < E; ++e) sum += (g[e] = std::exp(g[e] - top));
-      for (int64_t e = 0; e < E; ++e) g[e] /= sum;
+      if (rt.sigmoid) {
+        for (int64_t e = 0; e < E; ++e) g[e] = 1.f / (1.f + std::exp(-g[e]));
+      } else {
+        const float top = *std::max_element(g, g + E);
+        float sum = 0.f;
+        for (int64_t e = 0; e < E; ++e) sum += (g[e] = std::exp(g[e] - top));
+        for (int64_t e = 0; e < E; ++e) g[e] /= sum;
+      }
+      for (int64_t e = 0; e < E; ++e) choice[e] = g[e] + (L.router_bias ? L.router_bias[e] : 0.f);
+      if (rt.groups > 1) {  // only the best top_groups groups' experts compete
+        for (int64_t grp = 0; grp < rt.groups; ++grp) {
+          float* c = choice.data() + grp * per_group;
+          std::vector<float> sorted(c, c + per_group);
+          std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+          group_score[grp] = rt.group_top2 && per_group > 1 ? sorted[0] + sorted[1] : sorted[0];
+          group_order[grp] = grp;
+        }
+        std::partial_sort(group_order.begin(), group_order.begin() + rt.top_groups,
+                          group_order.end(), greater(group_score.data()));
+        for (int64_t grp = 0; grp < rt.groups; ++grp) {
+          const bool kept = std::find(group_order.begin(), group_order.begin() + rt.top_groups,
+                                      grp) != group_order.begin() + rt.top_groups;
+          for (int64_t e = grp * per_group; !kept && e < (grp + 1) * per_group; ++e) {
+            choice[e] = -INFINITY;
+            if (!rt.sigmoid) g[e] = 0.f;  // DeepSeek-V2 zeroes the other groups' scores
+          }
+        }
+      }
       for (int64_t e = 0; e < E; ++e) order[e] = e;
       std::partial_sort(order.begin(), order.begin() + L.top_k, order.end(),
-                        [&](int64_t a, int64_t b) { return g[a] > g[b] || (g[a] == g[b] && a < b); });
+                        greater(choice.data()));
       std::sort(order.begin(), order.begin() + L.top_k);
       float chosen = 0.f;
       for (int64_t k = 0; k < L.top_k; ++k) chosen += g[order[k]];
       for (int64_t k = 0; k < L.top_k; ++k) {
         const int64_t e = order[k];
-        const float w = L.normalize ? g[e] / chosen : g[e];
+        const float w = (L.normalize ? g[e] / (chosen + 1e-20f) : g[e]) * rt.scale;
         dense_mlp(L.expert_gate_up[e], L.expert_down[e], x + r * H, 1, expert_out_.data());
         for (int64_t i = 0; i < H; ++i) out[r * H + i] += expert_out_[i] * w;
       }
     }
+    if (L.shared_gate_up >= 0) {  // shared experts: every row, added after the routed ones
+      shared_out_.resize(R * H);
+      dense_mlp(L.shared_gate_up, L.shared_down, x, R, shared_out_.data());
+      for (int64_t i = 0; i < R * H; ++i) out[i] += shared_out_[i];
+    }
+  }
+
+  // MLA for R rows at `position`: fills the cache's latent rows, attends, and leaves o's output
+  // in tmp_ (see the top of the file).
+  void latent_attention(const Layer& L, size_t li, int64_t R, int64_t position, int64_t step,
+                        int64_t nqkv) {
+    const Latent& a = lat_;
+    const int64_t qd = a.nope + a.rope;  // one head's q before absorption
+    const int64_t q_width = a.q_rank ? a.q_rank : heads_ * qd;
+    const int64_t width = q_width + d_;
+    lat_buf_.resize(R * width);
+    project(L.qkv, x_.data(), R, lat_buf_.data(), width);
+    qh_.resize(R * heads_ * qd);
+    if (a.q_rank) {
+      qa_.resize(R * a.q_rank);
+      for (int64_t r = 0; r < R; ++r)
+        llmb::rms_norm_rows(lat_buf_.data() + r * width, L.q_a_norm, qa_.data() + r * a.q_rank,
+                            1, a.q_rank, a.eps);
+      project(L.q_b, qa_.data(), R, qh_.data(), heads_ * qd);
+    } else {
+      for (int64_t r = 0; r < R; ++r)
+        std::copy_n(lat_buf_.data() + r * width, q_width, qh_.data() + r * q_width);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* kv = lat_buf_.data() + r * width + q_width;  // [rotary key | latent]
+      llmb::rms_norm_rows(kv + a.rope, L.kv_a_norm, kv + a.rope, 1, a.kv_rank, a.eps);
+      if (rot_) rope(kv, position);
+      store_kv(li, r, step, kv, kv);
+    }
+    // q per head: [rotated q_rope | q_nope W_uk], written where attend reads q.
+    at::parallel_for(0, R * heads_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / heads_, hh = i % heads_;
+        const float* src = qh_.data() + r * heads_ * qd + hh * qd;  // [rope | nope]
+        float* q = qkv_.data() + r * nqkv + hh * d_;
+        std::copy_n(src, a.rope, q);
+        if (rot_) rope(q, position);
+        float* q_lat = q + a.rope;
+        std::fill_n(q_lat, a.kv_rank, 0.f);
+        const float* w = L.w_uk + hh * a.nope * a.kv_rank;
+        for (int64_t n = 0; n < a.nope; ++n) {
+          const float qn = src[a.rope + n];
+          const float* wrow = w + n * a.kv_rank;
+          for (int64_t c = 0; c < a.kv_rank; ++c) q_lat[c] += qn * wrow[c];
+        }
+      }
+    });
+    attention(li, R, step, nqkv);
+    // Each head's latent output (past its rotary part) -> its value space, o's input.
+    up_.resize(R * heads_ * a.v_dim);
+    at::parallel_for(0, R * heads_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / heads_, hh = i % heads_;
+        const float* lat = attn_.data() + r * heads_ * d_ + hh * d_ + a.rope;
+        const float* w = L.w_uv + hh * a.v_dim * a.kv_rank;
+        float* out = up_.data() + r * heads_ * a.v_dim + hh * a.v_dim;
+        for (int64_t v = 0; v < a.v_dim; ++v) {
+          float dot = 0.f;
+          for (int64_t c = 0; c < a.kv_rank; ++c) dot += lat[c] * w[v * a.kv_rank + c];
+          out[v] = dot;
+        }
+      }
+    });
+    project(L.o, up_.data(), R, tmp_.data(), hidden_);
   }
 
   // y[r, :] = projection(x[r, :in_features]); x rows are dense.
@@ -595,7 +772,9 @@ class DecodePlan {
   int64_t table_stride_ = 0;
   // scratch, reused across steps
   std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_, mlp_out_, mlp_x_, gates_,
-      expert_out_;
+      expert_out_, shared_out_, lat_buf_, qa_, qh_, up_;
+  Latent lat_;
+  Routing routing_;
 };
 
 }  // namespace
@@ -630,7 +809,14 @@ void register_decode(pybind11::module& m) {
            py::arg("mlp_norm_bias") = py::none(), py::arg("router") = -1,
            py::arg("expert_gate_up") = std::vector<int64_t>{},
            py::arg("expert_down") = std::vector<int64_t>{}, py::arg("top_k") = 0,
-           py::arg("normalize") = false)
+           py::arg("normalize") = false, py::arg("router_bias") = py::none(),
+           py::arg("shared_gate_up") = -1, py::arg("shared_down") = -1, py::arg("q_b") = -1,
+           py::arg("q_a_norm") = py::none(), py::arg("kv_a_norm") = py::none(),
+           py::arg("w_uk") = py::none(), py::arg("w_uv") = py::none())
+      .def("set_latent", &DecodePlan::set_latent, py::arg("q_rank"), py::arg("kv_rank"),
+           py::arg("nope"), py::arg("rope"), py::arg("v_dim"), py::arg("eps"))
+      .def("set_routing", &DecodePlan::set_routing, py::arg("sigmoid"), py::arg("groups"),
+           py::arg("top_groups"), py::arg("group_top2"), py::arg("scale"))
       .def("set_lm_head", &DecodePlan::set_lm_head)
       .def("bind", &DecodePlan::bind, py::arg("prompt_k"), py::arg("prompt_v"),
            py::arg("gen_k"), py::arg("gen_v"), py::arg("cos"), py::arg("sin"), py::arg("table"),
