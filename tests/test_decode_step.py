@@ -36,7 +36,7 @@ def step_logits(model, compiled: bool, rows: int = 2, beams: int = 1, steps: int
     cos, sin = model._rope_tables(7 + steps + 1)
     caches = [KVCache(batch, beams, model.kv_heads, model.head_dim, 7, steps + 1, model.kv_dtype)
               for _ in model.layers]
-    history = BeamHistory(rows, steps + 1, indirect=beams > 1)
+    history = BeamHistory(rows, steps + 1, indirect=beams > 1, prompt_len=7)
     out = []
     with torch.inference_mode():
         model.prefill(ids, caches, cos, sin)

@@ -233,17 +233,19 @@ def test_native_and_stock_run_the_same_quantized_model(tiny_llama, dtype):
 
 
 def test_other_family_stock_swap(tmp_path, embedded_model_dir):
-    """A family without a native model: its nn.Linear modules are swapped, and it generates."""
+    """A model the native backend does not cover (OPT-350M's post-norm blocks): its nn.Linear
+    modules are swapped, and it generates."""
     from llmbench.models import load_model
 
-    folder = make_tiny_model("jamba", tmp_path / "jamba", embedded_model_dir)
+    folder = make_tiny_model("opt", tmp_path / "opt-post-norm", embedded_model_dir,
+                             do_layer_norm_before=False)
     loaded = load_model(str(folder), "float32")
     scheme = Scheme("woq", "INT4", 32, False)
     qlinears = apply.quantize_rtn(loaded.model, scheme)
     assert any("self_attn.q_proj" in name for name in qlinears)
     prepared = apply.prepare_quantized(loaded, qlinears, backend="native", dtype="float32",
                                        kv_cache_dtype="auto", scheme=scheme)
-    assert prepared.backend == "stock"  # native doesn't cover jamba: said, not hidden
+    assert prepared.backend == "stock"  # native doesn't cover it: said, not hidden
     ids = torch.tensor([[1, 500, 600]])
     out = prepared.model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3,
                                   do_sample=False, pad_token_id=2)

@@ -15,6 +15,7 @@ function that names its modules and says which parts it has, not a new model cla
 - attention: MHA / GQA / MQA from the fused projection's shape; every fused QKV layout (NeoX's
   and BLOOM's per-head [q k v], Falcon's grouped [q.. k v], CodeGen's four [q v k] shards) is
   reordered once into [q heads | k heads | v heads], biases with it;
+- mixer: attention, or (jamba) a Mamba selective state-space layer (`MambaParts`);
 - attention: or DeepSeek's multi-head latent attention (`Latent`), run in its absorbed form:
   the cache holds one latent row per token ([rotary key | normed compressed kv], shared by
   every head as a single key/value head), q's no-position part is multiplied into the latent
@@ -108,6 +109,7 @@ class Block:
     embed_norm: bool = False  # bloom: LayerNorm right after the embedding
     sliding_window: int | None = None
     experts: Experts | None = None  # MoE layers' routing (the layers with a router use it)
+    mamba_layers: tuple[int, ...] = ()  # jamba: these layers mix with a Mamba SSM, not attention
     latent: Latent | None = None  # MLA: heads share one latent key/value head of head_dim
 
     def describe(self) -> dict[str, Any]:
@@ -138,11 +140,33 @@ class Norm:
 
 
 @dataclass
+class MambaParts:
+    """Jamba's Mamba mixer: in_proj -> [x | gate]; x through a causal depthwise conv (width
+    `conv_weight.shape[1]`) and SiLU; x_proj -> [dt (RMS-normed) | B | C (both RMS-normed)];
+    dt_proj (+ bias) then softplus; state = exp(dt A) state + dt B x; y = C.state + D x, times
+    SiLU(gate); out_proj."""
+
+    in_proj: list[Source]
+    x_proj: list[Source]
+    dt_proj: list[Source]
+    out_proj: list[Source]
+    conv_weight: torch.Tensor  # [inner, width] fp32
+    conv_bias: torch.Tensor | None
+    a: torch.Tensor  # -exp(A_log) [inner, state] fp32
+    d: torch.Tensor  # [inner]
+    dt_norm: torch.Tensor
+    b_norm: torch.Tensor
+    c_norm: torch.Tensor
+    dt_rank: int
+    state: int
+
+
+@dataclass
 class LayerParts:
     attn_norm: Norm
     mlp_norm: Norm | None  # None: a parallel block whose MLP reads the attention's norm
-    qkv: list[Source]
-    o: list[Source]
+    qkv: list[Source] | None  # (qkv and o are None in a Mamba layer)
+    o: list[Source] | None
     gate_up: list[Source] | None  # [gate | up] for a gated MLP, a plain one's input projection
     down: list[Source] | None  # (both None in a mixture-of-experts layer)
     q_norm: torch.Tensor | None = None
@@ -157,6 +181,7 @@ class LayerParts:
     q_a_norm: torch.Tensor | None = None
     kv_a_norm: torch.Tensor | None = None
     kv_b: list[Source] | None = None
+    mamba: MambaParts | None = None  # jamba's Mamba layers, in place of attention
 
 
 @dataclass
@@ -624,6 +649,59 @@ def _map_deepseek(model: Any) -> ModelParts:
                       final_norm=_norm(inner.norm), lm_head="lm_head", rope_tables=tables)
 
 
+def _map_jamba(model: Any) -> ModelParts:
+    """Jamba: attention layers without positions (GQA) and Mamba layers, each followed by a
+    gated MLP or a sparse one (softmax top-k, not renormalized)."""
+    config, inner = model.config, model.model
+    _refuse(config.hidden_act != "silu", "jamba: the Mamba mixer with an activation other "
+            "than SiLU is not implemented")
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers, mamba_layers = [], []
+    for i, layer in enumerate(inner.layers):
+        prefix = f"model.layers.{i}"
+        ff = f"{prefix}.feed_forward"
+        parts = LayerParts(attn_norm=_norm(layer.input_layernorm),
+                           mlp_norm=_norm(layer.pre_ff_layernorm), qkv=None, o=None,
+                           gate_up=None, down=None)
+        mixer = getattr(layer, "mamba", None)
+        if mixer is not None:
+            m = f"{prefix}.mamba"
+            conv = mixer.conv1d
+            parts.mamba = MambaParts(
+                in_proj=[Source(f"{m}.in_proj")], x_proj=[Source(f"{m}.x_proj")],
+                dt_proj=[Source(f"{m}.dt_proj")], out_proj=[Source(f"{m}.out_proj")],
+                conv_weight=conv.weight.detach().float()[:, 0].contiguous(),
+                conv_bias=None if conv.bias is None else conv.bias.detach().float(),
+                a=-torch.exp(mixer.A_log.detach().float()), d=mixer.D.detach().float(),
+                dt_norm=mixer.dt_layernorm.weight.detach().float(),
+                b_norm=mixer.b_layernorm.weight.detach().float(),
+                c_norm=mixer.c_layernorm.weight.detach().float(),
+                dt_rank=mixer.time_step_rank, state=mixer.ssm_state_size)
+            mamba_layers.append(i)
+        else:
+            attn = f"{prefix}.self_attn"
+            parts.qkv = [Source(f"{attn}.{p}") for p in ("q_proj", "k_proj", "v_proj")]
+            parts.o = [Source(f"{attn}.o_proj")]
+        if hasattr(layer.feed_forward, "router"):
+            parts.router = [Source(f"{ff}.router")]
+            parts.experts = [([Source(f"{ff}.experts.gate_up_proj", expert=e)],
+                              [Source(f"{ff}.experts.down_proj", expert=e)])
+                             for e in range(config.num_experts)]
+        else:
+            parts.gate_up = [Source(f"{ff}.gate_proj"), Source(f"{ff}.up_proj")]
+            parts.down = [Source(f"{ff}.down_proj")]
+        layers.append(parts)
+    block = Block(family="jamba", norm="rms", eps=config.rms_norm_eps, residual="sequential",
+                  position="none", mlp="gated", activation=config.hidden_act, heads=heads,
+                  kv_heads=kv, head_dim=d, scaling=d ** -0.5,
+                  experts=Experts(config.num_experts, config.num_experts_per_tok,
+                                  normalize=False) if any(p.router for p in layers) else None,
+                  mamba_layers=tuple(mamba_layers))
+    return ModelParts(block=block, embed="model.embed_tokens", layers=layers,
+                      final_norm=_norm(inner.final_layernorm), lm_head="lm_head")
+
+
 MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     **{family: _map_llama_like
        for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "stablelm",
@@ -639,6 +717,7 @@ MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     "phi": _map_phi,
     "deepseek_v2": _map_deepseek,
     "deepseek_v3": _map_deepseek,
+    "jamba": _map_jamba,
 }
 NATIVE_FAMILIES = tuple(MAPPERS)
 
@@ -698,6 +777,6 @@ def expert_matrices(model: Any) -> dict[str, torch.Tensor]:
     return found
 
 
-__all__ = ["ACTIVATIONS", "Block", "Experts", "LayerParts", "Latent", "ModelParts",
+__all__ = ["ACTIVATIONS", "Block", "Experts", "LayerParts", "Latent", "MambaParts", "ModelParts",
            "NATIVE_FAMILIES", "Norm", "Source", "Unsupported", "expert_matrices", "map_model",
            "source_weights"]

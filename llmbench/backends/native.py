@@ -106,6 +106,40 @@ class Expert:
 
 
 @dataclass
+class Mamba:
+    """A jamba Mamba mixer (blocks.MambaParts) over native projections."""
+
+    in_proj: Any
+    x_proj: Any
+    dt_proj: Any
+    out_proj: Any
+    conv_weight: torch.Tensor  # [inner, width]
+    conv_bias: torch.Tensor | None
+    a: torch.Tensor  # [inner, state]
+    d: torch.Tensor
+    dt_norm: torch.Tensor
+    b_norm: torch.Tensor
+    c_norm: torch.Tensor
+    dt_rank: int
+    state: int
+
+    PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+class MambaState:
+    """One Mamba layer's recurrent state per row: the last width-1 conv inputs [R, inner,
+    width-1] and the SSM state [R, inner, state]. Beams share nothing here: after a beam
+    reorder the rows are gathered (the states are small: no table needed)."""
+
+    def __init__(self, mamba: Mamba) -> None:
+        self.conv: torch.Tensor | None = None
+        self.ssm: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.conv, self.ssm = self.conv[rows], self.ssm[rows]
+
+
+@dataclass
 class Layer:
     attn_norm: torch.Tensor
     qkv: Any  # Linear, or a quantized linear put in by map_linears
@@ -129,6 +163,7 @@ class Layer:
     kv_a_norm: torch.Tensor | None = None
     w_uk: torch.Tensor | None = None
     w_uv: torch.Tensor | None = None
+    mamba: Mamba | None = None  # jamba's Mamba layers (qkv and o are None there)
 
     def projections(self, index: int) -> list[tuple[str, Any, str]]:
         """(name, owner, attribute) of every projection a step may read, in step order; names
@@ -143,6 +178,9 @@ class Layer:
         if self.shared is not None:
             found += [(f"layers.{index}.shared.{attr}", self.shared, attr)
                       for attr in ("gate_up", "down")]
+        if self.mamba is not None:
+            found = [(f"layers.{index}.mamba.{attr}", self.mamba, attr)
+                     for attr in Mamba.PROJECTIONS] + found
         return found
 
 
@@ -212,8 +250,9 @@ class KVCache:
 class BeamHistory:
     """The indirection table shared by all layers' caches."""
 
-    def __init__(self, rows: int, new_tokens: int, indirect: bool) -> None:
+    def __init__(self, rows: int, new_tokens: int, indirect: bool, prompt_len: int) -> None:
         self.indirect = indirect
+        self.prompt_len = prompt_len
         self.table = torch.arange(rows).unsqueeze(1).repeat(1, new_tokens)
         self.length = 0  # generated positions stored so far
 
@@ -292,13 +331,21 @@ class NativeModel:
                   else Expert(take(f"layers.{index}.shared.gate_up", parts.shared[0]),
                               take(f"layers.{index}.shared.down", parts.shared[1])))
         mlp_norm = parts.mlp_norm
+        mamba = None
+        if parts.mamba is not None:
+            m = parts.mamba
+            mamba = Mamba(**{attr: take(f"layers.{index}.mamba.{attr}", getattr(m, attr))
+                             for attr in Mamba.PROJECTIONS},
+                          conv_weight=m.conv_weight, conv_bias=m.conv_bias, a=m.a, d=m.d,
+                          dt_norm=m.dt_norm, b_norm=m.b_norm, c_norm=m.c_norm,
+                          dt_rank=m.dt_rank, state=m.state)
         layer = Layer(attn_norm=parts.attn_norm.weight, attn_norm_bias=parts.attn_norm.bias,
                       mlp_norm=None if mlp_norm is None else mlp_norm.weight,
                       mlp_norm_bias=None if mlp_norm is None else mlp_norm.bias,
                       q_norm=parts.q_norm, k_norm=parts.k_norm, router=router,
                       router_bias=parts.router_bias, experts=experts, shared=shared,
                       q_b=take(f"layers.{index}.q_b", parts.q_b), q_a_norm=parts.q_a_norm,
-                      kv_a_norm=parts.kv_a_norm, **projections)
+                      kv_a_norm=parts.kv_a_norm, mamba=mamba, **projections)
         if parts.kv_b is not None:
             self.sources[f"layers.{index}.kv_b"] = parts.kv_b
             self._absorb(layer, blocks.source_weights(hf_model, parts.kv_b)[0])
@@ -350,6 +397,9 @@ class NativeModel:
         missing = [name for name, spec in specs.items() if spec is None]
         if not kernels.available() or not hasattr(kernels.compiled(), "DecodePlan"):
             self._plan_note = "python step: the compiled kernels are not built"
+        elif self.block.mamba_layers:
+            self._plan_note = ("python step: the compiled step has no Mamba layers (jamba's "
+                               "mixer); every layer runs as torch ops")
         elif missing:
             kind = getattr(dict(projections)[missing[0]], "kind", "?")
             self._plan_note = (f"python step: {missing[0]} ({kind}) has no compiled kernel")
@@ -423,10 +473,14 @@ class NativeModel:
         total = self.lm_head.nbytes
         for index, layer in enumerate(self.layers):
             dense = [getattr(owner, attr) for _, owner, attr in layer.projections(index)
-                     if owner is layer or owner is layer.shared]
+                     if owner is layer or owner is layer.shared]  # (Mamba's: below)
             total += sum(p.nbytes for p in dense)
             if layer.w_uk is not None:  # MLA's absorbed kv_b
                 total += layer.w_uk.nbytes + layer.w_uv.nbytes
+            if layer.mamba is not None:
+                m = layer.mamba
+                total += sum(getattr(m, attr).nbytes for attr in Mamba.PROJECTIONS)
+                total += m.conv_weight.nbytes + m.a.nbytes + m.d.nbytes
             if layer.experts:
                 per_expert = layer.experts[0].gate_up.nbytes + layer.experts[0].down.nbytes
                 total += layer.router.nbytes + self.block.experts.top_k * per_expert
@@ -553,7 +607,10 @@ class NativeModel:
         if layer.w_uv is not None:  # MLA: each head's latent output -> its value space
             latent = attn.reshape(rows, seq, self.heads, -1)[..., self.block.latent.rope_dim:]
             attn = torch.matmul(latent.transpose(1, 2), layer.w_uv.transpose(1, 2)).transpose(1, 2)
-        out = layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
+        if layer.o is None:  # a Mamba layer: its output is projected already
+            out = attn.reshape(rows, seq, hidden)
+        else:
+            out = layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
         if self.block.residual == "parallel":  # both branches read the block's input
             mlp_in = x if layer.mlp_norm is None else self._norm(h, layer.mlp_norm,
                                                                  layer.mlp_norm_bias)
@@ -606,6 +663,9 @@ class NativeModel:
         alibi = self._alibi(torch.arange(seq), seq)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+            if layer.mamba is not None:
+                h = self._block_output(layer, h, x, self._mamba_prefill(layer.mamba, x, cache))
+                continue
             q, k, v = self._qkv(layer, x, c, s)
             cache.prompt_k.copy_(k)
             cache.prompt_v.copy_(v)
@@ -623,7 +683,7 @@ class NativeModel:
         """One token per row: ids [B*beams] -> logits [B*beams, V]."""
         rows = ids.shape[0]
         batch = rows // beams
-        position = caches[0].prompt_k.shape[2] + history.length
+        position = history.prompt_len + history.length
         step = history.length
         if self._bound:
             logits = self._plan.step(ids.contiguous(), position, step)
@@ -636,6 +696,10 @@ class NativeModel:
         alibi = self._alibi(torch.tensor([position]), position + 1)  # [heads, 1, keys]
         for layer, cache in zip(self.layers, caches, strict=True):
             x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+            if layer.mamba is not None:
+                out = self._mamba_step(layer.mamba, x[:, 0], cache)
+                h = self._block_output(layer, h, x, out.unsqueeze(1))
+                continue
             q, k, v = self._qkv(layer, x, c, s)  # q [R, heads, 1, d], k/v [R, kv, 1, d]
             cache.gen_k[:, :, step: step + 1].copy_(k)
             cache.gen_v[:, :, step: step + 1].copy_(v)
@@ -682,6 +746,61 @@ class NativeModel:
         history.length += 1
         return self._logits(h[:, 0])
 
+    def _mamba_ssm_inputs(self, m: Mamba, xs: torch.Tensor):
+        """Conv'd inputs xs [N, inner] -> dt [N, inner] (softplus'd), B and C [N, state]."""
+        dt, b, c = m.x_proj(xs).split([m.dt_rank, m.state, m.state], dim=-1)
+        dt = rms_norm(dt.contiguous(), m.dt_norm, self.eps)
+        b = rms_norm(b.contiguous(), m.b_norm, self.eps)
+        c = rms_norm(c.contiguous(), m.c_norm, self.eps)
+        return F.softplus(m.dt_proj(dt)), b, c
+
+    def _mamba_prefill(self, m: Mamba, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """x [B, S, H] normed -> the mixer's output [B, S, H]; leaves each row's conv window
+        and SSM state in `state`. The scan is the recurrence, token by token, as transformers'
+        PyTorch path computes it."""
+        batch, seq, hidden = x.shape
+        width = m.conv_weight.shape[1]
+        xs, gate = m.in_proj(x.reshape(batch * seq, hidden)).view(batch, seq, -1).chunk(2, -1)
+        xs = xs.transpose(1, 2)  # [B, inner, S]
+        padded = F.pad(xs, (width - 1, 0))  # the last width-1 inputs, zeros before the prompt
+        state.conv = padded[:, :, padded.shape[2] - (width - 1):]
+        xs = F.silu(F.conv1d(xs, m.conv_weight.unsqueeze(1), m.conv_bias, padding=width - 1,
+                             groups=xs.shape[1])[:, :, :seq])
+        xs = xs.transpose(1, 2).reshape(batch * seq, -1)  # [B*S, inner]
+        dt, b, c = self._mamba_ssm_inputs(m, xs)
+        dt = dt.view(batch, seq, -1)
+        b, c = b.view(batch, seq, -1), c.view(batch, seq, -1)
+        xs = xs.view(batch, seq, -1)
+        ssm = torch.zeros(batch, m.a.shape[0], m.state)
+        ys = []
+        for t in range(seq):
+            decay = torch.exp(m.a * dt[:, t, :, None])
+            ssm = decay * ssm + dt[:, t, :, None] * b[:, t, None, :] * xs[:, t, :, None]
+            ys.append(torch.matmul(ssm, c[:, t, :, None])[..., 0])
+        state.ssm = ssm
+        y = (torch.stack(ys, dim=1) + xs * m.d) * F.silu(gate)
+        return m.out_proj(y.reshape(batch * seq, -1)).view(batch, seq, hidden)
+
+    def _mamba_step(self, m: Mamba, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token per row: x [R, H] normed -> [R, H]; advances the row's state."""
+        xs, gate = m.in_proj(x).chunk(2, dim=-1)
+        window = torch.cat((state.conv, xs[:, :, None]), dim=-1)  # [R, inner, width]
+        state.conv = window[:, :, 1:]
+        xs = F.silu(F.conv1d(window, m.conv_weight.unsqueeze(1), m.conv_bias,
+                             groups=xs.shape[1])[:, :, -1])
+        dt, b, c = self._mamba_ssm_inputs(m, xs)
+        state.ssm = (torch.exp(dt[..., None] * m.a) * state.ssm
+                     + dt[..., None] * b[:, None, :] * xs[..., None])
+        y = (torch.matmul(state.ssm, c[..., None])[..., 0] + xs * m.d) * F.silu(gate)
+        return m.out_proj(y)
+
+    def new_caches(self, batch: int, beams: int, prompt_len: int, new_tokens: int) -> list[Any]:
+        """Per layer: a KVCache, or a MambaState for a Mamba layer."""
+        return [MambaState(layer.mamba) if layer.mamba is not None
+                else KVCache(batch, beams, self.kv_heads, self.head_dim, prompt_len, new_tokens,
+                             self.kv_dtype, shared_values=self.block.latent is not None)
+                for layer in self.layers]
+
     def _generated(self, cache: KVCache, history: BeamHistory, length: int):
         k, v = cache.gen_k[:, :, :length], cache.gen_v[:, :, :length]
         if history.indirect:
@@ -727,10 +846,9 @@ class NativeModel:
             raise UserError(f"native backend: {total} tokens exceed the model's "
                             f"{self.pos_embed.shape[0] - self.pos_offset} learned positions")
         cos, sin = self._rope_tables(total)
-        caches = [KVCache(batch, beams, self.kv_heads, self.head_dim, prompt_len, new_tokens,
-                          self.kv_dtype, shared_values=self.block.latent is not None)
-                  for _ in self.layers]
-        history = BeamHistory(batch * beams, new_tokens, indirect=beams > 1)
+        caches = self.new_caches(batch, beams, prompt_len, new_tokens)
+        history = BeamHistory(batch * beams, new_tokens, indirect=beams > 1,
+                              prompt_len=prompt_len)
         if streamer is not None:
             streamer.put(ids.cpu())
 
@@ -787,6 +905,9 @@ class NativeModel:
         full = torch.cat((ids.repeat_interleave(beams, dim=0), generated), dim=1)
         for criterion in criteria:
             criterion(full, None)
+        states = [c for c in caches if isinstance(c, MambaState)]
+        for state in states:  # every beam starts from its sequence's prompt state
+            state.select(torch.arange(batch).repeat_interleave(beams))
         for _ in range(1, new_tokens):
             logits = self.decode(generated[:, -1], caches, history, beams, cos, sin)
             logprobs = self._log_softmax(logits, banned) + beam_scores[:, None]
@@ -795,6 +916,8 @@ class NativeModel:
             parents = (top_index // vocab).reshape(rows) + offsets
             next_tokens = (top_index % vocab).reshape(rows)
             history.reorder(parents)
+            for state in states:
+                state.select(parents)
             generated = torch.cat((generated[parents], next_tokens[:, None]), dim=1)
             beam_scores = top_scores.reshape(rows)
             full = torch.cat((ids.repeat_interleave(beams, dim=0), generated), dim=1)
