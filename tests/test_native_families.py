@@ -51,10 +51,13 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "jamba": ("jamba", {}),
     "jamba-mamba-experts": ("jamba", {"num_hidden_layers": 4, "expert_layer_period": 3,
                                       "expert_layer_offset": 2}),
+    # T5's decoder (ReLU MLP, tied, scaled logits) and Flan-T5's (gated GELU, untied).
+    "t5": ("t5", {}),
+    "t5-flan": ("t5", {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
 }
-# Families whose block parts the compiled step lacks (jamba's Mamba layers): their decode
-# steps run as torch ops, and the report says so.
-TORCH_STEP_FAMILIES = ("jamba",)
+# Families whose block parts the compiled step lacks (jamba's Mamba layers, T5's cross-
+# attention and relative bias): their decode steps run as torch ops, and the report says so.
+TORCH_STEP_FAMILIES = ("jamba", "t5")
 NEW_TOKENS = 12
 PROMPT = torch.tensor([[1, 4500, 301, 22000, 7, 812, 16000, 90, 3000, 41000, 5, 2222]])
 
@@ -79,7 +82,8 @@ def generate(model: Any, beams: int = 1) -> list[list[int]]:
         out = model.generate(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT),
                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                              do_sample=False, num_beams=beams, pad_token_id=2)
-    return out[:, PROMPT.shape[1]:].tolist()
+    # (an encoder-decoder's output is the decoder's: its start token, then the new ones)
+    return out[:, 1 if model.config.is_encoder_decoder else PROMPT.shape[1]:].tolist()
 
 
 def native_of(folder: Path, dtype: str = "float32") -> Any:
@@ -212,6 +216,7 @@ def only_report(folder: Path) -> dict[str, Any]:
     ("deepseek_v3", ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]),
     ("jamba", ["--ipex-weight-only-quantization", "--weight-dtype", "INT4", "--group-size",
                "32"]),
+    ("t5-flan", ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]),
 ])
 def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, name: str,
                                       extra: list[str]) -> None:
@@ -233,7 +238,8 @@ def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, nam
     # deepseek [q_a kv_a], q_b, o, kv_b, then dense gate_up and down or 4 experts x 2 + shared 2).
     # jamba: mamba in_proj, x_proj, out_proj (dt_proj, 8 wide, stays float) + dense MLP 2;
     # attention 2 + 4 experts x 2.
-    replaced = {"mixtral": 21, "deepseek_v3": 21, "jamba": 16}.get(name, 9)
+    # t5-flan: 2 layers x (qkv, o, cross q, cross kv, cross o, gate_up, down) + lm_head.
+    replaced = {"mixtral": 21, "deepseek_v3": 21, "jamba": 16, "t5-flan": 15}.get(name, 9)
     if extra:
         assert backend["quantization"]["native_projections_replaced"] == replaced
 
@@ -271,3 +277,41 @@ def test_jamba_mamba_state_carries_through_decode(tiny: dict[str, Path]) -> None
     assert float((got - expected).abs().max()) < 1e-4 * float(expected.abs().max())
     assert generate(native) == generate(stock)
     assert generate(native, beams=4) == generate(stock, beams=4)
+
+
+@pytest.mark.parametrize("weight_dtype", [None, "INT8", "INT4"])
+@pytest.mark.parametrize("name", ["t5", "t5-flan"])
+def test_t5_decoder_logits_are_stocks_step_by_step(tiny: dict[str, Path], name: str,
+                                                    weight_dtype: str | None) -> None:
+    """Random T5s repeat one token, so tokens alone prove little: the native decoder's logits
+    at every position of a forced decoder sequence (encoder once, then prefill of the start
+    token and single steps) must be stock's, float and quantized (the encoder quantized in
+    both)."""
+    from llmbench.backends.native import BeamHistory
+
+    if weight_dtype is None:
+        stock = load_model(str(tiny[name]), "float32").model
+        native = native_of(tiny[name]).model
+    else:
+        scheme = Scheme("woq", weight_dtype, 32 if weight_dtype == "INT4" else -1, False)
+        qlinears = apply.quantize_rtn(load_model(str(tiny[name]), "float32").model, scheme)
+        stock, native = (apply.prepare_quantized(
+            load_model(str(tiny[name]), "float32"), qlinears, backend=backend, dtype="float32",
+            kv_cache_dtype="auto", scheme=scheme).model for backend in ("stock", "native"))
+        assert any(name.startswith("encoder.") for name in qlinears)
+    forced = torch.tensor([[0, 500, 9000, 77, 3000, 12000, 45, 800]])
+    with torch.inference_mode():
+        expected = stock(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT),
+                         decoder_input_ids=forced).logits[0]
+        caches = native.new_caches(1, 1, 1, forced.shape[1])
+        native._encode(PROMPT, None, caches)
+        cos, sin = native._rope_tables(forced.shape[1] + 1)
+        history = BeamHistory(1, forced.shape[1], indirect=False, prompt_len=1)
+        got = [native.prefill(forced[:, :1], caches, cos, sin)[0]]
+        got += [native.decode(forced[:, t], caches, history, 1, cos, sin)[0]
+                for t in range(1, forced.shape[1])]
+    # Quantized: the same integers, but fused projections and other row counts take other
+    # kernel paths (summation orders): 3.5e-5 of the largest logit measured, a bug is O(1).
+    tolerance = 1e-5 if weight_dtype is None else 1e-3
+    torch.testing.assert_close(torch.stack(got), expected, rtol=0,
+                               atol=tolerance * float(expected.abs().max()))

@@ -95,7 +95,7 @@ class Block:
     norm: str  # "rms" | "layer"
     eps: float
     residual: str  # "sequential" | "parallel"
-    position: str  # "rope" | "alibi" | "learned" | "none"
+    position: str  # "rope" | "alibi" | "learned" | "relative" (T5's bucketed bias) | "none"
     mlp: str  # "gated" | "plain"
     activation: str  # a key of ACTIVATIONS
     heads: int
@@ -110,6 +110,7 @@ class Block:
     sliding_window: int | None = None
     experts: Experts | None = None  # MoE layers' routing (the layers with a router use it)
     mamba_layers: tuple[int, ...] = ()  # jamba: these layers mix with a Mamba SSM, not attention
+    cross_attention: bool = False  # T5: each layer also attends to the encoder's states
     latent: Latent | None = None  # MLA: heads share one latent key/value head of head_dim
 
     def describe(self) -> dict[str, Any]:
@@ -182,6 +183,11 @@ class LayerParts:
     kv_a_norm: torch.Tensor | None = None
     kv_b: list[Source] | None = None
     mamba: MambaParts | None = None  # jamba's Mamba layers, in place of attention
+    # Encoder-decoder (T5): attention to the encoder's states between self-attention and MLP.
+    cross_norm: Norm | None = None
+    cross_q: list[Source] | None = None
+    cross_kv: list[Source] | None = None  # [k | v] of the encoder's states, once per prompt
+    cross_o: list[Source] | None = None
 
 
 @dataclass
@@ -197,6 +203,11 @@ class ModelParts:
     pos_offset: int = 0  # ... read at position + offset (OPT's 2)
     alibi_slopes: torch.Tensor | None = None  # [heads] fp32
     rope_tables: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # T5: the bias [heads, queries, keys] for `queries` positions from `start` over `keys` keys
+    relative_bias: Callable[[int, int, int], torch.Tensor] | None = None
+    encoder: str | None = None  # encoder-decoder: the encoder module, run stock once per prompt
+    decoder_start: int | None = None  # ... and the token the decoder starts from
+    logit_scale: float | None = None  # T5 scales the final norm's output by d_model^-0.5
     notes: list[str] = field(default_factory=list)
 
 
@@ -702,6 +713,45 @@ def _map_jamba(model: Any) -> ModelParts:
                       final_norm=_norm(inner.final_layernorm), lm_head="lm_head")
 
 
+def _map_t5(model: Any) -> ModelParts:
+    """T5 / Flan-T5's decoder (the encoder runs stock, once per prompt): RMS-style norms,
+    bucketed relative position bias from the first layer shared by all, unscaled q.k, cross-
+    attention to the encoder, ReLU or gated-GELU MLP."""
+    config, decoder = model.config, model.decoder
+    heads, d = config.num_heads, config.d_kv
+    layers = []
+    for i, block in enumerate(decoder.block):
+        p = f"decoder.block.{i}.layer"
+        self_attn, cross, ff = block.layer
+        dense = f"{p}.2.DenseReluDense"
+        layers.append(LayerParts(
+            attn_norm=_norm(self_attn.layer_norm), mlp_norm=_norm(ff.layer_norm),
+            qkv=[Source(f"{p}.0.SelfAttention.{x}") for x in "qkv"],
+            o=[Source(f"{p}.0.SelfAttention.o")],
+            gate_up=([Source(f"{dense}.wi_0"), Source(f"{dense}.wi_1")] if config.is_gated_act
+                     else [Source(f"{dense}.wi")]),
+            down=[Source(f"{dense}.wo")], cross_norm=_norm(cross.layer_norm),
+            cross_q=[Source(f"{p}.1.EncDecAttention.q")],
+            cross_kv=[Source(f"{p}.1.EncDecAttention.{x}") for x in "kv"],
+            cross_o=[Source(f"{p}.1.EncDecAttention.o")]))
+    biased = decoder.block[0].layer[0].SelfAttention
+
+    def relative_bias(queries: int, keys: int, start: int) -> torch.Tensor:
+        with torch.no_grad():  # transformers' own buckets and table
+            return biased.compute_bias(queries, keys, past_seen_tokens=start)[0].float()
+
+    block = Block(family="t5", norm="rms", eps=config.layer_norm_epsilon, residual="sequential",
+                  position="relative", mlp="gated" if config.is_gated_act else "plain",
+                  activation=config.dense_act_fn, heads=heads, kv_heads=heads, head_dim=d,
+                  scaling=1.0, cross_attention=True)
+    return ModelParts(block=block, embed="decoder.embed_tokens", layers=layers,
+                      final_norm=_norm(decoder.final_layer_norm), lm_head="lm_head",
+                      relative_bias=relative_bias, encoder="encoder",
+                      decoder_start=config.decoder_start_token_id,
+                      logit_scale=config.d_model ** -0.5 if config.scale_decoder_outputs
+                      else None)
+
+
 MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     **{family: _map_llama_like
        for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "stablelm",
@@ -718,6 +768,7 @@ MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     "deepseek_v2": _map_deepseek,
     "deepseek_v3": _map_deepseek,
     "jamba": _map_jamba,
+    "t5": _map_t5,
 }
 NATIVE_FAMILIES = tuple(MAPPERS)
 

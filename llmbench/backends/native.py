@@ -164,13 +164,18 @@ class Layer:
     w_uk: torch.Tensor | None = None
     w_uv: torch.Tensor | None = None
     mamba: Mamba | None = None  # jamba's Mamba layers (qkv and o are None there)
+    cross_norm: torch.Tensor | None = None  # T5: attention to the encoder's states
+    cross_q: Any = None
+    cross_kv: Any = None  # run once per prompt, on the encoder's states
+    cross_o: Any = None
 
     def projections(self, index: int) -> list[tuple[str, Any, str]]:
         """(name, owner, attribute) of every projection a step may read, in step order; names
         are "layers.<i>.<qkv|q_b|o|gate_up|down>", "layers.<i>.experts.<e>.<gate_up|down>"
         and "layers.<i>.shared.<gate_up|down>"."""
         found = [(f"layers.{index}.{attr}", self, attr)
-                 for attr in ("qkv", "q_b", "o", "gate_up", "down")
+                 for attr in ("qkv", "q_b", "o", "cross_q", "cross_kv", "cross_o", "gate_up",
+                              "down")
                  if getattr(self, attr) is not None]
         for e, expert in enumerate(self.experts):
             found += [(f"layers.{index}.experts.{e}.{attr}", expert, attr)
@@ -231,6 +236,9 @@ class KVCache:
     def __init__(self, batch: int, beams: int, kv_heads: int, head_dim: int, prompt_len: int,
                  new_tokens: int, dtype: torch.dtype, shared_values: bool = False) -> None:
         self.dtype = dtype
+        # Encoder-decoder: the encoder's keys and values [B, heads, E, d] (NativeModel._encode).
+        self.cross_k: torch.Tensor | None = None
+        self.cross_v: torch.Tensor | None = None
 
         def values_of(keys: torch.Tensor) -> torch.Tensor:
             return keys if shared_values else torch.zeros_like(keys)
@@ -281,6 +289,12 @@ class NativeModel:
         self.eps = block.eps
         self.sliding_window = block.sliding_window
         self.alibi_slopes = parts.alibi_slopes
+        self.relative_bias = parts.relative_bias
+        # Encoder-decoder: the encoder stays transformers' module, run once per prompt.
+        self.encoder = None if parts.encoder is None else modules[parts.encoder]
+        self.stock_modules = {} if parts.encoder is None else {parts.encoder: self.encoder}
+        self.decoder_start = parts.decoder_start
+        self.logit_scale = parts.logit_scale
         self.embed = modules[parts.embed].weight.detach()
         self.weight_dtype = self.embed.dtype
         # auto: the activations' dtype (fp32), so attention reads the cache without converting.
@@ -321,7 +335,8 @@ class NativeModel:
             return Linear(*blocks.source_weights(hf_model, sources))
 
         projections = {attr: take(f"layers.{index}.{attr}", getattr(parts, attr))
-                       for attr in ("qkv", "o", "gate_up", "down")}
+                       for attr in ("qkv", "o", "gate_up", "down", "cross_q", "cross_kv",
+                                    "cross_o")}
         experts = [Expert(take(f"layers.{index}.experts.{e}.gate_up", gate_up),
                           take(f"layers.{index}.experts.{e}.down", down))
                    for e, (gate_up, down) in enumerate(parts.experts)]
@@ -345,7 +360,9 @@ class NativeModel:
                       q_norm=parts.q_norm, k_norm=parts.k_norm, router=router,
                       router_bias=parts.router_bias, experts=experts, shared=shared,
                       q_b=take(f"layers.{index}.q_b", parts.q_b), q_a_norm=parts.q_a_norm,
-                      kv_a_norm=parts.kv_a_norm, mamba=mamba, **projections)
+                      kv_a_norm=parts.kv_a_norm, mamba=mamba,
+                      cross_norm=None if parts.cross_norm is None else parts.cross_norm.weight,
+                      **projections)
         if parts.kv_b is not None:
             self.sources[f"layers.{index}.kv_b"] = parts.kv_b
             self._absorb(layer, blocks.source_weights(hf_model, parts.kv_b)[0])
@@ -397,6 +414,9 @@ class NativeModel:
         missing = [name for name, spec in specs.items() if spec is None]
         if not kernels.available() or not hasattr(kernels.compiled(), "DecodePlan"):
             self._plan_note = "python step: the compiled kernels are not built"
+        elif self.block.cross_attention:
+            self._plan_note = ("python step: the compiled step has no cross-attention or "
+                               "relative position bias (t5); every layer runs as torch ops")
         elif self.block.mamba_layers:
             self._plan_note = ("python step: the compiled step has no Mamba layers (jamba's "
                                "mixer); every layer runs as torch ops")
@@ -472,8 +492,9 @@ class NativeModel:
         the router and the top-k experts it routes to (all experts of a layer are one size)."""
         total = self.lm_head.nbytes
         for index, layer in enumerate(self.layers):
+            # (Mamba's: below; T5's cross_kv runs once per prompt, not per token)
             dense = [getattr(owner, attr) for _, owner, attr in layer.projections(index)
-                     if owner is layer or owner is layer.shared]  # (Mamba's: below)
+                     if (owner is layer or owner is layer.shared) and attr != "cross_kv"]
             total += sum(p.nbytes for p in dense)
             if layer.w_uk is not None:  # MLA's absorbed kv_b
                 total += layer.w_uk.nbytes + layer.w_uv.nbytes
@@ -600,7 +621,7 @@ class NativeModel:
         return down(gate if up is None else gate * up)
 
     def _block_output(self, layer: Layer, h: torch.Tensor, x: torch.Tensor,
-                      attn: torch.Tensor) -> torch.Tensor:
+                      attn: torch.Tensor, cache: Any = None) -> torch.Tensor:
         """The residual stream after one block: h [R, S, H] its input, x = attention norm(h),
         attn [R, S, heads * d] the attention's output before the o projection."""
         rows, seq, hidden = h.shape
@@ -617,8 +638,33 @@ class NativeModel:
             mlp = self._mlp(layer, mlp_in.reshape(rows * seq, hidden)).view(rows, seq, hidden)
             return h + (out + mlp)
         h = h + out
+        if layer.cross_q is not None:
+            h = h + self._cross_attention(layer, h, cache)
         x = self._norm(h, layer.mlp_norm, layer.mlp_norm_bias).view(rows * seq, hidden)
         return h + self._mlp(layer, x).view(rows, seq, hidden)
+
+    def _cross_attention(self, layer: Layer, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """T5: h [R, S, H] attends to the encoder's keys and values (cache.cross_k/v
+        [B, heads, E, d], computed once per prompt; beams read their sequence's)."""
+        rows, seq, hidden = h.shape
+        x = self._norm(h, layer.cross_norm, None).reshape(rows * seq, hidden)
+        q = layer.cross_q(x).view(rows, seq, self.heads, -1).transpose(1, 2)
+        k, v = cache.cross_k, cache.cross_v
+        if k.shape[0] != rows:  # beams: row r continues sequence r // beams
+            k = k.repeat_interleave(rows // k.shape[0], dim=0)
+            v = v.repeat_interleave(rows // v.shape[0], dim=0)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2)
+        return layer.cross_o(out.reshape(rows * seq, -1)).view(rows, seq, hidden)
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None, caches: list[Any]) -> None:
+        """Encoder-decoder: run the encoder once and store each layer's cross keys/values."""
+        states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        batch, length, hidden = states.shape
+        for layer, cache in zip(self.layers, caches, strict=True):
+            kv = layer.cross_kv(states.reshape(batch * length, hidden))
+            k, v = kv.view(batch, length, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+            cache.cross_k, cache.cross_v = k.contiguous(), v.contiguous()
 
     def _embed(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """ids [R, S] starting at absolute `position` -> fp32 [R, S, H]."""
@@ -634,19 +680,26 @@ class NativeModel:
                                 self.embed_norm.bias, self.eps)
         return rows
 
-    def _alibi(self, query_positions: torch.Tensor, keys: int) -> torch.Tensor | None:
-        """ALiBi's bias [heads, queries, keys]: slope * key position, minus infinity past the
-        query (softmax ignores a per-row constant, so BLOOM's absolute and MPT's relative
-        forms give the same weights)."""
-        if self.alibi_slopes is None:
-            return None
+    def _position_bias(self, query_positions: torch.Tensor, keys: int) -> torch.Tensor | None:
+        """The attention scores' bias [heads, queries, keys], minus infinity past the query:
+        ALiBi's slope * key position (softmax ignores a per-row constant, so BLOOM's absolute
+        and MPT's relative forms give the same weights), or T5's relative bias; None for
+        neither."""
         key_positions = torch.arange(keys, dtype=torch.float32)
-        bias = self.alibi_slopes[:, None, None] * key_positions
+        if self.alibi_slopes is not None:
+            bias = self.alibi_slopes[:, None, None] * key_positions
+        elif self.relative_bias is not None:
+            bias = self.relative_bias(len(query_positions), keys, int(query_positions[0]))
+        else:
+            return None
         future = key_positions[None, :] > query_positions[:, None]
         return bias.masked_fill(future, -math.inf)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self._norm(h, self.final_norm, self.final_norm_bias))
+        x = self._norm(h, self.final_norm, self.final_norm_bias)
+        if self.logit_scale is not None:  # T5: d_model^-0.5 before the (tied) lm_head
+            x = x * self.logit_scale
+        logits = self.lm_head(x)
         if self.weight_dtype != torch.float32:
             # Stock returns logits in the weights' dtype: bf16's coarse steps turn near-ties
             # into exact ties, which argmax and top-k break by index. Rounding ours the same
@@ -660,7 +713,7 @@ class NativeModel:
         seq = ids.shape[1]
         h = self._embed(ids, 0)
         c, s = cos[:seq], sin[:seq]
-        alibi = self._alibi(torch.arange(seq), seq)
+        alibi = self._position_bias(torch.arange(seq), seq)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
             if layer.mamba is not None:
@@ -675,7 +728,7 @@ class NativeModel:
             else:
                 attn = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi,
                                                       scale=self.scaling, enable_gqa=True)
-            h = self._block_output(layer, h, x, attn.transpose(1, 2))
+            h = self._block_output(layer, h, x, attn.transpose(1, 2), cache)
         return self._logits(h[:, -1])
 
     def decode(self, ids: torch.Tensor, caches: list[KVCache], history: BeamHistory,
@@ -693,7 +746,7 @@ class NativeModel:
         h = self._embed(ids.unsqueeze(1), position)  # [R, 1, H]
         group = self.heads // self.kv_heads
         d = self.head_dim
-        alibi = self._alibi(torch.tensor([position]), position + 1)  # [heads, 1, keys]
+        alibi = self._position_bias(torch.tensor([position]), position + 1)  # [heads, 1, keys]
         for layer, cache in zip(self.layers, caches, strict=True):
             x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
             if layer.mamba is not None:
@@ -714,7 +767,7 @@ class NativeModel:
                 if alibi is not None:
                     scores = scores + alibi.view(self.kv_heads, group, -1)
                 attn = torch.matmul(torch.softmax(scores, dim=-1), values)
-                h = self._block_output(layer, h, x, attn.reshape(rows, 1, self.heads * d))
+                h = self._block_output(layer, h, x, attn.reshape(rows, 1, self.heads * d), cache)
                 continue
             # Scores against the prompt, shared by the beams of a sequence: [B, kv, beams*g, P].
             qp = q.view(batch, beams, self.kv_heads, group, d).permute(0, 2, 1, 3, 4)
@@ -742,7 +795,7 @@ class NativeModel:
             out_prompt = torch.matmul(probs_prompt, pv).view(batch, self.kv_heads, beams, group, d)
             out_prompt = out_prompt.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads, group, d)
             out = out_prompt + torch.matmul(probs[..., prompt_len:], gv)
-            h = self._block_output(layer, h, x, out.reshape(rows, 1, self.heads * d))
+            h = self._block_output(layer, h, x, out.reshape(rows, 1, self.heads * d), cache)
         history.length += 1
         return self._logits(h[:, 0])
 
@@ -837,6 +890,10 @@ class NativeModel:
         settings = self._sampling_settings(kwargs)
         banned = self._eos_ids(kwargs)
 
+        encoder_ids = None
+        if self.encoder is not None:  # the prompt is the encoder's; the decoder starts afresh
+            encoder_ids = ids
+            ids = torch.full((ids.shape[0], 1), self.decoder_start, dtype=ids.dtype)
         batch, prompt_len = ids.shape
         total = prompt_len + new_tokens
         if self.sliding_window and total > self.sliding_window:
@@ -849,6 +906,9 @@ class NativeModel:
         caches = self.new_caches(batch, beams, prompt_len, new_tokens)
         history = BeamHistory(batch * beams, new_tokens, indirect=beams > 1,
                               prompt_len=prompt_len)
+        if encoder_ids is not None:
+            with torch.inference_mode():
+                self._encode(encoder_ids, mask, caches)
         if streamer is not None:
             streamer.put(ids.cpu())
 
@@ -992,6 +1052,8 @@ def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str,
         "activation_dtype": "float32",
         **({"prefill_matmul": prefill_matmul()} if dtype == "bfloat16" else {}),
         "kv_cache_dtype": str(native.kv_dtype).replace("torch.", ""),
+        **({"encoder": "transformers' own module (stock), once per prompt; the decoder is "
+                       "native"} if native.encoder is not None else {}),
         "tied_embedding": native.tied,
         "block": native.block.describe(),
         "weight_bytes_per_token": native.weight_bytes,

@@ -134,7 +134,7 @@ def install_hf(model: torch.nn.Module, qlinears: dict[str, Any]) -> None:
     modules = dict(model.named_modules())
     for name, linear in qlinears.items():
         if name in modules:
-            model.set_submodule(name, QuantizedLinear(linear))
+            model.set_submodule(name, QuantizedLinear(linear, modules[name].weight.dtype))
             continue
         parameter, expert = name.rsplit(".", 1)
         tensor = model.get_parameter(parameter)
@@ -287,6 +287,9 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
     details = quantization_details(qlinears, scheme)
     if prepared.backend == "native":
         details["native_projections_replaced"] = install_native(prepared.model, qlinears)
+        for prefix, module in prepared.model.stock_modules.items():  # e.g. T5's encoder
+            install_hf(module, {name[len(prefix) + 1:]: linear for name, linear in qlinears.items()
+                                if name.startswith(prefix + ".")})
         weight_bytes = prepared.model.weight_bytes
     else:
         install_hf(prepared.model, qlinears)

@@ -216,7 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
           f"quantizing: {scheme.describe()}", flush=True)
-    reference = None if args.skip_quality else quality.measure_reference(model, tokenizer)
+    reference = None
+    if loaded.family.seq2seq and not args.skip_quality:
+        # quality's perplexity and greedy checks score a causal LM's next-token predictions
+        print("note: quality check skipped: it scores decoder-only models, and "
+              f"{loaded.family.model_type} is an encoder-decoder", flush=True)
+    elif not args.skip_quality:
+        reference = quality.measure_reference(model, tokenizer)
 
     extra: dict[str, Any] = {}
     float_overrides: dict[str, Any] = {}

@@ -481,11 +481,15 @@ class QuantizedLinear(torch.nn.Module):
     """Drop-in for nn.Linear in a Hugging Face model: runs a quantized projection in fp32 and
     returns the input's dtype."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.inner = inner
         self.in_features = inner.in_features
         self.out_features = inner.out_features
+        # Some modeling code reads `.weight.dtype` to cast activations (T5's feed-forward
+        # output projection): an empty tensor of the replaced weights' dtype keeps that cast
+        # what it was. It holds no values: code that multiplies by `.weight` fails loudly.
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
