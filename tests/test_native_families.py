@@ -55,9 +55,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "t5": ("t5", {}),
     "t5-flan": ("t5", {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
 }
-# Families whose block parts the compiled step lacks (jamba's Mamba layers, T5's cross-
-# attention and relative bias): their decode steps run as torch ops, and the report says so.
-TORCH_STEP_FAMILIES = ("jamba", "t5")
+# Families whose block parts the compiled step lacks (jamba's Mamba layers): their decode
+# steps run as torch ops, and the report says so.
+TORCH_STEP_FAMILIES = ("jamba",)
 NEW_TOKENS = 12
 PROMPT = torch.tensor([[1, 4500, 301, 22000, 7, 812, 16000, 90, 3000, 41000, 5, 2222]])
 
@@ -285,8 +285,8 @@ def test_t5_decoder_logits_are_stocks_step_by_step(tiny: dict[str, Path], name: 
                                                     weight_dtype: str | None) -> None:
     """Random T5s repeat one token, so tokens alone prove little: the native decoder's logits
     at every position of a forced decoder sequence (encoder once, then prefill of the start
-    token and single steps) must be stock's, float and quantized (the encoder quantized in
-    both)."""
+    token and single steps, compiled and torch-op) must be stock's, float and quantized (the
+    encoder quantized in both)."""
     from llmbench.backends.native import BeamHistory
 
     if weight_dtype is None:
@@ -303,15 +303,20 @@ def test_t5_decoder_logits_are_stocks_step_by_step(tiny: dict[str, Path], name: 
     with torch.inference_mode():
         expected = stock(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT),
                          decoder_input_ids=forced).logits[0]
-        caches = native.new_caches(1, 1, 1, forced.shape[1])
-        native._encode(PROMPT, None, caches)
-        cos, sin = native._rope_tables(forced.shape[1] + 1)
-        history = BeamHistory(1, forced.shape[1], indirect=False, prompt_len=1)
-        got = [native.prefill(forced[:, :1], caches, cos, sin)[0]]
-        got += [native.decode(forced[:, t], caches, history, 1, cos, sin)[0]
-                for t in range(1, forced.shape[1])]
-    # Quantized: the same integers, but fused projections and other row counts take other
-    # kernel paths (summation orders): 3.5e-5 of the largest logit measured, a bug is O(1).
-    tolerance = 1e-5 if weight_dtype is None else 1e-3
-    torch.testing.assert_close(torch.stack(got), expected, rtol=0,
-                               atol=tolerance * float(expected.abs().max()))
+    for compiled in (True, False):
+        with torch.inference_mode():
+            caches = native.new_caches(1, 1, 1, forced.shape[1])
+            native._encode(PROMPT, None, caches)
+            cos, sin = native._rope_tables(forced.shape[1] + 1)
+            history = BeamHistory(1, forced.shape[1], indirect=False, prompt_len=1)
+            got = [native.prefill(forced[:, :1], caches, cos, sin)[0]]
+            if compiled:
+                assert native.bind_compiled_step(caches, history, 1, cos, sin)
+            got += [native.decode(forced[:, t], caches, history, 1, cos, sin)[0]
+                    for t in range(1, forced.shape[1])]
+            native._bound = False
+        # Quantized: the same integers, but fused projections and other row counts take other
+        # kernel paths (summation orders): 3.5e-5 of the largest logit measured; a bug is O(1).
+        tolerance = 1e-5 if weight_dtype is None else 1e-3
+        torch.testing.assert_close(torch.stack(got), expected, rtol=0,
+                                   atol=tolerance * float(expected.abs().max()))

@@ -414,9 +414,6 @@ class NativeModel:
         missing = [name for name, spec in specs.items() if spec is None]
         if not kernels.available() or not hasattr(kernels.compiled(), "DecodePlan"):
             self._plan_note = "python step: the compiled kernels are not built"
-        elif self.block.cross_attention:
-            self._plan_note = ("python step: the compiled step has no cross-attention or "
-                               "relative position bias (t5); every layer runs as torch ops")
         elif self.block.mamba_layers:
             self._plan_note = ("python step: the compiled step has no Mamba layers (jamba's "
                                "mixer); every layer runs as torch ops")
@@ -447,6 +444,8 @@ class NativeModel:
         if latent is not None:
             plan.set_latent(q_rank=latent.q_rank, kv_rank=latent.kv_rank, nope=latent.nope_dim,
                             rope=latent.rope_dim, v_dim=latent.v_dim, eps=latent.norm_eps)
+        if self.logit_scale is not None:
+            plan.set_logit_scale(self.logit_scale)
         if routing is not None:
             plan.set_routing(sigmoid=routing.scoring == "sigmoid", groups=routing.groups,
                              top_groups=routing.top_groups,
@@ -471,7 +470,9 @@ class NativeModel:
                 shared_down=index[f"layers.{i}.shared.down"] if shared else -1,
                 q_b=index[f"layers.{i}.q_b"] if layer.q_b is not None else -1,
                 q_a_norm=layer.q_a_norm, kv_a_norm=layer.kv_a_norm, w_uk=layer.w_uk,
-                w_uv=layer.w_uv)
+                w_uv=layer.w_uv, cross_norm=layer.cross_norm,
+                cross_q=index[f"layers.{i}.cross_q"] if layer.cross_q is not None else -1,
+                cross_o=index[f"layers.{i}.cross_o"] if layer.cross_o is not None else -1)
         plan.set_lm_head(index["lm_head"])
         self._plan = plan
         self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
@@ -847,6 +848,25 @@ class NativeModel:
         y = (torch.matmul(state.ssm, c[..., None])[..., 0] + xs * m.d) * F.silu(gate)
         return m.out_proj(y)
 
+    def bind_compiled_step(self, caches: list[Any], history: BeamHistory, beams: int,
+                           cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Point the compiled step at this generate() call's caches (and, for T5, the encoder's
+        keys/values and the relative bias by distance); decode() then runs it. False when
+        there is no compiled step for this model (the reason is in runtime_details)."""
+        plan = self._compiled_plan()
+        if plan is not None:
+            total = cos.shape[0]
+            plan.bind([c.prompt_k for c in caches], [c.prompt_v for c in caches],
+                      [c.gen_k for c in caches], [c.gen_v for c in caches],
+                      cos.contiguous(), sin.contiguous(),
+                      history.table if history.indirect else None, beams,
+                      cross_k=[c.cross_k for c in caches if c.cross_k is not None],
+                      cross_v=[c.cross_v for c in caches if c.cross_v is not None],
+                      relative_bias=None if self.relative_bias is None else
+                      self.relative_bias(1, total, total - 1)[:, 0].flip(-1).contiguous())
+        self._bound = plan is not None
+        return self._bound
+
     def new_caches(self, batch: int, beams: int, prompt_len: int, new_tokens: int) -> list[Any]:
         """Per layer: a KVCache, or a MambaState for a Mamba layer."""
         return [MambaState(layer.mamba) if layer.mamba is not None
@@ -912,14 +932,8 @@ class NativeModel:
         if streamer is not None:
             streamer.put(ids.cpu())
 
-        plan = (self._compiled_plan()
-                if self.use_compiled_step and batch * beams <= kernels.SMALL_M_MAX else None)
-        if plan is not None:
-            plan.bind([c.prompt_k for c in caches], [c.prompt_v for c in caches],
-                      [c.gen_k for c in caches], [c.gen_v for c in caches],
-                      cos.contiguous(), sin.contiguous(),
-                      history.table if history.indirect else None, beams)
-        self._bound = plan is not None
+        if self.use_compiled_step and batch * beams <= kernels.SMALL_M_MAX:
+            self.bind_compiled_step(caches, history, beams, cos, sin)
         try:
             with torch.inference_mode():
                 sequences = self._generate(ids, caches, history, beams, new_tokens, banned,

@@ -28,6 +28,11 @@
 //   [rotated q_rope | q_nope W_uk] and its output's latent part times W_uv
 //   feeds o. Routing (set_routing): softmax or sigmoid scores, a choice-only
 //   bias, group-limited choice, renormalized, scaled; shared experts added.
+// Encoder-decoder (T5): a relative position bias by distance (bound per
+// generate(), [heads, positions]) added to the self-attention scores, and
+// after self-attention a cross-attention sublayer (its own norm, q and o
+// projections) over the encoder's keys/values [B, heads, E, d], computed once
+// per prompt; the final norm's output may be scaled before lm_head.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e5m2.h>
@@ -99,6 +104,9 @@ struct Layer {
   const float* kv_a_norm = nullptr;
   const float* w_uk = nullptr;  // [heads, nope, kv_rank]
   const float* w_uv = nullptr;  // [heads, v_dim, kv_rank]
+  // T5's cross-attention (-1: none)
+  const float* cross_norm = nullptr;
+  int64_t cross_q = -1, cross_o = -1;
 };
 
 struct Latent {  // blocks.Latent; enabled when kv_rank > 0
@@ -217,7 +225,9 @@ class DecodePlan {
                  const std::optional<at::Tensor>& router_bias, int64_t shared_gate_up,
                  int64_t shared_down, int64_t q_b, const std::optional<at::Tensor>& q_a_norm,
                  const std::optional<at::Tensor>& kv_a_norm, const std::optional<at::Tensor>& w_uk,
-                 const std::optional<at::Tensor>& w_uv) {
+                 const std::optional<at::Tensor>& w_uv,
+                 const std::optional<at::Tensor>& cross_norm, int64_t cross_q,
+                 int64_t cross_o) {
     TORCH_CHECK(mlp_norm.has_value() || parallel_,
                 "decode_step: only a parallel block may share the attention's norm");
     const int64_t nq = heads_ * d_, nkv = kv_heads_ * d_;
@@ -247,6 +257,9 @@ class DecodePlan {
     } else {
       attn_ok = fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) && q_b < 0;
     }
+    if (cross_q >= 0)
+      attn_ok = attn_ok && !parallel_ && cross_norm.has_value() && fits(cross_q, nq, hidden_) &&
+                fits(cross_o, hidden_, nq);
     TORCH_CHECK(attn_ok && mlp_ok,
                 "decode_step: projection shapes do not match the model's dimensions");
     Layer L{vec(attn_norm, hidden_, "attn_norm"),
@@ -260,6 +273,11 @@ class DecodePlan {
                             "router_bias");
     L.shared_gate_up = shared_gate_up;
     L.shared_down = shared_down;
+    if (cross_q >= 0) {
+      L.cross_norm = vec(*cross_norm, hidden_, "cross_norm");
+      L.cross_q = cross_q;
+      L.cross_o = cross_o;
+    }
     if (lat_.kv_rank) {
       L.q_b = q_b;
       L.q_a_norm = opt_vec(q_a_norm, lat_.q_rank, "q_a_norm");
@@ -279,6 +297,8 @@ class DecodePlan {
     lat_ = Latent{q_rank, kv_rank, nope, rope, v_dim, static_cast<float>(eps)};
   }
 
+  void set_logit_scale(double scale) { logit_scale_ = static_cast<float>(scale); }
+
   void set_routing(bool sigmoid, int64_t groups, int64_t top_groups, bool group_top2,
                    double scale) {
     TORCH_CHECK(groups >= 1 && top_groups >= 1 && top_groups <= groups,
@@ -295,7 +315,9 @@ class DecodePlan {
   void bind(const std::vector<at::Tensor>& prompt_k, const std::vector<at::Tensor>& prompt_v,
             const std::vector<at::Tensor>& gen_k, const std::vector<at::Tensor>& gen_v,
             const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& table,
-            int64_t beams) {
+            int64_t beams, const std::vector<at::Tensor>& cross_k,
+            const std::vector<at::Tensor>& cross_v,
+            const std::optional<at::Tensor>& relative_bias) {
     const size_t n = layers_.size();
     TORCH_CHECK(prompt_k.size() == n && prompt_v.size() == n && gen_k.size() == n &&
                     gen_v.size() == n,
@@ -332,6 +354,33 @@ class DecodePlan {
       table_stride_ = table->stride(0);
     }
     beams_ = beams;
+    ck_.clear(); cv_.clear();
+    TORCH_CHECK(cross_k.size() == cross_v.size() && (cross_k.empty() || cross_k.size() == n),
+                "decode_step: one cross-attention cache per layer expected");
+    for (size_t i = 0; i < cross_k.size(); ++i) {
+      const at::Tensor& k = bind_keep(cross_k[i]);
+      const at::Tensor& v = bind_keep(cross_v[i]);
+      TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() &&
+                      k.sizes() == v.sizes() && k.scalar_type() == at::kFloat &&
+                      v.scalar_type() == at::kFloat && k.size(0) == prompt_rows_ &&
+                      k.size(1) == heads_ && k.size(3) == d_,
+                  "decode_step: cross keys/values must be contiguous fp32 [B, heads, E, d]");
+      ck_.push_back(k.data_ptr<float>());
+      cv_.push_back(v.data_ptr<float>());
+      cross_len_ = k.size(2);
+    }
+    for (const Layer& L : layers_)
+      TORCH_CHECK(L.cross_q < 0 || !ck_.empty(), "decode_step: cross-attention layers need "
+                  "the encoder's keys and values");
+    rel_ = nullptr;
+    if (relative_bias.has_value()) {
+      TORCH_CHECK(relative_bias->dim() == 2 && relative_bias->size(0) == heads_ &&
+                      relative_bias->size(1) >= positions_ && relative_bias->is_contiguous() &&
+                      relative_bias->scalar_type() == at::kFloat,
+                  "decode_step: relative bias must be contiguous fp32 [heads, positions]");
+      rel_ = bind_keep(*relative_bias).data_ptr<float>();
+      rel_stride_ = relative_bias->size(1);
+    }
   }
 
   // ids int64 [rows] at absolute position `position` (= prompt length + step):
@@ -414,6 +463,7 @@ class DecodePlan {
         for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i] + mlp_out_[i];
       } else {
         for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
+        if (L.cross_q >= 0) cross_attention(L, li, R);
         norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, x_.data(), R, H);
         mlp(L, x_.data(), R, mlp_out_.data());
         for (int64_t i = 0; i < R * H; ++i) h_[i] += mlp_out_[i];
@@ -421,6 +471,8 @@ class DecodePlan {
     }
 
     norm_rows(h_.data(), final_norm_, final_norm_bias_, x_.data(), R, H);
+    if (logit_scale_ != 1.f)
+      for (int64_t i = 0; i < R * H; ++i) x_[i] *= logit_scale_;
     const LinearDesc& head = linears_[lm_head_].d;
     at::Tensor logits = at::empty({R, head.N}, at::kFloat);
     float* out = logits.data_ptr<float>();
@@ -627,6 +679,42 @@ class DecodePlan {
     project(L.o, up_.data(), R, tmp_.data(), hidden_);
   }
 
+  // T5: h += o(attention of norm(h)'s q over the encoder's keys/values); row r reads its
+  // sequence's (r / beams) cache.
+  void cross_attention(const Layer& L, size_t li, int64_t R) {
+    const int64_t H = hidden_, nq = heads_ * d_, E = cross_len_;
+    norm_rows(h_.data(), L.cross_norm, nullptr, x_.data(), R, H);
+    cq_.resize(R * nq);
+    project(L.cross_q, x_.data(), R, cq_.data(), nq);
+    at::parallel_for(0, R * heads_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(static_cast<size_t>(E));
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / heads_, hh = i % heads_;
+        const int64_t base = ((r / beams_) * heads_ + hh) * E * d_;
+        const float* q = cq_.data() + r * nq + hh * d_;
+        const float* k = ck_[li] + base;
+        const float* v = cv_[li] + base;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < E; ++t) {
+          float dot = 0.f;
+          for (int64_t j = 0; j < d_; ++j) dot += q[j] * k[t * d_ + j];
+          scores[t] = dot * scaling_;
+          top = std::max(top, scores[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < E; ++t) sum += (scores[t] = std::exp(scores[t] - top));
+        float* out = attn_.data() + r * nq + hh * d_;
+        std::fill_n(out, d_, 0.f);
+        for (int64_t t = 0; t < E; ++t) {
+          const float p = scores[t] / sum;
+          for (int64_t j = 0; j < d_; ++j) out[j] += p * v[t * d_ + j];
+        }
+      }
+    });
+    project(L.cross_o, attn_.data(), R, tmp_.data(), H);
+    for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
+  }
+
   // y[r, :] = projection(x[r, :in_features]); x rows are dense.
   void project(int64_t index, const float* x, int64_t rows, float* y, int64_t ldy) {
     const Projection& p = linears_[index];
@@ -710,7 +798,10 @@ class DecodePlan {
       const T* key = entry<T>(pk_[li], gk_[li], r, g, t);
       float dot = 0.f;
       for (int64_t i = 0; i < d_; ++i) dot += q[i] * load(key, i, lut);
-      scores[t] = dot * scaling_ + (alibi_ ? alibi_[hh] * static_cast<float>(t) : 0.f);
+      float bias = 0.f;
+      if (alibi_) bias = alibi_[hh] * static_cast<float>(t);
+      else if (rel_) bias = rel_[hh * rel_stride_ + (total - 1 - t)];  // by distance
+      scores[t] = dot * scaling_ + bias;
       top = std::max(top, scores[t]);
     }
     float sum = 0.f;
@@ -772,7 +863,12 @@ class DecodePlan {
   int64_t table_stride_ = 0;
   // scratch, reused across steps
   std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_, mlp_out_, mlp_x_, gates_,
-      expert_out_, shared_out_, lat_buf_, qa_, qh_, up_;
+      expert_out_, shared_out_, lat_buf_, qa_, qh_, up_, cq_;
+  std::vector<const float*> ck_, cv_;  // bound: cross-attention keys/values per layer
+  int64_t cross_len_ = 0;
+  const float* rel_ = nullptr;  // bound: relative bias [heads, rel_stride_] by distance
+  int64_t rel_stride_ = 0;
+  float logit_scale_ = 1.f;
   Latent lat_;
   Routing routing_;
 };
@@ -812,7 +908,9 @@ void register_decode(pybind11::module& m) {
            py::arg("normalize") = false, py::arg("router_bias") = py::none(),
            py::arg("shared_gate_up") = -1, py::arg("shared_down") = -1, py::arg("q_b") = -1,
            py::arg("q_a_norm") = py::none(), py::arg("kv_a_norm") = py::none(),
-           py::arg("w_uk") = py::none(), py::arg("w_uv") = py::none())
+           py::arg("w_uk") = py::none(), py::arg("w_uv") = py::none(),
+           py::arg("cross_norm") = py::none(), py::arg("cross_q") = -1, py::arg("cross_o") = -1)
+      .def("set_logit_scale", &DecodePlan::set_logit_scale, py::arg("scale"))
       .def("set_latent", &DecodePlan::set_latent, py::arg("q_rank"), py::arg("kv_rank"),
            py::arg("nope"), py::arg("rope"), py::arg("v_dim"), py::arg("eps"))
       .def("set_routing", &DecodePlan::set_routing, py::arg("sigmoid"), py::arg("groups"),
@@ -820,7 +918,9 @@ void register_decode(pybind11::module& m) {
       .def("set_lm_head", &DecodePlan::set_lm_head)
       .def("bind", &DecodePlan::bind, py::arg("prompt_k"), py::arg("prompt_v"),
            py::arg("gen_k"), py::arg("gen_v"), py::arg("cos"), py::arg("sin"), py::arg("table"),
-           py::arg("beams"))
+           py::arg("beams"), py::arg("cross_k") = std::vector<at::Tensor>{},
+           py::arg("cross_v") = std::vector<at::Tensor>{},
+           py::arg("relative_bias") = py::none())
       .def("step", &DecodePlan::step, py::arg("ids"), py::arg("position"), py::arg("step"));
 }
 
