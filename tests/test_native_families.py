@@ -55,9 +55,6 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "t5": ("t5", {}),
     "t5-flan": ("t5", {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
 }
-# Families whose block parts the compiled step lacks (jamba's Mamba layers): their decode
-# steps run as torch ops, and the report says so.
-TORCH_STEP_FAMILIES = ("jamba",)
 NEW_TOKENS = 12
 PROMPT = torch.tensor([[1, 4500, 301, 22000, 7, 812, 16000, 90, 3000, 41000, 5, 2222]])
 
@@ -102,7 +99,7 @@ def test_every_native_family_is_tested() -> None:
 def test_native_fp32_tokens_are_stocks(tiny: dict[str, Path], name: str) -> None:
     stock = load_model(str(tiny[name]), "float32").model
     native = native_of(tiny[name]).model
-    assert_decode_step(native, MODELS[name][0])
+    assert native.runtime_details()["decode_step"].startswith("compiled C++ step")
     greedy = generate(stock)
     assert generate(native) == greedy
     assert generate(native, beams=4) == generate(stock, beams=4)
@@ -143,14 +140,8 @@ def test_native_quantized_runs_native_with_stocks_tokens(tiny: dict[str, Path], 
     projections -= sum(1 for layer in layers
                        if layer.mamba is not None and layer.mamba.dt_rank < MIN_IN_FEATURES)
     assert native.details["quantization"]["native_projections_replaced"] == projections
-    assert_decode_step(native.model, MODELS[name][0])
+    assert native.model.runtime_details()["decode_step"].startswith("compiled C++ step")
     assert generate(native.model) == stock_tokens
-
-
-def assert_decode_step(native: Any, family: str) -> None:
-    step = native.runtime_details()["decode_step"]
-    expected = "python step" if family in TORCH_STEP_FAMILIES else "compiled C++ step"
-    assert step.startswith(expected), step
 
 
 def quantized_on_both(folder: Path, scheme: Scheme) -> tuple[list[list[int]], Any]:
@@ -230,8 +221,7 @@ def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, nam
     report = only_report(tmp_path)
     backend = report["backend"]
     assert backend["name"] == "native" and "fallback_reason" not in backend
-    expected = "python step" if MODELS[name][0] in TORCH_STEP_FAMILIES else "compiled C++ step"
-    assert backend["decode_step"].startswith(expected)
+    assert backend["decode_step"].startswith("compiled C++ step")
     if name.startswith("deepseek"):
         assert backend["block"]["latent"]["kv_rank"] == 32
     # Every projection quantized: lm_head + 2 layers x (4; mixtral 2 + 4 experts x 2;
@@ -275,8 +265,13 @@ def test_jamba_mamba_state_carries_through_decode(tiny: dict[str, Path]) -> None
         got = native.prefill(PROMPT, native.new_caches(1, 1, PROMPT.shape[1], 1),
                              *native._rope_tables(PROMPT.shape[1] + 1))[0]
     assert float((got - expected).abs().max()) < 1e-4 * float(expected.abs().max())
-    assert generate(native) == generate(stock)
-    assert generate(native, beams=4) == generate(stock, beams=4)
+    greedy, beam = generate(stock), generate(stock, beams=4)
+    for compiled in (True, False):  # the compiled step's Mamba layer, then the torch-op one
+        native.use_compiled_step = compiled
+        assert native.runtime_details()["decode_step"].startswith(
+            "compiled C++ step" if compiled else "python step")
+        assert generate(native) == greedy
+        assert generate(native, beams=4) == beam
 
 
 @pytest.mark.parametrize("weight_dtype", [None, "INT8", "INT4"])

@@ -127,16 +127,19 @@ class Mamba:
 
 
 class MambaState:
-    """One Mamba layer's recurrent state per row: the last width-1 conv inputs [R, inner,
-    width-1] and the SSM state [R, inner, state]. Beams share nothing here: after a beam
-    reorder the rows are gathered (the states are small: no table needed)."""
+    """One Mamba layer's recurrent state per row (batch x beams rows): the last width-1 conv
+    inputs [rows, inner, width-1] and the SSM state [rows, inner, state]. The prompt's state is
+    written to every beam of its sequence; after a beam reorder the rows are gathered in place
+    (the buffers stay where the compiled step was pointed; they are small: no table)."""
 
-    def __init__(self, mamba: Mamba) -> None:
-        self.conv: torch.Tensor | None = None
-        self.ssm: torch.Tensor | None = None
+    def __init__(self, mamba: Mamba, rows: int) -> None:
+        inner, width = mamba.conv_weight.shape
+        self.conv = torch.zeros(rows, inner, width - 1)
+        self.ssm = torch.zeros(rows, inner, mamba.state)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.conv, self.ssm = self.conv[rows], self.ssm[rows]
+        self.conv.copy_(self.conv[rows])
+        self.ssm.copy_(self.ssm[rows])
 
 
 @dataclass
@@ -414,9 +417,6 @@ class NativeModel:
         missing = [name for name, spec in specs.items() if spec is None]
         if not kernels.available() or not hasattr(kernels.compiled(), "DecodePlan"):
             self._plan_note = "python step: the compiled kernels are not built"
-        elif self.block.mamba_layers:
-            self._plan_note = ("python step: the compiled step has no Mamba layers (jamba's "
-                               "mixer); every layer runs as torch ops")
         elif missing:
             kind = getattr(dict(projections)[missing[0]], "kind", "?")
             self._plan_note = (f"python step: {missing[0]} ({kind}) has no compiled kernel")
@@ -455,7 +455,7 @@ class NativeModel:
             shared = layer.shared is not None
             plan.add_layer(
                 layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.k_norm,
-                index[f"layers.{i}.qkv"], index[f"layers.{i}.o"],
+                index.get(f"layers.{i}.qkv", -1), index.get(f"layers.{i}.o", -1),
                 -1 if moe else index[f"layers.{i}.gate_up"],
                 -1 if moe else index[f"layers.{i}.down"],
                 attn_norm_bias=layer.attn_norm_bias, mlp_norm_bias=layer.mlp_norm_bias,
@@ -473,6 +473,12 @@ class NativeModel:
                 w_uv=layer.w_uv, cross_norm=layer.cross_norm,
                 cross_q=index[f"layers.{i}.cross_q"] if layer.cross_q is not None else -1,
                 cross_o=index[f"layers.{i}.cross_o"] if layer.cross_o is not None else -1)
+            if layer.mamba is not None:
+                m = layer.mamba
+                plan.set_mamba(**{attr: index[f"layers.{i}.mamba.{attr}"]
+                                  for attr in Mamba.PROJECTIONS},
+                               conv_weight=m.conv_weight, conv_bias=m.conv_bias, a=m.a, d=m.d,
+                               dt_norm=m.dt_norm, b_norm=m.b_norm, c_norm=m.c_norm)
         plan.set_lm_head(index["lm_head"])
         self._plan = plan
         self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
@@ -817,7 +823,9 @@ class NativeModel:
         xs, gate = m.in_proj(x.reshape(batch * seq, hidden)).view(batch, seq, -1).chunk(2, -1)
         xs = xs.transpose(1, 2)  # [B, inner, S]
         padded = F.pad(xs, (width - 1, 0))  # the last width-1 inputs, zeros before the prompt
-        state.conv = padded[:, :, padded.shape[2] - (width - 1):]
+        beams = state.conv.shape[0] // batch  # every beam starts from its sequence's state
+        state.conv.copy_(padded[:, :, padded.shape[2] - (width - 1):]
+                         .repeat_interleave(beams, dim=0))
         xs = F.silu(F.conv1d(xs, m.conv_weight.unsqueeze(1), m.conv_bias, padding=width - 1,
                              groups=xs.shape[1])[:, :, :seq])
         xs = xs.transpose(1, 2).reshape(batch * seq, -1)  # [B*S, inner]
@@ -831,7 +839,7 @@ class NativeModel:
             decay = torch.exp(m.a * dt[:, t, :, None])
             ssm = decay * ssm + dt[:, t, :, None] * b[:, t, None, :] * xs[:, t, :, None]
             ys.append(torch.matmul(ssm, c[:, t, :, None])[..., 0])
-        state.ssm = ssm
+        state.ssm.copy_(ssm.repeat_interleave(beams, dim=0))
         y = (torch.stack(ys, dim=1) + xs * m.d) * F.silu(gate)
         return m.out_proj(y.reshape(batch * seq, -1)).view(batch, seq, hidden)
 
@@ -839,12 +847,12 @@ class NativeModel:
         """One token per row: x [R, H] normed -> [R, H]; advances the row's state."""
         xs, gate = m.in_proj(x).chunk(2, dim=-1)
         window = torch.cat((state.conv, xs[:, :, None]), dim=-1)  # [R, inner, width]
-        state.conv = window[:, :, 1:]
+        state.conv.copy_(window[:, :, 1:])
         xs = F.silu(F.conv1d(window, m.conv_weight.unsqueeze(1), m.conv_bias,
                              groups=xs.shape[1])[:, :, -1])
         dt, b, c = self._mamba_ssm_inputs(m, xs)
-        state.ssm = (torch.exp(dt[..., None] * m.a) * state.ssm
-                     + dt[..., None] * b[:, None, :] * xs[..., None])
+        state.ssm.copy_(torch.exp(dt[..., None] * m.a) * state.ssm
+                        + dt[..., None] * b[:, None, :] * xs[..., None])
         y = (torch.matmul(state.ssm, c[..., None])[..., 0] + xs * m.d) * F.silu(gate)
         return m.out_proj(y)
 
@@ -856,20 +864,28 @@ class NativeModel:
         plan = self._compiled_plan()
         if plan is not None:
             total = cos.shape[0]
-            plan.bind([c.prompt_k for c in caches], [c.prompt_v for c in caches],
-                      [c.gen_k for c in caches], [c.gen_v for c in caches],
+            attention = [c if isinstance(c, KVCache) else None for c in caches]
+            none = torch.empty(0)  # a Mamba layer's place in the per-layer cache lists
+
+            def each(attr: str) -> list[torch.Tensor]:
+                return [none if c is None else getattr(c, attr) for c in attention]
+
+            states = [c for c in caches if isinstance(c, MambaState)]
+            plan.bind(each("prompt_k"), each("prompt_v"), each("gen_k"), each("gen_v"),
                       cos.contiguous(), sin.contiguous(),
                       history.table if history.indirect else None, beams,
-                      cross_k=[c.cross_k for c in caches if c.cross_k is not None],
-                      cross_v=[c.cross_v for c in caches if c.cross_v is not None],
+                      cross_k=[c.cross_k for c in attention if c and c.cross_k is not None],
+                      cross_v=[c.cross_v for c in attention if c and c.cross_v is not None],
                       relative_bias=None if self.relative_bias is None else
-                      self.relative_bias(1, total, total - 1)[:, 0].flip(-1).contiguous())
+                      self.relative_bias(1, total, total - 1)[:, 0].flip(-1).contiguous(),
+                      mamba_conv=[state.conv for state in states],
+                      mamba_ssm=[state.ssm for state in states])
         self._bound = plan is not None
         return self._bound
 
     def new_caches(self, batch: int, beams: int, prompt_len: int, new_tokens: int) -> list[Any]:
         """Per layer: a KVCache, or a MambaState for a Mamba layer."""
-        return [MambaState(layer.mamba) if layer.mamba is not None
+        return [MambaState(layer.mamba, batch * beams) if layer.mamba is not None
                 else KVCache(batch, beams, self.kv_heads, self.head_dim, prompt_len, new_tokens,
                              self.kv_dtype, shared_values=self.block.latent is not None)
                 for layer in self.layers]
@@ -980,8 +996,6 @@ class NativeModel:
         for criterion in criteria:
             criterion(full, None)
         states = [c for c in caches if isinstance(c, MambaState)]
-        for state in states:  # every beam starts from its sequence's prompt state
-            state.select(torch.arange(batch).repeat_interleave(beams))
         for _ in range(1, new_tokens):
             logits = self.decode(generated[:, -1], caches, history, beams, cos, sin)
             logprobs = self._log_softmax(logits, banned) + beam_scores[:, None]

@@ -33,6 +33,12 @@
 // after self-attention a cross-attention sublayer (its own norm, q and o
 // projections) over the encoder's keys/values [B, heads, E, d], computed once
 // per prompt; the final norm's output may be scaled before lm_head.
+// Mamba layers (jamba; add_layer with qkv = o = -1, then set_mamba): in place
+// of attention, in_proj -> [x | gate], x through the causal depthwise conv
+// (the row's last width-1 inputs are its conv state) and SiLU, x_proj ->
+// [dt | B | C] RMS-normed, dt_proj + softplus, the SSM state advanced once,
+// y = C.state + D x times SiLU(gate), out_proj. States are bound per
+// generate() as [rows, inner, width-1] and [rows, inner, state] tensors.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e5m2.h>
@@ -107,6 +113,15 @@ struct Layer {
   // T5's cross-attention (-1: none)
   const float* cross_norm = nullptr;
   int64_t cross_q = -1, cross_o = -1;
+  // A Mamba mixer in place of attention (m_in < 0: none); see the top of the file.
+  int64_t m_in = -1, m_x = -1, m_dt = -1, m_out = -1;
+  const float* conv_w = nullptr;  // [inner, width]
+  const float* conv_b = nullptr;  // [inner] or nullptr
+  const float* a = nullptr;       // -exp(A_log) [inner, state]
+  const float* d = nullptr;       // [inner]
+  const float *dt_norm = nullptr, *b_norm = nullptr, *c_norm = nullptr;
+  int64_t inner = 0, width = 0, state = 0, dt_rank = 0;
+  int64_t mamba_slot = -1;  // which bound state pair is this layer's
 };
 
 struct Latent {  // blocks.Latent; enabled when kv_rank > 0
@@ -247,7 +262,9 @@ class DecodePlan {
       mlp_ok = mlp_ok && fits_mlp(expert_gate_up[e], expert_down[e]);
     if (shared_gate_up >= 0) mlp_ok = mlp_ok && moe && fits_mlp(shared_gate_up, shared_down);
     bool attn_ok;
-    if (lat_.kv_rank) {
+    if (qkv < 0 && o < 0) {
+      attn_ok = true;  // a Mamba layer: set_mamba comes next
+    } else if (lat_.kv_rank) {
       const int64_t q_width = lat_.q_rank ? lat_.q_rank : heads_ * (lat_.nope + lat_.rope);
       attn_ok = fits(qkv, q_width + d_, hidden_) && fits(o, hidden_, heads_ * lat_.v_dim) &&
                 (lat_.q_rank ? q_b >= 0 && fits(q_b, heads_ * (lat_.nope + lat_.rope),
@@ -299,6 +316,41 @@ class DecodePlan {
 
   void set_logit_scale(double scale) { logit_scale_ = static_cast<float>(scale); }
 
+  // The last layer added (with qkv = o = -1) mixes with Mamba.
+  void set_mamba(int64_t in_proj, int64_t x_proj, int64_t dt_proj, int64_t out_proj,
+                 const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                 const at::Tensor& a, const at::Tensor& d, const at::Tensor& dt_norm,
+                 const at::Tensor& b_norm, const at::Tensor& c_norm) {
+    TORCH_CHECK(!layers_.empty() && layers_.back().qkv < 0 && layers_.back().m_in < 0,
+                "decode_step: set_mamba follows add_layer(qkv=-1, o=-1)");
+    TORCH_CHECK(conv_weight.dim() == 2 && a.dim() == 2 && a.size(0) == conv_weight.size(0),
+                "decode_step: Mamba conv weight [inner, width] and A [inner, state] expected");
+    Layer& L = layers_.back();
+    L.inner = conv_weight.size(0);
+    L.width = conv_weight.size(1);
+    L.state = a.size(1);
+    L.dt_rank = dt_norm.numel();
+    auto fits = [&](int64_t i, int64_t n, int64_t k) {
+      return linears_.at(i).d.N == n && linears_.at(i).in_features == k;
+    };
+    TORCH_CHECK(L.width >= 2 && fits(in_proj, 2 * L.inner, hidden_) &&
+                    fits(x_proj, L.dt_rank + 2 * L.state, L.inner) &&
+                    fits(dt_proj, L.inner, L.dt_rank) && fits(out_proj, hidden_, L.inner),
+                "decode_step: Mamba projection shapes do not match");
+    L.m_in = in_proj;
+    L.m_x = x_proj;
+    L.m_dt = dt_proj;
+    L.m_out = out_proj;
+    L.conv_w = vec(conv_weight.contiguous(), L.inner * L.width, "conv_weight");
+    L.conv_b = opt_vec(conv_bias, L.inner, "conv_bias");
+    L.a = vec(a.contiguous(), L.inner * L.state, "a");
+    L.d = vec(d, L.inner, "d");
+    L.dt_norm = vec(dt_norm, L.dt_rank, "dt_norm");
+    L.b_norm = vec(b_norm, L.state, "b_norm");
+    L.c_norm = vec(c_norm, L.state, "c_norm");
+    L.mamba_slot = mamba_layers_++;
+  }
+
   void set_routing(bool sigmoid, int64_t groups, int64_t top_groups, bool group_top2,
                    double scale) {
     TORCH_CHECK(groups >= 1 && top_groups >= 1 && top_groups <= groups,
@@ -317,7 +369,8 @@ class DecodePlan {
             const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& table,
             int64_t beams, const std::vector<at::Tensor>& cross_k,
             const std::vector<at::Tensor>& cross_v,
-            const std::optional<at::Tensor>& relative_bias) {
+            const std::optional<at::Tensor>& relative_bias,
+            const std::vector<at::Tensor>& mamba_conv, const std::vector<at::Tensor>& mamba_ssm) {
     const size_t n = layers_.size();
     TORCH_CHECK(prompt_k.size() == n && prompt_v.size() == n && gen_k.size() == n &&
                     gen_v.size() == n,
@@ -325,7 +378,13 @@ class DecodePlan {
     bound_.clear();
     fp8_ = gen_k[0].scalar_type() == at::kFloat8_e5m2;
     pk_.clear(); pv_.clear(); gk_.clear(); gv_.clear();
+    int64_t first = -1;  // the first attention layer's caches give the sizes
     for (size_t i = 0; i < n; ++i) {
+      if (layers_[i].m_in >= 0) {  // a Mamba layer has no KV cache (its entry is a placeholder)
+        pk_.emplace_back(); pv_.emplace_back(); gk_.emplace_back(); gv_.emplace_back();
+        continue;
+      }
+      if (first < 0) first = static_cast<int64_t>(i);
       pk_.push_back(view_of(bind_keep(prompt_k[i]), fp8_, "prompt keys"));
       pv_.push_back(view_of(bind_keep(prompt_v[i]), fp8_, "prompt values"));
       gk_.push_back(view_of(bind_keep(gen_k[i]), fp8_, "generated keys"));
@@ -333,10 +392,28 @@ class DecodePlan {
       TORCH_CHECK(prompt_k[i].size(1) == kv_heads_ && prompt_k[i].size(3) == d_,
                   "decode_step: cache shape does not match the model");
     }
-    prompt_len_ = prompt_k[0].size(2);
-    gen_capacity_ = gen_k[0].size(2);
-    gen_rows_ = gen_k[0].size(0);
-    prompt_rows_ = prompt_k[0].size(0);
+    TORCH_CHECK(first >= 0, "decode_step: no attention layer");
+    prompt_len_ = prompt_k[first].size(2);
+    gen_capacity_ = gen_k[first].size(2);
+    gen_rows_ = gen_k[first].size(0);
+    prompt_rows_ = prompt_k[first].size(0);
+    mconv_.clear(); mssm_.clear();
+    TORCH_CHECK(static_cast<int64_t>(mamba_conv.size()) == mamba_layers_ &&
+                    mamba_ssm.size() == mamba_conv.size(),
+                "decode_step: one Mamba state pair per Mamba layer expected");
+    for (const Layer& L : layers_) {
+      if (L.m_in < 0) continue;
+      const at::Tensor& c = bind_keep(mamba_conv[L.mamba_slot]);
+      const at::Tensor& st = bind_keep(mamba_ssm[L.mamba_slot]);
+      TORCH_CHECK(c.is_contiguous() && st.is_contiguous() && c.scalar_type() == at::kFloat &&
+                      st.scalar_type() == at::kFloat &&
+                      c.numel() == gen_rows_ * L.inner * (L.width - 1) &&
+                      st.numel() == gen_rows_ * L.inner * L.state,
+                  "decode_step: Mamba states must be contiguous fp32 [rows, inner, width-1] "
+                  "and [rows, inner, state]");
+      mconv_.push_back(c.data_ptr<float>());
+      mssm_.push_back(st.data_ptr<float>());
+    }
     TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.is_contiguous() &&
                     sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
                     sin.scalar_type() == at::kFloat && cos.size(1) <= d_ && cos.size(1) % 2 == 0,
@@ -437,7 +514,9 @@ class DecodePlan {
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       norm_rows(h_.data(), L.attn_norm, L.attn_norm_bias, x_.data(), R, H);
-      if (lat_.kv_rank) {
+      if (L.m_in >= 0) {
+        mamba_mixer(L, R);
+      } else if (lat_.kv_rank) {
         latent_attention(L, li, R, position, step, nqkv);
       } else {
         project(L.qkv, x_.data(), R, qkv_.data(), nqkv);
@@ -679,6 +758,63 @@ class DecodePlan {
     project(L.o, up_.data(), R, tmp_.data(), hidden_);
   }
 
+  // One token per row through a Mamba mixer: x_ (normed) -> tmp_ (out_proj's output),
+  // advancing the rows' conv windows and SSM states in place.
+  void mamba_mixer(const Layer& L, int64_t R) {
+    const int64_t I = L.inner, W = L.width, N = L.state, rank = L.dt_rank;
+    m_proj_.resize(R * 2 * I);
+    project(L.m_in, x_.data(), R, m_proj_.data(), 2 * I);
+    m_xc_.resize(R * I);
+    float* conv_state = mconv_[L.mamba_slot];
+    for (int64_t r = 0; r < R; ++r) {
+      const float* xs = m_proj_.data() + r * 2 * I;
+      for (int64_t i = 0; i < I; ++i) {
+        float* window = conv_state + (r * I + i) * (W - 1);  // the last W-1 inputs
+        const float* w = L.conv_w + i * W;
+        float acc = L.conv_b ? L.conv_b[i] : 0.f;
+        for (int64_t j = 0; j < W - 1; ++j) acc += window[j] * w[j];
+        acc += xs[i] * w[W - 1];
+        for (int64_t j = 0; j + 1 < W - 1; ++j) window[j] = window[j + 1];
+        window[W - 2] = xs[i];
+        m_xc_[r * I + i] = acc / (1.f + std::exp(-acc));  // SiLU
+      }
+    }
+    const int64_t tw = rank + 2 * N;
+    m_t_.resize(R * tw);
+    project(L.m_x, m_xc_.data(), R, m_t_.data(), tw);
+    m_dtn_.resize(R * rank);
+    for (int64_t r = 0; r < R; ++r) {
+      float* t = m_t_.data() + r * tw;
+      llmb::rms_norm_rows(t, L.dt_norm, m_dtn_.data() + r * rank, 1, rank, eps_);
+      llmb::rms_norm_rows(t + rank, L.b_norm, t + rank, 1, N, eps_);
+      llmb::rms_norm_rows(t + rank + N, L.c_norm, t + rank + N, 1, N, eps_);
+    }
+    m_dt_.resize(R * I);
+    project(L.m_dt, m_dtn_.data(), R, m_dt_.data(), I);
+    m_y_.resize(R * I);
+    float* ssm = mssm_[L.mamba_slot];
+    at::parallel_for(0, R * I, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t r = k / I, i = k % I;
+        const float* B = m_t_.data() + r * tw + rank;
+        const float* C = B + N;
+        const float raw = m_dt_[k];
+        const float dt = raw > 20.f ? raw : std::log1p(std::exp(raw));  // torch's softplus
+        const float x = m_xc_[k];
+        float* st = ssm + k * N;
+        const float* a = L.a + i * N;
+        float y = 0.f;
+        for (int64_t n = 0; n < N; ++n) {
+          st[n] = std::exp(dt * a[n]) * st[n] + dt * B[n] * x;
+          y += st[n] * C[n];
+        }
+        const float g = m_proj_[r * 2 * I + I + i];
+        m_y_[k] = (y + x * L.d[i]) * (g / (1.f + std::exp(-g)));
+      }
+    });
+    project(L.m_out, m_y_.data(), R, tmp_.data(), hidden_);
+  }
+
   // T5: h += o(attention of norm(h)'s q over the encoder's keys/values); row r reads its
   // sequence's (r / beams) cache.
   void cross_attention(const Layer& L, size_t li, int64_t R) {
@@ -865,6 +1001,9 @@ class DecodePlan {
   std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_, mlp_out_, mlp_x_, gates_,
       expert_out_, shared_out_, lat_buf_, qa_, qh_, up_, cq_;
   std::vector<const float*> ck_, cv_;  // bound: cross-attention keys/values per layer
+  std::vector<float*> mconv_, mssm_;   // bound: Mamba states per Mamba layer
+  int64_t mamba_layers_ = 0;
+  std::vector<float> m_proj_, m_xc_, m_t_, m_dtn_, m_dt_, m_y_;
   int64_t cross_len_ = 0;
   const float* rel_ = nullptr;  // bound: relative bias [heads, rel_stride_] by distance
   int64_t rel_stride_ = 0;
@@ -920,7 +1059,13 @@ void register_decode(pybind11::module& m) {
            py::arg("gen_k"), py::arg("gen_v"), py::arg("cos"), py::arg("sin"), py::arg("table"),
            py::arg("beams"), py::arg("cross_k") = std::vector<at::Tensor>{},
            py::arg("cross_v") = std::vector<at::Tensor>{},
-           py::arg("relative_bias") = py::none())
+           py::arg("relative_bias") = py::none(),
+           py::arg("mamba_conv") = std::vector<at::Tensor>{},
+           py::arg("mamba_ssm") = std::vector<at::Tensor>{})
+      .def("set_mamba", &DecodePlan::set_mamba, py::arg("in_proj"), py::arg("x_proj"),
+           py::arg("dt_proj"), py::arg("out_proj"), py::arg("conv_weight"),
+           py::arg("conv_bias"), py::arg("a"), py::arg("d"), py::arg("dt_norm"),
+           py::arg("b_norm"), py::arg("c_norm"))
       .def("step", &DecodePlan::step, py::arg("ids"), py::arg("position"), py::arg("step"));
 }
 
