@@ -155,21 +155,30 @@ FAMILY_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
         moe_intermediate_size=1408, n_routed_experts=8, n_shared_experts=2,
         num_experts_per_tok=6, first_k_dense_replace=0, intermediate_size=10944,
         vocab_size=102400, max_position_embeddings=4096)),
+    # Both of 2 experts: a token reads 2 experts of Mixtral-8x7B's layer either way.
+    "mixtral": ("Mixtral-8x7B (2 of 8 experts)", "mixtral", dict(
+        hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, num_local_experts=2, num_experts_per_tok=2, vocab_size=32000,
+        max_position_embeddings=4096)),
+    "t5": ("Flan-T5-XL", "t5", dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32,
+                                    vocab_size=32128, feed_forward_proj="gated-gelu",
+                                    tie_word_embeddings=False)),
 }
 
 
 def random_family_shape(key: str, tokenizer_dir: Path) -> Path:
     """Build (once, cached) a random-weight model with FAMILY_SHAPES[key]'s layer shape."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     real, model_type, shape = FAMILY_SHAPES[key]
+    auto_class = AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM
     folder = cache_root() / f"random-{key}-shape"
     if (folder / "config.json").is_file():
         return folder
-    one_layer = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+    one_layer = auto_class.from_config(AutoConfig.for_model(
         model_type, **shape, **{_layers_key(model_type): 1}), dtype=torch.float32)
     outside = {id(p) for name, p in one_layer.named_parameters()
-               if ".h.0." not in name and ".layers.0." not in name and ".blocks.0." not in name}
+               if not any(f".{layers}.0." in name for layers in ("h", "layers", "blocks", "block"))}
     layer_bytes = sum(p.numel() * 4 for p in one_layer.parameters() if id(p) not in outside)
     layers = max(1, round(FAMILY_SHAPE_BYTES / layer_bytes))
     del one_layer
@@ -178,14 +187,14 @@ def random_family_shape(key: str, tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **shape, **{_layers_key(model_type): layers},
                                   bos_token_id=1, eos_token_id=2)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    auto_class.from_config(config, dtype=torch.float32).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     return folder
 
 
 def _layers_key(model_type: str) -> str:
     return {"gptj": "n_layer", "codegen": "n_layer", "gpt_bigcode": "n_layer", "bloom": "n_layer",
-            "mpt": "n_layers"}.get(model_type, "num_hidden_layers")
+            "mpt": "n_layers", "t5": "num_layers"}.get(model_type, "num_hidden_layers")
 
 
 def random_tinyllama(tokenizer_dir: Path) -> Path:
@@ -247,7 +256,8 @@ def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -
                         {"do_sample": False, "num_beams": 1,
                          "max_new_tokens": args.max_new_tokens,
                          "min_new_tokens": args.max_new_tokens},
-                        seq2seq=False, num_iter=args.num_iter, num_warmup=args.num_warmup,
+                        seq2seq=loaded.family.seq2seq, num_iter=args.num_iter,
+                        num_warmup=args.num_warmup,
                         token_latency=True, streaming=False, profile=False, seed=0)
     weight_bytes = prepared.details.get("weight_bytes_per_token", loaded.decode_weight_bytes)
     stats = compute_statistics(run, 1, weight_bytes)

@@ -324,6 +324,12 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
         decode_weight_bytes -= sum(p.numel() * p.element_size()
                                    for p in model.get_encoder().parameters()
                                    if p.data_ptr() not in shared)
+        # ... and not the cross-attention's key/value projections: the encoder's keys and
+        # values are computed once per prompt and cached
+        decode_weight_bytes -= sum(
+            module.weight.numel() * module.weight.element_size()
+            for name, module in model.get_decoder().named_modules()
+            if name.rsplit(".", 1)[-1] in ("k", "v") and ".EncDecAttention" in f".{name}")
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

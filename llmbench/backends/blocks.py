@@ -713,6 +713,16 @@ def _map_jamba(model: Any) -> ModelParts:
                       final_norm=_norm(inner.final_layernorm), lm_head="lm_head")
 
 
+def _decoder_start(model: Any) -> int:
+    """The decoder's first token as transformers' generate() picks it: the generation config's
+    decoder_start_token_id, else its bos_token_id."""
+    generation = model.generation_config
+    start = _cfg(generation, "decoder_start_token_id", "bos_token_id")
+    _refuse(start is None, f"{model.config.model_type}: no decoder_start_token_id or "
+            "bos_token_id to start the decoder from")
+    return int(start[0] if isinstance(start, list | tuple) else start)
+
+
 def _map_t5(model: Any) -> ModelParts:
     """T5 / Flan-T5's decoder (the encoder runs stock, once per prompt): RMS-style norms,
     bucketed relative position bias from the first layer shared by all, unscaled q.k, cross-
@@ -747,7 +757,7 @@ def _map_t5(model: Any) -> ModelParts:
     return ModelParts(block=block, embed="decoder.embed_tokens", layers=layers,
                       final_norm=_norm(decoder.final_layer_norm), lm_head="lm_head",
                       relative_bias=relative_bias, encoder="encoder",
-                      decoder_start=config.decoder_start_token_id,
+                      decoder_start=_decoder_start(model),
                       logit_scale=config.d_model ** -0.5 if config.scale_decoder_outputs
                       else None)
 
