@@ -1,7 +1,8 @@
 """The native backend: what ipex.llm.optimize does, from upstream PyTorch and our own kernels.
 
 For every family llmbench.backends.blocks describes (the block's parts: norm kind, residual
-layout, positions, MLP kind; the HF module tree mapped onto them once) it replaces transformers'
+layout, positions, MLP and experts, attention or latent attention or Mamba, cross-attention;
+the HF module tree mapped onto them once) it replaces transformers'
 model by a plain one in the manner of gpt-fast, whose whole generation path reads top to bottom
 here:
 
@@ -20,6 +21,10 @@ here:
 - beam search never copies the cache: each beam keeps a table of which cache slot holds its key
   at each generated position (IPEX's "indirect access KV cache"), and attention reads through it;
 - `--kv-cache-dtype fp8_e5m2` stores keys and values in fp8;
+- DeepSeek's latent attention caches one latent row per token (keys = values, stored once);
+  jamba's Mamba layers keep a conv window and an SSM state per row instead of a KV cache;
+  T5's encoder runs transformers' module once per prompt, and its keys/values for the
+  decoder's cross-attention are computed then, once per sequence;
 - a decode step is one call into the compiled extension (llmbench/kernels/csrc/decode_step.cpp:
   every layer's norms, RoPE, cache write, attention and residuals as plain loops around the
   weight-streaming kernels) when the kernels are built and every projection has a compiled
