@@ -146,7 +146,8 @@ def load_multimodal(args: argparse.Namespace, request: Any) -> tuple[Any, Any]:
     from llmbench import multimodal
 
     loaded, processor = multimodal.load(args, request)
-    prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size)
+    prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
+                                     args.dtype)
     return loaded, prompt
 
 

@@ -67,6 +67,7 @@ FAMILIES: dict[str, Family] = {
         # Multimodal (llmbench.multimodal, --backend stock only for now; docs/multimodal.md)
         Family("llava", modalities=("text", "vision")),
         Family("git", modalities=("text", "vision")),
+        Family("mllama", modalities=("text", "vision")),
         Family("whisper", seq2seq=True, modalities=("speech",)),
     ]
 }

@@ -31,6 +31,7 @@ MODE_NEEDS = {0: (), 1: ("vision",), 2: ("speech",), 3: ("vision", "speech")}
 DEFAULT_PROMPTS: dict[str, str | None] = {
     "llava": "{image}\nDescribe this image.",
     "git": None,
+    "mllama": "{image}Describe this image.",
 }
 
 
@@ -122,7 +123,7 @@ def resolve_mode(args: argparse.Namespace, family: Family | None) -> int:
     if args.image_url is not None or args.audio is not None:
         return (1 if args.image_url is not None else 0) + (2 if args.audio is not None else 0)
     if family is not None and family.modalities == ("speech",):
-        return 2  # a speech model reads audio, whatever the mode says
+        return 2  # a speech-only model reads its audio (the sample without --audio)
     return 0
 
 
@@ -324,9 +325,11 @@ def decode_weight_bytes(model: Any) -> int:
 
 
 def build_inputs(processor: Any, request: Request, prompt_text: str | None,
-                 batch_size: int) -> Any:
+                 batch_size: int, dtype: str = "float32") -> Any:
     """generate()'s inputs, from the processor: the prompt (or the family's default) with the
-    image and/or audio, replicated batch_size times."""
+    image and/or audio, replicated batch_size times; pixels and audio features in `dtype`."""
+    import torch
+
     from llmbench.prompts import Prompt
 
     family = request.family.model_type
@@ -341,7 +344,7 @@ def build_inputs(processor: Any, request: Request, prompt_text: str | None,
             text = f"{image_token}\n{text}"  # the processor places the image features there
         kwargs["text"] = [text] * batch_size
     if request.image is not None:
-        kwargs["images"] = [request.image.pixels] * batch_size
+        kwargs["images"] = [[request.image.pixels]] * batch_size  # one image per prompt
     if request.audio is not None:
         rate = processor.feature_extractor.sampling_rate
         kwargs["audio"] = [resampled(request.audio, rate)] * batch_size
@@ -350,6 +353,11 @@ def build_inputs(processor: Any, request: Request, prompt_text: str | None,
         inputs = dict(processor(**kwargs))
     except Exception as exc:  # the processor's own check, e.g. an image token count mismatch
         raise UserError(f"the {family} processor could not build the inputs: {exc}") from exc
+    for name, value in inputs.items():
+        # processors give float32; not every model casts them to its weights' dtype (Whisper's
+        # encoder does not)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            inputs[name] = value.to(getattr(torch, dtype))
     input_ids = inputs.pop("input_ids", None)
     attention_mask = inputs.pop("attention_mask", None)
     if input_ids is not None:

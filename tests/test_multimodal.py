@@ -1,5 +1,6 @@
 """Multimodal input (--input-mode / --image-url / --audio) through run.py --benchmark, on tiny
-random LLaVA, Whisper and GIT models with working processors (tests/tiny_multimodal.py)."""
+random LLaVA, Whisper, GIT and Llama-3.2-Vision (mllama) models with working processors
+(tests/tiny_multimodal.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ SUMMARY = ("Inference latency:", "First token average latency:", "Average 2... l
 def models(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("multimodal")
     built = {family: make_tiny_multimodal(family, root / family, embedded_model_dir)
-             for family in ("llava", "whisper", "git")}
+             for family in ("llava", "whisper", "git", "mllama")}
     built["llama"] = make_tiny_model("llama", root / "llama", embedded_model_dir)
     return built
 
@@ -134,6 +135,30 @@ def test_git_captions_the_image(models, tmp_path):
     _, prompted = benchmark(models["git"], tmp_path / "prompted", "--image-url", str(other),
                             "--prompt", "a picture of")
     assert prompted["prompt"]["tokens"] > 0
+
+
+def test_mllama_tiles_and_batches(models, tmp_path):
+    """Llama-3.2-Vision's shape: the image is tiled and read through cross-attention; another
+    image changes the output; --batch-size 2 gives each prompt its own copy of the image."""
+    _, report = benchmark(models["mllama"], tmp_path / "sample", "--input-mode", "1")
+    assert report["model"]["family"] == "mllama" and report["input"]["mode"] == 1
+    from PIL import Image
+
+    other = tmp_path / "checks.png"
+    pixels = np.indices((48, 48)).sum(axis=0) % 2 * 255
+    Image.fromarray(np.repeat(pixels[..., None], 3, axis=-1).astype(np.uint8)).save(other)
+    _, changed = benchmark(models["mllama"], tmp_path / "other", "--image-url", str(other),
+                           "--batch-size", "2")
+    assert changed["statistics"]["batch_size"] == 2
+    assert len(changed["generated_text"]) == 2
+    assert changed["generated_text"][0] == changed["generated_text"][1]
+    assert changed["generated_text"][0] != report["generated_text"][0]
+
+
+def test_bfloat16_inputs_follow_the_model(models, tmp_path):
+    """The processor's float32 audio features are cast to a bf16 model's dtype."""
+    _, report = benchmark(models["whisper"], tmp_path, "--dtype", "bfloat16")
+    assert report["model"]["dtype"] == "bfloat16" and report["input"]["mode"] == 2
 
 
 def test_llava_text_only_mode(models, tmp_path):

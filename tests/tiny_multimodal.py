@@ -4,7 +4,7 @@ Like tiny_models.py for text families: the tokenizer is the embedded SmolLM2's (
 plus the tokens a family's processor needs), the weights are random (seeded), and the folder
 loads with AutoProcessor and the model's Auto class as a hub checkpoint would.
 
-    python tests/tiny_multimodal.py {git,llava,whisper} OUT_DIR [--tokenizer-dir DIR]
+    python tests/tiny_multimodal.py {git,llava,mllama,whisper} OUT_DIR [--tokenizer-dir DIR]
 
 (without --tokenizer-dir, the embedded model is converted once into the llmbench cache and its
 tokenizer used).
@@ -28,7 +28,7 @@ MEL_BINS = 16
 AUDIO_CHUNK_S = 2  # the feature extractor pads or cuts audio to this many seconds
 HOP = 160  # 10 ms frames at 16 kHz: 200 frames, 100 encoder positions after the strided conv
 # Larger than transformers' default init (0.02), so a tiny random model's greedy tokens depend
-# on its image/audio input instead of one token winning every step.
+# on its image/audio input instead of one token winning every step (Whisper, mllama's vision).
 INIT_STD = 0.5
 
 
@@ -150,7 +150,53 @@ def make_tiny_git(folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
-BUILDERS = {"llava": make_tiny_llava, "whisper": make_tiny_whisper, "git": make_tiny_git}
+def make_tiny_mllama(folder: Path, tokenizer_dir: Path) -> Path:
+    """Llama-3.2-Vision's shape: a tiled vision encoder (local + global layers) whose features
+    the text model reads through a cross-attention layer; an MllamaProcessor (tiling image
+    processor, up to 2 tiles of 32x32, + the tokenizer with <|image|> added)."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+        MllamaProcessor,
+    )
+    from transformers.models.mllama import MllamaImageProcessorPil
+
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    # <|python_tag|>: the processor's chat handling looks it up
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>", "<|python_tag|>"]})
+    vision = {"hidden_size": HIDDEN // 2, "intermediate_size": HIDDEN, "num_hidden_layers": 2,
+              "num_global_layers": 1, "attention_heads": 2, "image_size": IMAGE_SIZE,
+              "patch_size": PATCH, "max_num_tiles": 2, "vision_output_dim": HIDDEN,
+              "intermediate_layers_indices": [0],
+              "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]],
+              "initializer_range": INIT_STD}
+    text = {"vocab_size": len(tokenizer), "hidden_size": HIDDEN, "intermediate_size": MLP,
+            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": 2,
+            "cross_attention_layers": [1], "max_position_embeddings": 512,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    config = MllamaConfig(vision_config=vision, text_config=text,
+                          image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # the cross-attention gates start at 0 (a trained model learns them): open them, or
+        # the image would not reach the text model at all
+        for name, parameter in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                parameter.fill_(1.0)
+    image_processor = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                              max_image_tiles=2)
+    model.save_pretrained(folder, safe_serialization=True)
+    MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+BUILDERS = {"llava": make_tiny_llava, "whisper": make_tiny_whisper, "git": make_tiny_git,
+            "mllama": make_tiny_mllama}
 
 
 def make_tiny_multimodal(family: str, folder: Path, tokenizer_dir: Path) -> Path:
