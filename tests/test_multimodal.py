@@ -180,6 +180,7 @@ def assert_one_line_error(result, needle: str) -> None:
     (None, ["--input-mode", "3"], "the embedded model (a GGUF text model) reads text only"),
     ("whisper", ["--input-mode", "1"], "whisper models read speech"),
     ("llava", ["--input-mode", "2"], "llava models read text and vision"),
+    ("llava", ["--input-mode", "3"], "needs a model that reads speech"),
     ("whisper", ["--input-mode", "0"], "not text alone: pass --input-mode 2"),
     ("llava", ["--image-url", str(SAMPLE_AUDIO)], "is not an image"),
     ("llava", ["--image-url", "/no/such/image.png"], "cannot be read"),

@@ -51,7 +51,7 @@ def sample_audio() -> np.ndarray:
 def write_png(path: Path, pixels: np.ndarray) -> None:
     from PIL import Image
 
-    Image.fromarray(pixels, mode="RGB").save(path, format="PNG", optimize=True)
+    Image.fromarray(pixels).save(path, format="PNG", optimize=True)  # uint8 [h, w, 3]: RGB
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
