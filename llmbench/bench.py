@@ -31,9 +31,16 @@ class BenchmarkRun:
     trace_path: str | None = None
 
 
-def count_new_tokens(output: torch.Tensor, prompt_tokens: int, seq2seq: bool) -> int:
+def output_offset(prompt: Prompt, seq2seq: bool) -> int:
+    """Where the new tokens start in generate()'s output."""
+    if prompt.output_offset is not None:
+        return prompt.output_offset
     # A seq2seq output starts with the decoder start token instead of the prompt.
-    return output.shape[-1] - (1 if seq2seq else prompt_tokens)
+    return 1 if seq2seq else prompt.tokens
+
+
+def count_new_tokens(output: torch.Tensor, prompt: Prompt, seq2seq: bool) -> int:
+    return output.shape[-1] - output_offset(prompt, seq2seq)
 
 
 def run_benchmark(model: Any, tokenizer: Any, prompt: Prompt, generate_kwargs: dict[str, Any], *,
@@ -47,8 +54,10 @@ def run_benchmark(model: Any, tokenizer: Any, prompt: Prompt, generate_kwargs: d
     expected = generate_kwargs["max_new_tokens"]
     timer = StepTimer()
     kwargs = dict(generate_kwargs)
-    kwargs["input_ids"] = prompt.input_ids
-    kwargs["attention_mask"] = prompt.attention_mask
+    if prompt.input_ids is not None:  # a speech model may read audio features only
+        kwargs["input_ids"] = prompt.input_ids
+        kwargs["attention_mask"] = prompt.attention_mask
+    kwargs.update(prompt.extra_inputs)
     kwargs["pad_token_id"] = tokenizer.pad_token_id
     if token_latency:
         kwargs["stopping_criteria"] = StoppingCriteriaList([timer])
@@ -64,7 +73,7 @@ def run_benchmark(model: Any, tokenizer: Any, prompt: Prompt, generate_kwargs: d
         with torch.inference_mode():
             output = model.generate(**kwargs)
         seconds = time.perf_counter() - start
-        new_tokens = count_new_tokens(output, prompt.tokens, seq2seq)
+        new_tokens = count_new_tokens(output, prompt, seq2seq)
         if new_tokens != expected:
             raise UserError(f"the model generated {new_tokens} tokens instead of {expected}; "
                             "the numbers would not be comparable")
@@ -84,7 +93,7 @@ def run_benchmark(model: Any, tokenizer: Any, prompt: Prompt, generate_kwargs: d
             step_latencies=timer.step_latencies() if token_latency else None,
         ))
         if not run.generated_text:
-            skip = 0 if seq2seq else prompt.tokens
+            skip = output_offset(prompt, seq2seq)
             run.generated_text = tokenizer.batch_decode(output[:, skip:], skip_special_tokens=True)
         if on_iteration is not None:
             on_iteration(run)

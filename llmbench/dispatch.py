@@ -33,7 +33,7 @@ def add_dispatch_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
 
 
 def build_parser() -> flags.Parser:
-    parser = flags.build_parser("run.py", DESCRIPTION, flags.generation_groups())
+    parser = flags.build_parser("run.py", DESCRIPTION, flags.single_generation_groups())
     add_dispatch_flags(parser)
     flags.add_accuracy_flags(parser)
     flags.add_distributed_flags(parser)
@@ -44,8 +44,9 @@ def build_parser() -> flags.Parser:
 
 def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Step]:
     generation_parser = flags.build_parser("run_generation.py", "", (
-        *flags.generation_groups(), flags.add_quantization_flags))
+        *flags.single_generation_groups(), flags.add_quantization_flags))
     generation_dests = [action.dest for action in generation_parser._actions]
+    multimodal_checks(args)
     steps = autotp_steps(parser, args)
     if not args.autotp:
         from llmbench.generation import resolve_backend
@@ -59,6 +60,21 @@ def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     if not steps:
         raise UserError("nothing to run: pass --benchmark and/or --accuracy-only")
     return steps
+
+
+def multimodal_checks(args: argparse.Namespace) -> None:
+    """--input-mode / --image-url / --audio: read and checked here (model family, files, what
+    is not implemented yet), so that bad input is one line before any step starts."""
+    from llmbench import multimodal
+
+    if not multimodal.flags_given(args):
+        return
+    if args.autotp:
+        raise UserError("--autotp with multimodal input is not implemented yet; run it "
+                        "without --autotp (docs/multimodal.md)")
+    if not args.benchmark:
+        raise UserError("--input-mode, --image-url and --audio apply to --benchmark")
+    multimodal.check_request(args)
 
 
 def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace,

@@ -155,6 +155,34 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     return group
 
 
+# --input-mode values, as the Xeon examples number them (docs/multimodal.md).
+INPUT_MODES = {0: "text", 1: "vision", 2: "speech", 3: "vision+speech"}
+
+
+def input_mode(text: str) -> int:
+    value = _int(text)
+    if value not in INPUT_MODES:
+        choices = ", ".join(f"{key} {name}" for key, name in INPUT_MODES.items())
+        raise argparse.ArgumentTypeError(f"must be one of {choices}; got {value}")
+    return value
+
+
+def add_multimodal_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """What a multimodal model reads besides the prompt (llmbench.multimodal)."""
+    group = parser.add_argument_group("multimodal input (docs/multimodal.md)")
+    group.add_argument("--input-mode", type=input_mode, default=None, metavar="{0,1,2,3}",
+                       help="0 text, 1 vision (prompt + image), 2 speech (audio), 3 vision + "
+                            "speech (default: 0, or what --image-url/--audio or a speech "
+                            "model imply)")
+    group.add_argument("--image-url", default=None, metavar="URL|PATH",
+                       help="the image: an http(s) URL (fetched) or a local file (default: "
+                            "the project's llmbench/data/sample_image.png)")
+    group.add_argument("--audio", default=None, metavar="FILE.wav",
+                       help="the audio: a local WAV file (default: the project's "
+                            "llmbench/data/sample_audio.wav)")
+    return group
+
+
 def add_benchmark_flags(parser: argparse.ArgumentParser,
                         output_dir: bool = True) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("benchmark")
@@ -185,8 +213,15 @@ def add_benchmark_noop_flag(parser: argparse.ArgumentParser) -> argparse._Argume
 
 
 def generation_groups() -> tuple[GroupAdder, ...]:
-    """The flags of single_instance/run_generation.py."""
+    """The flags of single_instance/run_generation.py (multimodal input aside: see
+    single_generation_groups)."""
     return (add_model_flags, add_generation_flags, add_benchmark_flags)
+
+
+def single_generation_groups() -> tuple[GroupAdder, ...]:
+    """The flags of the single-instance benchmark: generation_groups() and multimodal input,
+    which the distributed benchmark does not take yet."""
+    return (*generation_groups(), add_multimodal_flags)
 
 
 def eval_limit(text: str) -> int | float:

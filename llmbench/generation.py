@@ -26,7 +26,7 @@ DESCRIPTION = "Generation latency benchmark of a Hugging Face causal LM on CPU."
 
 
 def build_parser(prog: str = "run_generation.py") -> flags.Parser:
-    return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
+    return flags.build_parser(prog, DESCRIPTION, (*flags.single_generation_groups(),
                                                   flags.add_quantization_flags,
                                                   flags.add_benchmark_noop_flag))
 
@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
     if args.streaming and (generate_kwargs["num_beams"] > 1 or args.batch_size > 1):
         raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
-    if args.quantized_model_path is None:
+    from llmbench import multimodal
+
+    request = multimodal.check_request(args)  # None: a text model's run, as before
+    if request is None and args.quantized_model_path is None:
         from llmbench.quant.checkpoint import folder_quantization
         from llmbench.quant.cli import scheme_from_args
 
@@ -67,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "bfloat16"  # the layers left unquantized run in bf16
     notes = check_dtype(args.dtype)
 
-    loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
+    if request is not None:
+        loaded, prompt = load_multimodal(args, request)
+    else:
+        loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
     if args.quantized_model_path is not None or loaded.quantized is not None:  # saved/GPTQ/AWQ
         from llmbench.quant.cli import prepare_saved
 
@@ -79,20 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     loaded.model = prepared.model  # a backend that rebuilt the model frees the original
     if "fallback_reason" in prepared.details:
         notes.append(prepared.details["fallback_reason"])
-    prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
-                          input_tokens=args.input_tokens, prompt_text=args.prompt,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          seq2seq=loaded.family.seq2seq)
+    if request is None:
+        prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                              input_tokens=args.input_tokens, prompt_text=args.prompt,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              seq2seq=loaded.family.seq2seq)
     for note in notes:
         print(f"note: {note}", flush=True)
     print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
           f"{args.dtype} | backend {prepared.backend} | {mode} | "
           f"load {loaded.load_seconds:.2f} s", flush=True)
+    if request is not None:
+        print(f"input: {request.describe()}", flush=True)
     print(f"---- Prompt size: {prompt.tokens}", flush=True)
 
+    report = base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes)
+    report["input"] = (request.record() if request is not None
+                       else {"mode": 0, "mode_name": "text", "image": None, "audio": None})
     writer = ReportWriter(args.output_dir,
                           report_stem(loaded.family.model_type, args.dtype, prepared.backend, mode),
-                          base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes))
+                          report)
 
     def stats_of(run: BenchmarkRun) -> dict[str, Any]:
         return compute_statistics(run, args.batch_size, loaded.decode_weight_bytes)
@@ -127,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {writer.json_path}")
     print(f"summary: {writer.markdown_path}", flush=True)
     return 0
+
+
+def load_multimodal(args: argparse.Namespace, request: Any) -> tuple[Any, Any]:
+    """A multimodal model and its inputs, built by its processor (llmbench.multimodal)."""
+    from llmbench import multimodal
+
+    loaded, processor = multimodal.load(args, request)
+    prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
+                                     args.dtype)
+    return loaded, prompt
 
 
 def base_report(args: argparse.Namespace, loaded: Any, prepared: backends.PreparedModel,

@@ -31,6 +31,13 @@ class Family:
     seq2seq: bool = False
     # Config keys set before loading: settings that only work on GPUs or need optional kernels.
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    # What the model reads: "text", "vision", "speech". Any but text alone loads through
+    # llmbench.multimodal (its processor builds the inputs).
+    modalities: tuple[str, ...] = ("text",)
+
+    @property
+    def multimodal(self) -> bool:
+        return self.modalities != ("text",)
 
 
 FAMILIES: dict[str, Family] = {
@@ -57,6 +64,11 @@ FAMILIES: dict[str, Family] = {
         Family("deepseek_v2"),
         Family("deepseek_v3"),
         Family("gemma"),
+        # Multimodal (llmbench.multimodal, --backend stock only for now; docs/multimodal.md)
+        Family("llava", modalities=("text", "vision")),
+        Family("git", modalities=("text", "vision")),
+        Family("mllama", modalities=("text", "vision")),
+        Family("whisper", seq2seq=True, modalities=("speech",)),
     ]
 }
 

@@ -8,7 +8,7 @@ as text, because decoding and re-encoding a truncated text does not always give 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,13 @@ class Prompt:
     text: str  # what the first row says, for the report
     tokens: int
     source: str  # "prompt.json:<text key>" or "--prompt"
+    # Model inputs besides the ids: what a multimodal processor made (pixel_values,
+    # input_features, ...), passed to generate() as they are.
+    extra_inputs: dict[str, Any] = field(default_factory=dict)
+    # Where the new tokens start in generate()'s output, when the usual rule does not hold (a
+    # Whisper output holds the new tokens only); None: after the prompt, or after the decoder
+    # start token of a seq2seq model.
+    output_offset: int | None = None
 
 
 def load_prompt_texts(path: Path = PROMPT_FILE) -> dict[str, Any]:

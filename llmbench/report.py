@@ -90,6 +90,7 @@ def markdown(report: dict[str, Any]) -> str:
             ("decoding", report["decoding"]["mode"]),
             ("prompt tokens x batch", f"{report['prompt']['tokens']} x {stats['batch_size']}"),
             ("new tokens", stats["new_tokens_per_sequence"]),
+            *input_rows(report.get("input")),
             ("iterations (warm-up)", f"{stats['iterations']} ({report['config']['num_warmup']})"),
             ("inference latency", f"{stats['inference_latency_s'].get('mean', 0) * MS:.2f} ms")]
     if "first_token_latency_s" in stats:
@@ -114,6 +115,18 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# llmbench benchmark: {report['created']}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows]
     return "\n".join(lines) + "\n"
+
+
+def input_rows(inputs: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """A multimodal run's inputs (llmbench.multimodal.Request.record); none for text."""
+    if not inputs or not inputs.get("mode"):
+        return []
+    rows = [("input mode", f"{inputs['mode']} ({inputs['mode_name']})")]
+    if inputs.get("image"):
+        rows.append(("image", f"{inputs['image']['source']} ({inputs['image']['size']})"))
+    if inputs.get("audio"):
+        rows.append(("audio", f"{inputs['audio']['source']} ({inputs['audio']['seconds']} s)"))
+    return rows
 
 
 class ReportWriter:

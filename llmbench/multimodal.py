@@ -1,0 +1,379 @@
+"""Multimodal models (--input-mode 1/2/3): which inputs a run reads, and how the model's own
+processor turns them, with the prompt, into generate()'s inputs.
+
+The model loads with transformers' Auto class for its kind and runs through the same timing
+loop as a text model (llmbench.bench.run_benchmark), so the first-token latency includes the
+vision or audio encoder. Only --backend stock runs here for now (docs/multimodal.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmbench.errors import UserError
+from llmbench.flags import INPUT_MODES
+from llmbench.models import Family, LoadedModel, family_for, read_config_dict, read_config_file
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+SAMPLE_IMAGE = DATA_DIR / "sample_image.png"
+SAMPLE_AUDIO = DATA_DIR / "sample_audio.wav"
+URL_TIMEOUT_S = 30
+# What each mode reads besides the prompt.
+MODE_NEEDS = {0: (), 1: ("vision",), 2: ("speech",), 3: ("vision", "speech")}
+# The prompt a family reads when --prompt is not given ({image} is the processor's image token);
+# None: no prompt (GIT captions the image from its start token).
+DEFAULT_PROMPTS: dict[str, str | None] = {
+    "llava": "{image}\nDescribe this image.",
+    "git": None,
+    "mllama": "{image}Describe this image.",
+}
+
+
+@dataclass
+class ImageInput:
+    pixels: Any  # PIL.Image, RGB
+    source: str
+    default_sample: bool
+
+    def record(self) -> dict[str, Any]:
+        width, height = self.pixels.size
+        return {"source": self.source, "width": width, "height": height,
+                "size": f"{width}x{height}", "default_sample": self.default_sample}
+
+
+@dataclass
+class AudioInput:
+    samples: Any  # numpy float32, mono, in [-1, 1]
+    sampling_rate: int
+    source: str
+    default_sample: bool
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sampling_rate
+
+    def record(self) -> dict[str, Any]:
+        return {"source": self.source, "seconds": round(self.seconds, 4),
+                "sampling_rate": self.sampling_rate, "default_sample": self.default_sample}
+
+
+@dataclass
+class Request:
+    """What a multimodal run reads, checked before the model loads."""
+
+    mode: int
+    family: Family
+    image: ImageInput | None
+    audio: AudioInput | None
+
+    def record(self) -> dict[str, Any]:
+        return {"mode": self.mode, "mode_name": INPUT_MODES[self.mode],
+                "image": self.image.record() if self.image else None,
+                "audio": self.audio.record() if self.audio else None}
+
+    def describe(self) -> str:
+        parts = [f"input mode {self.mode} ({INPUT_MODES[self.mode]})"]
+        if self.image is not None:
+            width, height = self.image.pixels.size
+            parts.append(f"image {self.image.source} ({width}x{height}"
+                         + (", the project's sample: --image-url not given"
+                            if self.image.default_sample else "") + ")")
+        if self.audio is not None:
+            parts.append(f"audio {self.audio.source} ({self.audio.seconds:.2f} s, "
+                         f"{self.audio.sampling_rate} Hz"
+                         + (", the project's sample: --audio not given"
+                            if self.audio.default_sample else "") + ")")
+        return " | ".join(parts)
+
+
+def flags_given(args: argparse.Namespace) -> bool:
+    return (args.input_mode is not None or args.image_url is not None
+            or args.audio is not None)
+
+
+def model_family(args: argparse.Namespace) -> Family | None:
+    """The family of -m from its config alone (no weights); None for a GGUF file or the
+    embedded model, which are text models."""
+    from llmbench.models import resolve_source
+
+    source = resolve_source(args.model_name_or_path)
+    if source.gguf_file is not None:
+        return None
+    model_type = read_config_dict(source).get("model_type")
+    if args.config_file:
+        model_type = read_config_file(args.config_file).get("model_type", model_type)
+    return family_for(model_type)
+
+
+def resolve_mode(args: argparse.Namespace, family: Family | None) -> int:
+    """--input-mode, or what the other flags and the model imply when it is not given."""
+    if args.input_mode is not None:
+        mode = args.input_mode
+        if args.image_url is not None and "vision" not in MODE_NEEDS[mode]:
+            raise UserError(f"--image-url is read in --input-mode 1 or 3, not {mode}")
+        if args.audio is not None and "speech" not in MODE_NEEDS[mode]:
+            raise UserError(f"--audio is read in --input-mode 2 or 3, not {mode}")
+        return mode
+    if args.image_url is not None or args.audio is not None:
+        return (1 if args.image_url is not None else 0) + (2 if args.audio is not None else 0)
+    if family is not None and family.modalities == ("speech",):
+        return 2  # a speech-only model reads its audio (the sample without --audio)
+    return 0
+
+
+def check_request(args: argparse.Namespace) -> Request | None:
+    """The multimodal inputs of this run, read and checked (one-line errors), or None for a
+    plain text run. run.py calls it too, so bad input fails before any step starts."""
+    if not flags_given(args) and args.model_name_or_path is None:
+        return None  # the embedded model: text
+    family = model_family(args)
+    mode = resolve_mode(args, family)
+    if family is None or not family.multimodal:
+        if mode == 0:
+            return None
+        name = args.model_name_or_path or "the embedded model"
+        kind = family.model_type if family is not None else "a GGUF text model"
+        raise UserError(f"--input-mode {mode} ({INPUT_MODES[mode]}) needs a model that reads "
+                        f"{' and '.join(MODE_NEEDS[mode])}; {name} ({kind}) reads text only")
+    missing = [what for what in MODE_NEEDS[mode] if what not in family.modalities]
+    if missing:
+        raise UserError(f"--input-mode {mode} ({INPUT_MODES[mode]}) needs a model that reads "
+                        f"{' and '.join(missing)}; {family.model_type} models read "
+                        f"{' and '.join(family.modalities)}")
+    if "text" not in family.modalities and mode == 0:
+        raise UserError(f"{family.model_type} models read {' and '.join(family.modalities)}, "
+                        f"not text alone: pass --input-mode "
+                        f"{2 if 'speech' in family.modalities else 1}")
+    if mode == 0 and args.prompt is None and DEFAULT_PROMPTS.get(family.model_type) is None:
+        raise UserError(f"{family.model_type} with --input-mode 0 reads text only: pass --prompt")
+    refuse_unimplemented(args)
+    image = read_image(args.image_url) if "vision" in MODE_NEEDS[mode] else None
+    audio = read_audio(args.audio) if "speech" in MODE_NEEDS[mode] else None
+    return Request(mode, family, image, audio)
+
+
+def refuse_unimplemented(args: argparse.Namespace) -> None:
+    """What a multimodal run does not do yet: say so in one line instead of ignoring it."""
+    if args.ipex or args.backend != "stock":
+        backend = "ipex" if args.ipex else args.backend
+        raise UserError(f"--backend {backend} with a multimodal model is not implemented yet; "
+                        "run it with --backend stock (docs/multimodal.md)")
+    from llmbench.quant.cli import scheme_from_args
+
+    if args.quantized_model_path is not None or scheme_from_args(args) is not None:
+        raise UserError("quantization of a multimodal model is not implemented yet; run it "
+                        "without the quantization flags (docs/multimodal.md)")
+    if args.input_tokens is not None:
+        raise UserError("--input-tokens builds a text prompt of N tokens; a multimodal model "
+                        "reads --prompt (or its family's default prompt) with its inputs")
+    if args.streaming:
+        raise UserError("--streaming with a multimodal model is not implemented yet")
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def read_image(where: str | None) -> ImageInput:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise UserError("reading images needs Pillow: pip install -r requirements.txt") from None
+    if where is None:
+        where, default = str(SAMPLE_IMAGE), True
+    else:
+        default = False
+    if where.startswith(("http://", "https://")):
+        data = fetch(where)
+    else:
+        data = read_file(where, "--image-url")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise UserError(f"--image-url {where} is not an image (Pillow cannot read it)") from None
+    shown = SAMPLE_IMAGE.name if default else where
+    return ImageInput(image.convert("RGB"), shown, default)
+
+
+def fetch(url: str) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"--image-url {url} could not be fetched ({reason})") from None
+
+
+def read_file(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise UserError(f"{flag} {path} cannot be read ({exc.strerror or exc})") from None
+
+
+def read_audio(path: str | None) -> AudioInput:
+    """A WAV file (PCM 8/16/24/32-bit, any rate, channels averaged to mono), read with the
+    standard library: no audio package is needed for the formats speech benchmarks use."""
+    import numpy as np
+
+    if path is None:
+        path, default = str(SAMPLE_AUDIO), True
+    else:
+        default = False
+    data = read_file(path, "--audio")
+    try:
+        with wave.open(io.BytesIO(data)) as handle:
+            channels, width = handle.getnchannels(), handle.getsampwidth()
+            rate, frames = handle.getframerate(), handle.readframes(handle.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise UserError(f"--audio {path} is not a WAV audio file (only PCM WAV is read: "
+                        f"{exc})") from None
+    if width == 1:  # 8-bit WAV is unsigned
+        samples = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 3:  # 24-bit: widen each little-endian triple to int32
+        raw = np.frombuffer(frames, np.uint8).reshape(-1, 3)
+        wide = (raw[:, 0].astype(np.int32) | raw[:, 1].astype(np.int32) << 8
+                | raw[:, 2].astype(np.int32) << 16)
+        samples = (np.where(wide >= 1 << 23, wide - (1 << 24), wide) / (1 << 23))
+    elif width in (2, 4):
+        dtype = "<i2" if width == 2 else "<i4"
+        samples = np.frombuffer(frames, dtype).astype(np.float32) / (1 << (8 * width - 1))
+    else:
+        raise UserError(f"--audio {path}: {8 * width}-bit WAV samples are not supported")
+    samples = np.asarray(samples, np.float32).reshape(-1, channels).mean(axis=1)
+    if not len(samples):
+        raise UserError(f"--audio {path} holds no samples")
+    shown = SAMPLE_AUDIO.name if default else path
+    return AudioInput(samples, rate, shown, default)
+
+
+def resampled(audio: AudioInput, rate: int) -> Any:
+    """The samples at `rate` (linear interpolation): feature extractors refuse other rates."""
+    import numpy as np
+
+    if audio.sampling_rate == rate:
+        return audio.samples
+    count = int(round(len(audio.samples) * rate / audio.sampling_rate))
+    positions = np.arange(count) * (audio.sampling_rate / rate)
+    return np.interp(positions, np.arange(len(audio.samples)), audio.samples).astype(np.float32)
+
+
+# ---- model -----------------------------------------------------------------------------------
+
+
+def load(args: argparse.Namespace, request: Request) -> tuple[LoadedModel, Any]:
+    """The model (with the Auto class of its kind) and its processor."""
+    import torch
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoModelForSpeechSeq2Seq,
+        AutoProcessor,
+    )
+    from transformers.utils import logging as hf_logging
+
+    from llmbench.models import load_config, resolve_source
+
+    hf_logging.disable_progress_bar()
+    source = resolve_source(args.model_name_or_path)
+    config, family = load_config(source, args.config_file)
+    auto_class = (AutoModelForSpeechSeq2Seq if family.modalities == ("speech",)
+                  else AutoModelForImageTextToText)
+    start = time.perf_counter()
+    try:
+        processor = AutoProcessor.from_pretrained(source.path)
+        model = auto_class.from_pretrained(source.path, config=config,
+                                           dtype=getattr(torch, args.dtype))
+    except Exception as exc:
+        raise UserError(f"cannot load {source.display_name}: {exc}") from exc
+    load_seconds = time.perf_counter() - start
+    model.eval()
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    params = list(model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, config=config, family=family, source=source,
+        dtype=args.dtype, load_seconds=load_seconds, conversion_seconds=0.0,
+        num_parameters=sum(p.numel() for p in params), weight_bytes=weight_bytes,
+        decode_weight_bytes=decode_weight_bytes(model))
+    return loaded, processor
+
+
+def decode_weight_bytes(model: Any) -> int:
+    """What one decode step reads: the language model (decoder) and an untied output layer;
+    the vision or audio encoder runs once per prompt, before the first token."""
+    decoder = model.get_decoder()
+    seen = {p.data_ptr() for p in decoder.parameters()}
+    total = sum(p.numel() * p.element_size() for p in decoder.parameters())
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() not in seen:
+        total += output.weight.numel() * output.weight.element_size()
+    embedding = model.get_input_embeddings().weight
+    if embedding.data_ptr() in seen:  # looked up, not read whole, in a decode step
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
+def build_inputs(processor: Any, request: Request, prompt_text: str | None,
+                 batch_size: int, dtype: str = "float32") -> Any:
+    """generate()'s inputs, from the processor: the prompt (or the family's default) with the
+    image and/or audio, replicated batch_size times; pixels and audio features in `dtype`."""
+    import torch
+
+    from llmbench.prompts import Prompt
+
+    family = request.family.model_type
+    kwargs: dict[str, Any] = {"return_tensors": "pt"}
+    text = None
+    default = DEFAULT_PROMPTS.get(family)
+    if "text" in request.family.modalities and (prompt_text is not None or default is not None):
+        image_token = getattr(processor, "image_token", "") or ""
+        text = prompt_text if prompt_text is not None else default.format(
+            image=image_token if request.image is not None else "").strip()
+        if request.image is not None and image_token and image_token not in text:
+            text = f"{image_token}\n{text}"  # the processor places the image features there
+        kwargs["text"] = [text] * batch_size
+    if request.image is not None:
+        kwargs["images"] = [[request.image.pixels]] * batch_size  # one image per prompt
+    if request.audio is not None:
+        rate = processor.feature_extractor.sampling_rate
+        kwargs["audio"] = [resampled(request.audio, rate)] * batch_size
+        kwargs["sampling_rate"] = rate
+    try:
+        inputs = dict(processor(**kwargs))
+    except Exception as exc:  # the processor's own check, e.g. an image token count mismatch
+        raise UserError(f"the {family} processor could not build the inputs: {exc}") from exc
+    for name, value in inputs.items():
+        # processors give float32; not every model casts them to its weights' dtype (Whisper's
+        # encoder does not)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            inputs[name] = value.to(getattr(torch, dtype))
+    input_ids = inputs.pop("input_ids", None)
+    attention_mask = inputs.pop("attention_mask", None)
+    if input_ids is not None:
+        tokens = input_ids.shape[-1]
+        shown = text or ""  # as written: the processor repeats the image token per patch
+        offset = None
+    else:  # no text: generate() starts from the start token(s), which a decoder-only model
+        # returns in its output and Whisper (seq2seq) does not
+        tokens, shown, offset = 0, "", 0 if request.family.seq2seq else 1
+        if prompt_text is not None:
+            try:  # a speech model's prompt is previous text, which the decoder reads first
+                inputs["prompt_ids"] = processor.get_prompt_ids(prompt_text, return_tensors="pt")
+                tokens = inputs["prompt_ids"].shape[-1]
+            except Exception as exc:
+                raise UserError(f"the {family} processor could not use --prompt: {exc}") from exc
+            shown = prompt_text
+    source = "--prompt" if prompt_text is not None else f"default ({family})"
+    return Prompt(input_ids=input_ids, attention_mask=attention_mask, text=shown, tokens=tokens,
+                  source=source, extra_inputs=inputs, output_offset=offset)

@@ -1,0 +1,210 @@
+"""Multimodal input (--input-mode / --image-url / --audio) through run.py --benchmark, on tiny
+random LLaVA, Whisper, GIT and Llama-3.2-Vision (mllama) models with working processors
+(tests/tiny_multimodal.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_entry
+from tiny_models import make_tiny_model
+from tiny_multimodal import make_tiny_multimodal
+
+SAMPLE_IMAGE = ROOT / "llmbench" / "data" / "sample_image.png"
+SAMPLE_AUDIO = ROOT / "llmbench" / "data" / "sample_audio.wav"
+SHORT = ["--greedy", "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
+         "--num-warmup", "0"]
+SUMMARY = ("Inference latency:", "First token average latency:", "Average 2... latency:",
+           "Generated tokens/s:", "Model load:")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("multimodal")
+    built = {family: make_tiny_multimodal(family, root / family, embedded_model_dir)
+             for family in ("llava", "whisper", "git", "mllama")}
+    built["llama"] = make_tiny_model("llama", root / "llama", embedded_model_dir)
+    return built
+
+
+def benchmark(model: Path, output_dir: Path, *flags: str) -> tuple[str, dict]:
+    """run.py --benchmark; returns stdout and the one report it wrote."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = run_entry("run.py", "--benchmark", "-m", str(model), *SHORT, *flags,
+                       "--output-dir", str(output_dir))
+    assert result.returncode == 0, result.stderr
+    for line in SUMMARY:
+        assert line in result.stdout, line
+    (report_path,) = output_dir.glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "complete"
+    assert report["statistics"]["first_token_latency_s"]["count"] == 1
+    assert len(report["iterations"][0]["step_latencies_s"]) == 4  # exactly 4 new tokens
+    return result.stdout, report
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int, channels: int = 1) -> Path:
+    """int16 samples; channels > 1 repeats the same signal on each channel."""
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(channels)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(np.repeat(samples.astype("<i2"), channels).tobytes())
+    return path
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path)) as handle:
+        return np.frombuffer(handle.readframes(handle.getnframes()), "<i2"), handle.getframerate()
+
+
+def test_llava_vision_image_drives_the_output(models, tmp_path):
+    """Mode 1 on the shipped sample (said in the output), the same image from a path (same
+    greedy text), and another image (other text); the report records mode and image size."""
+    out, report = benchmark(models["llava"], tmp_path / "sample", "--input-mode", "1")
+    assert "the project's sample: --image-url not given" in out
+    assert report["model"]["family"] == "llava"
+    assert report["input"]["mode"] == 1
+    assert report["input"]["image"]["size"] == "96x64"
+    assert report["input"]["image"]["default_sample"] is True
+    assert report["input"]["audio"] is None
+    assert "| image | sample_image.png (96x64) |" in next((tmp_path / "sample").glob("*.md")
+                                                         ).read_text()
+
+    copy = shutil.copy(SAMPLE_IMAGE, tmp_path / "copy.png")
+    _, same = benchmark(models["llava"], tmp_path / "copy", "--image-url", str(copy))
+    assert same["input"]["mode"] == 1  # implied by --image-url
+    assert same["generated_text"] == report["generated_text"]
+
+    from PIL import Image
+
+    other = tmp_path / "noise.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(other)
+    _, changed = benchmark(models["llava"], tmp_path / "other", "--input-mode", "1",
+                           "--image-url", str(other), "--prompt", "Describe this image.")
+    assert changed["input"]["image"]["size"] == "50x40"
+    assert changed["generated_text"] != report["generated_text"]
+
+
+def test_whisper_speech_audio_drives_the_output(models, tmp_path):
+    """--audio alone on a speech model (mode 2 implied); the sample as 16-bit stereo gives the
+    same text (channels averaged), another sound at 8 kHz (resampled) another text."""
+    out, report = benchmark(models["whisper"], tmp_path / "sample", "--input-mode", "2")
+    assert "the project's sample: --audio not given" in out
+    assert report["model"]["family"] == "whisper"
+    assert report["input"]["mode"] == 2 and report["input"]["image"] is None
+    assert report["input"]["audio"]["seconds"] == pytest.approx(1.5)
+    assert report["input"]["audio"]["sampling_rate"] == 16000
+
+    samples, rate = read_wav(SAMPLE_AUDIO)
+    stereo = write_wav(tmp_path / "stereo.wav", samples, rate, channels=2)
+    _, same = benchmark(models["whisper"], tmp_path / "stereo", "--audio", str(stereo))
+    assert same["input"]["mode"] == 2
+    assert same["generated_text"] == report["generated_text"]
+
+    t = np.arange(8000) / 8000
+    tone = write_wav(tmp_path / "tone.wav", 12000 * np.sin(2 * np.pi * 440 * t), 8000)
+    _, changed = benchmark(models["whisper"], tmp_path / "tone", "--audio", str(tone),
+                           "--prompt", "a tone")
+    assert changed["input"]["audio"]["seconds"] == pytest.approx(1.0)
+    assert changed["input"]["audio"]["sampling_rate"] == 8000
+    assert changed["prompt"]["source"] == "--prompt"
+    assert changed["generated_text"] != report["generated_text"]
+
+
+def test_git_captions_the_image(models, tmp_path):
+    """GIT with no prompt captions from its start token (exactly 4 new tokens counted after
+    it); another image gives another caption; a prompt is continued."""
+    _, report = benchmark(models["git"], tmp_path / "sample", "--input-mode", "1")
+    assert report["model"]["family"] == "git"
+    assert report["prompt"]["tokens"] == 0 and report["input"]["image"]["size"] == "96x64"
+    from PIL import Image
+
+    other = tmp_path / "stripes.png"
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[::8] = 255
+    Image.fromarray(pixels).save(other)
+    _, changed = benchmark(models["git"], tmp_path / "other", "--image-url", str(other))
+    assert changed["generated_text"] != report["generated_text"]
+    _, prompted = benchmark(models["git"], tmp_path / "prompted", "--image-url", str(other),
+                            "--prompt", "a picture of")
+    assert prompted["prompt"]["tokens"] > 0
+
+
+def test_mllama_tiles_and_batches(models, tmp_path):
+    """Llama-3.2-Vision's shape: the image is tiled and read through cross-attention; another
+    image changes the output; --batch-size 2 gives each prompt its own copy of the image."""
+    _, report = benchmark(models["mllama"], tmp_path / "sample", "--input-mode", "1")
+    assert report["model"]["family"] == "mllama" and report["input"]["mode"] == 1
+    from PIL import Image
+
+    other = tmp_path / "checks.png"
+    pixels = np.indices((48, 48)).sum(axis=0) % 2 * 255
+    Image.fromarray(np.repeat(pixels[..., None], 3, axis=-1).astype(np.uint8)).save(other)
+    _, changed = benchmark(models["mllama"], tmp_path / "other", "--image-url", str(other),
+                           "--batch-size", "2")
+    assert changed["statistics"]["batch_size"] == 2
+    assert len(changed["generated_text"]) == 2
+    assert changed["generated_text"][0] == changed["generated_text"][1]
+    assert changed["generated_text"][0] != report["generated_text"][0]
+
+
+def test_bfloat16_inputs_follow_the_model(models, tmp_path):
+    """The processor's float32 audio features are cast to a bf16 model's dtype."""
+    _, report = benchmark(models["whisper"], tmp_path, "--dtype", "bfloat16")
+    assert report["model"]["dtype"] == "bfloat16" and report["input"]["mode"] == 2
+
+
+def test_llava_text_only_mode(models, tmp_path):
+    """--input-mode 0 on a vision model: the prompt alone, through its processor."""
+    _, report = benchmark(models["llava"], tmp_path, "--input-mode", "0",
+                          "--prompt", "Hello there")
+    assert report["input"]["mode"] == 0 and report["input"]["image"] is None
+
+
+def assert_one_line_error(result, needle: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(("model", "flags", "needle"), [
+    ("llama", ["--input-mode", "1"], "(llama) reads text only"),
+    (None, ["--input-mode", "3"], "the embedded model (a GGUF text model) reads text only"),
+    ("whisper", ["--input-mode", "1"], "whisper models read speech"),
+    ("llava", ["--input-mode", "2"], "llava models read text and vision"),
+    ("llava", ["--input-mode", "3"], "needs a model that reads speech"),
+    ("whisper", ["--input-mode", "0"], "not text alone: pass --input-mode 2"),
+    ("llava", ["--image-url", str(SAMPLE_AUDIO)], "is not an image"),
+    ("llava", ["--image-url", "/no/such/image.png"], "cannot be read"),
+    ("llava", ["--image-url", "http://127.0.0.1:9/image.png"], "could not be fetched"),
+    ("whisper", ["--audio", str(SAMPLE_IMAGE)], "is not a WAV audio file"),
+    ("whisper", ["--audio", "/no/such/audio.wav"], "cannot be read"),
+    ("llava", ["--input-mode", "0", "--image-url", str(SAMPLE_IMAGE)], "--input-mode 1 or 3"),
+    ("llava", ["--input-mode", "1", "--backend", "native"], "not implemented yet"),
+    ("llava", ["--input-mode", "1", "--ipex-weight-only-quantization"], "not implemented yet"),
+    ("llava", ["--input-mode", "1", "--autotp"], "not implemented yet"),
+    ("llava", ["--input-mode", "4"], "must be one of 0 text, 1 vision"),
+    ("git", ["--input-mode", "0"], "git with --input-mode 0 reads text only: pass --prompt"),
+])
+def test_bad_input_is_one_line(models, tmp_path, model, flags, needle):
+    model_flags = ["-m", str(models[model])] if model else []
+    result = run_entry("run.py", "--benchmark", *model_flags, *flags, "--num-iter", "1",
+                       "--num-warmup", "0", "--output-dir", str(tmp_path))
+    assert_one_line_error(result, needle)
+    assert not list(tmp_path.glob("*.json"))  # refused before any step ran
+
+
+def test_run_generation_takes_the_flags(models, tmp_path):
+    """The single-instance script has the same flags (run.py forwards them to it)."""
+    result = run_entry("single_instance/run_generation.py", "-m", str(models["whisper"]),
+                       "--input-mode", "2", "--audio", str(SAMPLE_IMAGE), "--output-dir",
+                       str(tmp_path))
+    assert_one_line_error(result, "is not a WAV audio file")
