@@ -280,6 +280,20 @@ def load_config(source: ModelSource, config_file: str | None) -> tuple[Any, Fami
     return config, family
 
 
+def decode_step_bytes(model: Any, decoder: Any) -> int:
+    """What one decode step reads: `decoder`'s weights (the whole model for a decoder-only LM;
+    an encoder, vision tower or audio encoder runs once per prompt) and the output layer, but
+    not an input embedding that is only looked up (untied from the output layer)."""
+    tensors = {p.data_ptr(): p for p in decoder.parameters()}
+    output = model.get_output_embeddings()
+    if output is not None:
+        tensors.setdefault(output.weight.data_ptr(), output.weight)
+    embedding = model.get_input_embeddings().weight
+    if output is None or output.weight.data_ptr() != embedding.data_ptr():
+        tensors.pop(embedding.data_ptr(), None)
+    return sum(p.numel() * p.element_size() for p in tensors.values())
+
+
 def load_model(name_or_path: str | None, dtype: str, config_file: str | None = None) -> LoadedModel:
     """Resolve, (convert,) and load a model and its tokenizer in `dtype`, in eval mode."""
     import torch
@@ -326,17 +340,10 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
         tokenizer.pad_token = tokenizer.eos_token
     params = list(model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
-    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
-    embedding_bytes = embedding.numel() * embedding.element_size()
-    decode_weight_bytes = weight_bytes - (0 if tied else embedding_bytes)
-    if family.seq2seq:  # decode steps run the decoder only (and the embedding it shares)
-        shared = {p.data_ptr() for p in model.get_decoder().parameters()}
-        decode_weight_bytes -= sum(p.numel() * p.element_size()
-                                   for p in model.get_encoder().parameters()
-                                   if p.data_ptr() not in shared)
-        # ... and not the cross-attention's key/value projections: the encoder's keys and
+    decode_weight_bytes = decode_step_bytes(model, model.get_decoder() if family.seq2seq
+                                            else model)
+    if family.seq2seq:
+        # ... and not T5's cross-attention key/value projections: the encoder's keys and
         # values are computed once per prompt and cached
         decode_weight_bytes -= sum(
             module.weight.numel() * module.weight.element_size()

@@ -280,7 +280,7 @@ def load(args: argparse.Namespace, request: Request) -> tuple[LoadedModel, Any]:
     )
     from transformers.utils import logging as hf_logging
 
-    from llmbench.models import load_config, resolve_source
+    from llmbench.models import decode_step_bytes, load_config, resolve_source
 
     hf_logging.disable_progress_bar()
     source = resolve_source(args.model_name_or_path)
@@ -305,23 +305,8 @@ def load(args: argparse.Namespace, request: Request) -> tuple[LoadedModel, Any]:
         model=model, tokenizer=tokenizer, config=config, family=family, source=source,
         dtype=args.dtype, load_seconds=load_seconds, conversion_seconds=0.0,
         num_parameters=sum(p.numel() for p in params), weight_bytes=weight_bytes,
-        decode_weight_bytes=decode_weight_bytes(model))
+        decode_weight_bytes=decode_step_bytes(model, model.get_decoder()))
     return loaded, processor
-
-
-def decode_weight_bytes(model: Any) -> int:
-    """What one decode step reads: the language model (decoder) and an untied output layer;
-    the vision or audio encoder runs once per prompt, before the first token."""
-    decoder = model.get_decoder()
-    seen = {p.data_ptr() for p in decoder.parameters()}
-    total = sum(p.numel() * p.element_size() for p in decoder.parameters())
-    output = model.get_output_embeddings()
-    if output is not None and output.weight.data_ptr() not in seen:
-        total += output.weight.numel() * output.weight.element_size()
-    embedding = model.get_input_embeddings().weight
-    if embedding.data_ptr() in seen:  # looked up, not read whole, in a decode step
-        total -= embedding.numel() * embedding.element_size()
-    return total
 
 
 def build_inputs(processor: Any, request: Request, prompt_text: str | None,
