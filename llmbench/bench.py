@@ -20,6 +20,9 @@ class Iteration:
     seconds: float  # wall time of generate()
     new_tokens: int  # per sequence, counted from the output
     step_latencies: list[float] | None  # per decoding step, with --token-latency
+    # a multimodal model's vision / audio encoder time before the first token (or in all of
+    # generate() without --token-latency); None for a text model
+    encoder_seconds: float | None = None
 
 
 @dataclass
@@ -46,7 +49,8 @@ def count_new_tokens(output: torch.Tensor, prompt: Prompt, seq2seq: bool) -> int
 def run_benchmark(model: Any, tokenizer: Any, prompt: Prompt, generate_kwargs: dict[str, Any], *,
                   seq2seq: bool, num_iter: int, num_warmup: int, token_latency: bool,
                   streaming: bool, profile: bool, seed: int, trace_dir: Path | None = None,
-                  on_iteration: Callable[[BenchmarkRun], None] | None = None) -> BenchmarkRun:
+                  on_iteration: Callable[[BenchmarkRun], None] | None = None,
+                  encoder_timer: Any = None) -> BenchmarkRun:
     """Run num_warmup uncounted iterations, then num_iter measured ones (and, with profile, one
     more under the profiler, so profiling overhead never enters the measured numbers)."""
     from transformers import StoppingCriteriaList, TextStreamer
@@ -68,6 +72,8 @@ def run_benchmark(model: Any, tokenizer: Any, prompt: Prompt, generate_kwargs: d
 
     def one_iteration() -> tuple[float, torch.Tensor]:
         torch.manual_seed(seed)  # sampling draws the same tokens every iteration
+        if encoder_timer is not None:
+            encoder_timer.start()
         timer.start()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -91,6 +97,8 @@ def run_benchmark(model: Any, tokenizer: Any, prompt: Prompt, generate_kwargs: d
             seconds=seconds,
             new_tokens=expected,
             step_latencies=timer.step_latencies() if token_latency else None,
+            encoder_seconds=None if encoder_timer is None else encoder_timer.seconds_before(
+                timer.stamps[0] if token_latency else None),
         ))
         if not run.generated_text:
             skip = output_offset(prompt, seq2seq)

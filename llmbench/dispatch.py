@@ -69,6 +69,10 @@ def multimodal_checks(args: argparse.Namespace) -> None:
 
     if not multimodal.flags_given(args):
         return
+    if args.ipex or args.backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # absent: the same line as for a text model, before anything else
     if args.autotp:
         raise UserError("--autotp with multimodal input is not implemented yet; run it "
                         "without --autotp (docs/multimodal.md)")
@@ -96,6 +100,11 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
         autotp_scheme(parser, args)
         return []
     scheme = cli.scheme_from_args(args)  # refuses bad combinations before anything runs
+    if scheme is not None and args.benchmark and not args.accuracy_only:
+        from llmbench import multimodal
+
+        if multimodal.check_request(args) is not None:
+            return []  # the benchmark step quantizes a multimodal model's language model
     path = args.quantized_model_path
     if scheme is None and path is None:
         scratch = flags.Parser()

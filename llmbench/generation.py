@@ -70,18 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "bfloat16"  # the layers left unquantized run in bf16
     notes = check_dtype(args.dtype)
 
+    encoder_timer = None
     if request is not None:
         loaded, prompt = load_multimodal(args, request)
+        if request.image is not None or request.audio is not None:  # not in text mode 0
+            encoder_timer = multimodal.EncoderTimer(loaded.model, loaded.family.model_type)
+        prepared = multimodal.prepare(args, loaded, backend)
     else:
         loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
-    if args.quantized_model_path is not None or loaded.quantized is not None:  # saved/GPTQ/AWQ
-        from llmbench.quant.cli import prepare_saved
+        if args.quantized_model_path is not None or loaded.quantized is not None:  # saved/GPTQ
+            from llmbench.quant.cli import prepare_saved
 
-        prepared = prepare_saved(args, loaded, backend)
-    else:
-        prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
-                                    family=loaded.family.model_type,
-                                    kv_cache_dtype=args.kv_cache_dtype)
+            prepared = prepare_saved(args, loaded, backend)
+        else:
+            prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
+                                        family=loaded.family.model_type,
+                                        kv_cache_dtype=args.kv_cache_dtype)
     loaded.model = prepared.model  # a backend that rebuilt the model frees the original
     if "fallback_reason" in prepared.details:
         notes.append(prepared.details["fallback_reason"])
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             seq2seq=loaded.family.seq2seq, num_iter=args.num_iter, num_warmup=args.num_warmup,
             token_latency=args.token_latency, streaming=args.streaming, profile=args.profile,
             seed=args.seed, trace_dir=writer.json_path.parent,
-            on_iteration=lambda partial: writer.update("running", partial, stats_of(partial)))
+            on_iteration=lambda partial: writer.update("running", partial, stats_of(partial)),
+            encoder_timer=encoder_timer)
     except UserError as exc:
         writer.fail(str(exc))
         raise
@@ -144,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 def load_multimodal(args: argparse.Namespace, request: Any) -> tuple[Any, Any]:
     """A multimodal model and its inputs, built by its processor (llmbench.multimodal)."""
     from llmbench import multimodal
+    from llmbench.quant.cli import scheme_from_args
 
-    loaded, processor = multimodal.load(args, request)
+    # quantization reads the fp32 weights; the model then runs in --dtype (multimodal.prepare)
+    load_dtype = "float32" if scheme_from_args(args) is not None else args.dtype
+    loaded, processor = multimodal.load(args, request, load_dtype)
     prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
                                      args.dtype)
     return loaded, prompt

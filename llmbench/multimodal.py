@@ -3,7 +3,9 @@ processor turns them, with the prompt, into generate()'s inputs.
 
 The model loads with transformers' Auto class for its kind and runs through the same timing
 loop as a text model (llmbench.bench.run_benchmark), so the first-token latency includes the
-vision or audio encoder. Only --backend stock runs here for now (docs/multimodal.md).
+vision or audio encoder (timed apart by EncoderTimer). Weight-only quantization and
+--backend native apply to the language model part (LanguageModel gives it a text model's
+module names); the encoders stay transformers' own (docs/multimodal.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,38 @@ DEFAULT_PROMPTS: dict[str, str | None] = {
     "git": None,
     "mllama": "{image}Describe this image.",
 }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family's language model and encoders sit in transformers' module tree."""
+
+    # (attribute, module path): the language model's parts under the names a text model of its
+    # kind has; the last one is the output projection
+    language: tuple[tuple[str, str], ...]
+    encoders: tuple[str, ...]  # the vision / audio modules run before the language model
+    not_native: str | None = None  # why --backend native runs this family stock
+
+
+LAYOUTS = {
+    "llava": Layout((("model", "model.language_model"), ("lm_head", "lm_head")),
+                    ("model.vision_tower", "model.multi_modal_projector")),
+    "mllama": Layout((("model", "model.language_model"), ("lm_head", "lm_head")),
+                     ("model.vision_model", "model.multi_modal_projector"),
+                     "its language model interleaves cross-attention layers (over the image) "
+                     "with the self-attention ones, which the native step does not implement"),
+    "git": Layout((("encoder", "git.encoder"), ("output", "output")),
+                  ("git.image_encoder", "git.visual_projection"),
+                  "its text decoder is a BERT-style stack whose attention reads the image "
+                  "tokens too, which the native step does not implement"),
+    "whisper": Layout((("decoder", "model.decoder"), ("proj_out", "proj_out")),
+                      ("model.encoder",),
+                      "its decoder (learned positions, cross-attention over the audio, "
+                      "Whisper's own generate() with forced and suppressed tokens) is not mapped "
+                      "onto the native step yet"),
+}
+# Quantization of a multimodal model: weight-only round-to-nearest, in this process.
+QUANT_METHODS = ("woq",)
 
 
 @dataclass
@@ -160,15 +194,21 @@ def check_request(args: argparse.Namespace) -> Request | None:
 
 def refuse_unimplemented(args: argparse.Namespace) -> None:
     """What a multimodal run does not do yet: say so in one line instead of ignoring it."""
-    if args.ipex or args.backend != "stock":
-        backend = "ipex" if args.ipex else args.backend
-        raise UserError(f"--backend {backend} with a multimodal model is not implemented yet; "
-                        "run it with --backend stock (docs/multimodal.md)")
+    if args.ipex or args.backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # absent: the same line as for a text model
+        raise UserError("--ipex with a multimodal model is not implemented; run it with "
+                        "--backend stock or native (docs/multimodal.md)")
     from llmbench.quant.cli import scheme_from_args
 
-    if args.quantized_model_path is not None or scheme_from_args(args) is not None:
-        raise UserError("quantization of a multimodal model is not implemented yet; run it "
-                        "without the quantization flags (docs/multimodal.md)")
+    scheme = scheme_from_args(args)
+    if args.quantized_model_path is not None or (
+            scheme is not None and scheme.method not in QUANT_METHODS):
+        raise UserError("a multimodal model is quantized weight-only (round to nearest) in the "
+                        "benchmark's own process: --ipex-weight-only-quantization [--weight-dtype "
+                        "INT8|INT4] [--group-size N]; saved models, GPTQ, SmoothQuant and "
+                        "checkpoints are not implemented for it yet (docs/multimodal.md)")
     if args.input_tokens is not None:
         raise UserError("--input-tokens builds a text prompt of N tokens; a multimodal model "
                         "reads --prompt (or its family's default prompt) with its inputs")
@@ -270,8 +310,10 @@ def resampled(audio: AudioInput, rate: int) -> Any:
 # ---- model -----------------------------------------------------------------------------------
 
 
-def load(args: argparse.Namespace, request: Request) -> tuple[LoadedModel, Any]:
-    """The model (with the Auto class of its kind) and its processor."""
+def load(args: argparse.Namespace, request: Request, dtype: str | None = None
+         ) -> tuple[LoadedModel, Any]:
+    """The model (with the Auto class of its kind) in `dtype` (default --dtype) and its
+    processor."""
     import torch
     from transformers import (
         AutoModelForImageTextToText,
@@ -291,7 +333,7 @@ def load(args: argparse.Namespace, request: Request) -> tuple[LoadedModel, Any]:
     try:
         processor = AutoProcessor.from_pretrained(source.path)
         model = auto_class.from_pretrained(source.path, config=config,
-                                           dtype=getattr(torch, args.dtype))
+                                           dtype=getattr(torch, dtype or args.dtype))
     except Exception as exc:
         raise UserError(f"cannot load {source.display_name}: {exc}") from exc
     load_seconds = time.perf_counter() - start
@@ -303,7 +345,7 @@ def load(args: argparse.Namespace, request: Request) -> tuple[LoadedModel, Any]:
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     loaded = LoadedModel(
         model=model, tokenizer=tokenizer, config=config, family=family, source=source,
-        dtype=args.dtype, load_seconds=load_seconds, conversion_seconds=0.0,
+        dtype=dtype or args.dtype, load_seconds=load_seconds, conversion_seconds=0.0,
         num_parameters=sum(p.numel() for p in params), weight_bytes=weight_bytes,
         decode_weight_bytes=decode_step_bytes(model, model.get_decoder()))
     return loaded, processor
@@ -362,3 +404,185 @@ def build_inputs(processor: Any, request: Request, prompt_text: str | None,
     source = "--prompt" if prompt_text is not None else f"default ({family})"
     return Prompt(input_ids=input_ids, attention_mask=attention_mask, text=shown, tokens=tokens,
                   source=source, extra_inputs=inputs, output_offset=offset)
+
+
+# ---- the language model part: quantization and --backend native ------------------------------
+
+
+def language_model(model: Any, family: str) -> Any:
+    """The language model part of `model` as a text model (LanguageModel)."""
+    import torch
+
+    class LanguageModel(torch.nn.Module):
+        """The modules (shared, not copied) under the names a text model of its kind has, so
+        that quantization (llmbench.quant.apply) and the native backend's family map
+        (llmbench.backends.blocks) read it as they read a text model, and what they swap in
+        is what the multimodal model runs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            layout = LAYOUTS[family]
+            for attribute, path in layout.language:
+                self.add_module(attribute, model.get_submodule(path))
+            self.output_name = layout.language[-1][0]
+            self.config = getattr(model.config, "text_config", None) or model.config
+            self.generation_config = model.generation_config
+
+        def get_output_embeddings(self) -> Any:
+            return self.get_submodule(self.output_name)
+
+        def get_input_embeddings(self) -> Any:
+            return model.get_input_embeddings()
+
+    return LanguageModel()
+
+
+class _Captured(Exception):
+    pass
+
+
+class NativeMultimodal:
+    """--backend native for a multimodal model: its encoders and the merge of their features
+    into the prompt's embeddings run as transformers runs them, once per prompt; the language
+    model's prefill and decode steps are the native model's (llmbench.backends.native)."""
+
+    def __init__(self, model: Any, language: Any, native: Any) -> None:
+        self.model = model
+        self.language = language  # the module whose inputs_embeds the native prefill takes
+        self.native = native
+
+    def runtime_details(self) -> dict[str, Any]:
+        return self.native.runtime_details()
+
+    def generate(self, **kwargs: Any) -> Any:
+        from llmbench.backends.native import SUPPORTED_GENERATE_KEYS
+
+        media = {key: kwargs.pop(key) for key in list(kwargs)
+                 if key not in SUPPORTED_GENERATE_KEYS}
+        if media:
+            kwargs["inputs_embeds"] = self.prompt_embeddings(
+                kwargs["input_ids"], kwargs.get("attention_mask"), media)
+        return self.native.generate(**kwargs)
+
+    def prompt_embeddings(self, ids: Any, mask: Any, media: dict[str, Any]) -> Any:
+        """The embeddings transformers' own forward hands its language model: the encoders run
+        and their features replace the image tokens; the call stops there (a pre-hook), so
+        nothing of the language model runs stock."""
+        captured = {}
+
+        def capture(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            captured["embeds"] = kwargs.get("inputs_embeds")
+            raise _Captured
+
+        handle = self.language.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.model(input_ids=ids, attention_mask=mask, **media)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if captured.get("embeds") is None:
+            raise UserError("native backend: the model's forward did not hand its language "
+                            "model input embeddings")
+        return captured["embeds"]
+
+
+def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
+    """The loaded multimodal model on `backend`, its language model quantized if asked (in this
+    process, round to nearest); the encoders stay transformers' own. A backends.PreparedModel."""
+    import torch
+
+    from llmbench import backends
+    from llmbench.models import decode_step_bytes
+    from llmbench.quant import apply
+    from llmbench.quant.cli import scheme_from_args
+
+    family = loaded.family.model_type
+    layout = LAYOUTS[family]
+    model = loaded.model
+    language = language_model(model, family)
+    scheme = scheme_from_args(args)
+    qlinears = None
+    if scheme is not None:
+        qlinears = apply.quantize_rtn(language, scheme)  # from the fp32 weights load gave
+        if args.dtype != loaded.dtype:
+            model.to(getattr(torch, args.dtype))
+            loaded.dtype = args.dtype
+        qlinears = apply.set_compute(
+            {n: q.to_bf16() if isinstance(q, apply.FloatLinear) and args.dtype == "bfloat16"
+             else q for n, q in qlinears.items()}, scheme)
+    encoders = (f"{', '.join(layout.encoders)}: transformers' own modules (stock), once per "
+                "prompt")
+    fallback = None
+    prepared = None
+    if backend == "native" and layout.not_native is not None:
+        fallback = (f"native backend does not cover {family}'s language model: "
+                    f"{layout.not_native}: this run is STOCK transformers")
+    elif backend == "native":
+        candidate = backends.prepare(language, backend="native", dtype=args.dtype,
+                                     family=language.config.model_type,
+                                     kv_cache_dtype=args.kv_cache_dtype,
+                                     place_weights=qlinears is None)
+        if candidate.backend == "native":
+            prepared = candidate
+        else:
+            fallback = candidate.details["fallback_reason"]
+    details: dict[str, Any] = {"encoders": encoders}
+    if prepared is not None:
+        native = prepared.model
+        if qlinears is not None:
+            details["native_projections_replaced"] = apply.install_native(native, qlinears)
+            native.place_weights()
+        # The native model holds the decoder layers now; the stock ones would be a second copy
+        # in memory (the forward that builds the prompt's embeddings stops before them).
+        language.get_submodule(layout.language[0][0]).layers = torch.nn.ModuleList()
+        model.set_submodule(layout.language[-1][1], torch.nn.Identity())
+        weight_bytes = native.weight_bytes
+        result = backends.PreparedModel(
+            model=NativeMultimodal(model, language.get_submodule(layout.language[0][0]), native),
+            backend="native", details={**prepared.details, **details,
+                                       "language_model": language.config.model_type})
+    else:
+        if backend == "native":
+            details.update({"requested": "native", "fallback_reason": fallback})
+        if qlinears is not None:
+            apply.install_hf(language, qlinears)
+        weight_bytes = decode_step_bytes(model, model.get_decoder()) + sum(
+            q.nbytes for q in (qlinears or {}).values())
+        result = backends.PreparedModel(model=model.eval(), backend="stock", details={
+            "attention": getattr(model.config, "_attn_implementation", None), **details})
+    if qlinears is not None:
+        quantization = apply.quantization_details(qlinears, scheme)
+        quantization["part"] = "the language model (the encoders stay float)"
+        quantization["saved"] = False
+        result.details["quantization"] = quantization
+        print(f"quantized: {scheme.describe()} of the language model in this process, not "
+              f"saved ({weight_bytes / 2**20:.1f} MiB read per token)", flush=True)
+    result.details["weight_bytes_per_token"] = weight_bytes
+    loaded.decode_weight_bytes = weight_bytes
+    return result
+
+
+class EncoderTimer:
+    """When a multimodal model runs its vision / audio encoder modules during one generate()
+    (forward hooks), so that the first token's latency splits into encoder time and language
+    prefill time."""
+
+    def __init__(self, model: Any, family: str) -> None:
+        self.intervals: list[tuple[float, float]] = []
+        self._open: dict[int, float] = {}
+        for path in LAYOUTS[family].encoders:
+            module = model.get_submodule(path)
+            module.register_forward_pre_hook(
+                lambda m, a: self._open.__setitem__(id(m), time.perf_counter()))
+            module.register_forward_hook(
+                lambda m, a, o: self.intervals.append((self._open.pop(id(m)),
+                                                       time.perf_counter())))
+
+    def start(self) -> None:
+        self.intervals = []
+
+    def seconds_before(self, stamp: float | None) -> float:
+        """Encoder seconds that ended before `stamp` (None: all of them)."""
+        return sum(end - start for start, end in self.intervals
+                   if stamp is None or end <= stamp)

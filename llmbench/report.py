@@ -49,6 +49,12 @@ def compute_statistics(run: BenchmarkRun, batch_size: int, weight_bytes: int) ->
     steps = [it.step_latencies for it in run.iterations if it.step_latencies]
     if steps:
         stats["first_token_latency_s"] = summarize([s[0] for s in steps])
+        encoder = [it.encoder_seconds for it in run.iterations
+                   if it.step_latencies and it.encoder_seconds is not None]
+        if encoder:  # a multimodal model: the first token = encoders + language prefill
+            stats["first_token_encoder_s"] = summarize(encoder)
+            stats["first_token_language_prefill_s"] = summarize(
+                [s[0] - e for s, e in zip(steps, encoder, strict=True)])
         next_tokens = [latency for s in steps for latency in s[1:]]
         stats["next_token_latency_s"] = summarize(next_tokens)
         if next_tokens:
@@ -65,6 +71,10 @@ def summary_lines(stats: dict[str, Any]) -> list[str]:
     if "first_token_latency_s" in stats:
         first = stats["first_token_latency_s"]
         lines.append(f"First token average latency: {first['mean'] * MS:.3f} ms.")
+        if "first_token_encoder_s" in stats:
+            lines.append(f"  of which encoder: {stats['first_token_encoder_s']['mean'] * MS:.3f}"
+                         f" ms, language prefill: "
+                         f"{stats['first_token_language_prefill_s']['mean'] * MS:.3f} ms.")
         rest = stats["next_token_latency_s"]
         if rest["count"]:
             lines.append(f"Average 2... latency: {rest['mean'] * MS:.3f} ms.")
@@ -95,6 +105,10 @@ def markdown(report: dict[str, Any]) -> str:
             ("inference latency", f"{stats['inference_latency_s'].get('mean', 0) * MS:.2f} ms")]
     if "first_token_latency_s" in stats:
         rows.append(("first token", f"{stats['first_token_latency_s']['mean'] * MS:.2f} ms"))
+        if "first_token_encoder_s" in stats:
+            rows.append(("first token: encoder / language prefill",
+                         f"{stats['first_token_encoder_s']['mean'] * MS:.2f} / "
+                         f"{stats['first_token_language_prefill_s']['mean'] * MS:.2f} ms"))
         nxt = stats["next_token_latency_s"]
         if nxt["count"]:
             rows.append(("next token mean / p50 / p90 / p99",
@@ -149,7 +163,9 @@ class ReportWriter:
         self.report["warmup_seconds"] = run.warmup_seconds
         self.report["iterations"] = [
             {"seconds": it.seconds, "new_tokens": it.new_tokens,
-             "step_latencies_s": it.step_latencies} for it in run.iterations]
+             "step_latencies_s": it.step_latencies,
+             **({} if it.encoder_seconds is None else {"encoder_s": it.encoder_seconds})}
+            for it in run.iterations]
         self.report["generated_text"] = run.generated_text
         write_atomic(self.json_path, json.dumps(self.report, indent=1) + "\n")
         if stats.get("iterations"):

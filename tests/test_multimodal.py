@@ -188,8 +188,9 @@ def assert_one_line_error(result, needle: str) -> None:
     ("whisper", ["--audio", str(SAMPLE_IMAGE)], "is not a WAV audio file"),
     ("whisper", ["--audio", "/no/such/audio.wav"], "cannot be read"),
     ("llava", ["--input-mode", "0", "--image-url", str(SAMPLE_IMAGE)], "--input-mode 1 or 3"),
-    ("llava", ["--input-mode", "1", "--backend", "native"], "not implemented yet"),
-    ("llava", ["--input-mode", "1", "--ipex-weight-only-quantization"], "not implemented yet"),
+    ("llava", ["--input-mode", "1", "--ipex-smooth-quant"], "SmoothQuant and checkpoints are "
+                                                             "not implemented for it yet"),
+    ("llava", ["--input-mode", "1", "--ipex"], "Intel Extension for PyTorch does not import"),
     ("llava", ["--input-mode", "1", "--autotp"], "not implemented yet"),
     ("llava", ["--input-mode", "4"], "must be one of 0 text, 1 vision"),
     ("git", ["--input-mode", "0"], "git with --input-mode 0 reads text only: pass --prompt"),
@@ -208,3 +209,64 @@ def test_run_generation_takes_the_flags(models, tmp_path):
                        "--input-mode", "2", "--audio", str(SAMPLE_IMAGE), "--output-dir",
                        str(tmp_path))
     assert_one_line_error(result, "is not a WAV audio file")
+
+
+def generated(report: dict) -> list[str]:
+    return report["generated_text"]
+
+
+def test_llava_native_language_model(models, tmp_path):
+    """--backend native runs LLaVA's language model (the vision tower stays stock): the same
+    greedy tokens as stock in fp32, another image gives other tokens, and the first token
+    splits into encoder and language prefill time."""
+    _, stock = benchmark(models["llava"], tmp_path / "stock", "--input-mode", "1")
+    out, native = benchmark(models["llava"], tmp_path / "native", "--input-mode", "1",
+                            "--backend", "native")
+    assert native["backend"]["name"] == "native" and "fallback_reason" not in native["backend"]
+    assert "model.vision_tower" in native["backend"]["encoders"]
+    assert generated(native) == generated(stock)
+    assert "of which encoder:" in out
+    stats = native["statistics"]
+    assert stats["first_token_encoder_s"]["count"] == 1
+    assert 0 < stats["first_token_encoder_s"]["mean"] < stats["first_token_latency_s"]["mean"]
+    assert native["iterations"][0]["encoder_s"] > 0
+
+    other = tmp_path / "other.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (250, 10, 10)).save(other)
+    _, native_other = benchmark(models["llava"], tmp_path / "native-other", "--image-url",
+                                str(other), "--backend", "native")
+    assert generated(native_other) != generated(native)
+
+
+@pytest.mark.parametrize("quant", [["--weight-dtype", "INT8"],
+                                   ["--weight-dtype", "INT4", "--group-size", "32"]])
+def test_llava_weight_only_language_model(models, tmp_path, quant):
+    """run.py --ipex-weight-only-quantization quantizes the language model in the benchmark's
+    process (no saved model); native and stock give the same greedy tokens."""
+    flags = ["--input-mode", "1", "--ipex-weight-only-quantization", *quant]
+    out, stock = benchmark(models["llava"], tmp_path / "stock", *flags)
+    assert "of the language model in this process, not saved" in out
+    _, native = benchmark(models["llava"], tmp_path / "native", *flags, "--backend", "native")
+    assert native["backend"]["name"] == "native"
+    for report in (stock, native):
+        quantization = report["backend"]["quantization"]
+        assert quantization["scheme"]["weight_dtype"] == quant[1]
+        assert quantization["part"].startswith("the language model")
+    assert native["backend"]["native_projections_replaced"] > 0
+    assert generated(native) == generated(stock)
+
+
+@pytest.mark.parametrize("family", ["whisper", "git", "mllama"])
+def test_native_falls_back_loudly_and_quantizes_stock(models, tmp_path, family):
+    """Families whose language model the native step does not cover run stock with the reason
+    in the console and the report; weight-only INT8 still applies to their language model."""
+    out, report = benchmark(models[family], tmp_path, "--backend", "native",
+                            "--ipex-weight-only-quantization", "--weight-dtype", "INT8",
+                            *(["--input-mode", "1"] if family != "whisper" else []))
+    assert report["backend"]["name"] == "stock"
+    reason = report["backend"]["fallback_reason"]
+    assert f"native backend does not cover {family}'s language model" in reason
+    assert reason in out and "this run is STOCK transformers" in out
+    assert report["backend"]["quantization"]["scheme"]["weight_dtype"] == "INT8"

@@ -55,7 +55,7 @@ KV_CACHE_DTYPES = ("auto", "fp8_e5m2")
 SUPPORTED_GENERATE_KEYS = {"input_ids", "attention_mask", "pad_token_id", "max_new_tokens",
                            "min_new_tokens", "do_sample", "num_beams", "stopping_criteria",
                            "streamer", "temperature", "top_k", "top_p", "eos_token_id",
-                           "length_penalty", "early_stopping"}
+                           "length_penalty", "early_stopping", "inputs_embeds"}
 
 
 # transformers' RMSNorm in fp32, one C++ call per norm (torch's F.rms_norm is not fused on CPU
@@ -720,10 +720,12 @@ class NativeModel:
         return logits
 
     def prefill(self, ids: torch.Tensor, caches: list[KVCache], cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
-        """ids [B, P] -> logits of the last position [B, V]; fills the caches' prompt part."""
+                sin: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, P] -> logits of the last position [B, V]; fills the caches' prompt part.
+        `embeds` [B, P, H]: the prompt's input embeddings as given (a multimodal model's, with
+        the image features in place of its image tokens) instead of the ids' own."""
         seq = ids.shape[1]
-        h = self._embed(ids, 0)
+        h = self._embed(ids, 0) if embeds is None else embeds.float()
         c, s = cos[:seq], sin[:seq]
         alibi = self._position_bias(torch.arange(seq), seq)
         for layer, cache in zip(self.layers, caches, strict=True):
@@ -931,6 +933,12 @@ class NativeModel:
         settings = self._sampling_settings(kwargs)
         banned = self._eos_ids(kwargs)
 
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and (self.encoder is not None or self.pos_embed is not None
+                                   or self.embed_norm is not None
+                                   or embeds.shape[:2] != ids.shape):
+            raise UserError("native backend: inputs_embeds are taken for a decoder-only model "
+                            "without learned positions, one row per prompt token")
         encoder_ids = None
         if self.encoder is not None:  # the prompt is the encoder's; the decoder starts afresh
             encoder_ids = ids
@@ -958,7 +966,8 @@ class NativeModel:
         try:
             with torch.inference_mode():
                 sequences = self._generate(ids, caches, history, beams, new_tokens, banned,
-                                           criteria, streamer, do_sample, settings, cos, sin)
+                                           criteria, streamer, do_sample, settings, cos, sin,
+                                           embeds)
         finally:
             self._bound = False
         if streamer is not None:
@@ -966,9 +975,9 @@ class NativeModel:
         return sequences
 
     def _generate(self, ids, caches, history, beams, new_tokens, banned, criteria, streamer,
-                  do_sample, settings, cos, sin) -> torch.Tensor:
+                  do_sample, settings, cos, sin, embeds=None) -> torch.Tensor:
         """Prefill, then one decode step per new token (greedy or sampling), or beam search."""
-        logits = self.prefill(ids, caches, cos, sin)
+        logits = self.prefill(ids, caches, cos, sin, embeds)
         if beams > 1:
             return self._beam_search(ids, logits, caches, history, beams, new_tokens, banned,
                                      criteria, cos, sin)
