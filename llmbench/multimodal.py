@@ -434,6 +434,13 @@ def language_model(model: Any, family: str) -> Any:
         def get_input_embeddings(self) -> Any:
             return model.get_input_embeddings()
 
+        def write_back(self) -> None:
+            """Put a part swapped on this view itself (set_submodule of its own attribute,
+            e.g. a quantized lm_head) into the multimodal model; deeper swaps are shared."""
+            for attribute, path in LAYOUTS[family].language:
+                if model.get_submodule(path) is not self.get_submodule(attribute):
+                    model.set_submodule(path, self.get_submodule(attribute))
+
     return LanguageModel()
 
 
@@ -547,6 +554,7 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
             details.update({"requested": "native", "fallback_reason": fallback})
         if qlinears is not None:
             apply.install_hf(language, qlinears)
+            language.write_back()
         weight_bytes = decode_step_bytes(model, model.get_decoder()) + sum(
             q.nbytes for q in (qlinears or {}).values())
         result = backends.PreparedModel(model=model.eval(), backend="stock", details={

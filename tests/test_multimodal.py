@@ -256,6 +256,9 @@ def test_llava_weight_only_language_model(models, tmp_path, quant):
         assert quantization["part"].startswith("the language model")
     assert native["backend"]["native_projections_replaced"] > 0
     assert generated(native) == generated(stock)
+    # both read the quantized output layer too: the same bytes per token, norms aside
+    stock_bytes = stock["backend"]["weight_bytes_per_token"]
+    assert abs(stock_bytes - native["backend"]["weight_bytes_per_token"]) < 0.02 * stock_bytes
 
 
 @pytest.mark.parametrize("family", ["whisper", "git", "mllama"])

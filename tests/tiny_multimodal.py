@@ -5,6 +5,7 @@ plus the tokens a family's processor needs), the weights are random (seeded), an
 loads with AutoProcessor and the model's Auto class as a hub checkpoint would.
 
     python tests/tiny_multimodal.py {git,llava,mllama,whisper} OUT_DIR [--tokenizer-dir DIR]
+        [--shape real]
 
 (without --tokenizer-dir, the embedded model is converted once into the llmbench cache and its
 tokenizer used).
@@ -30,9 +31,23 @@ HOP = 160  # 10 ms frames at 16 kHz: 200 frames, 100 encoder positions after the
 # Larger than transformers' default init (0.02), so a tiny random model's greedy tokens depend
 # on its image/audio input instead of one token winning every step (Whisper, mllama's vision).
 INIT_STD = 0.5
+# --shape real: the layer shapes of released models (random weights, for benchmarks such as
+# benchmarks/multimodal_shapes.py): LLaVA-1.5's vision tower (CLIP ViT-L/14 at 336 pixels, 576
+# image tokens, features from the second-last layer) with a SmolLM2-360M-shaped llama, and
+# Whisper-small (80 mel bins, 30 s windows).
+REAL_LLAVA_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                     "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                     "projection_dim": 768}
+REAL_LLAVA_TEXT = {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                   "num_attention_heads": 15, "num_key_value_heads": 5,
+                   "max_position_embeddings": 2048}
+REAL_WHISPER = {"d_model": 768, "encoder_layers": 12, "decoder_layers": 12,
+                "encoder_attention_heads": 12, "decoder_attention_heads": 12,
+                "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072, "max_target_positions": 448}
+SHAPES = ("tiny", "real")
 
 
-def make_tiny_llava(folder: Path, tokenizer_dir: Path) -> Path:
+def make_tiny_llava(folder: Path, tokenizer_dir: Path, shape: str = "tiny") -> Path:
     """LLaVA-1.5's shape: a CLIP vision tower, a 2-layer projector, a llama text model; the
     processor is a LlavaProcessor (CLIP image processing + the tokenizer with <image> added)."""
     import torch
@@ -50,25 +65,31 @@ def make_tiny_llava(folder: Path, tokenizer_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(hidden_size=HIDDEN // 2, intermediate_size=HIDDEN,
-                              num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE,
-                              patch_size=PATCH, projection_dim=HIDDEN // 2)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=MLP,
-                       num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
-                       max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+    real = shape == "real"
+    vision_shape = REAL_LLAVA_VISION if real else {
+        "hidden_size": HIDDEN // 2, "intermediate_size": HIDDEN, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": PATCH,
+        "projection_dim": HIDDEN // 2}
+    text_shape = REAL_LLAVA_TEXT if real else {
+        "hidden_size": HIDDEN, "intermediate_size": MLP, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": 2, "max_position_embeddings": 512}
+    image_size, patch = vision_shape["image_size"], vision_shape["patch_size"]
+    vision = CLIPVisionConfig(**vision_shape)
+    text = LlamaConfig(vocab_size=len(tokenizer), **text_shape,
+                       bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=image_token_id, vision_feature_layer=-1,
+                         image_token_index=image_token_id, vision_feature_layer=-2 if real else -1,
                          vision_feature_select_strategy="default",
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     # "default" drops the vision tower's CLS token: one image token per patch, which the
     # processor counts from patch_size and num_additional_image_tokens (the CLS)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=PATCH, vision_feature_select_strategy="default",
+                               patch_size=patch, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1,
                                chat_template=tokenizer.chat_template)
     model.save_pretrained(folder, safe_serialization=True)
@@ -76,7 +97,7 @@ def make_tiny_llava(folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
-def make_tiny_whisper(folder: Path, tokenizer_dir: Path) -> Path:
+def make_tiny_whisper(folder: Path, tokenizer_dir: Path, shape: str = "tiny") -> Path:
     """Whisper's shape with 16 mel bins and 2 s of audio; the tokenizer is a WhisperTokenizer
     made from the SmolLM2 byte-level BPE (vocab and merges) plus Whisper's control tokens, so
     nothing is downloaded."""
@@ -105,15 +126,20 @@ def make_tiny_whisper(folder: Path, tokenizer_dir: Path) -> Path:
     control = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>",
                "<|notimestamps|>", "<|startofprev|>"]  # startofprev: --prompt's prefix
     tokenizer.add_special_tokens({"additional_special_tokens": control})
-    feature_extractor = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=16000,
-                                                hop_length=HOP, chunk_length=AUDIO_CHUNK_S)
-    frames = AUDIO_CHUNK_S * 16000 // HOP
+    real = shape == "real"
+    mel_bins, chunk_s = (80, 30) if real else (MEL_BINS, AUDIO_CHUNK_S)
+    feature_extractor = WhisperFeatureExtractor(feature_size=mel_bins, sampling_rate=16000,
+                                                hop_length=HOP, chunk_length=chunk_s)
+    frames = chunk_s * 16000 // HOP
     end = tokenizer.eos_token_id
+    layout = REAL_WHISPER if real else {
+        "d_model": HIDDEN, "encoder_layers": LAYERS, "decoder_layers": LAYERS,
+        "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS,
+        "encoder_ffn_dim": MLP, "decoder_ffn_dim": MLP, "max_target_positions": 128,
+        "init_std": INIT_STD}
     config = WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=MEL_BINS, d_model=HIDDEN, encoder_layers=LAYERS,
-        decoder_layers=LAYERS, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
-        encoder_ffn_dim=MLP, decoder_ffn_dim=MLP, max_source_positions=frames // 2,
-        max_target_positions=128, init_std=INIT_STD,
+        vocab_size=len(tokenizer), num_mel_bins=mel_bins, max_source_positions=frames // 2,
+        **layout,
         decoder_start_token_id=tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
         pad_token_id=end, bos_token_id=end, eos_token_id=end,
         begin_suppress_tokens=None, suppress_tokens=None)
@@ -199,8 +225,13 @@ BUILDERS = {"llava": make_tiny_llava, "whisper": make_tiny_whisper, "git": make_
             "mllama": make_tiny_mllama}
 
 
-def make_tiny_multimodal(family: str, folder: Path, tokenizer_dir: Path) -> Path:
-    return BUILDERS[family](Path(folder), Path(tokenizer_dir))
+def make_tiny_multimodal(family: str, folder: Path, tokenizer_dir: Path,
+                         shape: str = "tiny") -> Path:
+    if shape == "tiny":
+        return BUILDERS[family](Path(folder), Path(tokenizer_dir))
+    if family not in ("llava", "whisper"):
+        raise SystemExit(f"--shape {shape}: llava and whisper only")
+    return BUILDERS[family](Path(folder), Path(tokenizer_dir), shape)
 
 
 def embedded_tokenizer_dir() -> Path:
@@ -217,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--tokenizer-dir", type=Path, default=None,
                         help="a folder with the SmolLM2 tokenizer (default: the embedded model)")
+    parser.add_argument("--shape", choices=SHAPES, default="tiny",
+                        help="real: released models' layer shapes (llava, whisper; see SHAPES)")
     args: Any = parser.parse_args(argv)
     tokenizer_dir = args.tokenizer_dir or embedded_tokenizer_dir()
-    folder = make_tiny_multimodal(args.family, args.output_dir, tokenizer_dir)
-    print(f"tiny {args.family}: {folder}")
+    folder = make_tiny_multimodal(args.family, args.output_dir, tokenizer_dir, args.shape)
+    print(f"{args.shape} {args.family}: {folder}")
     return 0
 
 
