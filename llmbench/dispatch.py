@@ -73,9 +73,6 @@ def multimodal_checks(args: argparse.Namespace) -> None:
         from llmbench.backends.ipex import require_ipex
 
         require_ipex()  # absent: the same line as for a text model, before anything else
-    if args.autotp:
-        raise UserError("--autotp with multimodal input is not implemented yet; run it "
-                        "without --autotp (docs/multimodal.md)")
     if not args.benchmark:
         raise UserError("--input-mode, --image-url and --audio apply to --benchmark")
     multimodal.check_request(args)
@@ -179,7 +176,16 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     rank_dests = [action.dest for action in rank_parser()._actions]
     rank_flags = flags.forward_argv(parser, args, ["local_rank", "dist_timeout"])
     steps = []
-    if args.shard_model:
+    from llmbench import multimodal
+
+    shard = args.shard_model
+    if shard and multimodal.check_request(args) is not None:
+        # Said, not ignored: the ranks load the multimodal model whole and shard its language
+        # model in memory (llmbench.distributed.load_autotp_multimodal)
+        print("note: --shard-model: a multimodal model is not pre-sharded; every rank loads it "
+              "whole and AutoTP shards its language model in memory", flush=True)
+        shard = False
+    if shard:
         from llmbench.distributed import default_shard_path
 
         save_path = str(default_shard_path(args.model_name_or_path, args.output_dir,

@@ -530,6 +530,13 @@ class AutoTPModel:
     local_weight_bytes: int = 0  # this rank's slice
     notes: list[str] = field(default_factory=list)
     checkpoint: Any = None  # a GPTQ/AWQ folder: (whole projections by name, its scheme)
+    # a multimodal model: its language model (multimodal.language_model), the part sharded and
+    # quantized; None: the whole model is
+    language: Any = None
+
+    @property
+    def sharded(self) -> Any:
+        return self.loaded.model if self.language is None else self.language
 
 
 def _module_and_leaf(model: Any, name: str) -> tuple[Any, str]:
@@ -826,6 +833,36 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
                        local_weight_bytes=local, notes=notes, checkpoint=checkpoint)
 
 
+def load_autotp_multimodal(args: argparse.Namespace, request: Any, info: RankInfo
+                           ) -> tuple[AutoTPModel, Any]:
+    """A multimodal model whole on every rank, its language model then sharded by AutoTP (the
+    vision / audio encoders run replicated, once per prompt on every rank), and the prompt its
+    processor builds. Returns (AutoTPModel, Prompt)."""
+    import torch
+
+    from llmbench import multimodal
+    from llmbench.models import decode_step_bytes
+
+    loaded, processor = multimodal.load(args, request)
+    start = time.perf_counter()
+    language = multimodal.language_model(loaded.model, loaded.family.model_type)
+    init_autotp(language, world_size=info.world_size, dtype=getattr(torch, args.dtype),
+                checkpoint_json=None)
+    language.write_back()  # AutoTP's lm_head replacement, made on the view, into the model
+    loaded.load_seconds += time.perf_counter() - start
+    local = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    # what all ranks read per step together: the float language model, as single instance
+    loaded.decode_weight_bytes = decode_step_bytes(loaded.model, loaded.model.get_decoder())
+    loaded.decode_weight_bytes = sum(gather(loaded.decode_weight_bytes))
+    prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
+                                     args.dtype)
+    notes = ["a multimodal model loads whole on every rank; its language model is sharded, "
+             f"the encoders ({', '.join(multimodal.LAYOUTS[loaded.family.model_type].encoders)})"
+             " run whole on every rank"]
+    return AutoTPModel(loaded=loaded, load_path="whole model per rank",
+                       local_weight_bytes=local, notes=notes, language=language), prompt
+
+
 def _is_non_persistent(model: Any, name: str) -> bool:
     owner, leaf = _module_and_leaf(model, name)
     return leaf in owner._non_persistent_buffers_set
@@ -852,6 +889,7 @@ def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser
     # The quantization group as a whole (one definition of each flag); what does not run per
     # rank is refused by llmbench.quant.autotp.autotp_scheme.
     return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
+                                                  flags.add_multimodal_flags,
                                                   flags.add_rank_flags,
                                                   flags.add_quantization_flags,
                                                   flags.add_benchmark_noop_flag))
@@ -902,7 +940,10 @@ def quantize_rank(tp: AutoTPModel, scheme: Any, args: argparse.Namespace) -> tup
     from llmbench.quant import autotp as tp_quant
 
     if tp.checkpoint is None:
-        return tp_quant.quantize_autotp(tp.loaded.model, scheme), scheme
+        quant = tp_quant.quantize_autotp(tp.sharded, scheme)
+        if tp.language is not None:
+            tp.language.write_back()  # a quantized lm_head, swapped on the view
+        return quant, scheme
     qlinears, folder_scheme = tp.checkpoint
     if scheme is not None:
         if scheme.weight_dtype not in ("INT8", "INT4") or args.group_size not in (
@@ -979,7 +1020,16 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("the ranks on this machine share all its cores: bind each to its own "
                      "(deepspeed --bind_cores_to_rank, or numactl)")
 
-    tp = load_autotp_model(args.model_name_or_path, args.dtype, args.config_file, info)
+    from llmbench import multimodal
+
+    request = multimodal.check_request(args)  # None: a text model
+    encoder_timer = None
+    if request is None:
+        tp = load_autotp_model(args.model_name_or_path, args.dtype, args.config_file, info)
+    else:
+        tp, prompt = load_autotp_multimodal(args, request, info)
+        if request.image is not None or request.audio is not None:
+            encoder_timer = multimodal.EncoderTimer(tp.loaded.model, request.family.model_type)
     loaded = tp.loaded
     notes += tp.notes
     quant = None
@@ -991,12 +1041,13 @@ def main(argv: list[str] | None = None) -> int:
         tp.local_weight_bytes = tp_quant.weight_bytes(loaded.model)
         # The GB/s figure: what all ranks read per decoding step together, their quantized
         # slices (the float model's decode_weight_bytes would overstate it 2-7x).
-        decode_bytes = sum(gather(tp_quant.decode_weight_bytes(loaded.model)))
+        decode_bytes = sum(gather(tp_quant.decode_weight_bytes(tp.sharded)))
         loaded.decode_weight_bytes = decode_bytes
-    prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
-                          input_tokens=args.input_tokens, prompt_text=args.prompt,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          seq2seq=loaded.family.seq2seq)
+    if request is None:
+        prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                              input_tokens=args.input_tokens, prompt_text=args.prompt,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              seq2seq=loaded.family.seq2seq)
     all_reduce = all_reduce_path(args.dtype, info)
     prepared = PreparedModel(model=loaded.model, backend=BACKEND_NAME, details={
         "tp_size": info.world_size, "communication_backend": comm_backend,
@@ -1014,6 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
               f"{args.dtype} | {BACKEND_NAME} x{info.world_size} ({comm_backend}, {all_reduce}) "
               f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
+        if request is not None:
+            print(f"input: {request.describe()}", flush=True)
         if quant is not None:
             splits = prepared.details["quantization"]["splits_per_rank"]
             print(f"quantized: {scheme.describe()}, {quant.applied}: "
@@ -1028,6 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
         writer = ReportWriter(args.output_dir, report_stem(
             loaded.family.model_type, args.dtype, f"autotp{info.world_size}", mode),
             base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes))
+        writer.report["input"] = (request.record() if request is not None else
+                                  {"mode": 0, "mode_name": "text", "image": None, "audio": None})
         writer.report["distributed"] = {
             "world_size": info.world_size, "communication_backend": comm_backend,
             "all_reduce": all_reduce, "load_path": tp.load_path,
@@ -1049,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
             profile=args.profile, seed=args.seed,
             trace_dir=writer.json_path.parent if writer else None,
             on_iteration=(lambda partial: writer.update("running", partial, stats_of(partial)))
-            if writer else None)
+            if writer else None, encoder_timer=encoder_timer)
         token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
         ranks = gather(rank_record(info, tp, token_ids, quant))
     except BaseException as exc:

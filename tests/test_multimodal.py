@@ -191,7 +191,6 @@ def assert_one_line_error(result, needle: str) -> None:
     ("llava", ["--input-mode", "1", "--ipex-smooth-quant"], "SmoothQuant and checkpoints are "
                                                              "not implemented for it yet"),
     ("llava", ["--input-mode", "1", "--ipex"], "Intel Extension for PyTorch does not import"),
-    ("llava", ["--input-mode", "1", "--autotp"], "not implemented yet"),
     ("llava", ["--input-mode", "4"], "must be one of 0 text, 1 vision"),
     ("git", ["--input-mode", "0"], "git with --input-mode 0 reads text only: pass --prompt"),
 ])
@@ -273,3 +272,32 @@ def test_native_falls_back_loudly_and_quantizes_stock(models, tmp_path, family):
     assert f"native backend does not cover {family}'s language model" in reason
     assert reason in out and "this run is STOCK transformers" in out
     assert report["backend"]["quantization"]["scheme"]["weight_dtype"] == "INT8"
+
+
+def test_autotp_shards_the_language_model(models, tmp_path):
+    """deepspeed run.py --autotp with an image: 2 ranks, the language model sharded (the vision
+    tower whole on each), the same greedy tokens as one process in fp32; weight-only INT8 per
+    rank runs too. The seed line's shape: --input-mode 1 --image-url --prompt --autotp."""
+    from test_distributed import launch, only_report
+
+    _, single = benchmark(models["llava"], tmp_path / "single", "--input-mode", "1")
+    prompt = "<image>\nDescribe this image."
+    result = launch("-m", str(models["llava"]), "--input-mode", "1", "--image-url",
+                    str(SAMPLE_IMAGE), "--prompt", prompt, *SHORT, "--output-dir",
+                    str(tmp_path / "tp"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "its language model is sharded" in result.stdout
+    report = only_report(tmp_path / "tp")
+    assert report["distributed"]["world_size"] == 2 and report["distributed"]["ranks_agree"]
+    assert report["input"]["mode"] == 1 and report["input"]["image"]["size"] == "96x64"
+    assert report["statistics"]["first_token_encoder_s"]["count"] == 1
+    assert report["generated_text"] == single["generated_text"]
+
+    quantized = launch("-m", str(models["llava"]), "--input-mode", "1", "--prompt", prompt,
+                       "--ipex-weight-only-quantization", "--weight-dtype", "INT8",
+                       "--quant-with-amp", *SHORT, "--output-dir", str(tmp_path / "tp8"),
+                       timeout=600)
+    assert quantized.returncode == 0, quantized.stderr[-3000:]
+    report8 = only_report(tmp_path / "tp8")
+    assert report8["distributed"]["ranks_agree"] and report8["model"]["dtype"] == "bfloat16"
+    assert report8["backend"]["quantization"]["splits_per_rank"]["lm_head"] == 1

@@ -80,9 +80,7 @@ SUMMARY = {
 }
 LAUNCHED = ("2.1.1.8 WoQ INT4 GPTQ distributed", "2.1.2.2 distributed accuracy WoQ")
 # Lines refused on purpose, with the one-line message they must give (none at present).
-REFUSED: dict[str, str] = {
-    "2.3.2 Llama vision WoQ INT8 distributed": "--autotp with multimodal input is not "
-                                               "implemented yet"}
+REFUSED: dict[str, str] = {}
 
 
 def ipex_imports() -> bool:
