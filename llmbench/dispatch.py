@@ -169,8 +169,8 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
         require_ipex()  # IPEX absent: one line saying so
         raise UserError("--autotp with --ipex: ipex.llm.optimize of a DeepSpeed AutoTP model is "
                         "not wired in here; run --autotp without --ipex (transformers' model)")
-    if args.backend != "stock":
-        raise UserError("--autotp runs transformers' own model (--backend stock)")
+    if args.backend not in ("stock", "native"):
+        raise UserError("--autotp runs --backend stock or native")
     from llmbench.distributed import build_parser as rank_parser
 
     rank_dests = [action.dest for action in rank_parser()._actions]

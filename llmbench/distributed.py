@@ -863,6 +863,67 @@ def load_autotp_multimodal(args: argparse.Namespace, request: Any, info: RankInf
                        local_weight_bytes=local, notes=notes, language=language), prompt
 
 
+def load_native_tp(args: argparse.Namespace, scheme: Any, info: RankInfo,
+                   shared_memory: bool) -> tuple[AutoTPModel | None, Any, str | None]:
+    """--autotp --backend native: the model whole on every rank (quantized whole, as one
+    process would, when asked), made a NativeModel, then cut to this rank's slice
+    (backends.tensor_parallel). Returns (AutoTPModel, PreparedModel, None), or (None, None,
+    reason) when this model or setting is not cut natively (the caller runs AutoTP stock)."""
+    import torch
+
+    from llmbench import backends
+    from llmbench.backends import tensor_parallel
+    from llmbench.backends.blocks import Unsupported
+    from llmbench.models import load_model
+
+    if info.local_rank == 0:
+        source, _ = resolve_local(args.model_name_or_path)
+    barrier()
+    if info.local_rank != 0:
+        source, _ = resolve_local(args.model_name_or_path)
+    loaded = load_model(source.path if source.kind != "hub" else args.model_name_or_path,
+                        "float32" if scheme is not None else args.dtype, args.config_file)
+    if loaded.quantized is not None:
+        return None, None, "a GPTQ/AWQ folder is cut by the stock AutoTP path"
+    start = time.perf_counter()
+    if scheme is not None:
+        from llmbench.quant import apply
+
+        qlinears = apply.quantize_rtn(loaded.model, scheme)
+        if args.dtype != "float32":
+            loaded.model.to(getattr(torch, args.dtype))
+            loaded.dtype = args.dtype
+        prepared = apply.prepare_quantized(loaded, qlinears, backend="native", dtype=args.dtype,
+                                           kv_cache_dtype=args.kv_cache_dtype, scheme=scheme)
+    else:
+        prepared = backends.prepare(loaded.model, backend="native", dtype=args.dtype,
+                                    family=loaded.family.model_type,
+                                    kv_cache_dtype=args.kv_cache_dtype, place_weights=False)
+    if prepared.backend != "native":
+        return None, None, prepared.details["fallback_reason"].split(": this run is")[0]
+    native = prepared.model
+    comm = tensor_parallel.communicator(info.rank, info.world_size, shared_memory)
+    try:
+        tensor_parallel.shard(native, comm)
+    except Unsupported as reason:
+        return None, None, str(reason)
+    native.place_weights()
+    loaded.model = native
+    loaded.load_seconds += time.perf_counter() - start
+    local = native.weight_bytes
+    loaded.decode_weight_bytes = sum(gather(local))
+    prepared.details["weight_bytes_per_token"] = loaded.decode_weight_bytes
+    prepared.details["weight_bytes_per_token_this_rank"] = local
+    prepared.details["all_reduce"] = comm.description
+    if "quantization" in prepared.details:
+        prepared.details["quantization"].update({
+            "applied": "quantized whole on every rank as one process would, then each rank "
+                       "cut its slices of the integers and scales",
+            "weight_bytes_per_token": loaded.decode_weight_bytes})
+    return (AutoTPModel(loaded=loaded, load_path="whole model per rank, cut by llmbench",
+                        local_weight_bytes=local), prepared, None)
+
+
 def _is_non_persistent(model: Any, name: str) -> bool:
     owner, leaf = _module_and_leaf(model, name)
     return leaf in owner._non_persistent_buffers_set
@@ -923,6 +984,23 @@ def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]],
     }
 
 
+def all_reduce_record(native: Any, run: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """This rank's all-reduce time per generated token over every iteration it ran (warm-up
+    included), measured around each call, and its weights' read rate at its own mean
+    next-token latency."""
+    seconds, calls = native.take_all_reduce_time()
+    iterations = len(run.iterations) + len(run.warmup_seconds)
+    tokens = max(1, iterations * args.max_new_tokens)
+    steps = [s for it in run.iterations if it.step_latencies for s in it.step_latencies[1:]]
+    record: dict[str, Any] = {
+        "all_reduce_ms_per_token": 1000.0 * seconds / tokens,
+        "all_reduce_calls_per_token": calls / tokens,
+        "weight_bytes_per_token": native.weight_bytes}
+    if steps:
+        record["decode_read_gb_per_s"] = native.weight_bytes / (sum(steps) / len(steps)) / 1e9
+    return record
+
+
 def gather(obj: Any) -> list[Any]:
     import torch.distributed as dist
 
@@ -971,10 +1049,10 @@ def check_args(parser: flags.Parser, args: argparse.Namespace) -> Any:
         require_ipex()  # IPEX absent: one line saying so
     if args.quant_with_amp:
         args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
-    if backend != "stock":
-        raise UserError(f"--autotp runs transformers' own model (--backend stock), not {backend}")
-    if getattr(args, "kv_cache_dtype", "auto") != "auto":
-        raise UserError("--kv-cache-dtype needs --backend native, which --autotp does not run")
+    if backend not in ("stock", "native"):
+        raise UserError(f"--autotp runs --backend stock or native, not {backend}")
+    if getattr(args, "kv_cache_dtype", "auto") != "auto" and backend != "native":
+        raise UserError("--kv-cache-dtype needs --backend native")
     return scheme
 
 
@@ -1024,7 +1102,19 @@ def main(argv: list[str] | None = None) -> int:
 
     request = multimodal.check_request(args)  # None: a text model
     encoder_timer = None
-    if request is None:
+    native_prepared = None
+    fallback = None
+    if args.backend == "native" and request is None:
+        shared_memory = all_reduce_path("float32", info) == "deepspeed shared-memory all-reduce"
+        tp, native_prepared, fallback = load_native_tp(args, scheme, info, shared_memory)
+    elif args.backend == "native":
+        fallback = "tensor parallel native does not cover multimodal models yet"
+    if fallback is not None:
+        fallback = f"{fallback}: this run is STOCK transformers under DeepSpeed AutoTP"
+        notes.append(fallback)
+    if native_prepared is not None:
+        pass
+    elif request is None:
         tp = load_autotp_model(args.model_name_or_path, args.dtype, args.config_file, info)
     else:
         tp, prompt = load_autotp_multimodal(args, request, info)
@@ -1034,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
     notes += tp.notes
     quant = None
     decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
-    if scheme is not None or tp.checkpoint is not None:
+    if native_prepared is None and (scheme is not None or tp.checkpoint is not None):
         start = time.perf_counter()
         quant, scheme = quantize_rank(tp, scheme, args)
         quant.seconds = time.perf_counter() - start
@@ -1049,10 +1139,20 @@ def main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                               seq2seq=loaded.family.seq2seq)
     all_reduce = all_reduce_path(args.dtype, info)
-    prepared = PreparedModel(model=loaded.model, backend=BACKEND_NAME, details={
-        "tp_size": info.world_size, "communication_backend": comm_backend,
-        "all_reduce": all_reduce, "load_path": tp.load_path,
-        "attention": getattr(loaded.config, "_attn_implementation", None)})
+    if native_prepared is not None:
+        prepared = native_prepared
+        all_reduce = prepared.details["all_reduce"]
+        prepared.details.update({"tp_size": info.world_size,
+                                 "communication_backend": comm_backend,
+                                 "load_path": tp.load_path})
+    else:
+        prepared = PreparedModel(model=loaded.model, backend=BACKEND_NAME, details={
+            "tp_size": info.world_size, "communication_backend": comm_backend,
+            "all_reduce": all_reduce, "load_path": tp.load_path,
+            "attention": getattr(loaded.config, "_attn_implementation", None)})
+        if args.backend == "native":
+            prepared.details.update({"requested": "native", "fallback_reason": fallback})
+    backend_name = BACKEND_NAME if native_prepared is None else "native-autotp"
     if quant is not None:
         prepared.details["quantization"] = quant.details() | {
             "weight_bytes_per_token": decode_bytes, "quantize_seconds": quant.seconds}
@@ -1063,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             print(f"note: {note}", flush=True)
         print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-              f"{args.dtype} | {BACKEND_NAME} x{info.world_size} ({comm_backend}, {all_reduce}) "
+              f"{args.dtype} | {backend_name} x{info.world_size} ({comm_backend}, {all_reduce}) "
               f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
         if request is not None:
             print(f"input: {request.describe()}", flush=True)
@@ -1096,6 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
         return compute_statistics(run, args.batch_size, decode_bytes)
 
     recorder = RecordingModel(loaded.model)
+    if native_prepared is not None:
+        loaded.model.take_all_reduce_time()  # from here on: the benchmark's iterations
     try:
         run = run_benchmark(
             recorder, loaded.tokenizer, prompt, generate_kwargs,
@@ -1106,7 +1208,10 @@ def main(argv: list[str] | None = None) -> int:
             on_iteration=(lambda partial: writer.update("running", partial, stats_of(partial)))
             if writer else None, encoder_timer=encoder_timer)
         token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
-        ranks = gather(rank_record(info, tp, token_ids, quant))
+        record = rank_record(info, tp, token_ids, quant)
+        if native_prepared is not None:
+            record.update(all_reduce_record(loaded.model, run, args))
+        ranks = gather(record)
     except BaseException as exc:
         if writer is not None:
             writer.fail(" ".join(str(exc).split()) if isinstance(exc, UserError)
@@ -1115,6 +1220,9 @@ def main(argv: list[str] | None = None) -> int:
     if writer is not None:
         agree = all(record["generated_token_ids"] == token_ids for record in ranks)
         writer.report["distributed"].update(ranks=ranks, ranks_agree=agree)
+        if native_prepared is not None:
+            writer.report["distributed"]["all_reduce_ms_per_token"] = max(
+                record["all_reduce_ms_per_token"] for record in ranks)
         writer.update("complete", run, stats_of(run), profile_trace=run.trace_path,
                       generated_token_ids=token_ids)
         if not agree:  # tensor parallel went wrong: the numbers measure something broken

@@ -539,7 +539,6 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
         native = prepared.model
         if qlinears is not None:
             details["native_projections_replaced"] = apply.install_native(native, qlinears)
-            native.place_weights()
         # The native model holds the decoder layers now; the stock ones would be a second copy
         # in memory (the forward that builds the prompt's embeddings stops before them).
         language.get_submodule(layout.language[0][0]).layers = torch.nn.ModuleList()

@@ -264,7 +264,6 @@ def test_run_py_plans_shard_then_benchmark(tiny_llama, tmp_path):
     (["--benchmark", "--local_rank=0"], "without --autotp"),
     (["--autotp"], "pass --benchmark"),
     (["--benchmark", "--autotp", "--max-shard-size", "1GB"], "only applies with --shard-model"),
-    (["--benchmark", "--autotp", "--backend", "native"], "--backend stock"),
     # The examples' `--autotp --ipex` (issue 19): without IPEX, one line saying so.
     (["--benchmark", "--autotp", "--ipex"], "Intel Extension for PyTorch does not import here"),
 ])

@@ -37,6 +37,7 @@ and the report says why (`fallback_reason`).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -334,6 +335,12 @@ class NativeModel:
         self._plan_note = ""
         self._bound = False  # the plan holds this generate() call's caches
         self.placement: dict[str, Any] = {}  # place_weights' record, for the report
+        # Tensor parallel (backends.tensor_parallel.shard): how this rank all-reduces, and the
+        # vocabulary (size, first, end) of its lm_head slice; None for one process.
+        self.comm: Any = None
+        self.vocab: tuple[int, int, int] | None = None
+        self.all_reduce_seconds = 0.0  # Python-side all-reduces (prefill, logits gathers)
+        self.all_reduce_calls = 0
 
     def _take_layer(self, hf_model: Any, index: int, parts: blocks.LayerParts) -> Layer:
         def take(name: str, sources: list[blocks.Source] | None) -> Linear | None:
@@ -485,6 +492,8 @@ class NativeModel:
                                conv_weight=m.conv_weight, conv_bias=m.conv_bias, a=m.a, d=m.d,
                                dt_norm=m.dt_norm, b_norm=m.b_norm, c_norm=m.c_norm)
         plan.set_lm_head(index["lm_head"])
+        if self.comm is not None:
+            plan.set_all_reduce(self.comm.op, None if self.comm.op else self.comm.all_reduce)
         self._plan = plan
         self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
                            f"{kernels.SMALL_M_MAX} rows; python step beyond")
@@ -493,10 +502,44 @@ class NativeModel:
     def runtime_details(self) -> dict[str, Any]:
         """What the report should say about how decode steps run."""
         placement = {"weight_placement": memory.placement_summary(self.placement)}
+        if self.comm is not None:
+            placement["tensor_parallel"] = {"rank": self.comm.rank, "world": self.comm.world,
+                                            "all_reduce": self.comm.description,
+                                            **getattr(self, "tp_split", {})}
         if not self.use_compiled_step:
             return {"decode_step": "python step (compiled step switched off)", **placement}
         self._compiled_plan()
         return {"decode_step": self._plan_note, **placement}
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: the sum over ranks of this rank's partial x, in place; x as it is
+        for one process."""
+        if self.comm is None:
+            return x
+        start = time.perf_counter()
+        x = x.contiguous()
+        self.comm.all_reduce(x)
+        self.all_reduce_seconds += time.perf_counter() - start
+        self.all_reduce_calls += 1
+        return x
+
+    def take_all_reduce_time(self) -> tuple[float, int]:
+        """(seconds, calls) of all-reduce since the last call, the compiled step's and the
+        Python path's together; resets both."""
+        seconds, calls = self.all_reduce_seconds, self.all_reduce_calls
+        self.all_reduce_seconds, self.all_reduce_calls = 0.0, 0
+        if self._plan is not None and self.comm is not None:
+            step_seconds, step_calls = self._plan.take_all_reduce_time()
+            seconds, calls = seconds + step_seconds, calls + step_calls
+        return seconds, calls
+
+    def _gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.comm is None:
+            return logits
+        vocab, first, last = self.vocab
+        full = torch.zeros(logits.shape[0], vocab, dtype=logits.dtype)
+        full[:, first:last] = logits
+        return self._all_reduce(full)
 
     @property
     def weight_bytes(self) -> int:
@@ -648,12 +691,12 @@ class NativeModel:
             mlp_in = x if layer.mlp_norm is None else self._norm(h, layer.mlp_norm,
                                                                  layer.mlp_norm_bias)
             mlp = self._mlp(layer, mlp_in.reshape(rows * seq, hidden)).view(rows, seq, hidden)
-            return h + (out + mlp)
-        h = h + out
+            return h + self._all_reduce(out + mlp)
+        h = h + self._all_reduce(out)
         if layer.cross_q is not None:
             h = h + self._cross_attention(layer, h, cache)
         x = self._norm(h, layer.mlp_norm, layer.mlp_norm_bias).view(rows * seq, hidden)
-        return h + self._mlp(layer, x).view(rows, seq, hidden)
+        return h + self._all_reduce(self._mlp(layer, x)).view(rows, seq, hidden)
 
     def _cross_attention(self, layer: Layer, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """T5: h [R, S, H] attends to the encoder's keys and values (cache.cross_k/v
@@ -711,7 +754,7 @@ class NativeModel:
         x = self._norm(h, self.final_norm, self.final_norm_bias)
         if self.logit_scale is not None:  # T5: d_model^-0.5 before the (tied) lm_head
             x = x * self.logit_scale
-        logits = self.lm_head(x)
+        logits = self._gather_logits(self.lm_head(x))
         if self.weight_dtype != torch.float32:
             # Stock returns logits in the weights' dtype: bf16's coarse steps turn near-ties
             # into exact ties, which argmax and top-k break by index. Rounding ours the same
@@ -753,7 +796,7 @@ class NativeModel:
         position = history.prompt_len + history.length
         step = history.length
         if self._bound:
-            logits = self._plan.step(ids.contiguous(), position, step)
+            logits = self._gather_logits(self._plan.step(ids.contiguous(), position, step))
             history.length += 1
             return logits
         c, s = cos[position: position + 1], sin[position: position + 1]

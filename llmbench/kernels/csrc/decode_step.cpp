@@ -44,7 +44,10 @@
 #include <c10/util/Float8_e5m2.h>
 #include <torch/extension.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <optional>
@@ -316,6 +319,28 @@ class DecodePlan {
 
   void set_logit_scale(double scale) { logit_scale_ = static_cast<float>(scale); }
 
+  // Tensor parallel (llmbench.backends.tensor_parallel): this plan holds one rank's slice, and
+  // the partial sums of the attention output and the MLP are all-reduced inside the step.
+  // `op`: a registered in-place operator (e.g. "deepspeed::inference_all_reduce_", the shared-
+  // memory all-reduce) called through the dispatcher, no Python; otherwise `fn(tensor)`, a
+  // Python callable (e.g. torch.distributed.all_reduce over gloo). Both empty: one rank.
+  void set_all_reduce(const std::string& op, pybind11::object fn) {
+    reduce_op_.reset();
+    if (!op.empty())
+      reduce_op_ = c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), "");
+    reduce_fn_ = std::move(fn);
+    reduce_seconds_ = 0.0;
+    reduce_calls_ = 0;
+  }
+
+  // (seconds spent in all-reduce, calls) since the last call; resets both.
+  std::pair<double, int64_t> take_all_reduce_time() {
+    auto out = std::make_pair(reduce_seconds_, reduce_calls_);
+    reduce_seconds_ = 0.0;
+    reduce_calls_ = 0;
+    return out;
+  }
+
   // The last layer added (with qkv = o = -1) mixes with Mamba.
   void set_mamba(int64_t in_proj, int64_t x_proj, int64_t dt_proj, int64_t out_proj,
                  const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
@@ -539,12 +564,20 @@ class DecodePlan {
           mlp_in = mlp_x_.data();
         }
         mlp(L, mlp_in, R, mlp_out_.data());
-        for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i] + mlp_out_[i];
+        if (tensor_parallel()) {  // one all-reduce of both partial sums
+          for (int64_t i = 0; i < R * H; ++i) tmp_[i] += mlp_out_[i];
+          all_reduce(tmp_.data(), R * H);
+          for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
+        } else {
+          for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i] + mlp_out_[i];
+        }
       } else {
+        all_reduce(tmp_.data(), R * H);
         for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
         if (L.cross_q >= 0) cross_attention(L, li, R);
         norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, x_.data(), R, H);
         mlp(L, x_.data(), R, mlp_out_.data());
+        all_reduce(mlp_out_.data(), R * H);
         for (int64_t i = 0; i < R * H; ++i) h_[i] += mlp_out_[i];
       }
     }
@@ -564,6 +597,23 @@ class DecodePlan {
   }
 
  private:
+  bool tensor_parallel() const { return reduce_op_.has_value() || !reduce_fn_.is_none(); }
+
+  void all_reduce(float* data, int64_t n) {
+    if (!tensor_parallel()) return;
+    const auto start = std::chrono::steady_clock::now();
+    at::Tensor t = at::from_blob(data, {n}, at::kFloat);
+    if (reduce_op_.has_value()) {
+      torch::jit::Stack stack{c10::IValue(t)};
+      reduce_op_->callBoxed(&stack);
+    } else {
+      reduce_fn_(t);
+    }
+    reduce_seconds_ +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    ++reduce_calls_;
+  }
+
   const at::Tensor& keep(const at::Tensor& t) {
     owned_.push_back(t);
     return owned_.back();
@@ -1010,6 +1060,10 @@ class DecodePlan {
   float logit_scale_ = 1.f;
   Latent lat_;
   Routing routing_;
+  std::optional<c10::OperatorHandle> reduce_op_;
+  pybind11::object reduce_fn_ = pybind11::none();
+  double reduce_seconds_ = 0.0;
+  int64_t reduce_calls_ = 0;
 };
 
 }  // namespace
@@ -1055,6 +1109,8 @@ void register_decode(pybind11::module& m) {
       .def("set_routing", &DecodePlan::set_routing, py::arg("sigmoid"), py::arg("groups"),
            py::arg("top_groups"), py::arg("group_top2"), py::arg("scale"))
       .def("set_lm_head", &DecodePlan::set_lm_head)
+      .def("set_all_reduce", &DecodePlan::set_all_reduce, py::arg("op"), py::arg("fn"))
+      .def("take_all_reduce_time", &DecodePlan::take_all_reduce_time)
       .def("bind", &DecodePlan::bind, py::arg("prompt_k"), py::arg("prompt_v"),
            py::arg("gen_k"), py::arg("gen_v"), py::arg("cos"), py::arg("sin"), py::arg("table"),
            py::arg("beams"), py::arg("cross_k") = std::vector<at::Tensor>{},
