@@ -55,6 +55,11 @@ def run(model: str | None, flags: list[str], ranks: int, args: argparse.Namespac
             command = [launcher, "--num_accelerators", str(ranks), "--bind_cores_to_rank",
                        "--master_port", str(free_port()), str(ROOT / "run.py"), "--autotp",
                        *common]
+        elif "--ipex-weight-only-quantization" in flags:
+            # quantize and benchmark in one step, without the quality check (a random model
+            # of another vocabulary than the tokenizer's, as tinyllama-1b, can't be scored)
+            command = [sys.executable, str(ROOT / "single_instance" / "run_quantization.py"),
+                       *common, "--skip-quality"]
         else:
             command = [sys.executable, str(ROOT / "run.py"), *common]
         full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
