@@ -293,7 +293,7 @@ def _rank_error(message: str) -> None:
 
 def inject_failure(info: RankInfo) -> None:
     wanted = os.environ.get(FAIL_RANK_ENV)
-    if wanted is not None and wanted.strip() == str(info.rank):
+    if wanted is not None and "@" not in wanted and wanted.strip() == str(info.rank):
         raise UserError(f"failure injected on purpose ({FAIL_RANK_ENV}={wanted})")
 
 
@@ -942,8 +942,38 @@ class RecordingModel:
         self.last_output: Any = None
 
     def generate(self, **kwargs: Any) -> Any:
+        kill_at = kill_step()
+        if kill_at is not None:  # tests: this rank dies mid-run, as a crashed rank would
+            kwargs["stopping_criteria"] = [*(kwargs.get("stopping_criteria") or []),
+                                           KillAtStep(kill_at)]
         self.last_output = self.model.generate(**kwargs)
         return self.last_output
+
+
+class KillAtStep:
+    """A stopping criterion that SIGKILLs this process at its `step`-th call (tests)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.calls = step, 0
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import signal
+
+        import torch
+
+        self.calls += 1
+        if self.calls == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def kill_step() -> int | None:
+    """LLMBENCH_FAIL_RANK=R@N: rank R kills itself at its N-th decoding step (tests)."""
+    wanted = os.environ.get(FAIL_RANK_ENV, "")
+    if "@" not in wanted:
+        return None
+    rank, step = wanted.split("@", 1)
+    return int(step) if rank.strip() == str(current_rank()) else None
 
 
 def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser:
@@ -966,6 +996,9 @@ def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]],
         "rank": info.rank,
         "local_rank": info.local_rank,
         "host": socket.gethostname(),
+        # the launcher's machine index (DeepSpeed's CROSS_RANK): tells apart "machines" that
+        # share a host name, as the two-address test's do
+        "node_rank": env_int("CROSS_RANK"),
         "pid": os.getpid(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else None,
@@ -1209,6 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
             if writer else None, encoder_timer=encoder_timer)
         token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
         record = rank_record(info, tp, token_ids, quant)
+        record["all_reduce"] = all_reduce
         if native_prepared is not None:
             record.update(all_reduce_record(loaded.model, run, args))
         ranks = gather(record)

@@ -23,7 +23,8 @@ def tiny(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
             for family in ("llama", "gpt_neox", "opt", "mixtral")}
 
 
-def single_instance(model: Path, quant_flags: list[str]) -> list[list[int]]:
+def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
+                    ) -> list[list[int]]:
     """The tokens one native process generates for run_benchmark's default prompt, with the
     scheme the same quantization flags give."""
     import torch
@@ -47,9 +48,9 @@ def single_instance(model: Path, quant_flags: list[str]) -> list[list[int]]:
                                   family=loaded.family.model_type).model
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
                           input_tokens=None, prompt_text=None, batch_size=1,
-                          max_new_tokens=TOKENS)
+                          max_new_tokens=tokens)
     _, kwargs = decoding_settings(greedy=True, sample=False, num_beams=4,
-                                  max_new_tokens=TOKENS, generation_config=None)
+                                  max_new_tokens=tokens, generation_config=None)
     with torch.inference_mode():
         output = native.generate(input_ids=prompt.input_ids,
                                  attention_mask=prompt.attention_mask,
@@ -97,3 +98,54 @@ def test_what_is_not_cut_falls_back_loudly(tiny, tmp_path):
     assert report["backend"]["requested"] == "native"
     assert "this run is STOCK transformers" in report["backend"]["fallback_reason"]
     assert report["distributed"]["ranks_agree"] is True
+
+
+def test_two_hosts_talk_over_tcp(tiny, tmp_path):
+    """Two "machines" on two loopback addresses, each started by DeepSpeed's launcher in its
+    ssh-free mode (--no_ssh --node_rank N with one hostfile): one rank each, so DeepSpeed's
+    shared-memory all-reduce is off and the ranks all-reduce through gloo over TCP; the tokens
+    are one native process's."""
+    import os
+    import subprocess
+
+    from test_distributed import deepspeed_launcher, free_port
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    port = free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"}
+    nodes = [subprocess.Popen(
+        [deepspeed_launcher(), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "--num_accelerators", "1",
+         str(Path(__file__).resolve().parent.parent / "run.py"), "--benchmark", "--autotp",
+         "--backend", "native", "-m", str(tiny["llama"]), *RUN[:3], "8", *RUN[4:],
+         "--output-dir", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for n in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    report = only_report(tmp_path / "out")
+    dist = report["distributed"]
+    assert dist["launcher_env"]["LOCAL_SIZE"] == "1" and dist["launcher_env"]["CROSS_SIZE"] == "2"
+    assert [r["node_rank"] for r in dist["ranks"]] == [0, 1]
+    assert all("gloo" in r["all_reduce"] and "shared-memory" not in r["all_reduce"]
+               for r in dist["ranks"])
+    assert dist["ranks_agree"] is True
+    assert report["generated_token_ids"] == single_instance(tiny["llama"], [], 8)
+
+
+def test_a_rank_killed_mid_run_ends_every_rank(tiny, tmp_path):
+    """Rank 1 SIGKILLs itself at its 3rd decoding step (LLMBENCH_FAIL_RANK=1@3) while rank 0
+    waits in the shared-memory all-reduce inside the compiled step: rank 0's watchdog ends it
+    within seconds (well inside --dist-timeout), and its report says which rank failed."""
+    import time
+
+    start = time.monotonic()
+    result = launch("-m", str(tiny["llama"]), "--backend", "native", *RUN, "--dist-timeout",
+                    "120", "--output-dir", str(tmp_path), env={"LLMBENCH_FAIL_RANK": "1@3"},
+                    timeout=300)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120
+    report = only_report(tmp_path)
+    assert report["status"] == "failed"
+    assert report["error"].startswith("rank 1 (pid")
+    assert "Summary" not in result.stdout

@@ -605,6 +605,10 @@ class DecodePlan {
     at::Tensor t = at::from_blob(data, {n}, at::kFloat);
     if (reduce_op_.has_value()) {
       torch::jit::Stack stack{c10::IValue(t)};
+      // DeepSpeed's shared-memory all-reduce spins, without a timeout, until every rank has
+      // arrived: without the GIL here, llmbench's peer watchdog thread can still run and end
+      // this rank when a peer has died.
+      pybind11::gil_scoped_release no_gil;
       reduce_op_->callBoxed(&stack);
     } else {
       reduce_fn_(t);
