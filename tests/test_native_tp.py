@@ -20,7 +20,7 @@ RUN = ["--greedy", "--token-latency", "--max-new-tokens", str(TOKENS), "--num-it
 def tiny(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("native-tp")
     return {family: make_tiny_model(family, root / family, embedded_model_dir)
-            for family in ("llama", "gpt_neox", "opt", "mixtral")}
+            for family in ("llama", "gpt_neox", "opt", "mixtral", "deepseek_v2")}
 
 
 def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
@@ -59,8 +59,8 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
 
 
 @pytest.mark.parametrize(("family", "quant"), [
-    ("llama", []), ("gpt_neox", []), ("opt", []),
-    ("llama", ["INT8", "0"]), ("gpt_neox", ["INT4", "32"])])
+    ("llama", []), ("gpt_neox", []), ("opt", []), ("mixtral", []),
+    ("llama", ["INT8", "0"]), ("gpt_neox", ["INT4", "32"]), ("mixtral", ["INT8", "0"])])
 def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
     flags = (["--ipex-weight-only-quantization", "--weight-dtype", quant[0], "--group-size",
               quant[1]] if quant else [])
@@ -72,7 +72,7 @@ def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
     assert report["backend"]["name"] == "native"
     assert "fallback_reason" not in report["backend"]
     tp = report["backend"]["tensor_parallel"]
-    assert tp["world"] == 2 and sum(tp["heads"]) == 4
+    assert tp["world"] == 2 and sum(tp["heads"]) == 4 and len(tp["mlp_units"]) == 2
     dist = report["distributed"]
     assert dist["ranks_agree"] is True
     assert dist["all_reduce_ms_per_token"] > 0
@@ -87,12 +87,12 @@ def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
 
 
 def test_what_is_not_cut_falls_back_loudly(tiny, tmp_path):
-    """Mixture-of-experts layers are not cut natively yet: stock AutoTP runs, and the console
-    and the report say why."""
-    result = launch("-m", str(tiny["mixtral"]), "--backend", "native", *RUN[:3], "4",
+    """DeepSeek's multi-head latent attention is not cut natively yet: stock AutoTP runs, and
+    the console and the report say why."""
+    result = launch("-m", str(tiny["deepseek_v2"]), "--backend", "native", *RUN[:3], "4",
                     *RUN[4:], "--output-dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "does not cut mixture-of-experts layers yet" in result.stdout
+    assert "does not cut multi-head latent attention yet" in result.stdout
     report = only_report(tmp_path)
     assert report["backend"]["name"] == "deepspeed-autotp"
     assert report["backend"]["requested"] == "native"

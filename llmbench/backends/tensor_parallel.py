@@ -7,7 +7,8 @@ How a model is cut for `world` ranks:
   allows: SmolLM2's 3 over 2 ranks is 2 + 1) with the query heads that read them; qkv is cut by
   rows (column parallel), o by those heads' input columns (row parallel, bias on rank 0 only);
 - the MLP's hidden units as evenly as whole grains allow (32 units, or the quantization group
-  of `down`); gate_up by rows, down by columns (bias on rank 0 only);
+  of `down`); gate_up by rows, down by columns (bias on rank 0 only); a mixture-of-experts
+  layer cuts every expert (and shared expert) so, with its router whole on every rank;
 - lm_head by vocabulary rows; the logits are gathered with one all-reduce (zeros elsewhere), so
   every rank picks the same token;
 - the embedding, the norms and the RoPE tables whole on every rank.
@@ -16,8 +17,7 @@ quantized matrix, or whole groups of its input channels), so a rank computes wit
 integers and scales one process would.
 
 Not cut (Unsupported: the run falls back to DeepSpeed AutoTP, with the reason in the report):
-mixture-of-experts layers, multi-head latent attention, Mamba layers, encoder-decoders, and
-fewer KV heads than ranks.
+multi-head latent attention, Mamba layers, encoder-decoders, and fewer KV heads than ranks.
 """
 
 from __future__ import annotations
@@ -108,8 +108,6 @@ def check(native: Any, world: int) -> None:
     reasons = []
     if block.latent is not None:
         reasons.append("multi-head latent attention")
-    if block.experts is not None:
-        reasons.append("mixture-of-experts layers")
     if any(layer.mamba is not None for layer in native.layers):
         reasons.append("Mamba layers")
     if native.encoder is not None:
@@ -121,9 +119,32 @@ def check(native: Any, world: int) -> None:
                           "ranks (each rank takes whole KV heads)")
 
 
+def _down_of(layer: Any) -> Any:
+    return layer.down if layer.down is not None else layer.experts[0].down
+
+
 def _grain(native: Any) -> int:
-    group = getattr(native.layers[0].down, "group_size", 0)
+    group = getattr(_down_of(native.layers[0]), "group_size", 0)
     return group if group and group > 0 else 32
+
+
+def _width(down: Any) -> int:
+    return down.in_features if hasattr(down, "in_features") else down.weight.shape[1]
+
+
+def _cut_mlp(owner: Any, rank: int, world: int, grain: int, gated: bool, name: str) -> int:
+    """owner.gate_up / owner.down (a dense MLP, an expert, a shared expert) cut to this rank's
+    hidden units; returns how many it keeps."""
+    inter = _width(owner.down)
+    units = _units(inter, world, grain)
+    start, width = sum(units[:rank]), units[rank]
+    if width == 0:
+        raise Unsupported(f"tensor parallel native: {name} is too narrow for {world} ranks")
+    rows = torch.arange(start, start + width)
+    owner.gate_up = _rows(owner.gate_up, torch.cat((rows, rows + inter)) if gated else rows,
+                          f"{name}.gate_up")
+    owner.down = _columns(owner.down, start, width, rank == 0, f"{name}.down")
+    return width
 
 
 def shard(native: Any, comm: Communicator) -> None:
@@ -141,20 +162,23 @@ def shard(native: Any, comm: Communicator) -> None:
     q_rows = torch.arange(kv_first * group * d, (kv_first + kv) * group * d)
     k_rows = nq + torch.arange(kv_first * d, (kv_first + kv) * d)
     qkv_rows = torch.cat((q_rows, k_rows, k_rows + nkv))
-    inter = native.intermediate
-    units = _units(inter, world, _grain(native))
-    start, width = sum(units[:rank]), units[rank]
-    if width == 0:
-        raise Unsupported("tensor parallel native: a rank would hold no MLP units")
-    unit_rows = torch.arange(start, start + width)
+    grain = _grain(native)
+    units = _units(_width(_down_of(native.layers[0])), world, grain)
     gated = native.block.mlp == "gated"
-    gate_up_rows = torch.cat((unit_rows, unit_rows + inter)) if gated else unit_rows
     q_start = kv_first * group * d
+    width = 0
     for i, layer in enumerate(native.layers):
         layer.qkv = _rows(layer.qkv, qkv_rows, f"layers.{i}.qkv")
         layer.o = _columns(layer.o, q_start, heads * d, rank == 0, f"layers.{i}.o")
-        layer.gate_up = _rows(layer.gate_up, gate_up_rows, f"layers.{i}.gate_up")
-        layer.down = _columns(layer.down, start, width, rank == 0, f"layers.{i}.down")
+        # A mixture-of-experts layer: every expert cut like a dense MLP (its units shared out
+        # over the ranks), the router whole on every rank, so each rank routes alike
+        mlps = ([(layer, f"layers.{i}")] if layer.down is not None else
+                [(expert, f"layers.{i}.experts.{e}") for e, expert in enumerate(layer.experts)])
+        if layer.shared is not None:
+            mlps.append((layer.shared, f"layers.{i}.shared"))
+        for owner, name in mlps:
+            kept = _cut_mlp(owner, rank, world, grain, gated, name)
+            width = width or kept
     vocab = (native.lm_head.out_features if hasattr(native.lm_head, "out_features")
              else native.lm_head.weight.shape[0])
     per = -(-vocab // world)
