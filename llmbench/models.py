@@ -280,11 +280,25 @@ def load_config(source: ModelSource, config_file: str | None) -> tuple[Any, Fami
     return config, family
 
 
+def is_cross_kv(name: str) -> bool:
+    """Whether module `name` projects cross-attention keys or values (T5's EncDecAttention.k/v,
+    Whisper's encoder_attn.k_proj/v_proj, Llama-3.2-Vision's cross_attn.k_proj/v_proj): they
+    read the encoder's states once per prompt and are cached, so a decode step does not."""
+    parent, _, leaf = name.rpartition(".")
+    return (parent.rsplit(".", 1)[-1] in ("EncDecAttention", "encoder_attn", "cross_attn")
+            and leaf in ("k", "v", "k_proj", "v_proj"))
+
+
 def decode_step_bytes(model: Any, decoder: Any) -> int:
     """What one decode step reads: `decoder`'s weights (the whole model for a decoder-only LM;
-    an encoder, vision tower or audio encoder runs once per prompt) and the output layer, but
-    not an input embedding that is only looked up (untied from the output layer)."""
+    an encoder, vision tower or audio encoder runs once per prompt) but its cross-attention
+    keys/values, and the output layer, but not an input embedding that is only looked up
+    (untied from the output layer)."""
     tensors = {p.data_ptr(): p for p in decoder.parameters()}
+    for name, module in decoder.named_modules():
+        if is_cross_kv(name):
+            for param in module.parameters():
+                tensors.pop(param.data_ptr(), None)
     output = model.get_output_embeddings()
     if output is not None:
         tensors.setdefault(output.weight.data_ptr(), output.weight)
@@ -342,13 +356,6 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     decode_weight_bytes = decode_step_bytes(model, model.get_decoder() if family.seq2seq
                                             else model)
-    if family.seq2seq:
-        # ... and not T5's cross-attention key/value projections: the encoder's keys and
-        # values are computed once per prompt and cached
-        decode_weight_bytes -= sum(
-            module.weight.numel() * module.weight.element_size()
-            for name, module in model.get_decoder().named_modules()
-            if name.rsplit(".", 1)[-1] in ("k", "v") and ".EncDecAttention" in f".{name}")
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -500,7 +500,7 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
     import torch
 
     from llmbench import backends
-    from llmbench.models import decode_step_bytes
+    from llmbench.models import decode_step_bytes, is_cross_kv
     from llmbench.quant import apply
     from llmbench.quant.cli import scheme_from_args
 
@@ -555,7 +555,7 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
             apply.install_hf(language, qlinears)
             language.write_back()
         weight_bytes = decode_step_bytes(model, model.get_decoder()) + sum(
-            q.nbytes for q in (qlinears or {}).values())
+            q.nbytes for name, q in (qlinears or {}).items() if not is_cross_kv(name))
         result = backends.PreparedModel(model=model.eval(), backend="stock", details={
             "attention": getattr(model.config, "_attn_implementation", None), **details})
     if qlinears is not None:
