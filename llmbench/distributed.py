@@ -844,6 +844,9 @@ def load_autotp_multimodal(args: argparse.Namespace, request: Any, info: RankInf
     from llmbench.models import decode_step_bytes
 
     loaded, processor = multimodal.load(args, request)
+    # what all ranks read per step together: the float language model, as single instance
+    # (counted before it is cut: the ranks' slices summed would count replicated parts twice)
+    loaded.decode_weight_bytes = decode_step_bytes(loaded.model, loaded.model.get_decoder())
     start = time.perf_counter()
     language = multimodal.language_model(loaded.model, loaded.family.model_type)
     init_autotp(language, world_size=info.world_size, dtype=getattr(torch, args.dtype),
@@ -851,9 +854,6 @@ def load_autotp_multimodal(args: argparse.Namespace, request: Any, info: RankInf
     language.write_back()  # AutoTP's lm_head replacement, made on the view, into the model
     loaded.load_seconds += time.perf_counter() - start
     local = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    # what all ranks read per step together: the float language model, as single instance
-    loaded.decode_weight_bytes = decode_step_bytes(loaded.model, loaded.model.get_decoder())
-    loaded.decode_weight_bytes = sum(gather(loaded.decode_weight_bytes))
     prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
                                      args.dtype)
     notes = ["a multimodal model loads whole on every rank; its language model is sharded, "
@@ -869,8 +869,6 @@ def load_native_tp(args: argparse.Namespace, scheme: Any, info: RankInfo,
     process would, when asked), made a NativeModel, then cut to this rank's slice
     (backends.tensor_parallel). Returns (AutoTPModel, PreparedModel, None), or (None, None,
     reason) when this model or setting is not cut natively (the caller runs AutoTP stock)."""
-    import torch
-
     from llmbench import backends
     from llmbench.backends import tensor_parallel
     from llmbench.backends.blocks import Unsupported
@@ -887,14 +885,10 @@ def load_native_tp(args: argparse.Namespace, scheme: Any, info: RankInfo,
         return None, None, "a GPTQ/AWQ folder is cut by the stock AutoTP path"
     start = time.perf_counter()
     if scheme is not None:
-        from llmbench.quant import apply
+        from llmbench.quant.cli import quantize_in_process
 
-        qlinears = apply.quantize_rtn(loaded.model, scheme)
-        if args.dtype != "float32":
-            loaded.model.to(getattr(torch, args.dtype))
-            loaded.dtype = args.dtype
-        prepared = apply.prepare_quantized(loaded, qlinears, backend="native", dtype=args.dtype,
-                                           kv_cache_dtype=args.kv_cache_dtype, scheme=scheme)
+        # the whole model, as one process quantizes it (rank 0 says what ran, once cut)
+        prepared = quantize_in_process(args, loaded, scheme, "native", announce=False)
     else:
         prepared = backends.prepare(loaded.model, backend="native", dtype=args.dtype,
                                     family=loaded.family.model_type,
@@ -1145,11 +1139,9 @@ def main(argv: list[str] | None = None) -> int:
     if fallback is not None:
         fallback = f"{fallback}: this run is STOCK transformers under DeepSpeed AutoTP"
         notes.append(fallback)
-    if native_prepared is not None:
-        pass
-    elif request is None:
+    if native_prepared is None and request is None:
         tp = load_autotp_model(args.model_name_or_path, args.dtype, args.config_file, info)
-    else:
+    elif native_prepared is None:
         tp, prompt = load_autotp_multimodal(args, request, info)
         if request.image is not None or request.audio is not None:
             encoder_timer = multimodal.EncoderTimer(tp.loaded.model, request.family.model_type)

@@ -312,10 +312,11 @@ def quantize_gptq(args: argparse.Namespace, loaded: Any, scheme: Scheme
 
 
 def quantize_in_process(args: argparse.Namespace, loaded: Any, scheme: Scheme,
-                        backend: str) -> Any:
+                        backend: str, announce: bool = True) -> Any:
     """Weight-only quantization of the loaded fp32 model in this process (nothing saved): what
-    the accuracy scripts do for `--dtype int8|int4` / --ipex-weight-only-quantization without a
-    saved model. The float layers then run in args.dtype."""
+    the accuracy scripts (and each rank of --autotp --backend native) do for `--dtype
+    int8|int4` / --ipex-weight-only-quantization without a saved model. The float layers then
+    run in args.dtype. announce: print what ran."""
     import torch
 
     from llmbench.quant import apply
@@ -329,9 +330,10 @@ def quantize_in_process(args: argparse.Namespace, loaded: Any, scheme: Scheme,
         loaded.dtype = args.dtype
     prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,
                                        kv_cache_dtype=args.kv_cache_dtype, scheme=scheme)
-    print(f"quantized: {scheme.describe()} in this process, not saved "
-          f"({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB read per token)",
-          flush=True)
+    if announce:
+        print(f"quantized: {scheme.describe()} in this process, not saved "
+              f"({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB read per token)",
+              flush=True)
     return prepared
 
 
