@@ -240,9 +240,16 @@ class PeerWatchdog:
     """DeepSpeed's shared-memory all-reduce waits on flags in shared memory, with no timeout: if a
     rank on this machine dies, its peers would spin forever. This thread checks every second that
     the other ranks of the machine are alive, and ends this rank if one is gone before the run
-    is over (`stop()` before the final barrier, which every rank must enter before any exits)."""
+    is over (`stop()` before the final barrier, which every rank must enter before any exits).
+
+    The launcher stops the remaining ranks with SIGTERM when one fails. A rank handles it rather
+    than dying on the spot, so that it can say why in its report: between Python steps the
+    handler raises (the run's error handling marks the report failed); while the main thread
+    waits inside the compiled step's all-reduce (no Python runs there), this thread, which finds
+    the dead peer within a second, does."""
 
     def __init__(self, info: RankInfo) -> None:
+        import signal
         import threading
 
         self.peers = {record["rank"]: record["pid"] for record in
@@ -251,24 +258,37 @@ class PeerWatchdog:
                       if record["host"] == socket.gethostname() and record["rank"] != info.rank}
         self.stopped = threading.Event()
         self.on_abort: Callable[[str], None] | None = None  # e.g. mark the report failed
+        self.previous_sigterm = signal.signal(signal.SIGTERM, self._terminated)
         self.thread = threading.Thread(target=self._watch, name="llmbench-peer-watchdog",
                                        daemon=True)
         self.thread.start()
 
+    def _dead_peer(self) -> str | None:
+        for rank, pid in self.peers.items():
+            if not _alive(pid):
+                return (f"rank {rank} (pid {pid}) on this machine has exited before the run was "
+                        "over; stopping")
+        return None
+
+    def _terminated(self, signum: int, frame: Any) -> None:
+        raise UserError(self._dead_peer() or "stopped by SIGTERM (a launcher stops every rank "
+                        "when one fails)")
+
     def _watch(self) -> None:
         while not self.stopped.wait(1.0):
-            for rank, pid in self.peers.items():
-                if not _alive(pid) and not self.stopped.is_set():
-                    message = (f"rank {rank} (pid {pid}) on this machine has exited before the "
-                               "run was over; stopping")
-                    with contextlib.suppress(Exception):
-                        if self.on_abort is not None:
-                            self.on_abort(message)
-                    _rank_error(message)
-                    os._exit(1)
+            message = self._dead_peer()
+            if message is not None and not self.stopped.is_set():
+                with contextlib.suppress(Exception):
+                    if self.on_abort is not None:
+                        self.on_abort(message)
+                _rank_error(message)
+                os._exit(1)
 
     def stop(self) -> None:
+        import signal
+
         self.stopped.set()
+        signal.signal(signal.SIGTERM, self.previous_sigterm)
 
 
 def _alive(pid: int) -> bool:
