@@ -43,6 +43,9 @@ from llmbench.models import cache_root, load_model  # noqa: E402
 from llmbench.prompts import Prompt, build_prompt  # noqa: E402
 from llmbench.report import compute_statistics, write_atomic  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import llamacpp  # noqa: E402
+
 # (name, backend, dtype, extra prepare() settings)
 CONFIGS = {
     "stock-fp32": ("stock", "float32", {}),
@@ -225,7 +228,8 @@ def resolve_model(name: str) -> str | None:
     return name  # any -m value
 
 
-def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -> dict[str, Any]:
+def load_config(model_arg: str | None, config_name: str) -> tuple[Any, Any]:
+    """The model loaded and prepared as CONFIGS[config_name] says: (loaded, prepared)."""
     backend, dtype, extra = CONFIGS[config_name]
     loaded = load_model(model_arg, dtype)
     extra = dict(extra)
@@ -245,10 +249,61 @@ def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -
     loaded.model = prepared.model
     if hasattr(prepared.model, "use_compiled_step"):
         prepared.model.use_compiled_step = compiled_step
-    runtime = getattr(prepared.model, "runtime_details", dict)()
+    return loaded, prepared
+
+
+def measure_llamacpp(model_arg: str | None, config_name: str, args: argparse.Namespace
+                     ) -> dict[str, Any]:
+    """A llamacpp-* config: the embedded GGUF's weights in llama.cpp, same prompt ids."""
+    import llamacpp
+
+    from llmbench.models import embedded_gguf_path
+
+    if model_arg is not None:
+        raise RuntimeError("llama.cpp rows are measured on the embedded model (--model smollm2)")
+    kind, dtype = llamacpp.CONFIGS[config_name]
+    source = embedded_gguf_path()
+    model_file = llamacpp.converted(source, cache_root() / "llamacpp", kind)
+    loaded = load_model(None, "float32")
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
                           input_tokens=args.input_tokens, prompt_text=None, batch_size=1,
                           max_new_tokens=args.max_new_tokens)
+    ids = prompt.input_ids[0].tolist()
+    timed = llamacpp.measure(model_file, ids, args.max_new_tokens, args.num_iter,
+                             args.num_warmup, torch.get_num_threads())
+    weight_bytes = llamacpp.tensor_bytes(model_file)
+    next_s = timed["next_token_ms"] / 1000
+    total_s = timed["first_token_ms"] / 1000 + next_s * (args.max_new_tokens - 1)
+    return {
+        "config": config_name, "backend": "llama.cpp", "dtype": dtype,
+        "backend_details": {"kernels": f"llama-cpp-python {timed['version']}, {kind} GGUF "
+                            "from the embedded model's dequantized weights"},
+        "first_token_ms": timed["first_token_ms"], "next_token_ms": timed["next_token_ms"],
+        "next_token_mean_ms": timed["next_token_mean_ms"],
+        "tokens_per_s": args.max_new_tokens / total_s, "weight_bytes": weight_bytes,
+        "gb_per_s": weight_bytes / next_s / 1e9,
+        "text": loaded.tokenizer.decode(timed["tokens"])[:80],
+    }
+
+
+def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    if config_name in llamacpp.CONFIGS:
+        return measure_llamacpp(model_arg, config_name, args)
+    loaded, prepared = load_config(model_arg, config_name)
+    result = measure_loaded(loaded, prepared, config_name, args)
+    del loaded, prepared
+    gc.collect()
+    return result
+
+
+def measure_loaded(loaded: Any, prepared: Any, config_name: str, args: argparse.Namespace,
+                   batch_size: int = 1) -> dict[str, Any]:
+    """One config's first/next-token latencies on `batch_size` copies of the prompt."""
+    dtype = CONFIGS[config_name][1]
+    runtime = getattr(prepared.model, "runtime_details", dict)()
+    prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                          input_tokens=args.input_tokens, prompt_text=None,
+                          batch_size=batch_size, max_new_tokens=args.max_new_tokens)
     vocab = loaded.config.vocab_size
     prompt = Prompt(prompt.input_ids % vocab, prompt.attention_mask, prompt.text, prompt.tokens,
                     prompt.source)
@@ -260,7 +315,7 @@ def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -
                         num_warmup=args.num_warmup,
                         token_latency=True, streaming=False, profile=False, seed=0)
     weight_bytes = prepared.details.get("weight_bytes_per_token", loaded.decode_weight_bytes)
-    stats = compute_statistics(run, 1, weight_bytes)
+    stats = compute_statistics(run, batch_size, weight_bytes)
     result = {
         "config": config_name, "backend": prepared.backend, "dtype": dtype,
         "backend_details": {**prepared.details, **runtime},
@@ -272,8 +327,8 @@ def measure(model_arg: str | None, config_name: str, args: argparse.Namespace) -
         "gb_per_s": weight_bytes / stats["next_token_latency_s"]["p50"] / 1e9,
         "text": run.generated_text[0][:80],
     }
-    del loaded, prepared, run
-    gc.collect()
+    if batch_size > 1:
+        result["batch_size"] = batch_size
     return result
 
 
@@ -303,18 +358,37 @@ def measure_or_error(model_arg: str | None, config_name: str, args: argparse.Nam
         return {"config": config_name, "error": " ".join(str(exc).split())[:120]}
 
 
+def llamacpp_peer(config: str) -> str:
+    """The llama.cpp config of the same weight precision (int8: q8_0, every int4: q4_0)."""
+    _, dtype, extra = CONFIGS.get(config, ("", "", {}))
+    woq = extra.get("woq")
+    if woq:
+        return "llamacpp-q8_0" if woq[0] == "INT8" else "llamacpp-q4_0"
+    return {"float32": "llamacpp-f32", "bfloat16": "llamacpp-bf16"}.get(dtype, "")
+
+
 def table(rows: list[dict[str, Any]], bandwidth: float) -> str:
     base = next((r for r in rows if r["config"] == "stock-fp32"), None)
+    peers = {r["config"]: r for r in rows if r["config"] in llamacpp.CONFIGS and "error" not in r}
     lines = ["| config | ran as | first token ms | next token ms | tokens/s | GB/s | % of read BW "
-             "| floor ms | x floor | first vs stock fp32 | next vs stock fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| floor ms | x floor | first vs stock fp32 | next vs stock fp32 "
+             + ("| first vs llama.cpp | next vs llama.cpp |" if peers else "|"),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if peers else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | not run: {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['config']} | not run: {r['error']} |"
+                         + " |" * (11 if peers else 9))
             continue
         floor_ms = r["weight_bytes"] / bandwidth / 1e6
         first = f"{base['first_token_ms'] / r['first_token_ms']:.2f}x" if base else "-"
         nxt = f"{base['next_token_ms'] / r['next_token_ms']:.2f}x" if base else "-"
+        if peers:  # > 1: faster than llama.cpp at the same weight precision
+            peer = peers.get(llamacpp_peer(r["config"]))
+            if peer and r["backend"] != "llama.cpp":
+                nxt += (f" | {peer['first_token_ms'] / r['first_token_ms']:.2f}x | "
+                        f"{peer['next_token_ms'] / r['next_token_ms']:.2f}x")
+            else:
+                nxt += " | - | -"
         details = r["backend_details"]
         how = [details.get("kernels", "transformers")]
         step = details.get("decode_step", "")
@@ -339,8 +413,10 @@ def main() -> int:
                         f"(random weights, a real model's layer shape; FAMILY one of "
                         f"{', '.join(FAMILY_SHAPES)}), or any -m value")
     default_configs = ",".join(c for c in CONFIGS if c != "native-bf16-fp8kv")
-    parser.add_argument("--configs", default=default_configs,
-                        help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated, from: {', '.join(CONFIGS)}, "
+                        f"{', '.join(llamacpp.CONFIGS)} (llama.cpp rows: only where "
+                        "llama-cpp-python is installed, on --model smollm2; by default then)")
     parser.add_argument("--input-tokens", type=positive_int, default=32)
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument("--num-iter", type=positive_int, default=5)
@@ -355,8 +431,12 @@ def main() -> int:
         row = measure_or_error(args.model_path or None, args.one_config, args)
         print(ROW_MARK + json.dumps(row, default=str), flush=True)
         return 0
+    if args.configs is None:
+        with_llamacpp = llamacpp.available() and args.model == "smollm2"
+        args.configs = default_configs + (",".join(["", *llamacpp.CONFIGS])
+                                          if with_llamacpp else "")
     configs = args.configs.split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
+    unknown = [c for c in configs if c not in CONFIGS and c not in llamacpp.CONFIGS]
     if unknown:
         parser.error(f"unknown configs: {', '.join(unknown)}")
 

@@ -49,6 +49,11 @@ def has_native_bf16() -> bool:
     return bool(isa & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def has_int8_matmul() -> bool:
+    """int8 matrix instructions torch's int8 GEMM (oneDNN) uses at full rate: AMX-INT8."""
+    return "amx_int8" in set(cpu_info()["isa"])
+
+
 def has_native_fp16() -> bool:
     isa = set(cpu_info()["isa"])
     return bool(isa & {"avx512_fp16", "amx_fp16", "asimdhp", "fphp"})

@@ -90,6 +90,19 @@ def test_compiled_step_bf16_weights_and_fp8_cache(folders, family, dtype, kv):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype,rows,beams", [("float32", 40, 1), ("bfloat16", 40, 1),
+                                              ("float32", 36, 2)])
+def test_compiled_step_any_batch_size(folders, dtype, rows, beams):
+    """Batched decode beyond the kernels' row limit: the compiled step hands fp32 / bf16
+    projections to torch's GEMM there, as the torch-op step's linears do."""
+    model = native_model(folders["llama"], dtype)
+    assert rows > kernels.STREAM_M_MAX["f32"] and rows > kernels.STREAM_M_MAX["bf16"]
+    expected = step_logits(model, compiled=False, rows=rows, beams=beams)
+    got = step_logits(model, compiled=True, rows=rows, beams=beams)
+    tol = 1e-2 if dtype == "bfloat16" else 1e-4
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("weight_dtype,group,sym", [("INT8", -1, True), ("INT8", -1, False),
                                                    ("INT4", 32, False), ("INT4", 128, False)])
 def test_compiled_step_quantized_projections(folders, weight_dtype, group, sym):
@@ -100,13 +113,24 @@ def test_compiled_step_quantized_projections(folders, weight_dtype, group, sym):
     assert_compiled_step_matches(loaded, qlinears)
 
 
-def assert_compiled_step_matches(loaded, qlinears) -> None:
+@pytest.mark.parametrize("sym", [True, False])
+def test_compiled_step_batched_int8_activations(folders, sym):
+    """--lowp-mode INT8 at more rows than int8_act.gemm_rows(): both steps quantize each row
+    to int8 and sum in int32 (torch's int8 GEMM where the CPU has AMX-INT8)."""
+    from llmbench.kernels import int8_act
+
+    loaded = load_model(str(folders["llama"]), "float32")
+    qlinears = quantize_rtn(loaded.model, Scheme("woq", "INT8", -1, sym, "INT8"))
+    assert_compiled_step_matches(loaded, qlinears, rows=int8_act.gemm_rows() + 12)
+
+
+def assert_compiled_step_matches(loaded, qlinears, rows: int = 2) -> None:
     """These projections in the loaded llama, on native: both steps give the same logits."""
     model = prepare(loaded.model, backend="native", dtype="float32", family="llama").model
     assert install_native(model, qlinears) > 0
     assert model._compiled_plan() is not None, model.runtime_details()
-    expected = step_logits(model, compiled=False)
-    got = step_logits(model, compiled=True)
+    expected = step_logits(model, compiled=False, rows=rows)
+    got = step_logits(model, compiled=True, rows=rows)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -62,11 +62,16 @@ def test_smoothing_is_exact_in_float(tiny_llama, alpha):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "torch"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "torch", "torch-int-mm"])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 96), (3, 100, 37), (16, 1536, 40), (5, 17, 9)])
-def test_w8a8_kernel_matches_integer_reference(isa, m, k, n):
+def test_w8a8_kernel_matches_integer_reference(isa, m, k, n, monkeypatch):
     """Static (SmoothQuant) and dynamic per-row (--lowp-mode INT8) int8 activations through the
-    int8 kernels of every path, against exact integer arithmetic."""
+    int8 kernels of every path, against exact integer arithmetic. "torch": the prefill path
+    on fp32 GEMM; "torch-int-mm": on torch's int8 GEMM (CPUs with AMX-INT8; computed
+    correctly, if slowly, everywhere)."""
+    if isa.startswith("torch"):
+        monkeypatch.setattr(int8_act, "INT8_GEMM", isa == "torch-int-mm")
+        isa = "torch"
     if isa != "torch" and isa not in kernels.supported_isas():
         pytest.skip(f"{isa} path not built/supported here ({kernels.supported_isas()})")
     torch.manual_seed(0)

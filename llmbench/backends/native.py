@@ -29,6 +29,10 @@ here:
   every layer's norms, RoPE, cache write, attention and residuals as plain loops around the
   weight-streaming kernels) when the kernels are built and every projection has a compiled
   kernel; otherwise the same step runs as torch ops here (`decode`), and the report says which.
+  Any batch size runs compiled: past the kernels' row limits (kernels.STREAM_M_MAX) its fp32 and
+  bf16 projections use torch's GEMM, as the torch-op step's do (benchmarks/batch_sweep.py);
+- prompt attention is torch's SDPA (flash kernel), in bf16 for bf16 models where the CPU has
+  bf16 matrix math (as stock bf16 attends), else in fp32.
 
 Families outside blocks.NATIVE_FAMILIES (or settings blocks.py does not implement) run stock,
 and the report says why (`fallback_reason`).
@@ -50,6 +54,7 @@ from llmbench.backends import PreparedModel, blocks
 from llmbench.backends.blocks import ACTIVATIONS
 from llmbench.environment import has_native_bf16
 from llmbench.errors import UserError
+from llmbench.kernels import int8_act
 
 KV_CACHE_DTYPES = ("auto", "fp8_e5m2")
 # generate() settings the native loop implements; anything else is refused, never ignored.
@@ -95,10 +100,18 @@ class Linear:
             raise UserError(f"native backend: no kernel for {self.weight.dtype} weights")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.weight.dtype == torch.bfloat16 and BF16_PREFILL_GEMM
-                and x.numel() > kernels.STREAM_M_MAX["bf16"] * x.shape[-1]):
-            return F.linear(x.bfloat16(), self.weight, self.bias_bf16).float()
-        return self.kernel(x, self.weight, self.bias)
+        if self.bf16_gemm(x):
+            return self.bf16_out(x).float()
+        return self.kernel(x.float(), self.weight, self.bias)
+
+    def bf16_gemm(self, x: torch.Tensor) -> bool:
+        """Whether x multiplies on the bf16 GEMM (BF16_PREFILL_GEMM)."""
+        return (self.weight.dtype == torch.bfloat16 and BF16_PREFILL_GEMM
+                and x.numel() > kernels.STREAM_M_MAX["bf16"] * x.shape[-1])
+
+    def bf16_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The bf16 GEMM's output as it comes, in bf16 (for a caller that stays in bf16)."""
+        return F.linear(x.bfloat16(), self.weight, self.bias_bf16)
 
     @property
     def nbytes(self) -> int:
@@ -492,11 +505,17 @@ class NativeModel:
                                conv_weight=m.conv_weight, conv_bias=m.conv_bias, a=m.a, d=m.d,
                                dt_norm=m.dt_norm, b_norm=m.b_norm, c_norm=m.c_norm)
         plan.set_lm_head(index["lm_head"])
+        # Batched decode: above the rows where the Python step's linears hand fp32 / bf16
+        # weights to torch's GEMM, the compiled step does too (same numerics either way).
+        plan.set_gemm_rows(kernels.STREAM_M_MAX["f32"], kernels.STREAM_M_MAX["bf16"],
+                           BF16_PREFILL_GEMM,
+                           int8_act.gemm_rows() if int8_act.INT8_GEMM else -1)
         if self.comm is not None:
             plan.set_all_reduce(self.comm.op, None if self.comm.op else self.comm.all_reduce)
         self._plan = plan
-        self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
-                           f"{kernels.SMALL_M_MAX} rows; python step beyond")
+        self._plan_note = (f"compiled C++ step ({kernels.isa()}); fp32 / bf16 projections "
+                           f"of more than {kernels.STREAM_M_MAX['f32']} / "
+                           f"{kernels.STREAM_M_MAX['bf16']} rows on torch's GEMM")
         return plan
 
     def runtime_details(self) -> dict[str, Any]:
@@ -659,7 +678,13 @@ class NativeModel:
         return weights * routing.scale, chosen
 
     def _dense_mlp(self, gate_up: Any, down: Any, x: torch.Tensor) -> torch.Tensor:
-        up = gate_up(x)
+        if isinstance(gate_up, Linear) and isinstance(down, Linear) and gate_up.bf16_gemm(x):
+            # bf16 GEMM prefill: the MLP's inner activations stay in bf16 between its two
+            # GEMMs, as stock bf16 computes them (two fp32 round trips of the widest
+            # activations were a tenth of a 1024-token prefill).
+            up = gate_up.bf16_out(x)
+        else:
+            up = gate_up(x)
         if self.block.mlp == "gated":
             gate, up = up.chunk(2, dim=-1)
         else:
@@ -779,14 +804,34 @@ class NativeModel:
             q, k, v = self._qkv(layer, x, c, s)
             cache.prompt_k.copy_(k)
             cache.prompt_v.copy_(v)
-            if alibi is None:
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                      scale=self.scaling, enable_gqa=True)
-            else:
-                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi,
-                                                      scale=self.scaling, enable_gqa=True)
+            attn = self._prompt_attention(q, k, v, alibi, keep_bf16=isinstance(layer.o, Linear)
+                                          and layer.w_uv is None)
             h = self._block_output(layer, h, x, attn.transpose(1, 2), cache)
         return self._logits(h[:, -1])
+
+    def _prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          alibi: torch.Tensor | None, keep_bf16: bool = False) -> torch.Tensor:
+        """Causal attention of the prompt [B, heads, P, d] -> fp32 (bf16 if it ran in bf16
+        and keep_bf16: the o projection takes either). A bf16 model on a CPU with bf16 matrix
+        math attends in bf16, as stock bf16 does (torch's flash kernel: 2.8x faster than in
+        fp32 at 1024 tokens here, and nearly half of a 1024-token native bf16 prefill was fp32
+        attention); the cache keeps the fp32 keys and values."""
+        if self.weight_dtype == torch.bfloat16 and BF16_PREFILL_GEMM:
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            alibi = None if alibi is None else alibi.bfloat16()
+            if keep_bf16:
+                return self._sdpa(q, k, v, alibi)
+        return self._sdpa(q, k, v, alibi).float()
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              alibi: torch.Tensor | None) -> torch.Tensor:
+        if alibi is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                                  enable_gqa=True)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi, scale=self.scaling,
+                                                  enable_gqa=True)
+        return attn
 
     def decode(self, ids: torch.Tensor, caches: list[KVCache], history: BeamHistory,
                beams: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -1004,7 +1049,7 @@ class NativeModel:
         if streamer is not None:
             streamer.put(ids.cpu())
 
-        if self.use_compiled_step and batch * beams <= kernels.SMALL_M_MAX:
+        if self.use_compiled_step:
             self.bind_compiled_step(caches, history, beams, cos, sin)
         try:
             with torch.inference_mode():

@@ -8,11 +8,13 @@
 Up to the int8 kernels' row limit (kernels.STREAM_M_MAX["int8"]: decode and short prefills)
 the weight-only int8 kernels of llmbench.kernels run with their activations rounded to int8
 instead of int16 (`act_qmax=127`): int8 x int8 products summed exactly in int32 (vpmaddwd on
-AVX2/AVX-512; the generic path multiplies the rounded levels in fp32). Longer prefills use
-fp32 GEMM on the integer-valued activations and weights:
-torch._int_mm exists on CPU in this torch but measured 30-50x slower than fp32 GEMM (M =
-32..512, K = 576, N = 1728, one thread), so the int8 numerics are kept and the arithmetic is
-fp32 there.
+AVX2/AVX-512; the generic path multiplies the rounded levels in fp32). Longer prefills:
+- on CPUs with int8 matrix instructions (INT8_GEMM: AMX-INT8), torch._int_mm, oneDNN's int8
+  GEMM, the same exact int32 sums: measured on a Xeon with AMX, 2 threads, K = 576,
+  N = 1536, M = 512: 0.5 ms against 2.6 ms for the fp32 GEMM (which also needs the weights
+  widened first);
+- elsewhere fp32 GEMM on the integer-valued activations and weights: torch._int_mm measured
+  30-50x slower than fp32 GEMM on an AVX2 EPYC (M = 32..512, K = 576, N = 1728, one thread).
 """
 
 from __future__ import annotations
@@ -22,13 +24,27 @@ from dataclasses import dataclass
 import torch
 
 from llmbench import kernels
+from llmbench.environment import has_int8_matmul
 
 INT8_MAX = 127.0
+INT8_GEMM = has_int8_matmul()
+# Above how many rows dynamic int8 activations go to torch._int_mm where INT8_GEMM holds (the
+# compiled decode step too: DecodePlan.set_gemm_rows). SmolLM2's 30 layers of int8
+# projections, 2 threads, AMX Xeon: 8 rows 15.3 ms on the kernels vs 15.7 on _int_mm, 16 rows
+# 25.3 vs 17.3, 32 rows 43.6 vs 22.1.
+INT8_GEMM_ROWS = 8
+
+
+def gemm_rows() -> int:
+    """Rows above which dynamic int8 activations run on a GEMM instead of the kernels."""
+    return INT8_GEMM_ROWS if INT8_GEMM else kernels.STREAM_M_MAX["int8"]
 
 
 def describe() -> str:
-    return (f"int8 x int8 -> int32 for M <= {kernels.STREAM_M_MAX['int8']} ({kernels.isa()}); "
-            "longer prefills: int8 numerics, fp32 GEMM compute")
+    longer = ("oneDNN int8 GEMM (torch._int_mm)" if INT8_GEMM
+              else "int8 numerics, fp32 GEMM compute")
+    return (f"int8 x int8 -> int32 for M <= {gemm_rows()} ({kernels.isa()}); "
+            f"more rows: {longer}")
 
 
 @dataclass(frozen=True)
@@ -110,12 +126,26 @@ def _fp32_path(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
 def linear_w8a8(x: torch.Tensor, act_scale: torch.Tensor | None, qweight: torch.Tensor,
                 wscales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // max(1, x.shape[-1])
-    if (kernels.available() and 0 < rows <= kernels.STREAM_M_MAX["int8"]
-            and x.dtype == torch.float32):
+    kernel_rows = kernels.STREAM_M_MAX["int8"] if act_scale is not None else gemm_rows()
+    if kernels.available() and 0 < rows <= kernel_rows and x.dtype == torch.float32:
         return kernels.compiled().linear_int8w(x, qweight, wscales, bias, INT8_MAX, act_scale)
     if act_scale is None:
         act_scale = dynamic_scales(x)
+    if INT8_GEMM and rows:
+        return _int_mm_path(x.float(), act_scale, qweight, wscales, bias)
     return _fp32_path(x.float(), act_scale, qweight, wscales, bias)
+
+
+def _int_mm_path(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
+                 wscales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    k = qweight.shape[1]
+    x2 = x.reshape(-1, k)
+    s = act_scale.reshape(-1)
+    xq = quantize_activations(x2, s).to(torch.int8)
+    acc = torch._int_mm(xq, qweight.t()).float()
+    scale = s.reshape(-1, 1) * wscales if s.numel() > 1 else s * wscales
+    y = torch.addcmul(bias, acc, scale) if bias is not None else acc.mul_(scale)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def dynamic_scales(x: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,7 @@ struct Projection {
   LinearDesc d;
   int64_t in_features = 0;      // width of the input it receives (<= d.K)
   const int64_t* perm = nullptr;  // input channel order, [in_features], or nullptr
+  at::Tensor weight;              // the same weights as a tensor, for the GEMM path
 };
 
 struct Layer {
@@ -218,6 +219,7 @@ class DecodePlan {
     d.act.block = act_block;
     Projection p;
     p.d = d;
+    p.weight = w;
     p.in_features = in_features > 0 ? in_features : d.K;
     TORCH_CHECK(p.in_features <= d.K, "decode_step: in_features larger than the weights' K");
     if (perm.has_value()) {
@@ -318,6 +320,21 @@ class DecodePlan {
   }
 
   void set_logit_scale(double scale) { logit_scale_ = static_cast<float>(scale); }
+
+  // Batched decode: a step of more rows than f32_rows (fp32 weights) or bf16_rows (bf16
+  // weights) multiplies those projections with torch's GEMM, as the Python step's linears do
+  // above kernels.STREAM_M_MAX (many rows make the step compute-bound, where oneDNN's packed
+  // GEMM beats the weight-streaming tiles); bf16_gemm: bf16 weights multiply activations
+  // rounded to bf16 (CPUs with bf16 matrix math) instead of fp32 on widened weights.
+  // i8_rows: int8 weights with dynamic int8 activations (--lowp-mode INT8) go to torch's
+  // int8 GEMM (int8_act.gemm_rows). Other quantized projections stay on the kernels at any
+  // row count. -1: never.
+  void set_gemm_rows(int64_t f32_rows, int64_t bf16_rows, bool bf16_gemm, int64_t i8_rows) {
+    gemm_rows_[kF32] = f32_rows;
+    gemm_rows_[kBF16] = bf16_rows;
+    gemm_rows_[kI8] = i8_rows;
+    bf16_gemm_ = bf16_gemm;
+  }
 
   // Tensor parallel (llmbench.backends.tensor_parallel): this plan holds one rank's slice, and
   // the partial sums of the attention output and the MLP are all-reduced inside the step.
@@ -909,8 +926,14 @@ class DecodePlan {
   void project(int64_t index, const float* x, int64_t rows, float* y, int64_t ldy) {
     const Projection& p = linears_[index];
     const int64_t K = p.d.K, n = p.in_features;
+    const bool dynamic_i8 = p.d.fmt == kI8 && p.d.act_qmax > 0.f && p.d.act_scale == nullptr;
+    const bool gemm = (p.d.fmt == kF32 || p.d.fmt == kBF16 || dynamic_i8) && !p.d.act.enabled &&
+                      gemm_rows_[p.d.fmt] >= 0 && rows > gemm_rows_[p.d.fmt];
     if (p.perm == nullptr && K == n) {
-      linear_rows(p.d, x, rows, n, y, ldy);
+      if (gemm)
+        gemm_rows(p, x, rows, y, ldy);
+      else
+        linear_rows(p.d, x, rows, n, y, ldy);
       return;
     }
     staged_.assign(rows * K, 0.f);  // zero padding past in_features
@@ -922,7 +945,77 @@ class DecodePlan {
       else
         std::copy_n(src, n, dst);
     }
-    linear_rows(p.d, staged_.data(), rows, K, y, ldy);
+    if (gemm)
+      gemm_rows(p, staged_.data(), rows, y, ldy);
+    else
+      linear_rows(p.d, staged_.data(), rows, K, y, ldy);
+  }
+
+  // y[r, :N] = x[r, :K] @ W.T (+ bias) through torch's GEMM (set_gemm_rows).
+  void gemm_rows(const Projection& p, const float* x, int64_t rows, float* y, int64_t ldy) {
+    const int64_t K = p.d.K, N = p.d.N;
+    const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, K}, at::kFloat);
+    if (p.d.fmt == kI8) {
+      int8_gemm_rows(p, x, rows, y, ldy);
+      return;
+    }
+    at::Tensor out;
+    if (p.d.fmt == kF32)
+      out = at::mm(xt, p.weight.t());
+    else if (bf16_gemm_)
+      out = at::mm(xt.to(at::kBFloat16), p.weight.t()).to(at::kFloat);
+    else
+      out = at::mm(xt, p.weight.t().to(at::kFloat));
+    const float* src = out.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* dst = y + r * ldy;
+        if (p.d.bias)
+          for (int64_t j = 0; j < N; ++j) dst[j] = src[r * N + j] + p.d.bias[j];
+        else
+          std::copy_n(src + r * N, N, dst);
+      }
+    });
+  }
+
+  // Int8 weights, dynamic per-row int8 activations, as int8_act._int_mm_path computes them:
+  // scale = max(absmax / 127, 1e-8), q = round-half-even(x / scale), int32 sums by
+  // torch._int_mm, y = acc * (scale * wscale) (+ bias) (- sum(x) * wscale * zero).
+  void int8_gemm_rows(const Projection& p, const float* x, int64_t rows, float* y,
+                      int64_t ldy) {
+    const int64_t K = p.d.K, N = p.d.N;
+    at::Tensor xq = at::empty({rows, K}, at::kChar);
+    int8_t* q = xq.data_ptr<int8_t>();
+    std::vector<float> sx(rows), xsum(rows);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* row = x + r * K;
+        float top = 0.f, sum = 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+          top = std::max(top, std::fabs(row[k]));
+          sum += row[k];
+        }
+        const float scale = std::max(top / 127.f, 1e-8f);
+        for (int64_t k = 0; k < K; ++k)
+          q[r * K + k] = static_cast<int8_t>(
+              std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / scale))));
+        sx[r] = scale;
+        xsum[r] = sum;
+      }
+    });
+    const at::Tensor acc = at::_int_mm(xq, p.weight.t());
+    const int32_t* a = acc.data_ptr<int32_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* dst = y + r * ldy;
+        for (int64_t n = 0; n < N; ++n) {
+          float v = static_cast<float>(a[r * N + n]) * (sx[r] * p.d.scales[n]);
+          if (p.d.bias) v += p.d.bias[n];
+          if (p.d.zeros) v -= xsum[r] * p.d.scales[n] * p.d.zeros[n];
+          dst[n] = v;
+        }
+      }
+    });
   }
 
   void rms_norm_rows(const float* in, const float* weight, float* out, int64_t rows,
@@ -1062,6 +1155,8 @@ class DecodePlan {
   const float* rel_ = nullptr;  // bound: relative bias [heads, rel_stride_] by distance
   int64_t rel_stride_ = 0;
   float logit_scale_ = 1.f;
+  int64_t gemm_rows_[kNumFmt] = {-1, -1, -1, -1};  // set_gemm_rows
+  bool bf16_gemm_ = false;
   Latent lat_;
   Routing routing_;
   std::optional<c10::OperatorHandle> reduce_op_;
@@ -1108,6 +1203,8 @@ void register_decode(pybind11::module& m) {
            py::arg("w_uk") = py::none(), py::arg("w_uv") = py::none(),
            py::arg("cross_norm") = py::none(), py::arg("cross_q") = -1, py::arg("cross_o") = -1)
       .def("set_logit_scale", &DecodePlan::set_logit_scale, py::arg("scale"))
+      .def("set_gemm_rows", &DecodePlan::set_gemm_rows, py::arg("f32_rows"),
+           py::arg("bf16_rows"), py::arg("bf16_gemm"), py::arg("i8_rows"))
       .def("set_latent", &DecodePlan::set_latent, py::arg("q_rank"), py::arg("kv_rank"),
            py::arg("nope"), py::arg("rope"), py::arg("v_dim"), py::arg("eps"))
       .def("set_routing", &DecodePlan::set_routing, py::arg("sigmoid"), py::arg("groups"),
