@@ -8,8 +8,9 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from llmbench import flags
+from llmbench import flags, sweep
 from llmbench.environment import PROJECT_ROOT
 from llmbench.errors import UserError
 
@@ -29,6 +30,13 @@ def add_dispatch_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
                        help="run the generation benchmark (single_instance/run_generation.py)")
     group.add_argument("--accuracy-only", action="store_true",
                        help="run lm-eval accuracy (single_instance/run_accuracy.py)")
+    sweep_group = parser.add_argument_group(
+        "sweeps (llmbench/sweep.py): comma lists for " + ", ".join(sweep.SWEEP_FLAGS)
+        + " run the cross product with --benchmark, one config per process")
+    sweep_group.add_argument("--output-format", default=None, metavar="md,csv,json,jsonl",
+                             help="the sweep's results table formats (default md,json)")
+    sweep_group.add_argument("--plot", action="store_true",
+                             help="the sweep's PNGs: latency vs input tokens / batch size")
     return group
 
 
@@ -214,6 +222,10 @@ def run_step(step: Step) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    lists = sweep.swept_values(argv)
+    if lists or any(a.partition("=")[0] in ("--output-format", "--plot") for a in argv):
+        return run_sweep(parser, argv, lists)
     args = parser.parse_args(argv)
     for step in plan_steps(parser, args):
         status = run_step(step)
@@ -222,3 +234,31 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             return status
     return 0
+
+
+def run_sweep(parser: flags.Parser, argv: list[str], lists: dict[str, list[str]]) -> int:
+    """Every config's command line is parsed and planned before the first one runs, so a bad
+    value stops the sweep at once, in one line."""
+    import itertools
+
+    configs = []
+    for values in itertools.product(*lists.values()):
+        args = parser.parse_args(sweep.config_argv(argv, dict(zip(lists, values, strict=True)),
+                                                   Path(".")))
+        plan_steps(parser, args)
+        configs.append(args)
+    args = configs[0]
+    if not args.benchmark or args.accuracy_only or args.autotp:
+        raise UserError("a sweep runs --benchmark alone, single-instance (no --accuracy-only, "
+                        "no --autotp)")
+    formats = sweep.output_formats(_flag_value(argv, "--output-format") or "md,json")
+    output_dir = _flag_value(argv, "--output-dir") or parser.get_default("output_dir")
+    return sweep.run_sweep(argv, output_dir, formats, "--plot" in argv)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, token in enumerate(argv):
+        name, eq, value = token.partition("=")
+        if name == flag:
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None

@@ -92,9 +92,10 @@ def test_compiled_step_bf16_weights_and_fp8_cache(folders, family, dtype, kv):
 
 @pytest.mark.parametrize("dtype,rows,beams", [("float32", 40, 1), ("bfloat16", 40, 1),
                                               ("float32", 36, 2)])
-def test_compiled_step_any_batch_size(folders, dtype, rows, beams):
-    """Batched decode beyond the kernels' row limit: the compiled step hands fp32 / bf16
-    projections to torch's GEMM there, as the torch-op step's linears do."""
+def test_compiled_step_gemm_rows(folders, dtype, rows, beams):
+    """Rows beyond the kernels' row limit: the compiled step hands fp32 / bf16 projections to
+    torch's GEMM there, as the torch-op step's linears do (generate() binds it for up to
+    kernels.SMALL_M_MAX rows; 40 reaches the GEMM on every ISA path)."""
     model = native_model(folders["llama"], dtype)
     assert rows > kernels.STREAM_M_MAX["f32"] and rows > kernels.STREAM_M_MAX["bf16"]
     expected = step_logits(model, compiled=False, rows=rows, beams=beams)

@@ -29,8 +29,10 @@ here:
   every layer's norms, RoPE, cache write, attention and residuals as plain loops around the
   weight-streaming kernels) when the kernels are built and every projection has a compiled
   kernel; otherwise the same step runs as torch ops here (`decode`), and the report says which.
-  Any batch size runs compiled: past the kernels' row limits (kernels.STREAM_M_MAX) its fp32 and
-  bf16 projections use torch's GEMM, as the torch-op step's do (benchmarks/batch_sweep.py);
+  Batches of up to 16 rows run compiled: past the kernels' row limits (kernels.STREAM_M_MAX)
+  its fp32 and bf16 projections (and --lowp-mode INT8 ones where the CPU has AMX-INT8) use
+  torch's GEMM, as the torch-op step's do; more rows run the torch-op step, measured faster
+  there (benchmarks/batch_sweep.py);
 - prompt attention is torch's SDPA (flash kernel), in bf16 for bf16 models where the CPU has
   bf16 matrix math (as stock bf16 attends), else in fp32.
 
@@ -513,9 +515,10 @@ class NativeModel:
         if self.comm is not None:
             plan.set_all_reduce(self.comm.op, None if self.comm.op else self.comm.all_reduce)
         self._plan = plan
-        self._plan_note = (f"compiled C++ step ({kernels.isa()}); fp32 / bf16 projections "
-                           f"of more than {kernels.STREAM_M_MAX['f32']} / "
-                           f"{kernels.STREAM_M_MAX['bf16']} rows on torch's GEMM")
+        self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
+                           f"{kernels.SMALL_M_MAX} rows (fp32 / bf16 projections of more than "
+                           f"{kernels.STREAM_M_MAX['f32']} / {kernels.STREAM_M_MAX['bf16']} rows "
+                           "on torch's GEMM); python step beyond")
         return plan
 
     def runtime_details(self) -> dict[str, Any]:
@@ -1049,7 +1052,11 @@ class NativeModel:
         if streamer is not None:
             streamer.put(ids.cpu())
 
-        if self.use_compiled_step:
+        # Past SMALL_M_MAX rows the torch-op step measured faster than the compiled one (its
+        # batched attention and elementwise ops; benchmarks/batch_sweep.py with the -torchstep
+        # configs, SmolLM2, 2 threads, AMX Xeon: 32 rows fp32 65.6 vs 74.7 ms, bf16 44.4 vs
+        # 46.4; 64 rows 121.6 vs 131.1 and 62.7 vs 72.8; level at 16).
+        if self.use_compiled_step and batch * beams <= kernels.SMALL_M_MAX:
             self.bind_compiled_step(caches, history, beams, cos, sin)
         try:
             with torch.inference_mode():

@@ -1,0 +1,73 @@
+"""tools/compare_reports.py on real reports of the generation benchmark: a rerun of the same
+config is not flagged, an injected 30% slowdown is (and fails --fail-above), bad input is one
+line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import make_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import compare_reports  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, embedded_model_dir):
+    from llmbench.generation import main
+
+    root = tmp_path_factory.mktemp("compare_reports")
+    folder = make_tiny_model("llama", root / "llama", embedded_model_dir)
+    reports = []
+    for run in ("a", "b"):
+        out = root / run
+        assert main(["-m", str(folder), "--backend", "native", "--greedy", "--token-latency",
+                     "--max-new-tokens", "16", "--num-iter", "8", "--num-warmup", "2",
+                     "--output-dir", str(out)]) == 0
+        reports.append(next(out.glob("*.json")))
+    return reports
+
+
+def slowed(report: Path, factor: float, target: Path) -> Path:
+    data = json.loads(report.read_text())
+    for it in data["iterations"]:
+        it["seconds"] *= factor
+        it["step_latencies_s"] = [t * factor for t in it["step_latencies_s"] or []]
+    target.write_text(json.dumps(data))
+    return target
+
+
+def test_rerun_is_not_flagged(two_runs, capsys):
+    # --min-change 25: on two shared cores a tiny model's medians move by more than its
+    # decode steps' own p10-p90 band between two runs a second apart; a real regression gate
+    # sets the floor it can afford.
+    assert compare_reports.main([str(two_runs[0]), str(two_runs[1]), "--json",
+                                 "--min-change", "25", "--fail-above", "25"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["metric"] for r in rows} == {"first_token_ms", "next_token_ms", "iteration_ms"}
+    assert all(r["verdict"] == "same" for r in rows), rows
+
+
+def test_injected_slowdown_is_flagged(two_runs, tmp_path, capsys):
+    after = slowed(two_runs[0], 1.3, tmp_path / "slow.json")
+    code = compare_reports.main([str(two_runs[0]), str(after), "--fail-above", "10"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "**slower**" in captured.out and "1.300x" in captured.out
+    assert "30% slower (above --fail-above 10%)" in captured.err
+    # a folder of reports matches configs by what was run, not by file name
+    folder = tmp_path / "set"
+    folder.mkdir()
+    slowed(two_runs[0], 0.7, folder / "fast.json")
+    assert compare_reports.main([str(two_runs[0]), str(folder), "--fail-above", "10"]) == 0
+    assert "**faster**" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "x.json").write_text("{}")
+    assert compare_reports.main([str(tmp_path / "x.json"), str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: compare_reports:") and "\n" not in err
