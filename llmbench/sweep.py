@@ -123,10 +123,9 @@ def run_sweep(argv: list[str], output_dir: str, formats: list[str], plot: bool) 
     root = Path(output_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     rows: list[dict[str, Any]] = []
     first_failure = 0
-    from tqdm import tqdm
+    from llmbench.progress import bar
 
-    progress = tqdm(choices, desc="sweep", unit="config", file=sys.stderr,
-                    disable=len(choices) < 2)
+    progress = bar(choices, "sweep", total=len(choices), unit="config")
     for index, choice in enumerate(progress):
         folder = root / f"{index:03d}-{slug(choice)}"
         command = [sys.executable, str(PROJECT_ROOT / "run.py"),

@@ -80,11 +80,14 @@ def quantize_rtn(model: torch.nn.Module, scheme: Scheme) -> dict[str, Any]:
     expert matrix of a mixture-of-experts model kept in 3-D tensors (named
     "<parameter>.<expert>", see backends.blocks.expert_matrices)."""
     from llmbench.backends.blocks import expert_matrices
+    from llmbench.progress import bar
 
     output = model.get_output_embeddings()
+    modules = linear_modules(model, scheme.lm_head)
     found = {name: quantize_weight(module.weight, module.bias,
                                    projection_scheme(scheme, module is output))
-             for name, module in linear_modules(model, scheme.lm_head).items()}
+             for name, module in bar(modules.items(), f"quantizing to {scheme.weight_dtype}",
+                                     total=len(modules), unit="linear")}
     for name, weight in expert_matrices(model).items():
         found[name] = quantize_weight(weight, None, scheme)
     return found

@@ -306,7 +306,9 @@ def quantize_model(model: torch.nn.Module, calib: torch.Tensor, settings: GPTQSe
         return args, {**kwargs, "hidden_states": hidden}
 
     results: dict[str, QuantizedWeight] = {}
-    for index, layer in enumerate(layers):
+    from llmbench.progress import bar
+
+    for index, layer in enumerate(bar(layers, "GPTQ", total=len(layers), unit="layer")):
         start = time.perf_counter()
         linears = layer_linears(layer)
         sums = _HessianSums(linears)

@@ -52,6 +52,7 @@ import torch
 
 from llmbench import kernels
 from llmbench.errors import UserError
+from llmbench.progress import bar
 from llmbench.quant.calibration import load_texts
 from llmbench.quant.linears import OVERFLOW, FloatLinear, StaticInt8Linear
 
@@ -271,7 +272,7 @@ def calibrate(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
         handles.append(module.register_forward_pre_hook(hook_for(name, module is output)))
     try:
         with torch.inference_mode():
-            for ids, mask in samples:
+            for ids, mask in bar(samples, "SmoothQuant calibration", unit="sample"):
                 valid = mask.reshape(-1).bool()
                 count = int(valid.sum())
                 state["valid"] = valid
