@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmbench import flags, sweep
 from llmbench.environment import PROJECT_ROOT
@@ -253,7 +254,21 @@ def run_sweep(parser: flags.Parser, argv: list[str], lists: dict[str, list[str]]
                         "no --autotp)")
     formats = sweep.output_formats(_flag_value(argv, "--output-format") or "md,json")
     output_dir = _flag_value(argv, "--output-dir") or parser.get_default("output_dir")
-    return sweep.run_sweep(argv, output_dir, formats, "--plot" in argv)
+
+    def run_config(config: list[str], log: Any) -> int:
+        args = parser.parse_args(config)
+        for step in plan_steps(parser, args):
+            command = [sys.executable, str(PROJECT_ROOT / step.script), *step.argv]
+            log.write(f"$ {shlex.join(command)}\n")
+            log.flush()
+            status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                    check=False).returncode
+            if status:
+                log.write(f"error: step '{step.name}' failed with exit status {status}\n")
+                return status
+        return 0
+
+    return sweep.run_sweep(argv, output_dir, formats, "--plot" in argv, run_config)
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

@@ -1,6 +1,7 @@
 """run.py sweeps, as llama-bench runs them: comma lists for the flags in SWEEP_FLAGS, the cross
-product run one config at a time, each in its own run.py process (so no config measures what
-another left in memory), one results table written as --output-format says, and --plot's PNGs.
+product run one config at a time, each config's steps (run.py's plan for it) in processes of
+their own (so no config measures what another left in memory), one results table written as
+--output-format says, and --plot's PNGs.
 
     python run.py --benchmark -m MODEL --dtype float32,bfloat16 --backend stock,native \
         --batch-size 1,4 --input-tokens 32,512 --output-format md,csv,json --plot
@@ -16,14 +17,12 @@ import csv
 import io
 import itertools
 import json
-import shlex
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from llmbench.environment import PROJECT_ROOT
 from llmbench.errors import UserError
 from llmbench.report import write_atomic
 
@@ -113,7 +112,9 @@ def _is_report(path: Path) -> bool:
         return False
 
 
-def run_sweep(argv: list[str], output_dir: str, formats: list[str], plot: bool) -> int:
+def run_sweep(argv: list[str], output_dir: str, formats: list[str], plot: bool,
+              run_config: Callable[[list[str], TextIO], int]) -> int:
+    """run_config(argv, log): one config's run.py steps, their output into log; its status."""
     lists = swept_values(argv)
     if "--token-latency" not in argv:  # first/next-token columns need per-step timestamps
         argv = [*argv, "--token-latency"]
@@ -128,15 +129,10 @@ def run_sweep(argv: list[str], output_dir: str, formats: list[str], plot: bool) 
     progress = bar(choices, "sweep", total=len(choices), unit="config")
     for index, choice in enumerate(progress):
         folder = root / f"{index:03d}-{slug(choice)}"
-        command = [sys.executable, str(PROJECT_ROOT / "run.py"),
-                   *config_argv(argv, choice, folder)]
         progress.set_postfix_str(" ".join(f"{SWEEP_FLAGS[f]}={v}" for f, v in choice.items()))
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "run.log", "w") as log:
-            log.write(f"$ {shlex.join(command)}\n")
-            log.flush()
-            status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                    check=False).returncode
+            status = run_config(config_argv(argv, choice, folder), log)
         row: dict[str, Any] = {SWEEP_FLAGS[f]: v for f, v in choice.items()}
         row["status"] = "ok" if status == 0 else f"failed ({status}; {folder / 'run.log'})"
         if status == 0:
