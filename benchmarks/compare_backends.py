@@ -406,6 +406,33 @@ def table(rows: list[dict[str, Any]], bandwidth: float) -> str:
     return "\n".join(lines)
 
 
+def plot_bars(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """First-token and next-token latency per config, side by side (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(ok) + 1.5), sharey=True)
+    names = [r["config"] for r in ok]
+    for ax, key, label in ((axes[0], "first_token_ms", "first token ms"),
+                           (axes[1], "next_token_ms", "next token ms")):
+        ax.barh(names, [r[key] for r in ok],
+                color=["tab:orange" if r["backend"] == "llama.cpp" else
+                       "tab:gray" if r["backend"] == "stock" else "tab:blue" for r in ok])
+        ax.set_xlabel(label)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    write_png = path.with_suffix(".png.partial")
+    fig.savefig(write_png, dpi=100, format="png")
+    plt.close(fig)
+    write_png.replace(path)
+    return path
+
+
 def main() -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2",
@@ -424,6 +451,8 @@ def main() -> int:
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--same-process", action="store_true",
                         help="measure every config in this process instead of one child each")
+    parser.add_argument("--plot", action="store_true",
+                        help="also write a PNG: first- and next-token bars per config")
     parser.add_argument("--one-config", help=argparse.SUPPRESS)  # a child's single config
     parser.add_argument("--model-path", help=argparse.SUPPRESS)  # the child's resolved model
     args = parser.parse_args()
@@ -470,6 +499,8 @@ def main() -> int:
          "bandwidth_probes_gb_per_s": probes, "rows": rows,
          "settings": vars(args), "environment": collect_environment()}, indent=1, default=str))
     print(f"written: {out / stem}.md and .json")
+    if args.plot:
+        print(f"written: {plot_bars(rows, out / f'{stem}.png', markdown.splitlines()[0][2:])}")
     failed = [r for r in rows if r.get("error")]
     if len(failed) == len(rows):  # written all the same: the table says why each failed
         print(f"error: compare_backends: no config ran ({failed[0]['error']})", file=sys.stderr)
