@@ -8,8 +8,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TextIO
 
 from llmbench import flags, sweep
 from llmbench.environment import PROJECT_ROOT
@@ -215,65 +214,53 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     return steps
 
 
-def run_step(step: Step) -> int:
+def run_step(step: Step, log: TextIO | None = None) -> int:
+    """One step as a subprocess; its output to ours, or into `log` (a sweep's config)."""
     command = [sys.executable, str(PROJECT_ROOT / step.script), *step.argv]
-    print(f"running {step.name}: {shlex.join(command)}", flush=True)
-    return subprocess.run(command, check=False).returncode
+    if log is None:
+        print(f"running {step.name}: {shlex.join(command)}", flush=True)
+        return subprocess.run(command, check=False).returncode
+    log.write(f"$ {shlex.join(command)}\n")
+    log.flush()
+    return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def run_steps(steps: list[Step], log: TextIO | None = None) -> int:
+    """The steps in order; the status of the first that fails (said on stderr or in log)."""
+    for step in steps:
+        status = run_step(step, log)
+        if status != 0:
+            print(f"error: step '{step.name}' failed with exit status {status}",
+                  file=log or sys.stderr, flush=True)
+            return status
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    lists = sweep.swept_values(argv)
-    if lists or any(a.partition("=")[0] in ("--output-format", "--plot") for a in argv):
+    lists = sweep.swept_values(argv)  # comma lists would not parse as single values
+    if lists:
         return run_sweep(parser, argv, lists)
     args = parser.parse_args(argv)
-    for step in plan_steps(parser, args):
-        status = run_step(step)
-        if status != 0:
-            print(f"error: step '{step.name}' failed with exit status {status}", file=sys.stderr,
-                  flush=True)
-            return status
-    return 0
+    if args.output_format is not None or args.plot:  # a sweep of one config
+        return run_sweep(parser, argv, lists)
+    return run_steps(plan_steps(parser, args))
 
 
 def run_sweep(parser: flags.Parser, argv: list[str], lists: dict[str, list[str]]) -> int:
     """Every config's command line is parsed and planned before the first one runs, so a bad
     value stops the sweep at once, in one line."""
-    import itertools
-
-    configs = []
-    for values in itertools.product(*lists.values()):
-        args = parser.parse_args(sweep.config_argv(argv, dict(zip(lists, values, strict=True)),
-                                                   Path(".")))
-        plan_steps(parser, args)
-        configs.append(args)
-    args = configs[0]
-    if not args.benchmark or args.accuracy_only or args.autotp:
+    choices = sweep.choices(lists)
+    first = parser.parse_args(sweep.config_argv(argv, choices[0]))
+    if not first.benchmark or first.accuracy_only or first.autotp:
         raise UserError("a sweep runs --benchmark alone, single-instance (no --accuracy-only, "
                         "no --autotp)")
-    formats = sweep.output_formats(_flag_value(argv, "--output-format") or "md,json")
-    output_dir = _flag_value(argv, "--output-dir") or parser.get_default("output_dir")
-
-    def run_config(config: list[str], log: Any) -> int:
-        args = parser.parse_args(config)
-        for step in plan_steps(parser, args):
-            command = [sys.executable, str(PROJECT_ROOT / step.script), *step.argv]
-            log.write(f"$ {shlex.join(command)}\n")
-            log.flush()
-            status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                    check=False).returncode
-            if status:
-                log.write(f"error: step '{step.name}' failed with exit status {status}\n")
-                return status
-        return 0
-
-    return sweep.run_sweep(argv, output_dir, formats, "--plot" in argv, run_config)
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    for i, token in enumerate(argv):
-        name, eq, value = token.partition("=")
-        if name == flag:
-            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-    return None
+    formats = sweep.output_formats(first.output_format or "md,json")
+    root = sweep.new_root(first.output_dir)
+    configs = []
+    for index, choice in enumerate(choices):
+        folder = sweep.config_folder(root, index, choice)
+        args = parser.parse_args(sweep.config_argv(argv, choice, folder))
+        configs.append(sweep.Config(choice, folder, plan_steps(parser, args)))
+    return sweep.run_sweep(configs, root, formats, first.plot, run_steps)

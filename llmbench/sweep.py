@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -59,9 +60,18 @@ def swept_values(argv: list[str]) -> dict[str, list[str]]:
     return lists
 
 
-def config_argv(argv: list[str], choice: dict[str, str], output_dir: Path) -> list[str]:
-    """argv with each swept flag set to its value for this config and --output-dir replaced;
-    the sweep's own flags dropped."""
+def choices(lists: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The cross product of swept values: one {flag: value} per config (one empty config when
+    nothing is swept)."""
+    return [dict(zip(lists, values, strict=True)) for values in itertools.product(*lists.values())]
+
+
+def config_argv(argv: list[str], choice: dict[str, str], output_dir: Path | None = None
+                ) -> list[str]:
+    """argv with each swept flag set to its value for this config, --output-dir replaced when
+    output_dir is given, and --token-latency (the first/next-token columns need per-step
+    timestamps)."""
+    replaced = set(choice) | ({"--output-dir"} if output_dir is not None else set())
     out: list[str] = []
     skip = False
     for i, token in enumerate(argv):
@@ -69,15 +79,31 @@ def config_argv(argv: list[str], choice: dict[str, str], output_dir: Path) -> li
             skip = False
             continue
         flag, eq, _ = token.partition("=")
-        if flag in choice or flag == "--output-dir" or flag == "--output-format":
+        if flag in replaced:
             skip = not eq and i + 1 < len(argv)
-            continue
-        if flag == "--plot":
             continue
         out.append(token)
     for flag, value in choice.items():
         out += [flag, value]
-    return out + ["--output-dir", str(output_dir)]
+    if "--token-latency" not in out:
+        out.append("--token-latency")
+    return out + ([] if output_dir is None else ["--output-dir", str(output_dir)])
+
+
+def new_root(output_dir: str) -> Path:
+    """The sweep's folder (created when the first config runs)."""
+    return Path(output_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def config_folder(root: Path, index: int, choice: dict[str, str]) -> Path:
+    return root / f"{index:03d}-{slug(choice)}"
+
+
+@dataclass
+class Config:
+    choice: dict[str, str]  # swept flag -> this config's value
+    folder: Path  # its --output-dir
+    steps: list[Any]  # run.py's plan for it (dispatch.Step)
 
 
 def slug(choice: dict[str, str]) -> str:
@@ -112,27 +138,20 @@ def _is_report(path: Path) -> bool:
         return False
 
 
-def run_sweep(argv: list[str], output_dir: str, formats: list[str], plot: bool,
-              run_config: Callable[[list[str], TextIO], int]) -> int:
-    """run_config(argv, log): one config's run.py steps, their output into log; its status."""
-    lists = swept_values(argv)
-    if "--token-latency" not in argv:  # first/next-token columns need per-step timestamps
-        argv = [*argv, "--token-latency"]
-    flags_swept = list(lists) or []
-    choices = [dict(zip(flags_swept, values, strict=True))
-               for values in itertools.product(*(lists[f] for f in flags_swept))]
-    root = Path(output_dir) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+def run_sweep(configs: list[Config], root: Path, formats: list[str], plot: bool,
+              run_steps: Callable[[list[Any], TextIO], int]) -> int:
+    """run_steps(steps, log): one config's planned steps, their output into log; its status."""
     rows: list[dict[str, Any]] = []
     first_failure = 0
     from llmbench.progress import bar
 
-    progress = bar(choices, "sweep", total=len(choices), unit="config")
-    for index, choice in enumerate(progress):
-        folder = root / f"{index:03d}-{slug(choice)}"
+    progress = bar(configs, "sweep", total=len(configs), unit="config")
+    for config in progress:
+        choice, folder = config.choice, config.folder
         progress.set_postfix_str(" ".join(f"{SWEEP_FLAGS[f]}={v}" for f, v in choice.items()))
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "run.log", "w") as log:
-            status = run_config(config_argv(argv, choice, folder), log)
+            status = run_steps(config.steps, log)
         row: dict[str, Any] = {SWEEP_FLAGS[f]: v for f, v in choice.items()}
         row["status"] = "ok" if status == 0 else f"failed ({status}; {folder / 'run.log'})"
         if status == 0:
@@ -145,7 +164,8 @@ def run_sweep(argv: list[str], output_dir: str, formats: list[str], plot: bool,
     print(markdown_table(rows))
     written = [str(root / f"sweep.{fmt}") for fmt in formats]
     if plot:
-        written += [str(p) for p in plot_sweep(root, rows, [SWEEP_FLAGS[f] for f in flags_swept])]
+        swept = [SWEEP_FLAGS[f] for f in configs[0].choice]
+        written += [str(p) for p in plot_sweep(root, rows, swept)]
     print(f"sweep: {len(rows)} configs, written: {', '.join(written)}", flush=True)
     if first_failure:
         print(f"error: {sum(r['status'] != 'ok' for r in rows)} of {len(rows)} sweep configs "

@@ -25,19 +25,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmbench.timing import percentile  # noqa: E402
+
 METRICS = ("first_token_ms", "next_token_ms", "iteration_ms")
 
 
 class InputError(Exception):
     pass
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def metric(samples: list[float]) -> dict[str, float] | None:

@@ -828,13 +828,8 @@ class NativeModel:
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               alibi: torch.Tensor | None) -> torch.Tensor:
-        if alibi is None:
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
-                                                  enable_gqa=True)
-        else:
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi, scale=self.scaling,
-                                                  enable_gqa=True)
-        return attn
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=alibi, is_causal=alibi is None,
+                                              scale=self.scaling, enable_gqa=True)
 
     def decode(self, ids: torch.Tensor, caches: list[KVCache], history: BeamHistory,
                beams: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -112,12 +112,18 @@ def reference(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
-def _fp32_path(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
+def _gemm_path(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
                wscales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """More rows than the kernels take: the int32 sums by torch._int_mm where INT8_GEMM holds,
+    else by fp32 GEMM on the integer values (exact below 2**24)."""
     k = qweight.shape[1]
     x2 = x.reshape(-1, k)
     s = act_scale.reshape(-1)
-    acc = quantize_activations(x2, s) @ qweight.float().T
+    xq = quantize_activations(x2, s)
+    if INT8_GEMM:
+        acc = torch._int_mm(xq.to(torch.int8), qweight.t()).float()
+    else:
+        acc = xq @ qweight.float().T
     scale = s.reshape(-1, 1) * wscales if s.numel() > 1 else s * wscales
     y = torch.addcmul(bias, acc, scale) if bias is not None else acc * scale
     return y.reshape(*x.shape[:-1], qweight.shape[0])
@@ -131,21 +137,7 @@ def linear_w8a8(x: torch.Tensor, act_scale: torch.Tensor | None, qweight: torch.
         return kernels.compiled().linear_int8w(x, qweight, wscales, bias, INT8_MAX, act_scale)
     if act_scale is None:
         act_scale = dynamic_scales(x)
-    if INT8_GEMM and rows:
-        return _int_mm_path(x.float(), act_scale, qweight, wscales, bias)
-    return _fp32_path(x.float(), act_scale, qweight, wscales, bias)
-
-
-def _int_mm_path(x: torch.Tensor, act_scale: torch.Tensor, qweight: torch.Tensor,
-                 wscales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    k = qweight.shape[1]
-    x2 = x.reshape(-1, k)
-    s = act_scale.reshape(-1)
-    xq = quantize_activations(x2, s).to(torch.int8)
-    acc = torch._int_mm(xq, qweight.t()).float()
-    scale = s.reshape(-1, 1) * wscales if s.numel() > 1 else s * wscales
-    y = torch.addcmul(bias, acc, scale) if bias is not None else acc.mul_(scale)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    return _gemm_path(x.float(), act_scale, qweight, wscales, bias)
 
 
 def dynamic_scales(x: torch.Tensor) -> torch.Tensor:

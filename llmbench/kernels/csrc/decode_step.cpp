@@ -953,12 +953,12 @@ class DecodePlan {
 
   // y[r, :N] = x[r, :K] @ W.T (+ bias) through torch's GEMM (set_gemm_rows).
   void gemm_rows(const Projection& p, const float* x, int64_t rows, float* y, int64_t ldy) {
-    const int64_t K = p.d.K, N = p.d.N;
-    const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, K}, at::kFloat);
     if (p.d.fmt == kI8) {
       int8_gemm_rows(p, x, rows, y, ldy);
       return;
     }
+    const int64_t K = p.d.K, N = p.d.N;
+    const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, K}, at::kFloat);
     at::Tensor out;
     if (p.d.fmt == kF32)
       out = at::mm(xt, p.weight.t());
@@ -978,7 +978,7 @@ class DecodePlan {
     });
   }
 
-  // Int8 weights, dynamic per-row int8 activations, as int8_act._int_mm_path computes them:
+  // Int8 weights, dynamic per-row int8 activations, as int8_act._gemm_path computes them:
   // scale = max(absmax / 127, 1e-8), q = round-half-even(x / scale), int32 sums by
   // torch._int_mm, y = acc * (scale * wscale) (+ bias) (- sum(x) * wscale * zero).
   void int8_gemm_rows(const Projection& p, const float* x, int64_t rows, float* y,
