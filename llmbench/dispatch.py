@@ -228,7 +228,7 @@ def run_step(step: Step, log: TextIO | None = None) -> int:
 def run_steps(steps: list[Step], log: TextIO | None = None) -> int:
     """The steps in order; the status of the first that fails (said on stderr or in log)."""
     for step in steps:
-        status = run_step(step, log)
+        status = run_step(step) if log is None else run_step(step, log)
         if status != 0:
             print(f"error: step '{step.name}' failed with exit status {status}",
                   file=log or sys.stderr, flush=True)
