@@ -38,7 +38,7 @@ CONFIGS = {  # name -> run.py flags
     "native-int8": ["--backend", "native", "--ipex-weight-only-quantization",
                     "--weight-dtype", "INT8"],
 }
-MODES = {"llava": "1", "whisper": "2"}
+MODES = {"llava": "1", "whisper": "2", "mllama": "1"}
 MS = 1000.0
 
 
@@ -106,7 +106,7 @@ def markdown(rows: list[dict[str, Any]], environment: str, command: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="llava,whisper")
+    parser.add_argument("--families", default="llava,whisper,mllama")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--num-iter", type=int, default=3)
     parser.add_argument("--num-warmup", type=int, default=1)

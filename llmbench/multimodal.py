@@ -52,18 +52,13 @@ LAYOUTS = {
     "llava": Layout((("model", "model.language_model"), ("lm_head", "lm_head")),
                     ("model.vision_tower", "model.multi_modal_projector")),
     "mllama": Layout((("model", "model.language_model"), ("lm_head", "lm_head")),
-                     ("model.vision_model", "model.multi_modal_projector"),
-                     "its language model interleaves cross-attention layers (over the image) "
-                     "with the self-attention ones, which the native step does not implement"),
+                     ("model.vision_model", "model.multi_modal_projector")),
     "git": Layout((("encoder", "git.encoder"), ("output", "output")),
                   ("git.image_encoder", "git.visual_projection"),
                   "its text decoder is a BERT-style stack whose attention reads the image "
                   "tokens too, which the native step does not implement"),
     "whisper": Layout((("decoder", "model.decoder"), ("proj_out", "proj_out")),
-                      ("model.encoder",),
-                      "its decoder (learned positions, cross-attention over the audio, "
-                      "Whisper's own generate() with forced and suppressed tokens) is not mapped "
-                      "onto the native step yet"),
+                      ("model.encoder",)),
 }
 # Quantization of a multimodal model: weight-only round-to-nearest, in this process.
 QUANT_METHODS = ("woq",)
@@ -449,13 +444,15 @@ class _Captured(Exception):
 
 
 class NativeMultimodal:
-    """--backend native for a multimodal model: its encoders and the merge of their features
-    into the prompt's embeddings run as transformers runs them, once per prompt; the language
-    model's prefill and decode steps are the native model's (llmbench.backends.native)."""
+    """--backend native for a multimodal model: its encoders, and what transformers makes of
+    their features for the language model, run as transformers runs them, once per prompt;
+    the language model's prefill and decode steps are the native model's
+    (llmbench.backends.native). LLaVA's image features replace the image tokens' embeddings;
+    Llama-3.2-Vision's feed its cross-attention layers' keys and values."""
 
     def __init__(self, model: Any, language: Any, native: Any) -> None:
         self.model = model
-        self.language = language  # the module whose inputs_embeds the native prefill takes
+        self.language = language  # the module whose inputs the native model takes over
         self.native = native
 
     def runtime_details(self) -> dict[str, Any]:
@@ -467,18 +464,21 @@ class NativeMultimodal:
         media = {key: kwargs.pop(key) for key in list(kwargs)
                  if key not in SUPPORTED_GENERATE_KEYS}
         if media:
-            kwargs["inputs_embeds"] = self.prompt_embeddings(
-                kwargs["input_ids"], kwargs.get("attention_mask"), media)
+            kwargs.update(self.language_inputs(kwargs["input_ids"],
+                                               kwargs.get("attention_mask"), media))
         return self.native.generate(**kwargs)
 
-    def prompt_embeddings(self, ids: Any, mask: Any, media: dict[str, Any]) -> Any:
-        """The embeddings transformers' own forward hands its language model: the encoders run
-        and their features replace the image tokens; the call stops there (a pre-hook), so
-        nothing of the language model runs stock."""
-        captured = {}
+    def language_inputs(self, ids: Any, mask: Any, media: dict[str, Any]) -> dict[str, Any]:
+        """What transformers' own forward hands its language model, as native generate()
+        settings: the encoders run, then the call stops (a pre-hook on the language model), so
+        nothing of the language model runs stock. LLaVA: the prompt's embeddings with the image
+        features in place of the image tokens. mllama: the image states' cross keys/values and
+        the tile mask (additive bias and text rows that see a tile), as transformers prepared
+        them."""
+        captured: dict[str, Any] = {}
 
         def capture(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-            captured["embeds"] = kwargs.get("inputs_embeds")
+            captured.update(kwargs)
             raise _Captured
 
         handle = self.language.register_forward_pre_hook(capture, with_kwargs=True)
@@ -488,10 +488,22 @@ class NativeMultimodal:
             pass
         finally:
             handle.remove()
-        if captured.get("embeds") is None:
+        states = captured.get("cross_attention_states")
+        if states is not None:
+            batch = ids.shape[0]
+            found: dict[str, Any] = {
+                "cross_kv": self.native.cross_kv(states.reshape(batch, -1, states.shape[-1]))}
+            bias = captured.get("cross_attention_mask")  # [B, 1, P, E]
+            rows = captured.get("full_text_row_masked_out_mask")  # [B, 1, P, 1]
+            if bias is not None:
+                found["cross_bias"] = bias[:, 0]
+            if rows is not None:
+                found["cross_rows"] = rows[:, 0, :, 0]
+            return found
+        if captured.get("inputs_embeds") is None:
             raise UserError("native backend: the model's forward did not hand its language "
-                            "model input embeddings")
-        return captured["embeds"]
+                            "model input embeddings or image states")
+        return {"inputs_embeds": captured["inputs_embeds"]}
 
 
 def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
@@ -544,9 +556,15 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
         language.get_submodule(layout.language[0][0]).layers = torch.nn.ModuleList()
         model.set_submodule(layout.language[-1][1], torch.nn.Identity())
         weight_bytes = native.weight_bytes
+        if family == "whisper":  # the encoder's states feed the native decoder's cross-attention
+            from llmbench.backends.native_whisper import NativeWhisper
+
+            runner: Any = NativeWhisper(model, native)
+        else:  # the encoders' features enter the native decoder's prompt embeddings
+            runner = NativeMultimodal(model, language.get_submodule(layout.language[0][0]),
+                                      native)
         result = backends.PreparedModel(
-            model=NativeMultimodal(model, language.get_submodule(layout.language[0][0]), native),
-            backend="native", details={**prepared.details, **details,
+            model=runner, backend="native", details={**prepared.details, **details,
                                        "language_model": language.config.model_type})
     else:
         if backend == "native":

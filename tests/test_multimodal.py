@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_entry
 from tiny_models import make_tiny_model
-from tiny_multimodal import make_tiny_multimodal
+from tiny_multimodal import make_tiny_multimodal, released_whisper_decoding
 
 SAMPLE_IMAGE = ROOT / "llmbench" / "data" / "sample_image.png"
 SAMPLE_AUDIO = ROOT / "llmbench" / "data" / "sample_audio.wav"
@@ -260,13 +260,119 @@ def test_llava_weight_only_language_model(models, tmp_path, quant):
     assert abs(stock_bytes - native["backend"]["weight_bytes_per_token"]) < 0.02 * stock_bytes
 
 
-@pytest.mark.parametrize("family", ["whisper", "git", "mllama"])
+def whisper_decoding(model: Path, folder: Path, **settings) -> Path:
+    """A copy of the tiny Whisper whose generation config has `settings` (on top of a released
+    multilingual checkpoint's decoding rules)."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model, folder)
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text())
+    config.pop("_from_model_config", None)  # else transformers rebuilds it from config.json
+    config.update(released_whisper_decoding(AutoTokenizer.from_pretrained(model)), **settings)
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def stock_and_native(model: Path, folder: Path, *flags: str) -> tuple[dict, dict]:
+    _, stock = benchmark(model, folder / "stock", *flags)
+    _, native = benchmark(model, folder / "native", *flags, "--backend", "native")
+    assert native["backend"]["name"] == "native" and "fallback_reason" not in native["backend"]
+    return stock, native
+
+
+def test_whisper_native_decoder(models, tmp_path):
+    """--backend native runs Whisper's decoder (the audio encoder stays stock) under a released
+    checkpoint's decoding rules (language detected from the audio, forced task,
+    <|notimestamps|>, suppressed tokens): the same greedy tokens as stock in fp32, with
+    weight-only INT8, and with a set language and task; beam search too."""
+    from transformers import AutoTokenizer
+
+    released = whisper_decoding(models["whisper"], tmp_path / "released")
+    stock, native = stock_and_native(released, tmp_path)
+    assert generated(native) == generated(stock)
+    tokenizer = AutoTokenizer.from_pretrained(released)
+    start, transcribe, no_timestamps = tokenizer.convert_tokens_to_ids(
+        ["<|startoftranscript|>", "<|transcribe|>", "<|notimestamps|>"])
+    assert native["backend"]["decoder_prompt"] == [start, "language detected from the audio",
+                                                   transcribe, no_timestamps]
+    assert native["backend"]["decode_step"].startswith("compiled C++ step")
+    assert native["statistics"]["first_token_encoder_s"]["count"] == 1
+
+    # Suppressing every token the released rules produced changes the output: both agree.
+    banned = tokenizer(generated(stock)[0], add_special_tokens=False).input_ids
+    suppressed = whisper_decoding(models["whisper"], tmp_path / "suppressed",
+                                  suppress_tokens=banned)
+    stock_s, native_s = stock_and_native(suppressed, tmp_path / "s")
+    assert generated(native_s) == generated(stock_s) != generated(stock)
+
+    translate = whisper_decoding(models["whisper"], tmp_path / "de", language="de",
+                                 task="translate")
+    stock_t, native_t = stock_and_native(translate, tmp_path / "t", "--ipex-weight-only-"
+                                         "quantization", "--weight-dtype", "INT8")
+    assert generated(native_t) == generated(stock_t)
+    assert native_t["backend"]["decoder_prompt"][1:3] == [300, tokenizer.convert_tokens_to_ids(
+        "<|translate|>")]
+
+    beams = ["--num-beams", "2", "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
+             "--num-warmup", "0"]
+    texts = []
+    for backend in ("stock", "native"):
+        out = tmp_path / f"beam-{backend}"
+        result = run_entry("run.py", "--benchmark", "-m", str(released), *beams,
+                           "--backend", backend, "--output-dir", str(out))
+        assert result.returncode == 0, result.stderr
+        texts.append(json.loads(next(out.glob("*.json")).read_text())["generated_text"])
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--sample"], "sampling with Whisper is not implemented"),
+    (["--prompt", "earlier words"], "prompt_ids (--prompt: previous-text conditioning)"),
+])
+def test_whisper_native_refuses_what_it_does_not_run(models, tmp_path, flags, needle):
+    result = run_entry("run.py", "--benchmark", "-m", str(models["whisper"]), "--backend",
+                       "native", "--max-new-tokens", "4", "--num-iter", "1", "--num-warmup",
+                       "0", *flags, "--output-dir", str(tmp_path))
+    assert result.returncode != 0
+    assert needle in result.stderr
+
+
+def test_mllama_native_language_model(models, tmp_path):
+    """--backend native runs Llama-3.2-Vision's text model, its gated cross-attention layers
+    included (the vision model stays stock): the same greedy tokens as stock in fp32 and
+    weight-only INT8, with text before the image (rows that see no tile), without an image
+    (the cross layers skipped), and in beam search."""
+    early = ["--prompt", "Some words first <|image|>Describe this image."]
+    for name, flags in (("image", ["--input-mode", "1"]),
+                        ("early", ["--input-mode", "1", *early]),
+                        ("int8", ["--input-mode", "1", "--ipex-weight-only-quantization",
+                                  "--weight-dtype", "INT8"]),
+                        ("text", ["--input-mode", "0", "--prompt", "Hello there"])):
+        stock, native = stock_and_native(models["mllama"], tmp_path / name, *flags)
+        assert generated(native) == generated(stock), name
+        assert native["backend"]["block"]["cross_layers"] == [1]
+    assert native["backend"]["decode_step"].startswith("compiled C++ step")
+
+    beams = ["--num-beams", "2", "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
+             "--num-warmup", "0", "--input-mode", "1", *early]
+    texts = []
+    for backend in ("stock", "native"):
+        out = tmp_path / f"beam-{backend}"
+        result = run_entry("run.py", "--benchmark", "-m", str(models["mllama"]), *beams,
+                           "--backend", backend, "--output-dir", str(out))
+        assert result.returncode == 0, result.stderr
+        texts.append(json.loads(next(out.glob("*.json")).read_text())["generated_text"])
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("family", ["git"])
 def test_native_falls_back_loudly_and_quantizes_stock(models, tmp_path, family):
     """Families whose language model the native step does not cover run stock with the reason
     in the console and the report; weight-only INT8 still applies to their language model."""
     out, report = benchmark(models[family], tmp_path, "--backend", "native",
                             "--ipex-weight-only-quantization", "--weight-dtype", "INT8",
-                            *(["--input-mode", "1"] if family != "whisper" else []))
+                            "--input-mode", "1")
     assert report["backend"]["name"] == "stock"
     reason = report["backend"]["fallback_reason"]
     assert f"native backend does not cover {family}'s language model" in reason

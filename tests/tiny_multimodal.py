@@ -44,6 +44,17 @@ REAL_LLAVA_TEXT = {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_la
 REAL_WHISPER = {"d_model": 768, "encoder_layers": 12, "decoder_layers": 12,
                 "encoder_attention_heads": 12, "decoder_attention_heads": 12,
                 "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072, "max_target_positions": 448}
+# mllama: Llama-3.2-11B-Vision's layout at the LLaVA text model's size: a SmolLM2-360M-shaped
+# text model with a gated cross-attention layer in place of every fifth from the fourth (the
+# 11B's pattern: 8 of 40), over the image tokens of the real vision encoder's count (560-pixel
+# tiles of 14-pixel patches: 1601 tokens per tile, 4 tiles) from a small vision encoder.
+REAL_MLLAMA_TEXT = {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                    "num_attention_heads": 15, "num_key_value_heads": 5,
+                    "cross_attention_layers": [3, 8, 13, 18, 23, 28],
+                    "max_position_embeddings": 2048}
+REAL_MLLAMA_VISION = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
+                      "num_global_layers": 1, "attention_heads": 4, "image_size": 560,
+                      "patch_size": 14, "max_num_tiles": 4, "vision_output_dim": 512}
 SHAPES = ("tiny", "real")
 
 
@@ -145,10 +156,32 @@ def make_tiny_whisper(folder: Path, tokenizer_dir: Path, shape: str = "tiny") ->
         begin_suppress_tokens=None, suppress_tokens=None)
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config).eval()
+    if real:  # decode as a released multilingual checkpoint does (language detection first)
+        for key, value in released_whisper_decoding(tokenizer).items():
+            setattr(model.generation_config, key, value)
+        # else loading rebuilds the generation config from config.json, without these
+        model.generation_config._from_model_config = False
     model.save_pretrained(folder, safe_serialization=True)
     WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(
         folder)
     return folder
+
+
+def released_whisper_decoding(tokenizer: Any) -> dict[str, Any]:
+    """The decoding settings of a released multilingual Whisper's generation config, over the
+    tiny tokenizer's control tokens: the old-style forced_decoder_ids (language left to
+    detection, then transcribe), two languages (the second on a text token: only its id
+    matters), <|notimestamps|>, and suppressed tokens (a few, and at the start the space and
+    end-of-text, as the released configs list)."""
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>")
+           for name in ("en", "transcribe", "translate", "notimestamps")}
+    return {"is_multilingual": True, "lang_to_id": {"<|en|>": ids["en"], "<|de|>": 300},
+            "task_to_id": {"transcribe": ids["transcribe"], "translate": ids["translate"]},
+            "no_timestamps_token_id": ids["notimestamps"],
+            "forced_decoder_ids": [[1, None], [2, ids["transcribe"]]],
+            "suppress_tokens": [1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31],
+            "begin_suppress_tokens": [tokenizer.convert_tokens_to_ids("Ġ"),
+                                      tokenizer.eos_token_id]}
 
 
 def make_tiny_git(folder: Path, tokenizer_dir: Path) -> Path:
@@ -176,10 +209,11 @@ def make_tiny_git(folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
-def make_tiny_mllama(folder: Path, tokenizer_dir: Path) -> Path:
+def make_tiny_mllama(folder: Path, tokenizer_dir: Path, shape: str = "tiny") -> Path:
     """Llama-3.2-Vision's shape: a tiled vision encoder (local + global layers) whose features
     the text model reads through a cross-attention layer; an MllamaProcessor (tiling image
-    processor, up to 2 tiles of 32x32, + the tokenizer with <|image|> added)."""
+    processor, up to 2 tiles of 32x32, + the tokenizer with <|image|> added). --shape real:
+    REAL_MLLAMA_TEXT / REAL_MLLAMA_VISION, up to 4 tiles of 560x560."""
     import torch
     from transformers import (
         AutoTokenizer,
@@ -204,6 +238,12 @@ def make_tiny_mllama(folder: Path, tokenizer_dir: Path) -> Path:
             "cross_attention_layers": [1], "max_position_embeddings": 512,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id}
+    tiles, tile_size = 2, IMAGE_SIZE
+    if shape == "real":
+        vision = {**vision, **REAL_MLLAMA_VISION, "supported_aspect_ratios": [
+            [1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]}
+        text = {**text, **REAL_MLLAMA_TEXT}
+        tiles, tile_size = REAL_MLLAMA_VISION["max_num_tiles"], REAL_MLLAMA_VISION["image_size"]
     config = MllamaConfig(vision_config=vision, text_config=text,
                           image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
     torch.manual_seed(0)
@@ -214,8 +254,8 @@ def make_tiny_mllama(folder: Path, tokenizer_dir: Path) -> Path:
         for name, parameter in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 parameter.fill_(1.0)
-    image_processor = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                              max_image_tiles=2)
+    image_processor = MllamaImageProcessorPil(size={"height": tile_size, "width": tile_size},
+                                              max_image_tiles=tiles)
     model.save_pretrained(folder, safe_serialization=True)
     MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
@@ -229,8 +269,8 @@ def make_tiny_multimodal(family: str, folder: Path, tokenizer_dir: Path,
                          shape: str = "tiny") -> Path:
     if shape == "tiny":
         return BUILDERS[family](Path(folder), Path(tokenizer_dir))
-    if family not in ("llava", "whisper"):
-        raise SystemExit(f"--shape {shape}: llava and whisper only")
+    if family not in ("llava", "whisper", "mllama"):
+        raise SystemExit(f"--shape {shape}: llava, whisper and mllama only")
     return BUILDERS[family](Path(folder), Path(tokenizer_dir), shape)
 
 
@@ -249,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-dir", type=Path, default=None,
                         help="a folder with the SmolLM2 tokenizer (default: the embedded model)")
     parser.add_argument("--shape", choices=SHAPES, default="tiny",
-                        help="real: released models' layer shapes (llava, whisper; see SHAPES)")
+                        help="real: released models' layer shapes (llava, whisper, mllama; see "
+                             "SHAPES)")
     args: Any = parser.parse_args(argv)
     tokenizer_dir = args.tokenizer_dir or embedded_tokenizer_dir()
     folder = make_tiny_multimodal(args.family, args.output_dir, tokenizer_dir, args.shape)

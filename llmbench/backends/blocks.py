@@ -110,7 +110,10 @@ class Block:
     sliding_window: int | None = None
     experts: Experts | None = None  # MoE layers' routing (the layers with a router use it)
     mamba_layers: tuple[int, ...] = ()  # jamba: these layers mix with a Mamba SSM, not attention
-    cross_attention: bool = False  # T5: each layer also attends to the encoder's states
+    cross_attention: bool = False  # T5, Whisper: each layer also attends to the encoder's states
+    # mllama: these layers are gated cross-attention layers (to the image) in place of
+    # self-attention (LayerParts.gates)
+    cross_layers: tuple[int, ...] = ()
     latent: Latent | None = None  # MLA: heads share one latent key/value head of head_dim
 
     def describe(self) -> dict[str, Any]:
@@ -188,6 +191,11 @@ class LayerParts:
     cross_q: list[Source] | None = None
     cross_kv: list[Source] | None = None  # [k | v] of the encoder's states, once per prompt
     cross_o: list[Source] | None = None
+    # mllama's cross-attention layers: per-head RMSNorm weights of the cross q and k, and
+    # tanh(attention gate), tanh(MLP gate) (the layer's norm is attn_norm; qkv and o are None)
+    cross_q_norm: torch.Tensor | None = None
+    cross_k_norm: torch.Tensor | None = None
+    gates: tuple[float, float] | None = None
 
 
 @dataclass
@@ -205,7 +213,9 @@ class ModelParts:
     rope_tables: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
     # T5: the bias [heads, queries, keys] for `queries` positions from `start` over `keys` keys
     relative_bias: Callable[[int, int, int], torch.Tensor] | None = None
-    encoder: str | None = None  # encoder-decoder: the encoder module, run stock once per prompt
+    # encoder-decoder: the encoder module, run stock once per prompt (None with cross-attention:
+    # the caller runs it and hands generate() its states, as multimodal.NativeMultimodal does)
+    encoder: str | None = None
     decoder_start: int | None = None  # ... and the token the decoder starts from
     logit_scale: float | None = None  # T5 scales the final norm's output by d_model^-0.5
     notes: list[str] = field(default_factory=list)
@@ -762,6 +772,80 @@ def _map_t5(model: Any) -> ModelParts:
                       else None)
 
 
+def _map_mllama(model: Any) -> ModelParts:
+    """Llama-3.2-Vision's text model (multimodal.language_model's view: `model` the text model,
+    `lm_head`): llama self-attention layers and, at config.cross_attention_layers, gated
+    cross-attention layers in their place. Such a layer: RMSNorm; q (per-head RMSNorm) over the
+    image's keys (per-head RMSNorm, once per prompt) and values, GQA, no positions; added times
+    tanh(attention gate); then the MLP, zeroed on text rows that see no image tile, added times
+    tanh(MLP gate). Without an image transformers skips these layers, and so does native."""
+    config, inner = model.config, model.model
+    crossing = set(config.cross_attention_layers)
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = config.hidden_size // heads
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        p = f"model.layers.{i}"
+        common = {"attn_norm": _norm(layer.input_layernorm),
+                  "mlp_norm": _norm(layer.post_attention_layernorm),
+                  "gate_up": [Source(f"{p}.mlp.{x}_proj") for x in ("gate", "up")],
+                  "down": [Source(f"{p}.mlp.down_proj")]}
+        if i not in crossing:
+            layers.append(LayerParts(**common,
+                                     qkv=[Source(f"{p}.self_attn.{x}_proj") for x in "qkv"],
+                                     o=[Source(f"{p}.self_attn.o_proj")]))
+            continue
+        attn = layer.cross_attn
+        gates = (layer.cross_attn_attn_gate, layer.cross_attn_mlp_gate)
+        layers.append(LayerParts(
+            **common, qkv=None, o=None, cross_q=[Source(f"{p}.cross_attn.q_proj")],
+            cross_kv=[Source(f"{p}.cross_attn.{x}_proj") for x in "kv"],
+            cross_o=[Source(f"{p}.cross_attn.o_proj")],
+            cross_q_norm=attn.q_norm.weight.detach().float(),
+            cross_k_norm=attn.k_norm.weight.detach().float(),
+            gates=tuple(float(g.detach().float().tanh()) for g in gates)))
+    rope = _module_rope(inner.rotary_emb)
+    block = Block(family="mllama", norm="rms", eps=config.rms_norm_eps, residual="sequential",
+                  position="rope", mlp="gated", activation=config.hidden_act, heads=heads,
+                  kv_heads=kv, head_dim=d, scaling=d ** -0.5,
+                  rotary_dim=int(rope(1)[0].shape[-1]), cross_layers=tuple(sorted(crossing)))
+    return ModelParts(block=block, embed="model.embed_tokens", layers=layers,
+                      final_norm=_norm(inner.norm), lm_head="lm_head", rope_tables=rope)
+
+
+def _map_whisper(model: Any) -> ModelParts:
+    """Whisper's decoder (the audio encoder runs stock, once per prompt, and its states come in
+    with generate()): pre-LayerNorm blocks with biases (k_proj has none), learned positions,
+    q scaled by head_dim^-0.5, cross-attention to the audio, GELU MLP, proj_out over the tied
+    embedding. Reads a WhisperForConditionalGeneration or multimodal.language_model's view of
+    one (decoder and proj_out at the top)."""
+    config = model.config
+    prefix = "decoder" if hasattr(model, "decoder") else "model.decoder"
+    decoder = model.get_submodule(prefix)
+    heads = config.decoder_attention_heads
+    d = config.d_model // heads
+    layers = []
+    for i, layer in enumerate(decoder.layers):
+        p = f"{prefix}.layers.{i}"
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.self_attn_layer_norm), mlp_norm=_norm(layer.final_layer_norm),
+            qkv=[Source(f"{p}.self_attn.{x}_proj") for x in "qkv"],
+            o=[Source(f"{p}.self_attn.out_proj")], gate_up=[Source(f"{p}.fc1")],
+            down=[Source(f"{p}.fc2")], cross_norm=_norm(layer.encoder_attn_layer_norm),
+            cross_q=[Source(f"{p}.encoder_attn.q_proj")],
+            cross_kv=[Source(f"{p}.encoder_attn.{x}_proj") for x in "kv"],
+            cross_o=[Source(f"{p}.encoder_attn.out_proj")]))
+    block = Block(family="whisper", norm="layer", eps=decoder.layer_norm.eps,
+                  residual="sequential", position="learned", mlp="plain",
+                  activation=config.activation_function, heads=heads, kv_heads=heads,
+                  head_dim=d, scaling=d ** -0.5, cross_attention=True)
+    return ModelParts(block=block, embed=f"{prefix}.embed_tokens", layers=layers,
+                      final_norm=_norm(decoder.layer_norm),
+                      lm_head="proj_out",
+                      pos_embed=f"{prefix}.embed_positions",
+                      decoder_start=_decoder_start(model))
+
+
 MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     **{family: _map_llama_like
        for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "stablelm",
@@ -779,6 +863,8 @@ MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     "deepseek_v3": _map_deepseek,
     "jamba": _map_jamba,
     "t5": _map_t5,
+    "whisper": _map_whisper,
+    "mllama_text_model": _map_mllama,
 }
 NATIVE_FAMILIES = tuple(MAPPERS)
 

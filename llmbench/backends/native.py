@@ -63,7 +63,9 @@ KV_CACHE_DTYPES = ("auto", "fp8_e5m2")
 SUPPORTED_GENERATE_KEYS = {"input_ids", "attention_mask", "pad_token_id", "max_new_tokens",
                            "min_new_tokens", "do_sample", "num_beams", "stopping_criteria",
                            "streamer", "temperature", "top_k", "top_p", "eos_token_id",
-                           "length_penalty", "early_stopping", "inputs_embeds"}
+                           "length_penalty", "early_stopping", "inputs_embeds",
+                           "suppress_tokens", "begin_suppress_tokens", "cross_kv",
+                           "cross_bias", "cross_rows"}
 
 
 # transformers' RMSNorm in fp32, one C++ call per norm (torch's F.rms_norm is not fused on CPU
@@ -188,10 +190,14 @@ class Layer:
     w_uk: torch.Tensor | None = None
     w_uv: torch.Tensor | None = None
     mamba: Mamba | None = None  # jamba's Mamba layers (qkv and o are None there)
-    cross_norm: torch.Tensor | None = None  # T5: attention to the encoder's states
+    cross_norm: torch.Tensor | None = None  # T5, Whisper: attention to the encoder's states
+    cross_norm_bias: torch.Tensor | None = None
     cross_q: Any = None
     cross_kv: Any = None  # run once per prompt, on the encoder's states
     cross_o: Any = None
+    cross_q_norm: torch.Tensor | None = None  # mllama: per-head RMSNorm of the cross q and k
+    cross_k_norm: torch.Tensor | None = None
+    gates: tuple[float, float] | None = None  # mllama: a gated cross-attention layer
 
     def projections(self, index: int) -> list[tuple[str, Any, str]]:
         """(name, owner, attribute) of every projection a step may read, in step order; names
@@ -263,6 +269,8 @@ class KVCache:
         # Encoder-decoder: the encoder's keys and values [B, heads, E, d] (NativeModel._encode).
         self.cross_k: torch.Tensor | None = None
         self.cross_v: torch.Tensor | None = None
+        self.cross_bias: torch.Tensor | None = None  # mllama's tile mask (attach_cross_kv)
+        self.cross_rows: torch.Tensor | None = None
 
         def values_of(keys: torch.Tensor) -> torch.Tensor:
             return keys if shared_values else torch.zeros_like(keys)
@@ -392,6 +400,9 @@ class NativeModel:
                       q_b=take(f"layers.{index}.q_b", parts.q_b), q_a_norm=parts.q_a_norm,
                       kv_a_norm=parts.kv_a_norm, mamba=mamba,
                       cross_norm=None if parts.cross_norm is None else parts.cross_norm.weight,
+                      cross_norm_bias=None if parts.cross_norm is None else parts.cross_norm.bias,
+                      cross_q_norm=parts.cross_q_norm, cross_k_norm=parts.cross_k_norm,
+                      gates=parts.gates,
                       **projections)
         if parts.kv_b is not None:
             self.sources[f"layers.{index}.kv_b"] = parts.kv_b
@@ -497,7 +508,10 @@ class NativeModel:
                 shared_down=index[f"layers.{i}.shared.down"] if shared else -1,
                 q_b=index[f"layers.{i}.q_b"] if layer.q_b is not None else -1,
                 q_a_norm=layer.q_a_norm, kv_a_norm=layer.kv_a_norm, w_uk=layer.w_uk,
-                w_uv=layer.w_uv, cross_norm=layer.cross_norm,
+                w_uv=layer.w_uv, cross_norm=layer.cross_norm, cross_norm_bias=layer.cross_norm_bias,
+                cross_q_norm=layer.cross_q_norm, gated=layer.gates is not None,
+                gate_attn=layer.gates[0] if layer.gates else 0.0,
+                gate_mlp=layer.gates[1] if layer.gates else 0.0,
                 cross_q=index[f"layers.{i}.cross_q"] if layer.cross_q is not None else -1,
                 cross_o=index[f"layers.{i}.cross_o"] if layer.cross_o is not None else -1)
             if layer.mamba is not None:
@@ -727,27 +741,86 @@ class NativeModel:
         return h + self._all_reduce(self._mlp(layer, x)).view(rows, seq, hidden)
 
     def _cross_attention(self, layer: Layer, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """T5: h [R, S, H] attends to the encoder's keys and values (cache.cross_k/v
-        [B, heads, E, d], computed once per prompt; beams read their sequence's)."""
-        rows, seq, hidden = h.shape
-        x = self._norm(h, layer.cross_norm, None).reshape(rows * seq, hidden)
-        q = layer.cross_q(x).view(rows, seq, self.heads, -1).transpose(1, 2)
+        """T5, Whisper: h [R, S, H] attends to the encoder's keys and values."""
+        return self._cross_core(layer, self._norm(h, layer.cross_norm, layer.cross_norm_bias),
+                                cache, None)
+
+    def _cross_core(self, layer: Layer, x: torch.Tensor, cache: KVCache,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+        """Normed x [R, S, H] -> the cross-attention's output [R, S, H] over cache.cross_k/v
+        [B, kv, E, d] (computed once per prompt; beams read their sequence's), plus `bias`
+        [B, S, E] (mllama's image-tile mask) if given."""
+        rows, seq, hidden = x.shape
+        q = layer.cross_q(x.reshape(rows * seq, hidden)).view(rows, seq, self.heads, -1)
+        if layer.cross_q_norm is not None:
+            q = rms_norm(q.contiguous(), layer.cross_q_norm, self.eps)
+        q = q.transpose(1, 2)
         k, v = cache.cross_k, cache.cross_v
+        if k.shape[1] != self.heads:  # grouped: each kv head serves heads / kv queries
+            k = k.repeat_interleave(self.heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(self.heads // v.shape[1], dim=1)
         if k.shape[0] != rows:  # beams: row r continues sequence r // beams
             k = k.repeat_interleave(rows // k.shape[0], dim=0)
             v = v.repeat_interleave(rows // v.shape[0], dim=0)
+            bias = None if bias is None else bias.repeat_interleave(rows // bias.shape[0], 0)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        if bias is not None:
+            scores = scores + bias[:, None]
         out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2)
         return layer.cross_o(out.reshape(rows * seq, -1)).view(rows, seq, hidden)
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None, caches: list[Any]) -> None:
-        """Encoder-decoder: run the encoder once and store each layer's cross keys/values."""
-        states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    def _gated_cross_layer(self, layer: Layer, h: torch.Tensor, x: torch.Tensor,
+                           cache: KVCache, decoding: bool) -> torch.Tensor:
+        """mllama's cross-attention layer (blocks._map_mllama) on h [R, S, H], x its norm;
+        without an image (no cross keys) transformers skips the layer, and so does this."""
+        if cache.cross_k is None:
+            return h
+        rows, seq, hidden = h.shape
+        bias, keep = cache.cross_bias, cache.cross_rows  # [B, P, E], [B, P]
+        if decoding:  # a new token reads the prompt's last row, as transformers extends them
+            bias = None if bias is None else bias[:, -1:]
+            keep = None if keep is None else keep[:, -1:]
+        h = h + layer.gates[0] * self._cross_core(layer, x, cache, bias)
+        mlp = self._mlp(layer, self._norm(h, layer.mlp_norm, None).reshape(rows * seq, hidden))
+        mlp = mlp.view(rows, seq, hidden)
+        if keep is not None:  # text rows that see no image tile get no MLP update
+            mlp = mlp * keep.repeat_interleave(rows // keep.shape[0], 0)[..., None]
+        return h + layer.gates[1] * mlp
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[Any, Any]]:
+        """Encoder-decoder: run the encoder once; each layer's cross keys/values."""
+        return self.cross_kv(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+    def cross_kv(self, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each layer's cross-attention keys and values [B, kv, E, d] of the encoder's (or the
+        image's) states [B, E, H], computed once per prompt (generate(cross_kv=...) takes
+        them); None for a layer without cross-attention."""
+        states = states.float()
         batch, length, hidden = states.shape
-        for layer, cache in zip(self.layers, caches, strict=True):
-            kv = layer.cross_kv(states.reshape(batch * length, hidden))
-            k, v = kv.view(batch, length, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-            cache.cross_k, cache.cross_v = k.contiguous(), v.contiguous()
+        found: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        with torch.inference_mode():
+            for layer in self.layers:
+                if layer.cross_kv is None:
+                    found.append(None)
+                    continue
+                kv = layer.cross_kv(states.reshape(batch * length, hidden))
+                k, v = kv.view(batch, length, 2, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+                if layer.cross_k_norm is not None:
+                    k = rms_norm(k.contiguous(), layer.cross_k_norm, self.eps)
+                found.append((k.contiguous(), v.contiguous()))
+        return found
+
+    @staticmethod
+    def attach_cross_kv(caches: list[Any], cross_kv: list[tuple[Any, Any] | None],
+                        bias: torch.Tensor | None = None, rows: torch.Tensor | None = None
+                        ) -> None:
+        """Point the caches at cross_kv's keys/values; mllama's image-tile mask for the
+        prompt: bias [B, P, E] (additive) and rows [B, P] (0: the text row sees no tile)."""
+        for cache, kv in zip(caches, cross_kv, strict=True):
+            if kv is not None:
+                cache.cross_k, cache.cross_v = kv
+                cache.cross_bias = None if bias is None else bias.float()
+                cache.cross_rows = None if rows is None else rows.float()
 
     def _embed(self, ids: torch.Tensor, position: int) -> torch.Tensor:
         """ids [R, S] starting at absolute `position` -> fp32 [R, S, H]."""
@@ -790,6 +863,19 @@ class NativeModel:
             logits = logits.to(self.weight_dtype).float()
         return logits
 
+    def prompt_logits(self, ids: torch.Tensor,
+                      cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                      ) -> torch.Tensor:
+        """The next-token logits [B, V] after ids [B, P], from a prefill into fresh caches
+        (Whisper's language detection reads them)."""
+        batch, length = ids.shape
+        caches = self.new_caches(batch, 1, length, 1)
+        if cross_kv is not None:
+            self.attach_cross_kv(caches, cross_kv)
+        cos, sin = self._rope_tables(length + 1)
+        with torch.inference_mode():
+            return self.prefill(ids, caches, cos, sin)
+
     def prefill(self, ids: torch.Tensor, caches: list[KVCache], cos: torch.Tensor,
                 sin: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, P] -> logits of the last position [B, V]; fills the caches' prompt part.
@@ -801,6 +887,9 @@ class NativeModel:
         alibi = self._position_bias(torch.arange(seq), seq)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+            if layer.gates is not None:
+                h = self._gated_cross_layer(layer, h, x, cache, decoding=False)
+                continue
             if layer.mamba is not None:
                 h = self._block_output(layer, h, x, self._mamba_prefill(layer.mamba, x, cache))
                 continue
@@ -849,6 +938,9 @@ class NativeModel:
         alibi = self._position_bias(torch.tensor([position]), position + 1)  # [heads, 1, keys]
         for layer, cache in zip(self.layers, caches, strict=True):
             x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+            if layer.gates is not None:
+                h = self._gated_cross_layer(layer, h, x, cache, decoding=True)
+                continue
             if layer.mamba is not None:
                 out = self._mamba_step(layer.mamba, x[:, 0], cache)
                 h = self._block_output(layer, h, x, out.unsqueeze(1))
@@ -967,8 +1059,14 @@ class NativeModel:
             plan.bind(each("prompt_k"), each("prompt_v"), each("gen_k"), each("gen_v"),
                       cos.contiguous(), sin.contiguous(),
                       history.table if history.indirect else None, beams,
-                      cross_k=[c.cross_k for c in attention if c and c.cross_k is not None],
-                      cross_v=[c.cross_v for c in attention if c and c.cross_v is not None],
+                      cross_k=[none if c is None or c.cross_k is None else c.cross_k
+                               for c in attention],
+                      cross_v=[none if c is None or c.cross_v is None else c.cross_v
+                               for c in attention],
+                      cross_bias=next((c.cross_bias[:, -1].contiguous() for c in attention
+                                       if c and c.cross_bias is not None), None),
+                      cross_rows=next((c.cross_rows[:, -1].contiguous() for c in attention
+                                       if c and c.cross_rows is not None), None),
                       relative_bias=None if self.relative_bias is None else
                       self.relative_bias(1, total, total - 1)[:, 0].flip(-1).contiguous(),
                       mamba_conv=[state.conv for state in states],
@@ -1017,7 +1115,14 @@ class NativeModel:
         criteria = kwargs.get("stopping_criteria") or []
         streamer = kwargs.get("streamer")
         settings = self._sampling_settings(kwargs)
-        banned = self._eos_ids(kwargs)
+        # Tokens never chosen: end-of-sequence (min_new_tokens == max_new_tokens) and the
+        # generation config's suppress_tokens; begin_suppress_tokens only for the first new
+        # token, as transformers' logits processors do.
+        defaults = self.generation_config
+        banned = self._eos_ids(kwargs) + _token_list(
+            kwargs.get("suppress_tokens", defaults.suppress_tokens))
+        first_banned = banned + _token_list(
+            kwargs.get("begin_suppress_tokens", defaults.begin_suppress_tokens))
 
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None and (self.encoder is not None or self.pos_embed is not None
@@ -1025,6 +1130,10 @@ class NativeModel:
                                    or embeds.shape[:2] != ids.shape):
             raise UserError("native backend: inputs_embeds are taken for a decoder-only model "
                             "without learned positions, one row per prompt token")
+        cross = kwargs.get("cross_kv")
+        if self.block.cross_attention and self.encoder is None and cross is None:
+            raise UserError("native backend: this decoder reads its encoder's states; "
+                            "generate() needs cross_kv=NativeModel.cross_kv(states)")
         encoder_ids = None
         if self.encoder is not None:  # the prompt is the encoder's; the decoder starts afresh
             encoder_ids = ids
@@ -1043,7 +1152,10 @@ class NativeModel:
                               prompt_len=prompt_len)
         if encoder_ids is not None:
             with torch.inference_mode():
-                self._encode(encoder_ids, mask, caches)
+                cross = self._encode(encoder_ids, mask)
+        if cross is not None:
+            self.attach_cross_kv(caches, cross, kwargs.get("cross_bias"),
+                                 kwargs.get("cross_rows"))
         if streamer is not None:
             streamer.put(ids.cpu())
 
@@ -1055,9 +1167,9 @@ class NativeModel:
             self.bind_compiled_step(caches, history, beams, cos, sin)
         try:
             with torch.inference_mode():
-                sequences = self._generate(ids, caches, history, beams, new_tokens, banned,
-                                           criteria, streamer, do_sample, settings, cos, sin,
-                                           embeds)
+                sequences = self._generate(ids, caches, history, beams, new_tokens,
+                                           (first_banned, banned), criteria, streamer,
+                                           do_sample, settings, cos, sin, embeds)
         finally:
             self._bound = False
         if streamer is not None:
@@ -1066,7 +1178,8 @@ class NativeModel:
 
     def _generate(self, ids, caches, history, beams, new_tokens, banned, criteria, streamer,
                   do_sample, settings, cos, sin, embeds=None) -> torch.Tensor:
-        """Prefill, then one decode step per new token (greedy or sampling), or beam search."""
+        """Prefill, then one decode step per new token (greedy or sampling), or beam search.
+        banned: (tokens never chosen first, tokens never chosen later)."""
         logits = self.prefill(ids, caches, cos, sin, embeds)
         if beams > 1:
             return self._beam_search(ids, logits, caches, history, beams, new_tokens, banned,
@@ -1075,7 +1188,7 @@ class NativeModel:
         for step in range(new_tokens):
             if step:
                 logits = self.decode(sequences[:, -1], caches, history, 1, cos, sin)
-            token = self._pick(logits, banned, do_sample, settings)
+            token = self._pick(logits, banned[min(step, 1)], do_sample, settings)
             sequences = torch.cat((sequences, token[:, None]), dim=1)
             if streamer is not None:
                 streamer.put(token.cpu())
@@ -1090,7 +1203,8 @@ class NativeModel:
         them), as in transformers' beam search with min_new_tokens == max_new_tokens."""
         batch = ids.shape[0]
         vocab = logits.shape[-1]
-        logprobs = self._log_softmax(logits, banned)  # [B, V]: all beams start the same
+        first_banned, banned = banned
+        logprobs = self._log_softmax(logits, first_banned)  # [B, V]: all beams start the same
         scores, tokens = logprobs.topk(beams, dim=-1)  # [B, beams]
         rows = batch * beams
         generated = tokens.reshape(rows, 1)
@@ -1159,6 +1273,13 @@ class NativeModel:
             remove[:, -1] = False
             logits = logits.masked_fill(remove.scatter(1, order, remove), -math.inf)
         return torch.multinomial(torch.softmax(logits, dim=-1), 1)[:, 0]
+
+
+def _token_list(tokens: Any) -> list[int]:
+    """A generation setting's token ids (None, an id or a list) as a list."""
+    if tokens is None:
+        return []
+    return [int(t) for t in (tokens if isinstance(tokens, list | tuple) else [tokens])]
 
 
 def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str,

@@ -114,8 +114,15 @@ struct Layer {
   const float* kv_a_norm = nullptr;
   const float* w_uk = nullptr;  // [heads, nope, kv_rank]
   const float* w_uv = nullptr;  // [heads, v_dim, kv_rank]
-  // T5's cross-attention (-1: none)
+  // T5's / Whisper's cross-attention (-1: none)
   const float* cross_norm = nullptr;
+  const float* cross_norm_bias = nullptr;
+  // mllama: a gated cross-attention layer in place of self-attention (normed by attn_norm,
+  // q per-head RMS-normed; h += gate_attn * attention, then h += gate_mlp * mlp on text rows
+  // that see an image tile)
+  bool gated = false;
+  const float* cross_q_norm = nullptr;
+  float gate_attn = 0.f, gate_mlp = 0.f;
   int64_t cross_q = -1, cross_o = -1;
   // A Mamba mixer in place of attention (m_in < 0: none); see the top of the file.
   int64_t m_in = -1, m_x = -1, m_dt = -1, m_out = -1;
@@ -247,7 +254,9 @@ class DecodePlan {
                  const std::optional<at::Tensor>& kv_a_norm, const std::optional<at::Tensor>& w_uk,
                  const std::optional<at::Tensor>& w_uv,
                  const std::optional<at::Tensor>& cross_norm, int64_t cross_q,
-                 int64_t cross_o) {
+                 int64_t cross_o, const std::optional<at::Tensor>& cross_norm_bias,
+                 const std::optional<at::Tensor>& cross_q_norm, bool gated, double gate_attn,
+                 double gate_mlp) {
     TORCH_CHECK(mlp_norm.has_value() || parallel_,
                 "decode_step: only a parallel block may share the attention's norm");
     const int64_t nq = heads_ * d_, nkv = kv_heads_ * d_;
@@ -280,8 +289,9 @@ class DecodePlan {
       attn_ok = fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) && q_b < 0;
     }
     if (cross_q >= 0)
-      attn_ok = attn_ok && !parallel_ && cross_norm.has_value() && fits(cross_q, nq, hidden_) &&
-                fits(cross_o, hidden_, nq);
+      attn_ok = attn_ok && !parallel_ && (cross_norm.has_value() || gated) &&
+                fits(cross_q, nq, hidden_) && fits(cross_o, hidden_, nq);
+    if (gated) attn_ok = attn_ok && cross_q >= 0 && qkv < 0 && o < 0;
     TORCH_CHECK(attn_ok && mlp_ok,
                 "decode_step: projection shapes do not match the model's dimensions");
     Layer L{vec(attn_norm, hidden_, "attn_norm"),
@@ -296,7 +306,12 @@ class DecodePlan {
     L.shared_gate_up = shared_gate_up;
     L.shared_down = shared_down;
     if (cross_q >= 0) {
-      L.cross_norm = vec(*cross_norm, hidden_, "cross_norm");
+      L.cross_norm = opt_vec(cross_norm, hidden_, "cross_norm");
+      L.cross_norm_bias = opt_vec(cross_norm_bias, hidden_, "cross_norm_bias");
+      L.cross_q_norm = opt_vec(cross_q_norm, d_, "cross_q_norm");
+      L.gated = gated;
+      L.gate_attn = static_cast<float>(gate_attn);
+      L.gate_mlp = static_cast<float>(gate_mlp);
       L.cross_q = cross_q;
       L.cross_o = cross_o;
     }
@@ -412,6 +427,8 @@ class DecodePlan {
             int64_t beams, const std::vector<at::Tensor>& cross_k,
             const std::vector<at::Tensor>& cross_v,
             const std::optional<at::Tensor>& relative_bias,
+            const std::optional<at::Tensor>& cross_bias,
+            const std::optional<at::Tensor>& cross_rows,
             const std::vector<at::Tensor>& mamba_conv, const std::vector<at::Tensor>& mamba_ssm) {
     const size_t n = layers_.size();
     TORCH_CHECK(prompt_k.size() == n && prompt_v.size() == n && gen_k.size() == n &&
@@ -476,21 +493,40 @@ class DecodePlan {
     ck_.clear(); cv_.clear();
     TORCH_CHECK(cross_k.size() == cross_v.size() && (cross_k.empty() || cross_k.size() == n),
                 "decode_step: one cross-attention cache per layer expected");
+    ck_.resize(n);
+    cv_.resize(n);
+    int64_t cross_len = -1;
     for (size_t i = 0; i < cross_k.size(); ++i) {
+      if (cross_k[i].numel() == 0) continue;  // no cross-attention (or no image) here
       const at::Tensor& k = bind_keep(cross_k[i]);
       const at::Tensor& v = bind_keep(cross_v[i]);
       TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() &&
                       k.sizes() == v.sizes() && k.scalar_type() == at::kFloat &&
                       v.scalar_type() == at::kFloat && k.size(0) == prompt_rows_ &&
-                      k.size(1) == heads_ && k.size(3) == d_,
-                  "decode_step: cross keys/values must be contiguous fp32 [B, heads, E, d]");
-      ck_.push_back(k.data_ptr<float>());
-      cv_.push_back(v.data_ptr<float>());
-      cross_len_ = k.size(2);
+                      k.size(1) > 0 && heads_ % k.size(1) == 0 && k.size(3) == d_,
+                  "decode_step: cross keys/values must be contiguous fp32 [B, kv heads, E, d]");
+      ck_[i] = k;
+      cv_[i] = v;
+      cross_len = k.size(2);
     }
-    for (const Layer& L : layers_)
-      TORCH_CHECK(L.cross_q < 0 || !ck_.empty(), "decode_step: cross-attention layers need "
-                  "the encoder's keys and values");
+    for (size_t i = 0; i < layers_.size(); ++i)
+      TORCH_CHECK(layers_[i].cross_q < 0 || layers_[i].gated || ck_[i].defined(),
+                  "decode_step: cross-attention layers need the encoder's keys and values");
+    cross_bias_ = at::Tensor();
+    cross_rows_ = at::Tensor();
+    if (cross_bias.has_value()) {
+      TORCH_CHECK(cross_bias->dim() == 2 && cross_bias->size(0) == prompt_rows_ &&
+                      cross_bias->size(1) == cross_len && cross_bias->is_contiguous() &&
+                      cross_bias->scalar_type() == at::kFloat,
+                  "decode_step: cross bias must be contiguous fp32 [B, E]");
+      cross_bias_ = bind_keep(*cross_bias);
+    }
+    if (cross_rows.has_value()) {
+      TORCH_CHECK(cross_rows->dim() == 1 && cross_rows->size(0) == prompt_rows_ &&
+                      cross_rows->is_contiguous() && cross_rows->scalar_type() == at::kFloat,
+                  "decode_step: cross rows must be contiguous fp32 [B]");
+      cross_rows_ = bind_keep(*cross_rows);
+    }
     rel_ = nullptr;
     if (relative_bias.has_value()) {
       TORCH_CHECK(relative_bias->dim() == 2 && relative_bias->size(0) == heads_ &&
@@ -556,6 +592,10 @@ class DecodePlan {
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       norm_rows(h_.data(), L.attn_norm, L.attn_norm_bias, x_.data(), R, H);
+      if (L.gated) {  // transformers skips these layers when there is no image
+        if (ck_[li].defined()) gated_cross_layer(L, li, R);
+        continue;
+      }
       if (L.m_in >= 0) {
         mamba_mixer(L, R);
       } else if (lat_.kv_rank) {
@@ -886,40 +926,56 @@ class DecodePlan {
     project(L.m_out, m_y_.data(), R, tmp_.data(), hidden_);
   }
 
-  // T5: h += o(attention of norm(h)'s q over the encoder's keys/values); row r reads its
-  // sequence's (r / beams) cache.
+  // T5, Whisper: h += o(attention of norm(h)'s q over the encoder's keys/values).
   void cross_attention(const Layer& L, size_t li, int64_t R) {
-    const int64_t H = hidden_, nq = heads_ * d_, E = cross_len_;
-    norm_rows(h_.data(), L.cross_norm, nullptr, x_.data(), R, H);
-    cq_.resize(R * nq);
-    project(L.cross_q, x_.data(), R, cq_.data(), nq);
-    at::parallel_for(0, R * heads_, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(static_cast<size_t>(E));
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t r = i / heads_, hh = i % heads_;
-        const int64_t base = ((r / beams_) * heads_ + hh) * E * d_;
-        const float* q = cq_.data() + r * nq + hh * d_;
-        const float* k = ck_[li] + base;
-        const float* v = cv_[li] + base;
-        float top = -INFINITY;
-        for (int64_t t = 0; t < E; ++t) {
-          float dot = 0.f;
-          for (int64_t j = 0; j < d_; ++j) dot += q[j] * k[t * d_ + j];
-          scores[t] = dot * scaling_;
-          top = std::max(top, scores[t]);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < E; ++t) sum += (scores[t] = std::exp(scores[t] - top));
-        float* out = attn_.data() + r * nq + hh * d_;
-        std::fill_n(out, d_, 0.f);
-        for (int64_t t = 0; t < E; ++t) {
-          const float p = scores[t] / sum;
-          for (int64_t j = 0; j < d_; ++j) out[j] += p * v[t * d_ + j];
-        }
-      }
-    });
-    project(L.cross_o, attn_.data(), R, tmp_.data(), H);
+    const int64_t H = hidden_;
+    norm_rows(h_.data(), L.cross_norm, L.cross_norm_bias, x_.data(), R, H);
+    cross_core(L, li, R, x_.data());
     for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
+  }
+
+  // mllama: h += gate_attn * cross attention of x_ (= attn_norm(h)); then
+  // h += gate_mlp * mlp(mlp_norm(h)), zero on a sequence whose last text row sees no tile.
+  void gated_cross_layer(const Layer& L, size_t li, int64_t R) {
+    const int64_t H = hidden_;
+    cross_core(L, li, R, x_.data());
+    for (int64_t i = 0; i < R * H; ++i) h_[i] += L.gate_attn * tmp_[i];
+    norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, x_.data(), R, H);
+    mlp(L, x_.data(), R, mlp_out_.data());
+    const float* keep = cross_rows_.defined() ? cross_rows_.data_ptr<float>() : nullptr;
+    for (int64_t r = 0; r < R; ++r) {
+      const float k = keep ? keep[r / beams_] : 1.f;
+      for (int64_t i = 0; i < H; ++i) h_[r * H + i] += L.gate_mlp * (mlp_out_[r * H + i] * k);
+    }
+  }
+
+  // tmp_ = o(attention of q(x) over layer li's cross keys/values [B, kv, E, d]); row
+  // r = b * beams + j reads sequence b's. Per sequence, the queries of its beams and of the
+  // heads sharing a kv head [kv, beams * group, d] meet the keys in two batched matmuls on
+  // torch's GEMM: with Whisper's 1500 audio frames these are most of a step's attention
+  // work, too much for scalar loops.
+  void cross_core(const Layer& L, size_t li, int64_t R, const float* x) {
+    const int64_t H = hidden_, nq = heads_ * d_, B = R / beams_;
+    const at::Tensor& keys = ck_[li];
+    const int64_t kv = keys.size(1), group = heads_ / kv, E = keys.size(2);
+    cq_.resize(R * nq);
+    project(L.cross_q, x, R, cq_.data(), nq);
+    if (L.cross_q_norm)
+      for (int64_t i = 0; i < R * heads_; ++i)
+        llmb::rms_norm_rows(cq_.data() + i * d_, L.cross_q_norm, cq_.data() + i * d_, 1, d_,
+                            eps_);
+    const at::Tensor q = at::from_blob(cq_.data(), {B, beams_, kv, group, d_}, at::kFloat)
+                             .permute({0, 2, 1, 3, 4})
+                             .reshape({B, kv, beams_ * group, d_});
+    at::Tensor scores = at::matmul(q, keys.transpose(-1, -2));  // [B, kv, beams * group, E]
+    scores.mul_(scaling_);
+    if (cross_bias_.defined()) scores.add_(cross_bias_.view({B, 1, 1, E}));
+    const at::Tensor out =
+        at::matmul(at::softmax(scores, -1), cv_[li]).view({B, kv, beams_, group, d_});
+    if (static_cast<int64_t>(attn_.size()) < R * nq) attn_.resize(R * nq);
+    at::from_blob(attn_.data(), {B, beams_, kv, group, d_}, at::kFloat)
+        .copy_(out.permute({0, 2, 1, 3, 4}));
+    project(L.cross_o, attn_.data(), R, tmp_.data(), H);
   }
 
   // y[r, :] = projection(x[r, :in_features]); x rows are dense.
@@ -1147,11 +1203,11 @@ class DecodePlan {
   // scratch, reused across steps
   std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_, mlp_out_, mlp_x_, gates_,
       expert_out_, shared_out_, lat_buf_, qa_, qh_, up_, cq_;
-  std::vector<const float*> ck_, cv_;  // bound: cross-attention keys/values per layer
+  std::vector<at::Tensor> ck_, cv_;  // bound: cross-attention keys/values per layer
+  at::Tensor cross_bias_, cross_rows_;  // bound: mllama's tile mask of new tokens [B, E], [B]
   std::vector<float*> mconv_, mssm_;   // bound: Mamba states per Mamba layer
   int64_t mamba_layers_ = 0;
   std::vector<float> m_proj_, m_xc_, m_t_, m_dtn_, m_dt_, m_y_;
-  int64_t cross_len_ = 0;
   const float* rel_ = nullptr;  // bound: relative bias [heads, rel_stride_] by distance
   int64_t rel_stride_ = 0;
   float logit_scale_ = 1.f;
@@ -1201,7 +1257,9 @@ void register_decode(pybind11::module& m) {
            py::arg("shared_gate_up") = -1, py::arg("shared_down") = -1, py::arg("q_b") = -1,
            py::arg("q_a_norm") = py::none(), py::arg("kv_a_norm") = py::none(),
            py::arg("w_uk") = py::none(), py::arg("w_uv") = py::none(),
-           py::arg("cross_norm") = py::none(), py::arg("cross_q") = -1, py::arg("cross_o") = -1)
+           py::arg("cross_norm") = py::none(), py::arg("cross_q") = -1, py::arg("cross_o") = -1,
+           py::arg("cross_norm_bias") = py::none(), py::arg("cross_q_norm") = py::none(),
+           py::arg("gated") = false, py::arg("gate_attn") = 0.0, py::arg("gate_mlp") = 0.0)
       .def("set_logit_scale", &DecodePlan::set_logit_scale, py::arg("scale"))
       .def("set_gemm_rows", &DecodePlan::set_gemm_rows, py::arg("f32_rows"),
            py::arg("bf16_rows"), py::arg("bf16_gemm"), py::arg("i8_rows"))
@@ -1216,7 +1274,8 @@ void register_decode(pybind11::module& m) {
            py::arg("gen_k"), py::arg("gen_v"), py::arg("cos"), py::arg("sin"), py::arg("table"),
            py::arg("beams"), py::arg("cross_k") = std::vector<at::Tensor>{},
            py::arg("cross_v") = std::vector<at::Tensor>{},
-           py::arg("relative_bias") = py::none(),
+           py::arg("relative_bias") = py::none(), py::arg("cross_bias") = py::none(),
+           py::arg("cross_rows") = py::none(),
            py::arg("mamba_conv") = std::vector<at::Tensor>{},
            py::arg("mamba_ssm") = std::vector<at::Tensor>{})
       .def("set_mamba", &DecodePlan::set_mamba, py::arg("in_proj"), py::arg("x_proj"),
