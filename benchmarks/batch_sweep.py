@@ -29,9 +29,9 @@ import compare_backends as cb  # noqa: E402
 import torch  # noqa: E402
 
 from llmbench import kernels  # noqa: E402
+from llmbench.atomic import write_text  # noqa: E402
 from llmbench.environment import collect_environment  # noqa: E402
 from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
-from llmbench.report import write_atomic  # noqa: E402
 
 DEFAULT_CONFIGS = "native-fp32,native-bf16,native-int8,native-int4"
 ROW_MARK = "batch_sweep row: "
@@ -152,8 +152,8 @@ def main() -> int:
     print(markdown)
     out = Path(args.output_dir)
     stem = f"batch-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    write_atomic(out / f"{stem}.md", markdown)
-    write_atomic(out / f"{stem}.json", json.dumps(
+    write_text(out / f"{stem}.md", markdown)
+    write_text(out / f"{stem}.json", json.dumps(
         {"model": args.model, "rows": rows, "settings": vars(args),
          "environment": collect_environment()}, indent=1, default=str))
     print(f"written: {out / stem}.md and .json")

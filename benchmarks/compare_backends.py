@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from llmbench import kernels  # noqa: E402
+from llmbench.atomic import save_png, write_text  # noqa: E402
 from llmbench.backends import prepare  # noqa: E402
 from llmbench.bench import run_benchmark  # noqa: E402
 from llmbench.environment import collect_environment  # noqa: E402
@@ -41,7 +42,7 @@ from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
 from llmbench.memory import huge_page_buffer, huge_page_bytes  # noqa: E402
 from llmbench.models import cache_root, load_model  # noqa: E402
 from llmbench.prompts import Prompt, build_prompt  # noqa: E402
-from llmbench.report import compute_statistics, write_atomic  # noqa: E402
+from llmbench.report import compute_statistics  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import llamacpp  # noqa: E402
@@ -426,10 +427,7 @@ def plot_bars(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     axes[0].invert_yaxis()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    write_png = path.with_suffix(".png.partial")
-    fig.savefig(write_png, dpi=100, format="png")
-    plt.close(fig)
-    write_png.replace(path)
+    save_png(fig, path)
     return path
 
 
@@ -493,8 +491,8 @@ def main() -> int:
     print(markdown)
     out = Path(args.output_dir)
     stem = f"compare-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    write_atomic(out / f"{stem}.md", markdown)
-    write_atomic(out / f"{stem}.json", json.dumps(
+    write_text(out / f"{stem}.md", markdown)
+    write_text(out / f"{stem}.json", json.dumps(
         {"model": args.model, "bandwidth_gb_per_s": bandwidth,
          "bandwidth_probes_gb_per_s": probes, "rows": rows,
          "settings": vars(args), "environment": collect_environment()}, indent=1, default=str))

@@ -437,14 +437,15 @@ def build_report(args: argparse.Namespace, loaded: Any, prepared: Any,
 def write_report(report: dict[str, Any], table: str, output_dir: str) -> Path:
     from lm_eval.utils import handle_non_serializable
 
-    from llmbench.report import report_stem, write_atomic
+    from llmbench.atomic import write_text
+    from llmbench.report import report_stem
 
     model = report["model"]
     backend = report["backend"]
     stem = report_stem(model["family"], model["dtype"], f"autotp{backend['tp_size']}"
                        if "tp_size" in backend else backend["name"], "accuracy")
     path = Path(output_dir) / f"{stem}.json"
-    write_atomic(path, json.dumps(report, indent=1, default=handle_non_serializable) + "\n")
+    write_text(path, json.dumps(report, indent=1, default=handle_non_serializable) + "\n")
     env = report["environment"]
     markdown = [f"# llmbench accuracy: {report['created']}", "",
                 f"{model['name']} ({model['family']}) | {model['dtype']} | backend "
@@ -453,7 +454,7 @@ def write_report(report: dict[str, Any], table: str, output_dir: str) -> Path:
                 f"{report['eval_seconds']:.1f} s", "", table, "",
                 f"CPU: {env['cpu']['model']}, torch {env['packages']['torch']}, transformers "
                 f"{env['packages']['transformers']}, git {env['git_revision']}"]
-    write_atomic(path.with_suffix(".md"), "\n".join(markdown) + "\n")
+    write_text(path.with_suffix(".md"), "\n".join(markdown) + "\n")
     return path
 
 

@@ -4,24 +4,13 @@ flags that step understands, and exit with the status of the first step that fai
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
 import sys
-from dataclasses import dataclass
-from typing import TextIO
 
 from llmbench import flags, sweep
-from llmbench.environment import PROJECT_ROOT
 from llmbench.errors import UserError
+from llmbench.steps import Step, run_steps
 
 DESCRIPTION = "Run a benchmark step (as the Xeon LLM example run.py does)."
-
-
-@dataclass
-class Step:
-    name: str
-    script: str  # relative to the project root
-    argv: list[str]
 
 
 def add_dispatch_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -94,6 +83,7 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
     With --autotp there is no step: every rank quantizes its own slice."""
     from pathlib import Path
 
+    from llmbench import quantize
     from llmbench.quant import cli
 
     if args.autotp:
@@ -126,7 +116,7 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
 
     if scheme.method != "checkpoint" and folder_quantization(args.model_name_or_path):
         return []  # -m is a GPTQ/AWQ folder: the benchmark step runs its weights as they are
-    quantize_dests = cli.quantize_only_dests()
+    quantize_dests = quantize.quantize_only_dests()
     steps.append(Step("quantize", "single_instance/run_quantization.py",
                       flags.forward_argv(parser, args, quantize_dests)))
     return ["--quantized-model-path", str(Path(args.output_dir) / "best_model.safetensors")]
@@ -212,28 +202,6 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
         steps.append(Step("benchmark", "distributed/run_generation_with_deepspeed.py",
                           flags.forward_argv(parser, args, rank_dests)))
     return steps
-
-
-def run_step(step: Step, log: TextIO | None = None) -> int:
-    """One step as a subprocess; its output to ours, or into `log` (a sweep's config)."""
-    command = [sys.executable, str(PROJECT_ROOT / step.script), *step.argv]
-    if log is None:
-        print(f"running {step.name}: {shlex.join(command)}", flush=True)
-        return subprocess.run(command, check=False).returncode
-    log.write(f"$ {shlex.join(command)}\n")
-    log.flush()
-    return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-
-
-def run_steps(steps: list[Step], log: TextIO | None = None) -> int:
-    """The steps in order; the status of the first that fails (said on stderr or in log)."""
-    for step in steps:
-        status = run_step(step) if log is None else run_step(step, log)
-        if status != 0:
-            print(f"error: step '{step.name}' failed with exit status {status}",
-                  file=log or sys.stderr, flush=True)
-            return status
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

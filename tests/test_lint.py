@@ -10,3 +10,56 @@ def test_ruff_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def llmbench_imports() -> dict[str, set[str]]:
+    """Each llmbench module -> the llmbench modules it imports, at the top or inside functions
+    ("from package import submodule" counts as the submodule only)."""
+    import ast
+
+    package = ROOT / "llmbench"
+
+    def module_name(path) -> str:
+        return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+    def is_module(name: str) -> bool:
+        path = ROOT / name.replace(".", "/")
+        return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        if "build" in path.relative_to(package).parts:
+            continue
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llmbench"):
+                subs = [f"{node.module}.{alias.name}" for alias in node.names]
+                found.update(sub for sub in subs if is_module(sub))
+                if not all(is_module(sub) for sub in subs):
+                    found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names
+                             if alias.name.startswith("llmbench"))
+        graph[module_name(path)] = found - {module_name(path)}
+    return graph
+
+
+def test_no_import_cycles():
+    """The library's modules import each other without cycles (function-level imports count)."""
+    graph = llmbench_imports()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)

@@ -201,13 +201,13 @@ def appended(script: str, argv: list[str]) -> list[str]:
 
 
 def entry_points() -> dict[str, Any]:
-    from llmbench import accuracy, dispatch, distributed, generation
-    from llmbench.quant import cli, gptq
+    from llmbench import accuracy, dispatch, distributed, generation, quantize
+    from llmbench.quant import gptq
 
     return {"run.py": dispatch.main,
             "single_instance/run_generation.py": generation.main,
             "single_instance/run_accuracy.py": accuracy.main,
-            "single_instance/run_quantization.py": cli.main,
+            "single_instance/run_quantization.py": quantize.main,
             "utils/create_shard_model.py": distributed.shard_main,
             "utils/run_gptq.py": gptq.main}
 
@@ -231,7 +231,7 @@ def call(script: str, argv: list[str]) -> tuple[int, str, str]:
 @pytest.fixture
 def in_process_steps(monkeypatch):
     """run.py (and run_quantization.py --benchmark) run their steps here, not as subprocesses."""
-    from llmbench import dispatch
+    from llmbench import steps
 
     def run_step(step: Any) -> int:
         status, out, err = call(step.script, step.argv)
@@ -239,7 +239,7 @@ def in_process_steps(monkeypatch):
         sys.stderr.write(err)
         return status
 
-    monkeypatch.setattr(dispatch, "run_step", run_step)
+    monkeypatch.setattr(steps, "run_step", run_step)
 
 
 def error_lines(stderr: str) -> list[str]:

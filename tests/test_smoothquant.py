@@ -17,8 +17,8 @@ from llmbench import kernels
 from llmbench.errors import UserError
 from llmbench.kernels import int8_act
 from llmbench.quant import apply, quality, smoothquant
-from llmbench.quant.cli import main as quantize_main
 from llmbench.quant.linears import FloatLinear
+from llmbench.quantize import main as quantize_main
 
 TINY_CALIB = ["--calib-len", "32", "--calib-iters", "4"]
 

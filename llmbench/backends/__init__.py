@@ -7,17 +7,12 @@ A backend that can't run here stops with a message; nothing silently runs someth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+from llmbench.backends.prepared import PreparedModel
 from llmbench.errors import UserError
 
-
-@dataclass
-class PreparedModel:
-    model: Any
-    backend: str
-    details: dict[str, Any] = field(default_factory=dict)  # recorded in the report
+__all__ = ["PreparedModel", "prepare"]
 
 
 def prepare(model: Any, *, backend: str, dtype: str, family: str,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmbench.backends import PreparedModel
+from llmbench.backends.prepared import PreparedModel
 from llmbench.errors import UserError
 
 HOW_TO_GET_IT = ("install intel-extension-for-pytorch with the torch and transformers releases it "

@@ -52,8 +52,9 @@ import torch
 import torch.nn.functional as F
 
 from llmbench import kernels, memory
-from llmbench.backends import PreparedModel, blocks
+from llmbench.backends import blocks
 from llmbench.backends.blocks import ACTIVATIONS
+from llmbench.backends.prepared import PreparedModel
 from llmbench.environment import has_native_bf16
 from llmbench.errors import UserError
 from llmbench.kernels import int8_act

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmbench.backends import PreparedModel
+from llmbench.backends.prepared import PreparedModel
 
 
 def prepare(model: Any) -> PreparedModel:

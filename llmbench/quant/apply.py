@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmbench import kernels
+from llmbench.atomic import atomic_file, write_text
 from llmbench.errors import UserError
 from llmbench.kernels import int8_act
 from llmbench.quant.linears import (
@@ -333,26 +332,9 @@ def save(output_dir: str | Path, qlinears: dict[str, Any], scheme: Scheme,
             "float_tensors": sorted(float_overrides or {}),
             "weight_bytes": sum(q.nbytes for q in qlinears.values()),
             "quality": quality, **(extra or {})}
-    temps: list[str] = []
-    try:
-        fd, tmp_model = tempfile.mkstemp(prefix=f".{MODEL_FILE}.", dir=out)
-        os.close(fd)
-        temps.append(tmp_model)
-        save_file(tensors, tmp_model, metadata={"format": FORMAT})
-        fd, tmp_meta = tempfile.mkstemp(prefix=f".{META_FILE}.", dir=out)
-        temps.append(tmp_meta)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(meta, handle, indent=1, default=str)
-            handle.write("\n")
-        for tmp in temps:
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temp file, not the result
-        os.replace(tmp_model, out / MODEL_FILE)
-        os.replace(tmp_meta, out / META_FILE)
-    except BaseException:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
+    with atomic_file(out / MODEL_FILE) as weights:
+        save_file(tensors, str(weights), metadata={"format": FORMAT})
+    write_text(out / META_FILE, json.dumps(meta, indent=1, default=str) + "\n")
     return out / MODEL_FILE
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from llmbench.errors import UserError
 
@@ -30,14 +29,6 @@ PROSE_FILE = DATA_DIR / "lambada_local.jsonl"
 CODE_FILE = DATA_DIR / "code_local.jsonl"
 DEFAULT_SOURCE = "shipped prose + code (llmbench/data/lambada_local.jsonl, code_local.jsonl)"
 DATA_SUFFIXES = (".txt", ".jsonl", ".json")
-
-
-def add_dataset_flag(group: Any) -> None:
-    """--dataset, as GPTQ (utils/run_gptq.py) and SmoothQuant (llmbench/flags.py) take it."""
-    group.add_argument("--dataset", default=None, metavar="FILE",
-                       help="calibration text: a .txt, JSONL with a 'text' field, or a hub "
-                            "dataset id (default: the shipped texts, see "
-                            "llmbench/quant/calibration.py)")
 
 
 def check_dataset_arg(dataset: str | None) -> None:

@@ -25,9 +25,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +33,12 @@ from typing import Any
 import torch
 
 from llmbench import flags
+from llmbench.atomic import atomic_folder
 from llmbench.errors import UserError
-from llmbench.quant.calibration import add_dataset_flag, load_texts
+from llmbench.flags import add_dataset_flag
+from llmbench.quant.calibration import load_texts
 from llmbench.quant.scale_tuning import ScaleTuning, tune_scales
-from llmbench.quant.scheme import CLIP_GRID_4BIT, MIN_GROUP, MIN_IN_FEATURES
+from llmbench.quant.scheme import CLIP_GRID_4BIT, MIN_GROUP, MIN_IN_FEATURES, QuantizedWeight
 
 HELDOUT_WINDOWS = 4  # held-out windows of --seqlen tokens at the end of the text, for perplexity
 TUNE_DEFAULTS = ScaleTuning()
@@ -59,21 +58,6 @@ class GPTQSettings:
     # Every group's range from the weights before any error update, groups in channel order
     # (with act_order the groups then need no input permutation at run time).
     static_groups: bool = False
-
-
-@dataclass
-class QuantizedWeight:
-    """One linear's GPTQ result, in the original channel order."""
-
-    q: torch.Tensor  # [N, K] int64 in 0..15
-    scales: torch.Tensor  # [N, G]
-    zeros: torch.Tensor  # [N, G] integers (1..15 asym, 8 sym)
-    g_idx: torch.Tensor  # [K] group of each input channel
-    dequantized: torch.Tensor  # [N, K] float32
-
-    @property
-    def groups(self) -> int:
-        return self.scales.shape[1]
 
 
 # ---- the algorithm on one weight -----------------------------------------------------------
@@ -386,9 +370,7 @@ def write_outputs(output_dir: Path, model: torch.nn.Module, tokenizer: Any,
         floats[key] = tensor.detach().contiguous()
     metadata = {key: json.dumps(value) if not isinstance(value, str) else value
                 for key, value in qconfig.items() if key != "calibration"}
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:  # output_dir is new or empty (checked above)
         config = model.config.to_dict()
         config["quantization_config"] = qconfig
         (staging / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
@@ -396,13 +378,6 @@ def write_outputs(output_dir: Path, model: torch.nn.Module, tokenizer: Any,
                   metadata={"format": "pt"})
         save_file(quantized, str(staging / CHECKPOINT_FILE), metadata=metadata)
         tokenizer.save_pretrained(str(staging))
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 is for the staging folder, not the result
-        if output_dir.exists():
-            output_dir.rmdir()  # empty, checked above
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # ---- utils/run_gptq.py ---------------------------------------------------------------------

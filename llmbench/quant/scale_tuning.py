@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from llmbench.quant.gptq import QuantizedWeight
+from llmbench.quant.scheme import QuantizedWeight
 
 
 @dataclass

@@ -44,6 +44,22 @@ MIN_IN_FEATURES = 32
 
 
 @dataclass
+class QuantizedWeight:
+    """One linear's GPTQ result, in the original channel order (quant.gptq makes it,
+    quant.scale_tuning refines its scales)."""
+
+    q: torch.Tensor  # [N, K] int64 in 0..15
+    scales: torch.Tensor  # [N, G]
+    zeros: torch.Tensor  # [N, G] integers (1..15 asym, 8 sym)
+    g_idx: torch.Tensor  # [K] group of each input channel
+    dequantized: torch.Tensor  # [N, K] float32
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+
+@dataclass
 class Scheme:
     method: str  # "woq" (round to nearest), "gptq", "awq", "smoothquant"
     weight_dtype: str  # INT8 | INT4 | NF4 | FP8

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -614,20 +612,9 @@ def read_recipe(path: str, identity: dict[str, Any], alpha: str,
 
 
 def write_recipe(path: str, recipe: Recipe) -> None:
-    """Atomically: a temp file in the same folder, renamed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(recipe.to_dict(), handle, indent=1)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from llmbench.atomic import write_text
+
+    write_text(path, json.dumps(recipe.to_dict(), indent=1) + "\n")
 
 
 # ---- the whole step ------------------------------------------------------------------------------
