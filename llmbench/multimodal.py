@@ -45,7 +45,6 @@ class Layout:
     # kind has; the last one is the output projection
     language: tuple[tuple[str, str], ...]
     encoders: tuple[str, ...]  # the vision / audio modules run before the language model
-    not_native: str | None = None  # why --backend native runs this family stock
 
 
 LAYOUTS = {
@@ -53,10 +52,9 @@ LAYOUTS = {
                     ("model.vision_tower", "model.multi_modal_projector")),
     "mllama": Layout((("model", "model.language_model"), ("lm_head", "lm_head")),
                      ("model.vision_model", "model.multi_modal_projector")),
-    "git": Layout((("encoder", "git.encoder"), ("output", "output")),
-                  ("git.image_encoder", "git.visual_projection"),
-                  "its text decoder is a BERT-style stack whose attention reads the image "
-                  "tokens too, which the native step does not implement"),
+    "git": Layout((("encoder", "git.encoder"), ("embeddings", "git.embeddings"),
+                   ("output", "output")),
+                  ("git.image_encoder", "git.visual_projection")),
     "whisper": Layout((("decoder", "model.decoder"), ("proj_out", "proj_out")),
                       ("model.encoder",)),
 }
@@ -448,7 +446,8 @@ class NativeMultimodal:
     their features for the language model, run as transformers runs them, once per prompt;
     the language model's prefill and decode steps are the native model's
     (llmbench.backends.native). LLaVA's image features replace the image tokens' embeddings;
-    Llama-3.2-Vision's feed its cross-attention layers' keys and values."""
+    Llama-3.2-Vision's feed its cross-attention layers' keys and values; GIT's lead the
+    prompt."""
 
     def __init__(self, model: Any, language: Any, native: Any) -> None:
         self.model = model
@@ -459,14 +458,26 @@ class NativeMultimodal:
         return self.native.runtime_details()
 
     def generate(self, **kwargs: Any) -> Any:
+        import torch
+
         from llmbench.backends.native import SUPPORTED_GENERATE_KEYS
 
         media = {key: kwargs.pop(key) for key in list(kwargs)
                  if key not in SUPPORTED_GENERATE_KEYS}
+        if kwargs.get("input_ids") is None:  # no prompt (GIT captioning): the start token
+            batch = next(iter(media.values())).shape[0] if media else 1
+            kwargs["input_ids"] = torch.full((batch, 1), self.start_token(), dtype=torch.long)
         if media:
             kwargs.update(self.language_inputs(kwargs["input_ids"],
                                                kwargs.get("attention_mask"), media))
         return self.native.generate(**kwargs)
+
+    def start_token(self) -> int:
+        """What transformers' generate() starts a prompt-less decoder from: its bos token."""
+        start = self.model.generation_config.bos_token_id
+        if start is None:
+            raise UserError("native backend: no prompt and no bos_token_id to start from")
+        return int(start[0] if isinstance(start, list | tuple) else start)
 
     def language_inputs(self, ids: Any, mask: Any, media: dict[str, Any]) -> dict[str, Any]:
         """What transformers' own forward hands its language model, as native generate()
@@ -474,11 +485,12 @@ class NativeMultimodal:
         nothing of the language model runs stock. LLaVA: the prompt's embeddings with the image
         features in place of the image tokens. mllama: the image states' cross keys/values and
         the tile mask (additive bias and text rows that see a tile), as transformers prepared
-        them."""
+        them. GIT: the layer stack's whole input (image features, then the prompt's embeddings
+        with their positions and LayerNorm), the image part attending both ways."""
         captured: dict[str, Any] = {}
 
         def capture(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-            captured.update(kwargs)
+            captured.update(kwargs, args=args)
             raise _Captured
 
         handle = self.language.register_forward_pre_hook(capture, with_kwargs=True)
@@ -500,10 +512,13 @@ class NativeMultimodal:
             if rows is not None:
                 found["cross_rows"] = rows[:, 0, :, 0]
             return found
-        if captured.get("inputs_embeds") is None:
+        if captured.get("inputs_embeds") is not None:
+            return {"inputs_embeds": captured["inputs_embeds"]}
+        stack_input = (captured.get("args") or (None,))[0]
+        if stack_input is None:
             raise UserError("native backend: the model's forward did not hand its language "
                             "model input embeddings or image states")
-        return {"inputs_embeds": captured["inputs_embeds"]}
+        return {"inputs_embeds": stack_input, "prefix_len": stack_input.shape[1] - ids.shape[1]}
 
 
 def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
@@ -534,10 +549,7 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
                 "prompt")
     fallback = None
     prepared = None
-    if backend == "native" and layout.not_native is not None:
-        fallback = (f"native backend does not cover {family}'s language model: "
-                    f"{layout.not_native}: this run is STOCK transformers")
-    elif backend == "native":
+    if backend == "native":
         candidate = backends.prepare(language, backend="native", dtype=args.dtype,
                                      family=language.config.model_type,
                                      kv_cache_dtype=args.kv_cache_dtype,
@@ -553,7 +565,8 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
             details["native_projections_replaced"] = apply.install_native(native, qlinears)
         # The native model holds the decoder layers now; the stock ones would be a second copy
         # in memory (the forward that builds the prompt's embeddings stops before them).
-        language.get_submodule(layout.language[0][0]).layers = torch.nn.ModuleList()
+        stack = language.get_submodule(layout.language[0][0])
+        setattr(stack, "layers" if hasattr(stack, "layers") else "layer", torch.nn.ModuleList())
         model.set_submodule(layout.language[-1][1], torch.nn.Identity())
         weight_bytes = native.weight_bytes
         if family == "whisper":  # the encoder's states feed the native decoder's cross-attention

@@ -274,9 +274,24 @@ def whisper_decoding(model: Path, folder: Path, **settings) -> Path:
     return folder
 
 
-def stock_and_native(model: Path, folder: Path, *flags: str) -> tuple[dict, dict]:
-    _, stock = benchmark(model, folder / "stock", *flags)
-    _, native = benchmark(model, folder / "native", *flags, "--backend", "native")
+BEAMS = ["--num-beams", "2", "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
+         "--num-warmup", "0"]
+
+
+def stock_and_native(model: Path, folder: Path, *flags: str, decoding: list[str] = SHORT
+                     ) -> tuple[dict, dict]:
+    """The generation benchmark (run_generation.py: run.py's step, one process start fewer)
+    of `model` on stock and on native; both reports, native checked to have run native."""
+    reports = []
+    for backend in ("stock", "native"):
+        out = folder / backend
+        result = run_entry("single_instance/run_generation.py", "-m", str(model), *decoding,
+                           *flags, "--backend", backend, "--output-dir", str(out))
+        assert result.returncode == 0, result.stderr
+        (path,) = out.glob("*.json")
+        reports.append(json.loads(path.read_text()))
+        assert reports[-1]["status"] == "complete"
+    stock, native = reports
     assert native["backend"]["name"] == "native" and "fallback_reason" not in native["backend"]
     return stock, native
 
@@ -314,16 +329,8 @@ def test_whisper_native_decoder(models, tmp_path):
     assert native_t["backend"]["decoder_prompt"][1:3] == [300, tokenizer.convert_tokens_to_ids(
         "<|translate|>")]
 
-    beams = ["--num-beams", "2", "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
-             "--num-warmup", "0"]
-    texts = []
-    for backend in ("stock", "native"):
-        out = tmp_path / f"beam-{backend}"
-        result = run_entry("run.py", "--benchmark", "-m", str(released), *beams,
-                           "--backend", backend, "--output-dir", str(out))
-        assert result.returncode == 0, result.stderr
-        texts.append(json.loads(next(out.glob("*.json")).read_text())["generated_text"])
-    assert texts[0] == texts[1]
+    stock_b, native_b = stock_and_native(released, tmp_path / "beam", decoding=BEAMS)
+    assert generated(native_b) == generated(stock_b)
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -343,39 +350,51 @@ def test_mllama_native_language_model(models, tmp_path):
     included (the vision model stays stock): the same greedy tokens as stock in fp32 and
     weight-only INT8, with text before the image (rows that see no tile), without an image
     (the cross layers skipped), and in beam search."""
-    early = ["--prompt", "Some words first <|image|>Describe this image."]
-    for name, flags in (("image", ["--input-mode", "1"]),
-                        ("early", ["--input-mode", "1", *early]),
-                        ("int8", ["--input-mode", "1", "--ipex-weight-only-quantization",
-                                  "--weight-dtype", "INT8"]),
-                        ("text", ["--input-mode", "0", "--prompt", "Hello there"])):
-        stock, native = stock_and_native(models["mllama"], tmp_path / name, *flags)
+    early = ["--input-mode", "1", "--prompt", "Some words first <|image|>Describe this image."]
+    for name, flags, decoding in (
+            ("image", ["--input-mode", "1"], SHORT),
+            ("early-int8", [*early, "--ipex-weight-only-quantization", "--weight-dtype", "INT8"],
+             SHORT),
+            ("text", ["--input-mode", "0", "--prompt", "Hello there"], SHORT),
+            ("early-beam", early, BEAMS)):
+        stock, native = stock_and_native(models["mllama"], tmp_path / name, *flags,
+                                         decoding=decoding)
         assert generated(native) == generated(stock), name
         assert native["backend"]["block"]["cross_layers"] == [1]
     assert native["backend"]["decode_step"].startswith("compiled C++ step")
 
-    beams = ["--num-beams", "2", "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
-             "--num-warmup", "0", "--input-mode", "1", *early]
-    texts = []
-    for backend in ("stock", "native"):
-        out = tmp_path / f"beam-{backend}"
-        result = run_entry("run.py", "--benchmark", "-m", str(models["mllama"]), *beams,
-                           "--backend", backend, "--output-dir", str(out))
-        assert result.returncode == 0, result.stderr
-        texts.append(json.loads(next(out.glob("*.json")).read_text())["generated_text"])
-    assert texts[0] == texts[1]
+
+def test_git_native_text_decoder(models, tmp_path):
+    """--backend native runs GIT's BERT-style text decoder (post-norm layers; the image tokens
+    lead the prompt and attend to each other both ways; new tokens' positions count text only,
+    as transformers' do): the same greedy tokens as stock captioning from the start token, with
+    a prompt, with weight-only INT8, and in beam search."""
+    for name, flags, decoding in (
+            ("caption", ["--input-mode", "1"], SHORT),
+            ("prompt-int8", ["--input-mode", "1", "--prompt", "a picture of",
+                             "--ipex-weight-only-quantization", "--weight-dtype", "INT8"], SHORT),
+            ("caption-beam", ["--input-mode", "1"], BEAMS)):
+        stock, native = stock_and_native(models["git"], tmp_path / name, *flags,
+                                         decoding=decoding)
+        assert generated(native) == generated(stock), name
+        assert native["backend"]["block"]["residual"] == "post"
 
 
-@pytest.mark.parametrize("family", ["git"])
-def test_native_falls_back_loudly_and_quantizes_stock(models, tmp_path, family):
-    """Families whose language model the native step does not cover run stock with the reason
-    in the console and the report; weight-only INT8 still applies to their language model."""
-    out, report = benchmark(models[family], tmp_path, "--backend", "native",
+def test_native_falls_back_loudly_and_quantizes_stock(models, tmp_path):
+    """A language model with a setting the native step does not implement (here LLaVA's llama
+    with an activation it lacks) runs stock with the reason in the console and the report;
+    weight-only INT8 still applies to it."""
+    folder = tmp_path / "llava-quick-gelu"
+    shutil.copytree(models["llava"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_act"] = "quick_gelu"
+    (folder / "config.json").write_text(json.dumps(config))
+    out, report = benchmark(folder, tmp_path / "run", "--backend", "native",
                             "--ipex-weight-only-quantization", "--weight-dtype", "INT8",
                             "--input-mode", "1")
     assert report["backend"]["name"] == "stock"
     reason = report["backend"]["fallback_reason"]
-    assert f"native backend does not cover {family}'s language model" in reason
+    assert "activation quick_gelu is not implemented" in reason
     assert reason in out and "this run is STOCK transformers" in out
     assert report["backend"]["quantization"]["scheme"]["weight_dtype"] == "INT8"
 

@@ -92,9 +92,9 @@ def native_of(folder: Path, dtype: str = "float32") -> Any:
 
 
 def test_every_native_family_is_tested() -> None:
-    # Whisper's decoder and Llama-3.2-Vision's text model are the language models of multimodal
-    # models: tests/test_multimodal.py runs them native.
-    multimodal = {"whisper", "mllama_text_model"}
+    # Whisper's decoder, Llama-3.2-Vision's text model and GIT's text decoder are the language
+    # models of multimodal models: tests/test_multimodal.py runs them native.
+    multimodal = {"whisper", "mllama_text_model", "git"}
     assert {model_type for model_type, _ in MODELS.values()} == (set(blocks.NATIVE_FAMILIES)
                                                                  - multimodal)
 

@@ -10,10 +10,11 @@ benchmarks/batch_sweep.py (rows matched by config and batch size).
 
 For each metric present on both sides (first token, next token, whole iteration) it prints the
 medians, their ratio and each side's spread, and calls the change real only when it is larger
-than both --min-change and the noisier run's own spread ((p90 - p10) / median of its samples:
-every iteration's first token, every decode step). compare_backends / batch_sweep rows keep
-medians only: --min-change alone decides there. With --fail-above PCT the exit status is 1 when
-a flagged slowdown exceeds PCT percent (for CI); bad input exits 2.
+than both --min-change and the noisier run's own spread ((p90 - p10) / median over its
+iterations: each iteration's first token, its median decode step, its whole time; single
+decode steps jitter far more than their median moves between iterations). compare_backends /
+batch_sweep rows keep medians only: --min-change alone decides there. With --fail-above PCT
+the exit status is 1 when a flagged slowdown exceeds PCT percent (for CI); bad input exits 2.
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ class InputError(Exception):
     pass
 
 
-def metric(samples: list[float]) -> dict[str, float] | None:
-    """Median and relative spread of samples in seconds, reported in ms."""
+def metric(samples: list[float], per_iteration: list[float] | None = None
+           ) -> dict[str, float] | None:
+    """Median of samples in seconds, reported in ms, and the relative spread of the
+    per-iteration values (the samples themselves when each iteration gives one)."""
     if not samples:
         return None
     median = statistics.median(samples)
-    spread = (percentile(samples, 90) - percentile(samples, 10)) / median if median else 0.0
+    spreading = per_iteration or samples
+    spread = ((percentile(spreading, 90) - percentile(spreading, 10)) / median
+              if median else 0.0)
     return {"median": median * 1000.0, "spread": spread, "count": len(samples)}
 
 
@@ -60,7 +65,8 @@ def report_entry(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     iterations = report.get("iterations") or []
     steps = [it["step_latencies_s"] for it in iterations if it.get("step_latencies_s")]
     values = {"first_token_ms": metric([s[0] for s in steps]),
-              "next_token_ms": metric([t for s in steps for t in s[1:]]),
+              "next_token_ms": metric([t for s in steps for t in s[1:]],
+                                      [statistics.median(s[1:]) for s in steps if s[1:]]),
               "iteration_ms": metric([it["seconds"] for it in iterations])}
     return key, {name: v for name, v in values.items() if v}
 

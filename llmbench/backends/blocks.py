@@ -94,7 +94,9 @@ class Block:
     family: str
     norm: str  # "rms" | "layer"
     eps: float
-    residual: str  # "sequential" | "parallel"
+    # "sequential" | "parallel" | "post" (GIT's BERT-style layers: each sublayer reads h and its
+    # norm follows the residual add; no final norm)
+    residual: str
     position: str  # "rope" | "alibi" | "learned" | "relative" (T5's bucketed bias) | "none"
     mlp: str  # "gated" | "plain"
     activation: str  # a key of ACTIVATIONS
@@ -203,7 +205,7 @@ class ModelParts:
     block: Block
     embed: str  # the token embedding module's name
     layers: list[LayerParts]
-    final_norm: Norm
+    final_norm: Norm | None  # None: post-norm blocks end normed
     lm_head: str
     embed_scale: float | None = None  # gemma: sqrt(hidden), in the weights' dtype
     embed_norm: Norm | None = None
@@ -813,6 +815,33 @@ def _map_mllama(model: Any) -> ModelParts:
                       final_norm=_norm(inner.norm), lm_head="lm_head", rope_tables=rope)
 
 
+def _map_git(model: Any) -> ModelParts:
+    """GIT's text decoder (multimodal.language_model's view: encoder, embeddings, output):
+    BERT-style post-norm layers (LayerNorm with bias after each residual add), q/k/v and dense
+    projections with biases, GELU MLP, learned positions with a LayerNorm after the embedding,
+    no final norm. The image tokens lead the prompt and attend to each other both ways
+    (generate(prefix_len=...)); new tokens' positions count them, as transformers' do."""
+    config = model.config
+    heads = config.num_attention_heads
+    d = config.hidden_size // heads
+    layers = []
+    for i, layer in enumerate(model.encoder.layer):
+        p = f"encoder.layer.{i}"
+        layers.append(LayerParts(
+            attn_norm=_norm(layer.attention.output.LayerNorm),
+            mlp_norm=_norm(layer.output.LayerNorm),
+            qkv=[Source(f"{p}.attention.self.{x}") for x in ("query", "key", "value")],
+            o=[Source(f"{p}.attention.output.dense")], gate_up=[Source(f"{p}.intermediate.dense")],
+            down=[Source(f"{p}.output.dense")]))
+    block = Block(family="git", norm="layer", eps=config.layer_norm_eps, residual="post",
+                  position="learned", mlp="plain", activation=config.hidden_act, heads=heads,
+                  kv_heads=heads, head_dim=d, scaling=d ** -0.5, embed_norm=True)
+    return ModelParts(block=block, embed="embeddings.word_embeddings", layers=layers,
+                      final_norm=None, lm_head="output",
+                      embed_norm=_norm(model.embeddings.LayerNorm),
+                      pos_embed="embeddings.position_embeddings")
+
+
 def _map_whisper(model: Any) -> ModelParts:
     """Whisper's decoder (the audio encoder runs stock, once per prompt, and its states come in
     with generate()): pre-LayerNorm blocks with biases (k_proj has none), learned positions,
@@ -865,6 +894,7 @@ MAPPERS: dict[str, Callable[[Any], ModelParts]] = {
     "t5": _map_t5,
     "whisper": _map_whisper,
     "mllama_text_model": _map_mllama,
+    "git": _map_git,
 }
 NATIVE_FAMILIES = tuple(MAPPERS)
 

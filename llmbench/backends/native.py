@@ -66,7 +66,7 @@ SUPPORTED_GENERATE_KEYS = {"input_ids", "attention_mask", "pad_token_id", "max_n
                            "streamer", "temperature", "top_k", "top_p", "eos_token_id",
                            "length_penalty", "early_stopping", "inputs_embeds",
                            "suppress_tokens", "begin_suppress_tokens", "cross_kv",
-                           "cross_bias", "cross_rows"}
+                           "cross_bias", "cross_rows", "prefix_len"}
 
 
 # transformers' RMSNorm in fp32, one C++ call per norm (torch's F.rms_norm is not fused on CPU
@@ -338,8 +338,12 @@ class NativeModel:
         self.pos_embed = (None if parts.pos_embed is None
                           else modules[parts.pos_embed].weight.detach())
         self.pos_offset = parts.pos_offset
-        self.final_norm = parts.final_norm.weight
-        self.final_norm_bias = parts.final_norm.bias
+        # This generate() call's shift of learned positions: GIT's count the prompt's text
+        # tokens only, not the image rows that lead it (-prefix_len).
+        self._pos_shift = 0
+        self.final_norm = None if parts.final_norm is None else parts.final_norm.weight
+        self.final_norm_bias = None if parts.final_norm is None else parts.final_norm.bias
+        self.post_norm = block.residual == "post"
         # Which HF rows make each projection (install_native quantizes through the same map).
         self.sources: dict[str, list[blocks.Source]] = {}
         self.layers = [self._take_layer(hf_model, index, layer)
@@ -476,7 +480,8 @@ class NativeModel:
             pos_embed=None if self.pos_embed is None else self.pos_embed.float().contiguous(),
             pos_offset=self.pos_offset,
             embed_norm=None if embed_norm is None else embed_norm.weight,
-            embed_norm_bias=None if embed_norm is None else embed_norm.bias)
+            embed_norm_bias=None if embed_norm is None else embed_norm.bias,
+            post_norm=self.post_norm)
         index = {name: plan.add_linear(**spec) for name, spec in specs.items()}
         routing = block.experts
         latent = block.latent
@@ -614,6 +619,10 @@ class NativeModel:
             return rms_norm(x, weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
 
+    def _attention_input(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        """What a layer's attention reads: norm(h), or h itself in a post-norm block."""
+        return h if self.post_norm else self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+
     def _qkv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """normed x [R, S, H] -> q [R, heads, S, d], k and v [R, kv, S, d], rope applied."""
         if self.block.latent is not None:
@@ -730,6 +739,10 @@ class NativeModel:
             out = attn.reshape(rows, seq, hidden)
         else:
             out = layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
+        if self.post_norm:  # GIT: each sublayer reads h, its norm follows the residual add
+            h = self._norm(h + self._all_reduce(out), layer.attn_norm, layer.attn_norm_bias)
+            mlp = self._mlp(layer, h.reshape(rows * seq, hidden)).view(rows, seq, hidden)
+            return self._norm(h + self._all_reduce(mlp), layer.mlp_norm, layer.mlp_norm_bias)
         if self.block.residual == "parallel":  # both branches read the block's input
             mlp_in = x if layer.mlp_norm is None else self._norm(h, layer.mlp_norm,
                                                                  layer.mlp_norm_bias)
@@ -830,7 +843,7 @@ class NativeModel:
             rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
         rows = rows.float()
         if self.pos_embed is not None:  # learned absolute positions (OPT, GPTBigCode)
-            start = position + self.pos_offset
+            start = position + self.pos_offset + self._pos_shift
             rows = rows + self.pos_embed[start: start + ids.shape[1]].float()
         if self.embed_norm is not None:  # bloom
             rows = F.layer_norm(rows, (rows.shape[-1],), self.embed_norm.weight,
@@ -853,7 +866,7 @@ class NativeModel:
         return bias.masked_fill(future, -math.inf)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        x = self._norm(h, self.final_norm, self.final_norm_bias)
+        x = h if self.final_norm is None else self._norm(h, self.final_norm, self.final_norm_bias)
         if self.logit_scale is not None:  # T5: d_model^-0.5 before the (tied) lm_head
             x = x * self.logit_scale
         logits = self._gather_logits(self.lm_head(x))
@@ -878,16 +891,22 @@ class NativeModel:
             return self.prefill(ids, caches, cos, sin)
 
     def prefill(self, ids: torch.Tensor, caches: list[KVCache], cos: torch.Tensor,
-                sin: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+                sin: torch.Tensor, embeds: torch.Tensor | None = None,
+                prefix: int = 0) -> torch.Tensor:
         """ids [B, P] -> logits of the last position [B, V]; fills the caches' prompt part.
         `embeds` [B, P, H]: the prompt's input embeddings as given (a multimodal model's, with
-        the image features in place of its image tokens) instead of the ids' own."""
-        seq = ids.shape[1]
+        the image features in place of its image tokens) instead of the ids' own; with
+        `prefix`, its first `prefix` rows (GIT's image tokens) attend to each other both ways."""
         h = self._embed(ids, 0) if embeds is None else embeds.float()
+        seq = h.shape[1]
         c, s = cos[:seq], sin[:seq]
         alibi = self._position_bias(torch.arange(seq), seq)
+        if prefix:  # causal, except inside the prefix: an additive mask [seq, seq]
+            allowed = torch.ones(seq, seq, dtype=torch.bool).tril_()
+            allowed[:prefix, :prefix] = True
+            alibi = torch.zeros(seq, seq).masked_fill_(~allowed, -math.inf)
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+            x = self._attention_input(layer, h)
             if layer.gates is not None:
                 h = self._gated_cross_layer(layer, h, x, cache, decoding=False)
                 continue
@@ -938,7 +957,7 @@ class NativeModel:
         d = self.head_dim
         alibi = self._position_bias(torch.tensor([position]), position + 1)  # [heads, 1, keys]
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = self._norm(h, layer.attn_norm, layer.attn_norm_bias)
+            x = self._attention_input(layer, h)
             if layer.gates is not None:
                 h = self._gated_cross_layer(layer, h, x, cache, decoding=True)
                 continue
@@ -1071,7 +1090,7 @@ class NativeModel:
                       relative_bias=None if self.relative_bias is None else
                       self.relative_bias(1, total, total - 1)[:, 0].flip(-1).contiguous(),
                       mamba_conv=[state.conv for state in states],
-                      mamba_ssm=[state.ssm for state in states])
+                      mamba_ssm=[state.ssm for state in states], pos_shift=self._pos_shift)
         self._bound = plan is not None
         return self._bound
 
@@ -1126,9 +1145,15 @@ class NativeModel:
             kwargs.get("begin_suppress_tokens", defaults.begin_suppress_tokens))
 
         embeds = kwargs.get("inputs_embeds")
-        if embeds is not None and (self.encoder is not None or self.pos_embed is not None
-                                   or self.embed_norm is not None
-                                   or embeds.shape[:2] != ids.shape):
+        prefix = int(kwargs.get("prefix_len") or 0)
+        if prefix:  # GIT: embeds are the layer stack's whole input, [prefix rows | the ids']
+            if (embeds is None or self.alibi_slopes is not None
+                    or embeds.shape[:2] != (ids.shape[0], prefix + ids.shape[1])):
+                raise UserError("native backend: prefix_len needs inputs_embeds of prefix_len "
+                                "+ prompt rows, and no ALiBi")
+        elif embeds is not None and (self.encoder is not None or self.pos_embed is not None
+                                     or self.embed_norm is not None
+                                     or embeds.shape[:2] != ids.shape):
             raise UserError("native backend: inputs_embeds are taken for a decoder-only model "
                             "without learned positions, one row per prompt token")
         cross = kwargs.get("cross_kv")
@@ -1139,12 +1164,14 @@ class NativeModel:
         if self.encoder is not None:  # the prompt is the encoder's; the decoder starts afresh
             encoder_ids = ids
             ids = torch.full((ids.shape[0], 1), self.decoder_start, dtype=ids.dtype)
-        batch, prompt_len = ids.shape
+        batch, prompt_len = ids.shape[0], ids.shape[1] + prefix
         total = prompt_len + new_tokens
+        self._pos_shift = -prefix
         if self.sliding_window and total > self.sliding_window:
             raise UserError(f"native backend: {total} tokens exceed the sliding window "
                             f"({self.sliding_window})")
-        if self.pos_embed is not None and total + self.pos_offset > self.pos_embed.shape[0]:
+        if (self.pos_embed is not None
+                and total + self.pos_offset + self._pos_shift > self.pos_embed.shape[0]):
             raise UserError(f"native backend: {total} tokens exceed the model's "
                             f"{self.pos_embed.shape[0] - self.pos_offset} learned positions")
         cos, sin = self._rope_tables(total)
@@ -1170,7 +1197,7 @@ class NativeModel:
             with torch.inference_mode():
                 sequences = self._generate(ids, caches, history, beams, new_tokens,
                                            (first_banned, banned), criteria, streamer,
-                                           do_sample, settings, cos, sin, embeds)
+                                           do_sample, settings, cos, sin, embeds, prefix)
         finally:
             self._bound = False
         if streamer is not None:
@@ -1178,10 +1205,10 @@ class NativeModel:
         return sequences
 
     def _generate(self, ids, caches, history, beams, new_tokens, banned, criteria, streamer,
-                  do_sample, settings, cos, sin, embeds=None) -> torch.Tensor:
+                  do_sample, settings, cos, sin, embeds=None, prefix=0) -> torch.Tensor:
         """Prefill, then one decode step per new token (greedy or sampling), or beam search.
         banned: (tokens never chosen first, tokens never chosen later)."""
-        logits = self.prefill(ids, caches, cos, sin, embeds)
+        logits = self.prefill(ids, caches, cos, sin, embeds, prefix)
         if beams > 1:
             return self._beam_search(ids, logits, caches, history, beams, new_tokens, banned,
                                      criteria, cos, sin)

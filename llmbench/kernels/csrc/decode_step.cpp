@@ -151,17 +151,19 @@ class DecodePlan {
  public:
   DecodePlan(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
              int64_t intermediate, double eps, double scaling, at::Tensor embed,
-             at::Tensor final_norm, bool round_logits_bf16, double embed_scale,
+             const std::optional<at::Tensor>& final_norm, bool round_logits_bf16, double embed_scale,
              int64_t activation, bool layer_norm, const std::optional<at::Tensor>& final_norm_bias,
              bool parallel, bool gated, const std::optional<at::Tensor>& alibi_slopes,
              const std::optional<at::Tensor>& pos_embed, int64_t pos_offset,
              const std::optional<at::Tensor>& embed_norm,
-             const std::optional<at::Tensor>& embed_norm_bias)
+             const std::optional<at::Tensor>& embed_norm_bias, bool post_norm)
       : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), d_(head_dim),
         inter_(intermediate), eps_(static_cast<float>(eps)),
         scaling_(static_cast<float>(scaling)), round_bf16_(round_logits_bf16),
         embed_scale_(static_cast<float>(embed_scale)), activation_(activation),
-        layer_norm_(layer_norm), parallel_(parallel), gated_(gated), pos_offset_(pos_offset) {
+        layer_norm_(layer_norm), parallel_(parallel), gated_(gated), post_norm_(post_norm),
+        pos_offset_(pos_offset) {
+    TORCH_CHECK(!(post_norm && parallel), "decode_step: a post-norm block is sequential");
     TORCH_CHECK(activation >= kSiLU && activation <= kReLU,
                 "decode_step: unknown activation ", activation);
     TORCH_CHECK(heads % kv_heads == 0, "decode_step: heads must be a multiple of kv_heads");
@@ -169,7 +171,7 @@ class DecodePlan {
                     (embed.scalar_type() == at::kFloat || embed.scalar_type() == at::kBFloat16),
                 "decode_step: embedding must be a contiguous fp32/bf16 [V, hidden] tensor");
     embed_ = keep(embed);
-    final_norm_ = vec(final_norm, hidden, "final_norm");
+    final_norm_ = opt_vec(final_norm, hidden, "final_norm");  // none: post-norm blocks
     final_norm_bias_ = opt_vec(final_norm_bias, hidden, "final_norm_bias");
     alibi_ = opt_vec(alibi_slopes, heads, "alibi_slopes");
     embed_norm_ = opt_vec(embed_norm, hidden, "embed_norm");
@@ -429,7 +431,9 @@ class DecodePlan {
             const std::optional<at::Tensor>& relative_bias,
             const std::optional<at::Tensor>& cross_bias,
             const std::optional<at::Tensor>& cross_rows,
-            const std::vector<at::Tensor>& mamba_conv, const std::vector<at::Tensor>& mamba_ssm) {
+            const std::vector<at::Tensor>& mamba_conv, const std::vector<at::Tensor>& mamba_ssm,
+            int64_t pos_shift) {
+    pos_shift_ = pos_shift;
     const size_t n = layers_.size();
     TORCH_CHECK(prompt_k.size() == n && prompt_v.size() == n && gen_k.size() == n &&
                     gen_v.size() == n,
@@ -579,7 +583,7 @@ class DecodePlan {
                 c10::detail::round_to_nearest_even(dst[i] * embed_scale_));
       }
       if (pos_embed_.defined()) {  // learned absolute positions (OPT, GPTBigCode)
-        const int64_t row = position + pos_offset_;
+        const int64_t row = position + pos_offset_ + pos_shift_;
         TORCH_CHECK(row >= 0 && row < pos_embed_.size(0), "decode_step: position ", position,
                     " past the model's learned positions");
         const float* pos = pos_embed_.data_ptr<float>() + row * H;
@@ -591,7 +595,10 @@ class DecodePlan {
 
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
-      norm_rows(h_.data(), L.attn_norm, L.attn_norm_bias, x_.data(), R, H);
+      if (post_norm_)
+        std::copy_n(h_.data(), R * H, x_.data());
+      else
+        norm_rows(h_.data(), L.attn_norm, L.attn_norm_bias, x_.data(), R, H);
       if (L.gated) {  // transformers skips these layers when there is no image
         if (ck_[li].defined()) gated_cross_layer(L, li, R);
         continue;
@@ -631,15 +638,23 @@ class DecodePlan {
       } else {
         all_reduce(tmp_.data(), R * H);
         for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
+        if (post_norm_) norm_rows(h_.data(), L.attn_norm, L.attn_norm_bias, h_.data(), R, H);
         if (L.cross_q >= 0) cross_attention(L, li, R);
-        norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, x_.data(), R, H);
+        if (post_norm_)
+          std::copy_n(h_.data(), R * H, x_.data());
+        else
+          norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, x_.data(), R, H);
         mlp(L, x_.data(), R, mlp_out_.data());
         all_reduce(mlp_out_.data(), R * H);
         for (int64_t i = 0; i < R * H; ++i) h_[i] += mlp_out_[i];
+        if (post_norm_) norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, h_.data(), R, H);
       }
     }
 
-    norm_rows(h_.data(), final_norm_, final_norm_bias_, x_.data(), R, H);
+    if (final_norm_)
+      norm_rows(h_.data(), final_norm_, final_norm_bias_, x_.data(), R, H);
+    else
+      std::copy_n(h_.data(), R * H, x_.data());
     if (logit_scale_ != 1.f)
       for (int64_t i = 0; i < R * H; ++i) x_[i] *= logit_scale_;
     const LinearDesc& head = linears_[lm_head_].d;
@@ -1178,8 +1193,11 @@ class DecodePlan {
   const bool round_bf16_;
   const float embed_scale_;
   const int64_t activation_;
-  const bool layer_norm_, parallel_, gated_;
+  // post_norm_: each sublayer's norm after its residual add (GIT's BERT-style layers): the
+  // attention and the MLP read h itself, attn_norm / mlp_norm follow the adds
+  const bool layer_norm_, parallel_, gated_, post_norm_;
   const int64_t pos_offset_;
+  int64_t pos_shift_ = 0;  // bound: GIT's learned positions count text tokens, not its image
   at::Tensor embed_, pos_embed_;
   const float* final_norm_ = nullptr;
   const float* final_norm_bias_ = nullptr;
@@ -1228,10 +1246,10 @@ void register_decode(pybind11::module& m) {
   py::class_<DecodePlan>(m, "DecodePlan",
                          "A llama-like decoder's decode step over the compiled kernels")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor,
-                    at::Tensor, bool, double, int64_t, bool, const std::optional<at::Tensor>&,
-                    bool, bool, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&>(),
+                    const std::optional<at::Tensor>&, bool, double, int64_t, bool,
+                    const std::optional<at::Tensor>&, bool, bool,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool>(),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("intermediate"), py::arg("eps"), py::arg("scaling"), py::arg("embed"),
            py::arg("final_norm"), py::arg("round_logits_bf16"), py::arg("embed_scale") = 1.0,
@@ -1239,7 +1257,8 @@ void register_decode(pybind11::module& m) {
            py::arg("final_norm_bias") = py::none(), py::arg("parallel") = false,
            py::arg("gated") = true, py::arg("alibi_slopes") = py::none(),
            py::arg("pos_embed") = py::none(), py::arg("pos_offset") = 0,
-           py::arg("embed_norm") = py::none(), py::arg("embed_norm_bias") = py::none())
+           py::arg("embed_norm") = py::none(), py::arg("embed_norm_bias") = py::none(),
+           py::arg("post_norm") = false)
       .def("add_linear", &DecodePlan::add_linear, py::arg("fmt"), py::arg("w"),
            py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("group_size") = 0, py::arg("bias") = py::none(),
@@ -1277,7 +1296,7 @@ void register_decode(pybind11::module& m) {
            py::arg("relative_bias") = py::none(), py::arg("cross_bias") = py::none(),
            py::arg("cross_rows") = py::none(),
            py::arg("mamba_conv") = std::vector<at::Tensor>{},
-           py::arg("mamba_ssm") = std::vector<at::Tensor>{})
+           py::arg("mamba_ssm") = std::vector<at::Tensor>{}, py::arg("pos_shift") = 0)
       .def("set_mamba", &DecodePlan::set_mamba, py::arg("in_proj"), py::arg("x_proj"),
            py::arg("dt_proj"), py::arg("out_proj"), py::arg("conv_weight"),
            py::arg("conv_bias"), py::arg("a"), py::arg("d"), py::arg("dt_norm"),
