@@ -1268,10 +1268,7 @@ class NativeModel:
         return logprobs
 
     def _eos_ids(self, kwargs: dict[str, Any]) -> list[int]:
-        eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
-        if eos is None:
-            return []
-        return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
+        return _token_list(kwargs.get("eos_token_id", self.generation_config.eos_token_id))
 
     def _sampling_settings(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         # transformers' defaults apply when sampling (top_k 50), as in stock generate().
