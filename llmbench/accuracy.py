@@ -494,10 +494,10 @@ def evaluate_and_report(args: argparse.Namespace, loaded: Any, prepared: Any,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmbench.generation import resolve_backend
+    from llmbench import backends
 
     args = build_parser().parse_args(argv)
-    backend = resolve_backend(args)
+    backend = backends.requested(args.backend, args.ipex)
     weight = apply_quantized_dtype(args)
     requests = task_requests(args)
     announce_default(args)
@@ -522,8 +522,7 @@ def build_rank_parser(prog: str = "run_accuracy_with_deepspeed.py") -> flags.Par
 def check_rank_args(args: argparse.Namespace) -> Any:
     """What run_accuracy_with_deepspeed.py refuses before anything loads (every rank alike),
     and the weight-only scheme each rank quantizes its slice with (None: float)."""
-    from llmbench.quant.autotp import WHOLE_MODEL_REASON
-    from llmbench.quant.cli import scheme_from_args
+    from llmbench.quant.cli import WHOLE_MODEL_REASON, scheme_from_args
 
     backend = "ipex" if args.ipex else args.backend
     if backend == "ipex":

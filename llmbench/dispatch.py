@@ -46,9 +46,9 @@ def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     multimodal_checks(args)
     steps = autotp_steps(parser, args)
     if not args.autotp:
-        from llmbench.generation import resolve_backend
+        from llmbench.backends import requested
 
-        resolve_backend(args)  # --ipex without IPEX: one line, before any step starts
+        requested(args.backend, args.ipex)  # --ipex without IPEX: one line, before any step
     quantized_argv = quantization_steps(parser, args, steps)
     if args.benchmark and not args.autotp:
         steps.append(Step("benchmark", "single_instance/run_generation.py",
@@ -90,7 +90,7 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
         # Each rank quantizes its own slice after sharding (llmbench.quant.autotp): no step
         # here; the rank step gets the flags (its parser has them) and this refuses, before
         # the launch, what can't run per rank.
-        from llmbench.quant.autotp import autotp_scheme
+        from llmbench.quant.cli import autotp_scheme
 
         autotp_scheme(parser, args)
         return []
@@ -112,7 +112,7 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
         return []
     if path is not None:
         return []
-    from llmbench.quant.checkpoint import folder_quantization
+    from llmbench.quant.checkpoint_settings import folder_quantization
 
     if scheme.method != "checkpoint" and folder_quantization(args.model_name_or_path):
         return []  # -m is a GPTQ/AWQ folder: the benchmark step runs its weights as they are

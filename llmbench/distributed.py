@@ -753,7 +753,7 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
     model = None
     checkpoint = None
     problem = "one rank: nothing to split" if info.world_size == 1 else None
-    from llmbench.quant.checkpoint import folder_quantization
+    from llmbench.quant.checkpoint_settings import folder_quantization
 
     if source.kind != "hub" and folder_quantization(source.path) is not None:
         # A GPTQ/AWQ folder: converted whole by the single-instance loader (the float model
@@ -865,53 +865,48 @@ def load_autotp_multimodal(args: argparse.Namespace, request: Any, info: RankInf
     prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
                                      args.dtype)
     notes = ["a multimodal model loads whole on every rank; its language model is sharded, "
-             f"the encoders ({', '.join(multimodal.LAYOUTS[loaded.family.model_type].encoders)})"
-             " run whole on every rank"]
+             f"the encoders ({', '.join(multimodal_encoders(request))}) run whole on every "
+             "rank"]
     return AutoTPModel(loaded=loaded, load_path="whole model per rank",
                        local_weight_bytes=local, notes=notes, language=language), prompt
 
 
 def load_native_tp(args: argparse.Namespace, scheme: Any, info: RankInfo,
-                   shared_memory: bool) -> tuple[AutoTPModel | None, Any, str | None]:
+                   shared_memory: bool, request: Any = None
+                   ) -> tuple[AutoTPModel | None, Any, Any, str | None]:
     """--autotp --backend native: the model whole on every rank (quantized whole, as one
-    process would, when asked), made a NativeModel, then cut to this rank's slice
-    (backends.tensor_parallel). Returns (AutoTPModel, PreparedModel, None), or (None, None,
-    reason) when this model or setting is not cut natively (the caller runs AutoTP stock)."""
-    from llmbench import backends
+    process would, when asked), made a NativeModel (a multimodal model's language model: its
+    encoders stay transformers' own, run whole on every rank), then cut to this rank's slice
+    (backends.tensor_parallel). Returns (AutoTPModel, PreparedModel, Prompt of a multimodal
+    request or None, None), or (None, None, None, reason) on every rank alike when this model
+    or setting is not cut natively (the caller runs AutoTP stock)."""
     from llmbench.backends import tensor_parallel
     from llmbench.backends.blocks import Unsupported
-    from llmbench.models import load_model
 
     if info.local_rank == 0:
         source, _ = resolve_local(args.model_name_or_path)
     barrier()
     if info.local_rank != 0:
         source, _ = resolve_local(args.model_name_or_path)
-    loaded = load_model(source.path if source.kind != "hub" else args.model_name_or_path,
-                        "float32" if scheme is not None else args.dtype, args.config_file)
-    if loaded.quantized is not None:
-        return None, None, "a GPTQ/AWQ folder is cut by the stock AutoTP path"
-    start = time.perf_counter()
-    if scheme is not None:
-        from llmbench.quant.cli import quantize_in_process
-
-        # the whole model, as one process quantizes it (rank 0 says what ran, once cut)
-        prepared = quantize_in_process(args, loaded, scheme, "native", announce=False)
-    else:
-        prepared = backends.prepare(loaded.model, backend="native", dtype=args.dtype,
-                                    family=loaded.family.model_type,
-                                    kv_cache_dtype=args.kv_cache_dtype, place_weights=False)
-    if prepared.backend != "native":
-        return None, None, prepared.details["fallback_reason"].split(": this run is")[0]
-    native = prepared.model
-    comm = tensor_parallel.communicator(info.rank, info.world_size, shared_memory)
-    try:
-        tensor_parallel.shard(native, comm)
-    except Unsupported as reason:
-        return None, None, str(reason)
+    path = source.path if source.kind != "hub" else args.model_name_or_path
+    loaded, prepared, prompt, reason = _native_whole(args, scheme, path, request)
+    native = None
+    if reason is None:
+        native = getattr(prepared.model, "native", prepared.model)  # a multimodal runner's
+        comm = tensor_parallel.communicator(info.rank, info.world_size, shared_memory)
+        try:
+            start = time.perf_counter()
+            tensor_parallel.shard(native, comm)
+            loaded.load_seconds += time.perf_counter() - start
+        except Unsupported as exc:
+            reason = str(exc)
+    # Every rank must take the same path: one rank on stock AutoTP and another on the native
+    # step would wait for each other's collectives forever (a slice can be refused on one rank
+    # only, e.g. a narrow expert that leaves a rank no units).
+    refused = [r for r in gather(reason) if r is not None]
+    if refused:
+        return None, None, None, refused[0]
     native.place_weights()
-    loaded.model = native
-    loaded.load_seconds += time.perf_counter() - start
     local = native.weight_bytes
     loaded.decode_weight_bytes = sum(gather(local))
     prepared.details["weight_bytes_per_token"] = loaded.decode_weight_bytes
@@ -922,8 +917,60 @@ def load_native_tp(args: argparse.Namespace, scheme: Any, info: RankInfo,
             "applied": "quantized whole on every rank as one process would, then each rank "
                        "cut its slices of the integers and scales",
             "weight_bytes_per_token": loaded.decode_weight_bytes})
+    notes = []
+    if request is not None:
+        notes.append("a multimodal model loads whole on every rank; its language model runs "
+                     "native, cut across the ranks; the encoders ("
+                     f"{', '.join(multimodal_encoders(request))}) run whole on every rank")
     return (AutoTPModel(loaded=loaded, load_path="whole model per rank, cut by llmbench",
-                        local_weight_bytes=local), prepared, None)
+                        local_weight_bytes=local, notes=notes), prepared, prompt, None)
+
+
+def multimodal_encoders(request: Any) -> tuple[str, ...]:
+    from llmbench.multimodal import LAYOUTS
+
+    return LAYOUTS[request.family.model_type].encoders
+
+
+def _native_whole(args: argparse.Namespace, scheme: Any, path: str, request: Any
+                  ) -> tuple[Any, Any, Any, str | None]:
+    """load_native_tp's first part: (LoadedModel, PreparedModel native and uncut, the
+    multimodal prompt or None, None), or (.., reason) when native does not run it."""
+    from llmbench import backends
+
+    # quantization reads the fp32 weights; the model then runs in --dtype
+    load_dtype = "float32" if scheme is not None else args.dtype
+    if request is not None:
+        from llmbench import multimodal
+
+        loaded, processor = multimodal.load(args, request, load_dtype)
+        prepared = multimodal.prepare(args, loaded, "native", place_weights=False,
+                                      announce=False)
+        prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
+                                         args.dtype)
+    else:
+        from llmbench.models import load_model
+
+        loaded = load_model(path, load_dtype, args.config_file)
+        prompt = None
+        if loaded.quantized is not None:
+            return loaded, None, None, "a GPTQ/AWQ folder is cut by the stock AutoTP path"
+        start = time.perf_counter()
+        if scheme is not None:
+            from llmbench.quant.cli import quantize_in_process
+
+            # the whole model, as one process quantizes it (rank 0 says what ran, once cut)
+            prepared = quantize_in_process(args, loaded, scheme, "native", announce=False)
+        else:
+            prepared = backends.prepare(loaded.model, backend="native", dtype=args.dtype,
+                                        family=loaded.family.model_type,
+                                        kv_cache_dtype=args.kv_cache_dtype,
+                                        place_weights=False)
+        loaded.load_seconds += time.perf_counter() - start
+    if prepared.backend != "native":
+        return loaded, None, None, prepared.details["fallback_reason"].split(": this run is")[0]
+    loaded.model = prepared.model
+    return loaded, prepared, prompt, None
 
 
 def _is_non_persistent(model: Any, name: str) -> bool:
@@ -980,7 +1027,7 @@ def kill_step() -> int | None:
 
 def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser:
     # The quantization group as a whole (one definition of each flag); what does not run per
-    # rank is refused by llmbench.quant.autotp.autotp_scheme.
+    # rank is refused by llmbench.quant.cli.autotp_scheme.
     return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
                                                   flags.add_multimodal_flags,
                                                   flags.add_rank_flags,
@@ -1074,9 +1121,9 @@ def quantize_rank(tp: AutoTPModel, scheme: Any, args: argparse.Namespace) -> tup
 def check_args(parser: flags.Parser, args: argparse.Namespace) -> Any:
     """What a rank refuses before joining the others (every rank alike), and the weight-only
     scheme it quantizes its slice with (None: float)."""
-    from llmbench.quant import autotp as tp_quant
+    from llmbench.quant.cli import autotp_scheme
 
-    scheme = tp_quant.autotp_scheme(parser, args)
+    scheme = autotp_scheme(parser, args)
     backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
     if backend == "ipex":
         from llmbench.backends.ipex import require_ipex
@@ -1139,11 +1186,14 @@ def main(argv: list[str] | None = None) -> int:
     encoder_timer = None
     native_prepared = None
     fallback = None
-    if args.backend == "native" and request is None:
+    if args.backend == "native":
         shared_memory = all_reduce_path("float32", info) == "deepspeed shared-memory all-reduce"
-        tp, native_prepared, fallback = load_native_tp(args, scheme, info, shared_memory)
-    elif args.backend == "native":
-        fallback = "tensor parallel native does not cover multimodal models yet"
+        tp, native_prepared, prompt, fallback = load_native_tp(args, scheme, info,
+                                                               shared_memory, request)
+        if native_prepared is not None and request is not None and (
+                request.image is not None or request.audio is not None):
+            encoder_timer = multimodal.EncoderTimer(native_prepared.model.model,
+                                                    request.family.model_type)
     if fallback is not None:
         fallback = f"{fallback}: this run is STOCK transformers under DeepSpeed AutoTP"
         notes.append(fallback)
@@ -1229,8 +1279,9 @@ def main(argv: list[str] | None = None) -> int:
         return compute_statistics(run, args.batch_size, decode_bytes)
 
     recorder = RecordingModel(loaded.model)
-    if native_prepared is not None:
-        loaded.model.take_all_reduce_time()  # from here on: the benchmark's iterations
+    native = None if native_prepared is None else getattr(loaded.model, "native", loaded.model)
+    if native is not None:
+        native.take_all_reduce_time()  # from here on: the benchmark's iterations
     try:
         run = run_benchmark(
             recorder, loaded.tokenizer, prompt, generate_kwargs,
@@ -1243,8 +1294,8 @@ def main(argv: list[str] | None = None) -> int:
         token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
         record = rank_record(info, tp, token_ids, quant)
         record["all_reduce"] = all_reduce
-        if native_prepared is not None:
-            record.update(all_reduce_record(loaded.model, run, args))
+        if native is not None:
+            record.update(all_reduce_record(native, run, args))
         ranks = gather(record)
     except BaseException as exc:
         if writer is not None:

@@ -31,22 +31,9 @@ def build_parser(prog: str = "run_generation.py") -> flags.Parser:
                                                   flags.add_benchmark_noop_flag))
 
 
-def resolve_backend(args: argparse.Namespace) -> str:
-    """--backend / --ipex; IPEX is checked here, so that a machine without it says so in one
-    line before anything loads."""
-    if args.ipex and args.backend not in ("stock", "ipex"):
-        raise UserError(f"--ipex contradicts --backend {args.backend}")
-    backend = "ipex" if args.ipex else args.backend
-    if backend == "ipex":
-        from llmbench.backends.ipex import require_ipex
-
-        require_ipex()
-    return backend
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    backend = resolve_backend(args)
+    backend = backends.requested(args.backend, args.ipex)
     mode, generate_kwargs = decoding_settings(
         greedy=args.greedy, sample=args.sample, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
@@ -56,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     request = multimodal.check_request(args)  # None: a text model's run, as before
     if request is None and args.quantized_model_path is None:
-        from llmbench.quant.checkpoint import folder_quantization
+        from llmbench.quant.checkpoint_settings import folder_quantization
         from llmbench.quant.cli import scheme_from_args
 
         # -m of a GPTQ/AWQ folder takes the examples' weight-only flags (prepare_saved checks

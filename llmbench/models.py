@@ -320,7 +320,7 @@ def load_model(name_or_path: str | None, dtype: str, config_file: str | None = N
     quantized = None
     checkpoint_settings = None
     if source.kind == "folder":
-        from llmbench.quant.checkpoint import hf_quantization
+        from llmbench.quant.checkpoint_settings import hf_quantization
 
         checkpoint_settings = hf_quantization(read_config_dict(source))
     try:

@@ -521,9 +521,12 @@ class NativeMultimodal:
         return {"inputs_embeds": stack_input, "prefix_len": stack_input.shape[1] - ids.shape[1]}
 
 
-def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
+def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str, *,
+            place_weights: bool = True, announce: bool = True) -> Any:
     """The loaded multimodal model on `backend`, its language model quantized if asked (in this
-    process, round to nearest); the encoders stay transformers' own. A backends.PreparedModel."""
+    process, round to nearest); the encoders stay transformers' own. A backends.PreparedModel.
+    place_weights=False: a native model's weights stay where they are (tensor parallel places
+    its slices once cut); announce=False: no console line of the quantization."""
     import torch
 
     from llmbench import backends
@@ -553,7 +556,7 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
         candidate = backends.prepare(language, backend="native", dtype=args.dtype,
                                      family=language.config.model_type,
                                      kv_cache_dtype=args.kv_cache_dtype,
-                                     place_weights=qlinears is None)
+                                     place_weights=place_weights and qlinears is None)
         if candidate.backend == "native":
             prepared = candidate
         else:
@@ -594,8 +597,9 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str) -> Any:
         quantization["part"] = "the language model (the encoders stay float)"
         quantization["saved"] = False
         result.details["quantization"] = quantization
-        print(f"quantized: {scheme.describe()} of the language model in this process, not "
-              f"saved ({weight_bytes / 2**20:.1f} MiB read per token)", flush=True)
+        if announce:
+            print(f"quantized: {scheme.describe()} of the language model in this process, "
+                  f"not saved ({weight_bytes / 2**20:.1f} MiB read per token)", flush=True)
     result.details["weight_bytes_per_token"] = weight_bytes
     loaded.decode_weight_bytes = weight_bytes
     return result

@@ -77,7 +77,8 @@ def test_accuracy_dtype_int8_int4_is_weight_only_quantization():
 def test_int8_groups_quantize_save_and_load(tmp_path):
     from llmbench.quant import apply
     from llmbench.quant.linears import Int8GroupLinear
-    from llmbench.quant.scheme import Scheme, quantize_weight
+    from llmbench.quant.rtn import quantize_weight
+    from llmbench.quant.scheme import Scheme
 
     torch.manual_seed(0)
     w, b, x = torch.randn(48, 100), torch.randn(48), torch.randn(3, 100)
@@ -99,7 +100,8 @@ def test_int8_groups_quantize_save_and_load(tmp_path):
 def test_lowp_mode_computes_in_bf16_fp16(lowp_mode, dtype):
     from llmbench.quant.apply import compute_description, set_compute
     from llmbench.quant.linears import LowpLinear, fuse
-    from llmbench.quant.scheme import Scheme, quantize_weight
+    from llmbench.quant.rtn import quantize_weight
+    from llmbench.quant.scheme import Scheme
 
     torch.manual_seed(0)
     scheme = Scheme("woq", "INT4", 32, False, lowp_mode)
@@ -168,7 +170,8 @@ def test_checkpoint_slices_for_autotp_are_the_checkpoints_own_weights(k, group):
     """A GPTQ folder under --autotp: each rank's slice is cut from the checkpoint's integers,
     scales and zero points, so it dequantizes to exactly the whole projection's slice."""
     from llmbench.quant.autotp import columns_of, rows_of
-    from llmbench.quant.scheme import Scheme, quantize_weight
+    from llmbench.quant.rtn import quantize_weight
+    from llmbench.quant.scheme import Scheme
 
     torch.manual_seed(0)
     whole = quantize_weight(torch.randn(24, k), torch.randn(24), Scheme("gptq", "INT4", group,

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,8 +55,17 @@ def launch(*args: str, env: dict[str, str] | None = None,
                "--master_port", str(port), str(ROOT / "run.py"), "--benchmark", "--autotp",
                *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
-    result = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT,
-                            timeout=timeout)
+    # its own session, so that a hung launch is ended with every rank it started (a timeout
+    # of subprocess.run kills only the launcher, leaving the ranks behind)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=full_env, cwd=ROOT, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"left in /dev/shm: {left}"
     return result
@@ -409,7 +419,7 @@ class SlicedRowParallel:
     kind = "reference"
 
     def __init__(self, weight, widths, scheme) -> None:
-        from llmbench.quant.scheme import quantize_weight
+        from llmbench.quant.rtn import quantize_weight
 
         self.parts, offset = [], 0
         for width in widths:
@@ -511,7 +521,7 @@ def test_woq_autotp_report_says_what_ran(woq_autotp_run):
 def test_run_py_forwards_woq_flags_to_the_ranks():
     from llmbench.dispatch import build_parser, plan_steps
     from llmbench.distributed import build_parser as rank_parser
-    from llmbench.quant.autotp import autotp_scheme
+    from llmbench.quant.cli import autotp_scheme
 
     parser = build_parser()
     args = parser.parse_args(["--benchmark", "--autotp", "--greedy", "--local_rank=0",
@@ -606,7 +616,8 @@ def test_quantize_autotp_swaps_deepspeed_layers_for_quantized_ones():
     import torch
 
     from llmbench.quant import autotp
-    from llmbench.quant.scheme import Scheme, quantize_weight
+    from llmbench.quant.rtn import quantize_weight
+    from llmbench.quant.scheme import Scheme
 
     model = toy_tp_model()
     scheme = Scheme("woq", "INT4", 32, False)

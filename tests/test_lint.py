@@ -63,3 +63,31 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_run_py_plans_its_steps_without_torch(tmp_path):
+    """run.py checks the whole command line and plans its steps before any step starts; torch
+    and transformers take seconds to import, and each step imports them itself, so the
+    dispatcher must not (text, quantized, multimodal, --autotp and accuracy command lines)."""
+    code = """
+import sys
+from llmbench import dispatch
+parser = dispatch.build_parser()
+for argv in (["--benchmark", "--backend", "native"],
+             ["--benchmark", "--ipex-weight-only-quantization", "--weight-dtype", "INT4"],
+             ["--benchmark", "--ipex-smooth-quant", "--accuracy-only"],
+             ["--benchmark", "--autotp", "--ipex-weight-only-quantization"],
+             ["--benchmark", "--input-mode", "1", "-m", sys.argv[1]],
+             ["--accuracy-only", "--tasks", "lambada_openai"]):
+    try:
+        dispatch.plan_steps(parser, parser.parse_args(argv))
+    except Exception as exc:  # a refusal is fine here: what it imported is the point
+        print("refused:", argv, exc, file=sys.stderr)
+heavy = sorted(m for m in ("torch", "transformers", "deepspeed") if m in sys.modules)
+print(",".join(heavy))
+"""
+    (tmp_path / "config.json").write_text('{"model_type": "llava"}')  # what run.py reads
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", (result.stdout, result.stderr)

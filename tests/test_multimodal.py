@@ -426,3 +426,25 @@ def test_autotp_shards_the_language_model(models, tmp_path):
     report8 = only_report(tmp_path / "tp8")
     assert report8["distributed"]["ranks_agree"] and report8["model"]["dtype"] == "bfloat16"
     assert report8["backend"]["quantization"]["splits_per_rank"]["lm_head"] == 1
+
+
+@pytest.mark.parametrize("family", ["whisper", "mllama", "git"])
+def test_autotp_native_language_model(models, tmp_path, family):
+    """deepspeed run.py --autotp --backend native: each rank runs its slice of the native
+    language model (cross-attention by KV-head groups for Whisper and mllama, GIT's post-norm
+    blocks with the image prefix), the encoders whole on every rank; the greedy tokens are one
+    native process's."""
+    from test_distributed import launch, only_report
+
+    flags = ["--backend", "native", "--input-mode", "2" if family == "whisper" else "1"]
+    _, single = benchmark(models[family], tmp_path / "single", *flags)
+    result = launch("-m", str(models[family]), *flags, *SHORT, "--output-dir",
+                    str(tmp_path / "tp"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "native-autotp x2" in result.stdout
+    report = only_report(tmp_path / "tp")
+    assert report["backend"]["name"] == "native" and "fallback_reason" not in report["backend"]
+    assert report["backend"]["tensor_parallel"]["world"] == 2
+    assert report["distributed"]["ranks_agree"] is True
+    assert report["distributed"]["all_reduce_ms_per_token"] > 0
+    assert generated(report) == generated(single)

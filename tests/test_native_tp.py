@@ -20,7 +20,7 @@ RUN = ["--greedy", "--token-latency", "--max-new-tokens", str(TOKENS), "--num-it
 def tiny(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("native-tp")
     return {family: make_tiny_model(family, root / family, embedded_model_dir)
-            for family in ("llama", "gpt_neox", "opt", "mixtral", "deepseek_v2")}
+            for family in ("llama", "gpt_neox", "opt", "mixtral", "deepseek_v2", "jamba", "t5")}
 
 
 def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
@@ -38,6 +38,7 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
     from llmbench.quant.cli import scheme_from_args
 
     loaded = load_model(str(model), "float32")
+    seq2seq = loaded.family.seq2seq
     if quant_flags:
         scheme = scheme_from_args(build_parser().parse_args(quant_flags))
         qlinears = apply.quantize_rtn(loaded.model, scheme)
@@ -48,7 +49,7 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
                                   family=loaded.family.model_type).model
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
                           input_tokens=None, prompt_text=None, batch_size=1,
-                          max_new_tokens=tokens)
+                          max_new_tokens=tokens, seq2seq=seq2seq)
     _, kwargs = decoding_settings(greedy=True, sample=False, num_beams=4,
                                   max_new_tokens=tokens, generation_config=None)
     with torch.inference_mode():
@@ -60,7 +61,11 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
 
 @pytest.mark.parametrize(("family", "quant"), [
     ("llama", []), ("gpt_neox", []), ("opt", []), ("mixtral", []),
-    ("llama", ["INT8", "0"]), ("gpt_neox", ["INT4", "32"]), ("mixtral", ["INT8", "0"])])
+    # latent attention (DeepSeek: query heads cut, the latent whole), Mamba layers whole on
+    # every rank (Jamba), an encoder-decoder's cross-attention (T5)
+    ("deepseek_v2", []), ("jamba", []), ("t5", []),
+    ("llama", ["INT8", "0"]), ("gpt_neox", ["INT4", "32"]), ("mixtral", ["INT8", "0"]),
+    ("deepseek_v2", ["INT8", "0"])])
 def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
     flags = (["--ipex-weight-only-quantization", "--weight-dtype", quant[0], "--group-size",
               quant[1]] if quant else [])
@@ -86,14 +91,16 @@ def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
         assert report["backend"]["quantization"]["scheme"]["weight_dtype"] == quant[0]
 
 
-def test_what_is_not_cut_falls_back_loudly(tiny, tmp_path):
-    """DeepSeek's multi-head latent attention is not cut natively yet: stock AutoTP runs, and
-    the console and the report say why."""
-    result = launch("-m", str(tiny["deepseek_v2"]), "--backend", "native", *RUN[:3], "4",
-                    *RUN[4:], "--output-dir", str(tmp_path), timeout=600)
+def test_what_is_not_native_falls_back_loudly(tmp_path, embedded_model_dir):
+    """An activation the native step lacks (quick_gelu in a llama): stock AutoTP runs, and the
+    console and the report say why."""
+    model = make_tiny_model("llama", tmp_path / "model", embedded_model_dir,
+                            hidden_act="quick_gelu")
+    result = launch("-m", str(model), "--backend", "native", *RUN[:3], "4", *RUN[4:],
+                    "--output-dir", str(tmp_path / "out"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "does not cut multi-head latent attention yet" in result.stdout
-    report = only_report(tmp_path)
+    assert "activation quick_gelu is not implemented" in result.stdout
+    report = only_report(tmp_path / "out")
     assert report["backend"]["name"] == "deepspeed-autotp"
     assert report["backend"]["requested"] == "native"
     assert "this run is STOCK transformers" in report["backend"]["fallback_reason"]
@@ -149,3 +156,18 @@ def test_a_rank_killed_mid_run_ends_every_rank(tiny, tmp_path):
     assert report["status"] == "failed"
     assert report["error"].startswith("rank 1 (pid")
     assert "Summary" not in result.stdout
+
+
+def test_a_slice_refused_on_one_rank_sends_every_rank_to_stock(tmp_path, embedded_model_dir):
+    """Experts of 8 units leave rank 1 none to take: only rank 1 refuses its slice, and every
+    rank must then take the stock path together (one rank on each would wait for the other's
+    collectives forever)."""
+    model = make_tiny_model("deepseek_v2", tmp_path / "model", embedded_model_dir,
+                            moe_intermediate_size=8)
+    result = launch("-m", str(model), "--backend", "native", *RUN[:3], "2", *RUN[4:],
+                    "--output-dir", str(tmp_path / "out"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is too narrow for 2 ranks" in result.stdout
+    report = only_report(tmp_path / "out")
+    assert report["backend"]["name"] == "deepspeed-autotp"
+    assert report["distributed"]["ranks_agree"] is True

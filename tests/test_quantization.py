@@ -14,7 +14,8 @@ from tiny_models import make_tiny_model
 
 from llmbench.errors import UserError
 from llmbench.quant import apply, quality
-from llmbench.quant.scheme import ACT_QUANT_MODES, Scheme, quantize_weight, resolve_group_size
+from llmbench.quant.rtn import quantize_weight
+from llmbench.quant.scheme import ACT_QUANT_MODES, Scheme, resolve_group_size
 from llmbench.quantize import main as quantize_main
 
 

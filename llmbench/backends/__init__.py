@@ -12,7 +12,21 @@ from typing import Any
 from llmbench.backends.prepared import PreparedModel
 from llmbench.errors import UserError
 
-__all__ = ["PreparedModel", "prepare"]
+__all__ = ["PreparedModel", "prepare", "requested"]
+
+
+def requested(backend: str, ipex: bool) -> str:
+    """The backend --backend / --ipex ask for; IPEX is checked here, so that a machine without
+    it says so in one line before anything loads. (Light on purpose: run.py calls it before any
+    step starts, without importing torch.)"""
+    if ipex and backend not in ("stock", "ipex"):
+        raise UserError(f"--ipex contradicts --backend {backend}")
+    backend = "ipex" if ipex else backend
+    if backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()
+    return backend
 
 
 def prepare(model: Any, *, backend: str, dtype: str, family: str,

@@ -735,7 +735,8 @@ class NativeModel:
         if layer.w_uv is not None:  # MLA: each head's latent output -> its value space
             latent = attn.reshape(rows, seq, self.heads, -1)[..., self.block.latent.rope_dim:]
             attn = torch.matmul(latent.transpose(1, 2), layer.w_uv.transpose(1, 2)).transpose(1, 2)
-        if layer.o is None:  # a Mamba layer: its output is projected already
+        mamba = layer.o is None
+        if mamba:  # its output is projected already, and whole on every rank (no all-reduce)
             out = attn.reshape(rows, seq, hidden)
         else:
             out = layer.o(attn.reshape(rows * seq, -1)).view(rows, seq, hidden)
@@ -748,9 +749,9 @@ class NativeModel:
                                                                  layer.mlp_norm_bias)
             mlp = self._mlp(layer, mlp_in.reshape(rows * seq, hidden)).view(rows, seq, hidden)
             return h + self._all_reduce(out + mlp)
-        h = h + self._all_reduce(out)
+        h = h + (out if mamba else self._all_reduce(out))
         if layer.cross_q is not None:
-            h = h + self._cross_attention(layer, h, cache)
+            h = h + self._all_reduce(self._cross_attention(layer, h, cache))
         x = self._norm(h, layer.mlp_norm, layer.mlp_norm_bias).view(rows * seq, hidden)
         return h + self._all_reduce(self._mlp(layer, x)).view(rows, seq, hidden)
 
@@ -794,9 +795,9 @@ class NativeModel:
         if decoding:  # a new token reads the prompt's last row, as transformers extends them
             bias = None if bias is None else bias[:, -1:]
             keep = None if keep is None else keep[:, -1:]
-        h = h + layer.gates[0] * self._cross_core(layer, x, cache, bias)
+        h = h + layer.gates[0] * self._all_reduce(self._cross_core(layer, x, cache, bias))
         mlp = self._mlp(layer, self._norm(h, layer.mlp_norm, None).reshape(rows * seq, hidden))
-        mlp = mlp.view(rows, seq, hidden)
+        mlp = self._all_reduce(mlp).view(rows, seq, hidden)
         if keep is not None:  # text rows that see no image tile get no MLP update
             mlp = mlp * keep.repeat_interleave(rows // keep.shape[0], 0)[..., None]
         return h + layer.gates[1] * mlp

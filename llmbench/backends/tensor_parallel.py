@@ -16,8 +16,19 @@ Weight-only INT8 / INT4 projections are cut from the single-instance quantizatio
 quantized matrix, or whole groups of its input channels), so a rank computes with the very
 integers and scales one process would.
 
+- multi-head latent attention (DeepSeek) by query heads: q (or q's bottleneck-up q_b) by the
+  heads' rows, the absorbed per-head W_uk / W_uv by heads, o by columns; the compressed latent
+  (kv_a and its norm) is one "KV head" that every head reads, so every rank computes and caches
+  it whole;
+- cross-attention (T5, Whisper, mllama) by the same KV-head groups as self-attention: q by
+  rows, the encoder's k and v by rows (so each rank computes, once per prompt, only its heads'
+  keys and values), o by columns; T5's relative position bias keeps this rank's heads;
+- Mamba layers (Jamba) are not cut: every rank runs the mixer whole (its output is then whole,
+  with no all-reduce), so a Jamba rank reads its Mamba weights in full.
+The encoder of an encoder-decoder runs whole on every rank, once per prompt.
+
 Not cut (Unsupported: the run falls back to DeepSpeed AutoTP, with the reason in the report):
-multi-head latent attention, Mamba layers, encoder-decoders, and fewer KV heads than ranks.
+fewer KV heads than ranks (query heads, for latent attention).
 """
 
 from __future__ import annotations
@@ -53,7 +64,13 @@ def _units(inter: int, world: int, grain: int) -> list[int]:
     """The MLP's hidden units per rank: as even as whole grains allow. (Not evened out against
     uneven attention: the ranks meet at an all-reduce after attention and again after the MLP,
     so each part's slowest rank sets the step time; shifting MLP units to the rank with fewer
-    heads measured slower on SmolLM2, 3 KV heads over 2 ranks.)"""
+    heads measured slower on SmolLM2, 3 KV heads over 2 ranks.) grain 0: float weights, cut
+    in 32s, or in halves of that down to 8 where an MLP (a small expert) is narrower than 32
+    per rank; else the quantization group, which a cut cannot split."""
+    if grain == 0:
+        grain = 32
+        while grain > 8 and inter // grain < world:
+            grain //= 2
     grains = _even(inter // grain, world)
     units = [g * grain for g in grains]
     units[-1] += inter - sum(units)
@@ -104,16 +121,11 @@ def _copy_compute(source: Any, target: Any) -> None:
 
 def check(native: Any, world: int) -> None:
     """Unsupported (with the reason) when this model is not cut across `world` ranks."""
-    block = native.block
-    reasons = []
-    if block.latent is not None:
-        reasons.append("multi-head latent attention")
-    if any(layer.mamba is not None for layer in native.layers):
-        reasons.append("Mamba layers")
-    if native.encoder is not None:
-        reasons.append("an encoder-decoder")
-    if reasons:
-        raise Unsupported(f"tensor parallel native does not cut {', '.join(reasons)} yet")
+    if native.block.latent is not None:
+        if native.heads < world:
+            raise Unsupported(f"tensor parallel native: {native.heads} attention heads for "
+                              f"{world} ranks (each rank takes whole heads)")
+        return
     if native.kv_heads < world:
         raise Unsupported(f"tensor parallel native: {native.kv_heads} KV heads for {world} "
                           "ranks (each rank takes whole KV heads)")
@@ -125,7 +137,7 @@ def _down_of(layer: Any) -> Any:
 
 def _grain(native: Any) -> int:
     group = getattr(_down_of(native.layers[0]), "group_size", 0)
-    return group if group and group > 0 else 32
+    return group if group and group > 0 else 0
 
 
 def _width(down: Any) -> int:
@@ -147,29 +159,91 @@ def _cut_mlp(owner: Any, rank: int, world: int, grain: int, gated: bool, name: s
     return width
 
 
+@dataclass
+class _HeadSlice:
+    """T5's relative position bias (a callable giving [heads, queries, keys]) for a run of
+    heads."""
+
+    bias: Callable[..., torch.Tensor]
+    first: int
+    count: int
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        return self.bias(*args)[self.first:self.first + self.count]
+
+
+def _cut_latent(layer: Any, native: Any, latent: Any, q_first: int, heads: int, rank: int,
+                name: str) -> None:
+    """Multi-head latent attention: this rank's query heads of q (or of q_b, when q goes
+    through its bottleneck: the fused qkv [q_a | kv_a] stays whole), of the absorbed W_uk and
+    W_uv, and o's columns of their values."""
+    qd = latent.nope_dim + latent.rope_dim
+    q_rows = torch.arange(q_first * qd, (q_first + heads) * qd)
+    if layer.q_b is not None:
+        layer.q_b = _rows(layer.q_b, q_rows, f"{name}.q_b")
+    else:  # qkv = [q of every head | rotary key and latent]: this rank's q, the latent whole
+        kv_width = latent.rope_dim + latent.kv_rank
+        kv_rows = native.heads * qd + torch.arange(kv_width)
+        layer.qkv = _rows(layer.qkv, torch.cat((q_rows, kv_rows)), f"{name}.qkv")
+    layer.w_uk = layer.w_uk[q_first:q_first + heads].contiguous()
+    layer.w_uv = layer.w_uv[q_first:q_first + heads].contiguous()
+    layer.o = _columns(layer.o, q_first * latent.v_dim, heads * latent.v_dim, rank == 0,
+                       f"{name}.o")
+
+
+def _cut_cross(layer: Any, native: Any, first: int, count: int, group: int, rank: int,
+               name: str) -> None:
+    """Cross-attention: the same KV-head groups as the layer's self-attention."""
+    d = native.head_dim
+    kv_heads = _rows_out(layer.cross_kv) // (2 * d)
+    if kv_heads != native.kv_heads:
+        raise Unsupported(f"tensor parallel native: {name}'s cross-attention has {kv_heads} "
+                          f"KV heads, its self-attention {native.kv_heads}")
+    k_rows = torch.arange(first * d, (first + count) * d)
+    layer.cross_kv = _rows(layer.cross_kv, torch.cat((k_rows, k_rows + kv_heads * d)),
+                           f"{name}.cross_kv")
+    q_first, heads = first * group, count * group
+    layer.cross_q = _rows(layer.cross_q, torch.arange(q_first * d, (q_first + heads) * d),
+                          f"{name}.cross_q")
+    layer.cross_o = _columns(layer.cross_o, q_first * d, heads * d, rank == 0,
+                             f"{name}.cross_o")
+
+
+def _rows_out(linear: Any) -> int:
+    return linear.out_features if hasattr(linear, "out_features") else linear.weight.shape[0]
+
+
 def shard(native: Any, comm: Communicator) -> None:
     """Cut `native` (a NativeModel, float or with quantized projections installed) to this
     rank's slice, in place, and make its steps all-reduce through `comm`."""
     world, rank = comm.world, comm.rank
     check(native, world)
     d = native.head_dim
-    group = native.heads // native.kv_heads
-    kv_split = _even(native.kv_heads, world)
-    kv_first = sum(kv_split[:rank])
-    kv = kv_split[rank]
-    heads = kv * group
-    nq, nkv = native.heads * d, native.kv_heads * d
-    q_rows = torch.arange(kv_first * group * d, (kv_first + kv) * group * d)
-    k_rows = nq + torch.arange(kv_first * d, (kv_first + kv) * d)
-    qkv_rows = torch.cat((q_rows, k_rows, k_rows + nkv))
+    latent = native.block.latent
+    # the units each rank takes: KV heads (each with the query heads that read it), or, under
+    # latent attention, query heads (the latent is one KV head every head reads)
+    groups = native.heads if latent is not None else native.kv_heads
+    split = _even(groups, world)
+    first, count = sum(split[:rank]), split[rank]
+    group = 1 if latent is not None else native.heads // native.kv_heads
+    heads = count * group
+    q_first = first * group
     grain = _grain(native)
     units = _units(_width(_down_of(native.layers[0])), world, grain)
     gated = native.block.mlp == "gated"
-    q_start = kv_first * group * d
     width = 0
     for i, layer in enumerate(native.layers):
-        layer.qkv = _rows(layer.qkv, qkv_rows, f"layers.{i}.qkv")
-        layer.o = _columns(layer.o, q_start, heads * d, rank == 0, f"layers.{i}.o")
+        if latent is not None:
+            _cut_latent(layer, native, latent, q_first, heads, rank, f"layers.{i}")
+        elif layer.qkv is not None:  # (a Mamba layer has none: it runs whole on every rank)
+            nq, nkv = native.heads * d, native.kv_heads * d
+            q_rows = torch.arange(q_first * d, (q_first + heads) * d)
+            k_rows = nq + torch.arange(first * d, (first + count) * d)
+            layer.qkv = _rows(layer.qkv, torch.cat((q_rows, k_rows, k_rows + nkv)),
+                              f"layers.{i}.qkv")
+            layer.o = _columns(layer.o, q_first * d, heads * d, rank == 0, f"layers.{i}.o")
+        if layer.cross_q is not None:
+            _cut_cross(layer, native, first, count, group, rank, f"layers.{i}")
         # A mixture-of-experts layer: every expert cut like a dense MLP (its units shared out
         # over the ranks), the router whole on every rank, so each rank routes alike
         mlps = ([(layer, f"layers.{i}")] if layer.down is not None else
@@ -179,19 +253,23 @@ def shard(native: Any, comm: Communicator) -> None:
         for owner, name in mlps:
             kept = _cut_mlp(owner, rank, world, grain, gated, name)
             width = width or kept
-    vocab = (native.lm_head.out_features if hasattr(native.lm_head, "out_features")
-             else native.lm_head.weight.shape[0])
+    vocab = _rows_out(native.lm_head)
     per = -(-vocab // world)
     first, last = rank * per, min(vocab, (rank + 1) * per)
     native.lm_head = _rows(native.lm_head, torch.arange(first, last), "lm_head")
     native.vocab = (vocab, first, last)
     if native.alibi_slopes is not None:
-        native.alibi_slopes = native.alibi_slopes[kv_first * group:
-                                                  (kv_first + kv) * group].contiguous()
-    native.heads, native.kv_heads, native.intermediate = heads, kv, width
+        native.alibi_slopes = native.alibi_slopes[q_first:q_first + heads].contiguous()
+    if native.relative_bias is not None:  # T5: [heads, queries, keys] -> this rank's heads
+        native.relative_bias = _HeadSlice(native.relative_bias, q_first, heads)
+    native.heads, native.intermediate = heads, width
+    if latent is None:
+        native.kv_heads = count
     native.comm = comm
-    native.tp_split = {"kv_heads": kv_split, "heads": [k * group for k in kv_split],
-                       "mlp_units": units}
+    native.tp_split = {"kv_heads": [1] * world if latent is not None else split,
+                       "heads": [n * group for n in split], "mlp_units": units}
+    if any(layer.mamba is not None for layer in native.layers):
+        native.tp_split["mamba"] = "whole on every rank"
     native._plan, native._plan_note = None, ""  # rebuilt over the slices
 
 

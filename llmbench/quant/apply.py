@@ -38,7 +38,8 @@ from llmbench.quant.linears import (
     fuse,
     take_rows,
 )
-from llmbench.quant.scheme import MIN_IN_FEATURES, Scheme, act_levels_for, quantize_weight
+from llmbench.quant.rtn import quantize_weight
+from llmbench.quant.scheme import MIN_IN_FEATURES, Scheme, act_levels_for
 
 FORMAT = "llmbench.quantized/1"
 MODEL_FILE = "best_model.safetensors"

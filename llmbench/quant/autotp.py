@@ -2,7 +2,7 @@
 
 As IPEX's DeepSpeed script does, each rank first loads its tensor-parallel slice of the float
 model (llmbench.distributed.load_autotp_model), then quantizes that slice round-to-nearest with
-the single-instance code (scheme.quantize_weight, apply.projection_scheme). No quantized model
+the single-instance code (rtn.quantize_weight, apply.projection_scheme). No quantized model
 is saved or loaded: a saved quantized model is whole, and would have to be cut the way AutoTP
 cuts the float one.
 
@@ -29,7 +29,6 @@ report says so.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass, field
@@ -37,52 +36,14 @@ from typing import Any
 
 import torch
 
-from llmbench import flags
 from llmbench.errors import UserError
 from llmbench.quant.apply import projection_scheme, quantization_details, with_compute
 from llmbench.quant.linears import Int4Linear, Int8Linear, QuantizedLinear
-from llmbench.quant.scheme import MIN_GROUP, MIN_IN_FEATURES, Scheme, quantize_weight
+from llmbench.quant.rtn import quantize_weight
+from llmbench.quant.scheme import MIN_GROUP, MIN_IN_FEATURES, Scheme
 
 APPLIED = "quantized per rank after sharding"
 CHECKPOINT_APPLIED = "the checkpoint's INT4 projections, each rank's slice cut from them"
-# The quantization flags that weight-only quantization per rank uses; the group's others
-# belong to SmoothQuant or to saved/checkpoint models.
-WOQ_DESTS = ("ipex_weight_only_quantization", "weight_dtype", "group_size",
-             "woq_sym_quant_weight", "lowp_mode", "quant_with_amp", "act_quant_mode")
-WHOLE_MODEL_REASON = ("is not split per rank; quantize per rank with "
-                      "--ipex-weight-only-quantization")
-
-
-def autotp_scheme(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Scheme | None:
-    """The weight-only scheme an --autotp run quantizes each rank's slice with (None: no
-    quantization), refusing in one line what can't run per rank. Used by run.py before the
-    launch and by the rank script itself."""
-    from llmbench.quant.cli import scheme_from_args
-
-    if args.ipex_smooth_quant:
-        raise UserError("--ipex-smooth-quant does not run with --autotp: its calibration and "
-                        "smoothing are of the whole model; use --ipex-weight-only-quantization")
-    if args.quantized_model_path is not None:
-        raise UserError(f"--quantized-model-path does not run with --autotp: a saved quantized "
-                        f"model {WHOLE_MODEL_REASON}")
-    if args.low_precision_checkpoint is not None:
-        raise UserError(f"--low-precision-checkpoint does not run with --autotp: a whole-model "
-                        f"checkpoint {WHOLE_MODEL_REASON}")
-    scratch = flags.Parser()
-    group = flags.group_dests(scratch, flags.add_quantization_flags(scratch))
-    other = [flag for flag in flags.forward_argv(parser, args,
-                                                 [d for d in group if d not in WOQ_DESTS])
-             if flag.startswith("--")]
-    if other:
-        raise UserError(f"{other[0]} does not apply with --autotp: it is a SmoothQuant setting, "
-                        "and --autotp runs weight-only quantization only")
-    if not args.ipex_weight_only_quantization:
-        given = [flag for flag in flags.forward_argv(parser, args, list(WOQ_DESTS))
-                 if flag.startswith("--")]
-        if given:
-            raise UserError(f"{given[0]} only applies with --ipex-weight-only-quantization")
-        return None
-    return scheme_from_args(args)
 
 
 # ---- the tensor-parallel modules -------------------------------------------------------------

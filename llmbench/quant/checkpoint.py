@@ -38,15 +38,13 @@ import torch
 
 from llmbench import kernels
 from llmbench.errors import UserError
+from llmbench.quant.checkpoint_settings import (
+    METHODS,
+    describe_settings,
+)
 from llmbench.quant.linears import Int4Linear
 from llmbench.quant.scheme import MIN_GROUP, Scheme, effective_group
 
-METHODS = ("gptq", "awq")
-# Channel INT8 folders (meituan/DeepSeek-R1-Channel-INT8): `<module>.weight` int8 [N, K] and
-# `<module>.weight_scale` [N] or [N, 1], w = weight * scale, symmetric per output channel; IPEX's
-# README has users add `"quantization_config": {"quant_method": "int8", "bits": 8,
-# "group_size": -1}` to config.json, and SGLang names the same layout "w8a8_int8".
-CHANNEL_INT8_METHODS = ("int8", "w8a8_int8")
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # bits 4j of an AWQ word hold output channel AWQ_ORDER[j]
 PACK = 8  # 4-bit values per int32 word
@@ -222,38 +220,6 @@ def infer_method(tensors: dict[str, torch.Tensor], k: int, n: int) -> str | None
 
 # ---- what a checkpoint says about itself --------------------------------------------------
 
-def describe_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a quantization_config (or file metadata), normalized: method, bits,
-    group_size, desc_act, sym, checkpoint_format. Refuses what we can't run."""
-    method = str(settings.get("quant_method", "")).lower()
-    bits = int(settings.get("bits", settings.get("w_bit", 4)))
-    if bits != 4:
-        raise UserError(f"{method or 'the'} checkpoint has {bits}-bit weights; only 4-bit "
-                        "GPTQ/AWQ checkpoints run here (our int4 kernel)")
-    group = int(settings.get("group_size", settings.get("q_group_size", -1)))
-    if method == "awq":
-        version = str(settings.get("version", "gemm")).lower()
-        if version != "gemm":
-            raise UserError(f"AWQ version {version!r}: only the GEMM layout (version 'gemm') is "
-                            "read here")
-        fmt = "awq_gemm"
-        sym = not bool(settings.get("zero_point", True))
-        desc_act = False
-    else:
-        fmt = str(settings.get("checkpoint_format", settings.get("format", "gptq"))).lower()
-        if fmt not in ("gptq", "gptq_v2"):
-            raise UserError(f"GPTQ checkpoint_format {fmt!r}: only 'gptq' (zeros stored minus "
-                            "one) and 'gptq_v2' are read here")
-        sym = _flag(settings.get("sym", True))
-        desc_act = _flag(settings.get("desc_act", False))
-    return {"quant_method": method, "bits": bits, "group_size": group, "desc_act": desc_act,
-            "sym": sym, "checkpoint_format": fmt}
-
-
-def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-
-
 def scheme_of(settings: dict[str, Any], source: str, **extra: Any) -> Scheme:
     weight_dtype = "INT8" if settings["quant_method"] == "int8" else "INT4"
     return Scheme(settings["quant_method"], weight_dtype, settings["group_size"], settings["sym"],
@@ -367,38 +333,6 @@ def load_low_precision(path: str, model: torch.nn.Module) -> tuple[dict[str, Int
 
 
 # ---- -m DIR with a quantization_config --------------------------------------------------------
-
-def folder_quantization(name_or_path: str | None) -> dict[str, Any] | None:
-    """The quantization_config of a local GPTQ/AWQ folder given as -m (None for anything else),
-    read from its config.json without loading the model: run.py plans its steps with it."""
-    if not name_or_path:
-        return None
-    config = Path(name_or_path).expanduser() / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        return hf_quantization(json.loads(config.read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-def hf_quantization(config_dict: dict[str, Any]) -> dict[str, Any] | None:
-    """The folder's GPTQ/AWQ (or channel INT8) settings, or None when it isn't one."""
-    qc = config_dict.get("quantization_config")
-    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
-    if method in CHANNEL_INT8_METHODS:
-        assert isinstance(qc, dict)
-        group = int(qc.get("group_size", -1))
-        if int(qc.get("bits", 8)) != 8 or group != -1:
-            raise UserError(f"quant_method {method!r} with bits {qc.get('bits')} and group_size "
-                            f"{group}: channel INT8 checkpoints are 8-bit per output channel "
-                            "(bits 8, group_size -1)")
-        return {"quant_method": "int8", "bits": 8, "group_size": -1, "desc_act": False,
-                "sym": True, "checkpoint_format": "channel_int8"}
-    if method not in METHODS:
-        return None
-    return describe_settings(qc)
-
 
 def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder's model.safetensors or its shards (index json)."""

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmbench import flags
 from llmbench.errors import UserError
 from llmbench.quant.scheme import (
     DEFAULT_ACT_QUANT_MODE,
     Scheme,
     check_lowp_mode,
-    quantize_weight,
     resolve_group_size,
 )
 
@@ -138,6 +138,7 @@ def quantize_gptq(args: argparse.Namespace, loaded: Any, scheme: Scheme
     from llmbench.quant import apply
     from llmbench.quant.calibration import load_texts
     from llmbench.quant.gptq import GPTQSettings, calibration_ids, int4_linears, quantize_model
+    from llmbench.quant.rtn import quantize_weight
 
     texts, source = load_texts(args.dataset)
     settings = GPTQSettings(group_size=scheme.group_size, sym=scheme.sym)
@@ -252,3 +253,44 @@ def prepare_checkpoint_folder(args: argparse.Namespace, loaded: Any, backend: st
           f"{loaded.source.path} ({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB "
           "read per token)", flush=True)
     return prepared
+
+
+# The quantization flags that weight-only quantization per rank uses; the group's others
+# belong to SmoothQuant or to saved/checkpoint models.
+WOQ_DESTS = ("ipex_weight_only_quantization", "weight_dtype", "group_size",
+             "woq_sym_quant_weight", "lowp_mode", "quant_with_amp", "act_quant_mode")
+WHOLE_MODEL_REASON = ("is not split per rank; quantize per rank with "
+                      "--ipex-weight-only-quantization")
+
+
+def autotp_scheme(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Scheme | None:
+    """The weight-only scheme an --autotp run quantizes each rank's slice with (None: no
+    quantization), refusing in one line what can't run per rank. Used by run.py before the
+    launch and by the rank script itself."""
+    if args.ipex_smooth_quant:
+        raise UserError("--ipex-smooth-quant does not run with --autotp: its calibration and "
+                        "smoothing are of the whole model; use --ipex-weight-only-quantization")
+    if args.quantized_model_path is not None:
+        raise UserError(f"--quantized-model-path does not run with --autotp: a saved quantized "
+                        f"model {WHOLE_MODEL_REASON}")
+    if args.low_precision_checkpoint is not None:
+        raise UserError(f"--low-precision-checkpoint does not run with --autotp: a whole-model "
+                        f"checkpoint {WHOLE_MODEL_REASON}")
+    scratch = flags.Parser()
+    group = flags.group_dests(scratch, flags.add_quantization_flags(scratch))
+    other = [flag for flag in flags.forward_argv(parser, args,
+                                                 [d for d in group if d not in WOQ_DESTS])
+             if flag.startswith("--")]
+    if other:
+        raise UserError(f"{other[0]} does not apply with --autotp: it is a SmoothQuant setting, "
+                        "and --autotp runs weight-only quantization only")
+    if not args.ipex_weight_only_quantization:
+        given = [flag for flag in flags.forward_argv(parser, args, list(WOQ_DESTS))
+                 if flag.startswith("--")]
+        if given:
+            raise UserError(f"{given[0]} only applies with --ipex-weight-only-quantization")
+        return None
+    return scheme_from_args(args)
+
+
+# ---- the tensor-parallel modules -------------------------------------------------------------

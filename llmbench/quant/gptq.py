@@ -37,8 +37,9 @@ from llmbench.atomic import atomic_folder
 from llmbench.errors import UserError
 from llmbench.flags import add_dataset_flag
 from llmbench.quant.calibration import load_texts
+from llmbench.quant.rtn import QuantizedWeight
 from llmbench.quant.scale_tuning import ScaleTuning, tune_scales
-from llmbench.quant.scheme import CLIP_GRID_4BIT, MIN_GROUP, MIN_IN_FEATURES, QuantizedWeight
+from llmbench.quant.scheme import CLIP_GRID_4BIT, MIN_GROUP, MIN_IN_FEATURES
 
 HELDOUT_WINDOWS = 4  # held-out windows of --seqlen tokens at the end of the text, for perplexity
 TUNE_DEFAULTS = ScaleTuning()

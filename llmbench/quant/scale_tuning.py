@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmbench.quant.scheme import QuantizedWeight
+from llmbench.quant.rtn import QuantizedWeight
 
 
 @dataclass

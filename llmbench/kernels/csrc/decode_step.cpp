@@ -636,7 +636,8 @@ class DecodePlan {
           for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i] + mlp_out_[i];
         }
       } else {
-        all_reduce(tmp_.data(), R * H);
+        // A Mamba mixer runs whole on every rank (tensor_parallel.py): its output is whole
+        if (L.m_in < 0) all_reduce(tmp_.data(), R * H);
         for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
         if (post_norm_) norm_rows(h_.data(), L.attn_norm, L.attn_norm_bias, h_.data(), R, H);
         if (L.cross_q >= 0) cross_attention(L, li, R);
@@ -946,6 +947,7 @@ class DecodePlan {
     const int64_t H = hidden_;
     norm_rows(h_.data(), L.cross_norm, L.cross_norm_bias, x_.data(), R, H);
     cross_core(L, li, R, x_.data());
+    all_reduce(tmp_.data(), R * H);
     for (int64_t i = 0; i < R * H; ++i) h_[i] += tmp_[i];
   }
 
@@ -954,9 +956,11 @@ class DecodePlan {
   void gated_cross_layer(const Layer& L, size_t li, int64_t R) {
     const int64_t H = hidden_;
     cross_core(L, li, R, x_.data());
+    all_reduce(tmp_.data(), R * H);
     for (int64_t i = 0; i < R * H; ++i) h_[i] += L.gate_attn * tmp_[i];
     norm_rows(h_.data(), L.mlp_norm, L.mlp_norm_bias, x_.data(), R, H);
     mlp(L, x_.data(), R, mlp_out_.data());
+    all_reduce(mlp_out_.data(), R * H);
     const float* keep = cross_rows_.defined() ? cross_rows_.data_ptr<float>() : nullptr;
     for (int64_t r = 0; r < R; ++r) {
       const float k = keep ? keep[r / beams_] : 1.f;
