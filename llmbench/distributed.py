@@ -425,11 +425,11 @@ def create_shard(name_or_path: str | None, save_path: Path, *, dtype: str = "aut
     so a half-written shard is never used."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from llmbench.models import REMOTE_CODE_FAMILIES, load_config
+    from llmbench.progress import transformers_bars
 
-    hf_logging.disable_progress_bar()
+    transformers_bars()  # writing the shard files is the long part: a bar on a terminal
     source, _ = resolve_local(name_or_path)
     identity = shard_identity(source, config_file, dtype, max_shard_size)
     if existing_shard(save_path, identity):
