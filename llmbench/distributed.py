@@ -938,20 +938,20 @@ def _native_whole(args: argparse.Namespace, scheme: Any, path: str, request: Any
     multimodal prompt or None, None), or (.., reason) when native does not run it."""
     from llmbench import backends
 
-    # quantization reads the fp32 weights; the model then runs in --dtype
-    load_dtype = "float32" if scheme is not None else args.dtype
     if request is not None:
         from llmbench import multimodal
+        from llmbench.generation import load_multimodal
 
-        loaded, processor = multimodal.load(args, request, load_dtype)
+        loaded, prompt = load_multimodal(args, request)
+        start = time.perf_counter()
         prepared = multimodal.prepare(args, loaded, "native", place_weights=False,
                                       announce=False)
-        prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
-                                         args.dtype)
     else:
         from llmbench.models import load_model
 
-        loaded = load_model(path, load_dtype, args.config_file)
+        # quantization reads the fp32 weights; the model then runs in --dtype
+        loaded = load_model(path, "float32" if scheme is not None else args.dtype,
+                            args.config_file)
         prompt = None
         if loaded.quantized is not None:
             return loaded, None, None, "a GPTQ/AWQ folder is cut by the stock AutoTP path"
@@ -966,7 +966,7 @@ def _native_whole(args: argparse.Namespace, scheme: Any, path: str, request: Any
                                         family=loaded.family.model_type,
                                         kv_cache_dtype=args.kv_cache_dtype,
                                         place_weights=False)
-        loaded.load_seconds += time.perf_counter() - start
+    loaded.load_seconds += time.perf_counter() - start
     if prepared.backend != "native":
         return loaded, None, None, prepared.details["fallback_reason"].split(": this run is")[0]
     loaded.model = prepared.model

@@ -228,6 +228,9 @@ def shard(native: Any, comm: Communicator) -> None:
     group = 1 if latent is not None else native.heads // native.kv_heads
     heads = count * group
     q_first = first * group
+    q_rows = torch.arange(q_first * d, (q_first + heads) * d)
+    k_rows = native.heads * d + torch.arange(first * d, (first + count) * d)
+    qkv_rows = torch.cat((q_rows, k_rows, k_rows + native.kv_heads * d))
     grain = _grain(native)
     units = _units(_width(_down_of(native.layers[0])), world, grain)
     gated = native.block.mlp == "gated"
@@ -236,11 +239,7 @@ def shard(native: Any, comm: Communicator) -> None:
         if latent is not None:
             _cut_latent(layer, native, latent, q_first, heads, rank, f"layers.{i}")
         elif layer.qkv is not None:  # (a Mamba layer has none: it runs whole on every rank)
-            nq, nkv = native.heads * d, native.kv_heads * d
-            q_rows = torch.arange(q_first * d, (q_first + heads) * d)
-            k_rows = nq + torch.arange(first * d, (first + count) * d)
-            layer.qkv = _rows(layer.qkv, torch.cat((q_rows, k_rows, k_rows + nkv)),
-                              f"layers.{i}.qkv")
+            layer.qkv = _rows(layer.qkv, qkv_rows, f"layers.{i}.qkv")
             layer.o = _columns(layer.o, q_first * d, heads * d, rank == 0, f"layers.{i}.o")
         if layer.cross_q is not None:
             _cut_cross(layer, native, first, count, group, rank, f"layers.{i}")
