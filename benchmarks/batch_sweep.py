@@ -19,7 +19,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch  # noqa: E402
 
 from llmbench import kernels  # noqa: E402
 from llmbench.atomic import write_text  # noqa: E402
-from llmbench.environment import collect_environment  # noqa: E402
+from llmbench.environment import collect_environment, machine_slug  # noqa: E402
 from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
 
 DEFAULT_CONFIGS = "native-fp32,native-bf16,native-int8,native-int4"
@@ -151,7 +150,7 @@ def main() -> int:
                 + table(rows) + "\n")
     print(markdown)
     out = Path(args.output_dir)
-    stem = f"batch-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"batch-{args.model.replace('/', '_')}-{machine_slug()}"  # replaces the baseline
     write_text(out / f"{stem}.md", markdown)
     write_text(out / f"{stem}.json", json.dumps(
         {"model": args.model, "rows": rows, "settings": vars(args),

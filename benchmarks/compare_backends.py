@@ -9,7 +9,9 @@ Run by hand on a quiet machine (nothing else busy: two cores measure contention 
     python benchmarks/compare_backends.py --model tinyllama-1b # random weights, TinyLlama shape
     python benchmarks/compare_backends.py --model gptj-shape   # any FAMILY-shape in FAMILY_SHAPES
 
-Writes the table as markdown and JSON into --output-dir (benchmarks/results by default).
+Writes the table as markdown and JSON into --output-dir (benchmarks/results by default), as
+compare-MODEL-MACHINE.md/.json: one baseline per model and kind of machine, replaced by the next
+run (git keeps the earlier ones).
 
 Each config runs in a process of its own (--same-process: all in this one), so that no config
 measures the memory another one left behind: native bf16 decode measured 13.8 ms/token alone
@@ -37,7 +39,7 @@ from llmbench import kernels  # noqa: E402
 from llmbench.atomic import save_png, write_text  # noqa: E402
 from llmbench.backends import prepare  # noqa: E402
 from llmbench.bench import run_benchmark  # noqa: E402
-from llmbench.environment import collect_environment  # noqa: E402
+from llmbench.environment import collect_environment, machine_slug  # noqa: E402
 from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
 from llmbench.memory import huge_page_buffer, huge_page_bytes  # noqa: E402
 from llmbench.models import cache_root, load_model  # noqa: E402
@@ -490,7 +492,7 @@ def main() -> int:
                 "weight bytes per token / read bandwidth.\n\n" + table(rows, bandwidth) + "\n")
     print(markdown)
     out = Path(args.output_dir)
-    stem = f"compare-{args.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"compare-{args.model.replace('/', '_')}-{machine_slug()}"  # replaces the baseline
     write_text(out / f"{stem}.md", markdown)
     write_text(out / f"{stem}.json", json.dumps(
         {"model": args.model, "bandwidth_gb_per_s": bandwidth,

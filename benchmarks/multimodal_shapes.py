@@ -27,6 +27,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from llmbench.atomic import write_text  # noqa: E402
+from llmbench.environment import machine_slug  # noqa: E402
 
 CONFIGS = {  # name -> run.py flags
     "stock-fp32": ["--backend", "stock"],
@@ -138,10 +142,10 @@ def main() -> int:
     command = "python benchmarks/multimodal_shapes.py " + " ".join(sys.argv[1:])
     text = markdown(rows, environment, command.strip())
     print("\n" + text)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.output_dir / f"multimodal-shapes-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    families = "_".join(args.families.split(","))
+    stem = args.output_dir / f"multimodal-{families}-{machine_slug()}"  # replaces the baseline
+    write_text(Path(f"{stem}.md"), text)
+    write_text(Path(f"{stem}.json"), json.dumps(rows, indent=1) + "\n")
     print(f"written: {stem}.md and .json")
     return 0
 

@@ -31,6 +31,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from llmbench.atomic import write_text  # noqa: E402
+from llmbench.environment import machine_slug  # noqa: E402
 
 PRECISIONS = {"fp32": [], "bf16": ["--dtype", "bfloat16"],
               "int8": ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]}
@@ -137,12 +141,11 @@ def main() -> int:
                      f"| {r['vs_one_process']:.2f} | {r['first_ms']:.1f} | {reduce} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.output_dir / f"native-tp-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".md").write_text(text)
+    stem = args.output_dir / f"native-tp-{args.model}-{machine_slug()}"  # replaces the baseline
+    write_text(Path(f"{stem}.md"), text)
     for r in rows:
         r.pop("tokens", None)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text(Path(f"{stem}.json"), json.dumps(rows, indent=1) + "\n")
     print(f"written: {stem}.md and .json")
     return 0
 

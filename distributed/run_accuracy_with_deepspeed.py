@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmbench.accuracy import rank_main  # noqa: E402
-from llmbench.distributed import run_rank  # noqa: E402
+from llmbench.accuracy.tensor_parallel import rank_main  # noqa: E402
+from llmbench.distributed.ranks import run_rank  # noqa: E402
 
 if __name__ == "__main__":
     run_rank(rank_main)

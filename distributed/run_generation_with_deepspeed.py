@@ -14,7 +14,8 @@ if os.environ.get("RANK", "0") != "0":  # read when tqdm is imported: one set of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmbench.distributed import main, run_rank  # noqa: E402
+from llmbench.distributed.benchmark import main  # noqa: E402
+from llmbench.distributed.ranks import run_rank  # noqa: E402
 
 if __name__ == "__main__":
     run_rank(main)

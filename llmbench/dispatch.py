@@ -169,7 +169,7 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
                         "not wired in here; run --autotp without --ipex (transformers' model)")
     if args.backend not in ("stock", "native"):
         raise UserError("--autotp runs --backend stock or native")
-    from llmbench.distributed import build_parser as rank_parser
+    from llmbench.distributed.benchmark import build_parser as rank_parser
 
     rank_dests = [action.dest for action in rank_parser()._actions]
     rank_flags = flags.forward_argv(parser, args, ["local_rank", "dist_timeout"])
@@ -179,12 +179,12 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     shard = args.shard_model
     if shard and multimodal.check_request(args) is not None:
         # Said, not ignored: the ranks load the multimodal model whole and shard its language
-        # model in memory (llmbench.distributed.load_autotp_multimodal)
+        # model in memory (llmbench.distributed.model.load_autotp_multimodal)
         print("note: --shard-model: a multimodal model is not pre-sharded; every rank loads it "
               "whole and AutoTP shards its language model in memory", flush=True)
         shard = False
     if shard:
-        from llmbench.distributed import default_shard_path
+        from llmbench.distributed.shards import default_shard_path
 
         save_path = str(default_shard_path(args.model_name_or_path, args.output_dir,
                                            args.config_file))

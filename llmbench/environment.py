@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -42,6 +43,20 @@ def cpu_info() -> dict[str, Any]:
         pass
     return {"model": model, "machine": platform.machine(),
             "isa": [flag for flag in ISA_FLAGS if flag in flags]}
+
+
+def machine_slug(cpu: dict[str, Any] | None = None) -> str:
+    """A short file-name tag for the kind of machine: vendor and product line, then the widest
+    vector ISA the kernels use ("intel-xeon-amx", "amd-epyc-avx2", "arm-neon"). benchmarks/
+    keeps one baseline per machine and model under such names."""
+    cpu = cpu or cpu_info()
+    words = re.sub(r"\((R|TM|tm|r)\)", "", cpu["model"]).lower().split()
+    isa = set(cpu["isa"])
+    widest = next((tag for tag, flag in (("amx", "amx_tile"), ("avx512", "avx512f"),
+                                          ("avx2", "avx2"), ("neon", "asimd"))
+                   if flag in isa), cpu["machine"])
+    name = "-".join(re.sub(r"[^a-z0-9]+", "", word) for word in words[:2]) or cpu["machine"]
+    return f"{name}-{widest}"
 
 
 def has_native_bf16() -> bool:

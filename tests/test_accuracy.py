@@ -14,7 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT, run_entry
 
-from llmbench import accuracy, dispatch
+from llmbench import dispatch
+from llmbench.accuracy import single_instance, tasks
 from llmbench.errors import UserError
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -55,7 +56,7 @@ def test_lambada_file_is_scored_as_lm_eval_lambada_openai():
     """The generated task is lm-eval's own lambada_openai but for where the data comes from."""
     import lm_eval
 
-    ours = accuracy.lambada_task_config(accuracy.LAMBADA_LOCAL)
+    ours = tasks.lambada_task_config(tasks.LAMBADA_LOCAL)
     theirs = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "lambada"
                              / "lambada_openai.yaml").read_text())
     data_keys = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs"}
@@ -63,11 +64,11 @@ def test_lambada_file_is_scored_as_lm_eval_lambada_openai():
         {k: v for k, v in theirs.items() if k not in data_keys}
     assert ours["task"] == "lambada_local"
     assert ours["dataset_path"] == "json"
-    assert ours["dataset_kwargs"] == {"data_files": {"test": str(accuracy.LAMBADA_LOCAL)}}
+    assert ours["dataset_kwargs"] == {"data_files": {"test": str(tasks.LAMBADA_LOCAL)}}
 
 
 def test_shipped_dataset_is_well_formed():
-    assert accuracy.check_lambada_file(accuracy.LAMBADA_LOCAL) == 300
+    assert tasks.check_lambada_file(tasks.LAMBADA_LOCAL) == 300
 
 
 def test_embedded_model_agrees_with_lm_eval_hf_model(shipped_run, embedded_model_dir):
@@ -80,7 +81,7 @@ def test_embedded_model_agrees_with_lm_eval_hf_model(shipped_run, embedded_model
     ours = report["lm_eval"]["results"]["lambada_local"]
     theirs = simple_evaluate(
         model="hf", model_args=f"pretrained={embedded_model_dir},dtype=float32,device=cpu",
-        tasks=[accuracy.lambada_task_config(accuracy.LAMBADA_LOCAL)], limit=LIMIT,
+        tasks=[tasks.lambada_task_config(tasks.LAMBADA_LOCAL)], limit=LIMIT,
         batch_size=BATCH, log_samples=False,
         task_manager=TaskManager(include_defaults=False))["results"]["lambada_local"]
     assert ours["sample_len"] == theirs["sample_len"] == LIMIT
@@ -97,14 +98,14 @@ def test_report_table_and_metadata(shipped_run):
     assert "no --tasks given: evaluating the shipped lambada_local.jsonl" in out
     assert "|lambada_local|" in out and "perplexity" in out and "acc" in out  # lm-eval's table
     assert "results: " in out and "summary: " in out
-    assert report["schema"] == accuracy.ACCURACY_SCHEMA and report["status"] == "complete"
+    assert report["schema"] == single_instance.ACCURACY_SCHEMA and report["status"] == "complete"
     assert report["model"]["source"] == "embedded" and report["model"]["family"] == "llama"
     assert report["model"]["dtype"] == "float32" and report["model"]["gguf_sha256"]
     assert report["backend"]["name"] == "stock"
     assert report["quantization"] is None
     assert report["limit"] == LIMIT and report["batch_size"] == BATCH
     assert report["tasks"] == [{"name": "lambada_local", "source": "lambada-file",
-                                "path": str(accuracy.LAMBADA_LOCAL)}]
+                                "path": str(tasks.LAMBADA_LOCAL)}]
     assert report["lm_eval_version"] == "0.4.13"
     env = report["environment"]  # the same metadata as the benchmark report
     for key in ("cpu", "cores_physical", "torch_threads", "binding", "memory_total_bytes", "os",
@@ -190,7 +191,7 @@ def test_bad_input_fails_in_one_line(flag_args, needle):
 def test_bad_task_input_is_refused_before_the_model_loads(tmp_path, flag_args, needle,
                                                          monkeypatch):
     """Through main() in-process (run_main's one-line, exit-2 path is checked above)."""
-    monkeypatch.setattr(accuracy, "load_and_prepare", None)  # never reached
+    monkeypatch.setattr(single_instance, "load_and_prepare", None)  # never reached
     bad_jsonl = write_lambada(tmp_path / "bad.jsonl", ["two words"])
     with open(bad_jsonl, "a") as handle:
         handle.write('{"passage": "no text key"}\n')
@@ -202,11 +203,11 @@ def test_bad_task_input_is_refused_before_the_model_loads(tmp_path, flag_args, n
     no_task_yaml.write_text("dataset_path: json\n")
     dup_jsonl = write_lambada(tmp_path / "dup.jsonl", ["two words"])
     dup_yaml = tmp_path / "dup.yaml"
-    dup_yaml.write_text(yaml.safe_dump(accuracy.lambada_task_config(dup_jsonl, "lambada_dup")))
+    dup_yaml.write_text(yaml.safe_dump(tasks.lambada_task_config(dup_jsonl, "lambada_dup")))
     replace = {"BAD": str(bad_jsonl), "BAD_YAML": str(bad_yaml), "NO_TASK_YAML": str(no_task_yaml),
                "DUP_YAML": str(dup_yaml), "DUP_JSONL": str(dup_jsonl)}
     with pytest.raises(UserError, match=re.escape(needle)):
-        accuracy.main([replace.get(arg, arg) for arg in flag_args])
+        single_instance.main([replace.get(arg, arg) for arg in flag_args])
 
 
 def test_run_py_accuracy_only_with_a_tasks_file_and_a_lambada_file(tmp_path, embedded_model_dir):

@@ -1,18 +1,16 @@
-"""tools/compare_reports.py on real reports of the generation benchmark: a rerun of the same
-config is not flagged, an injected 30% slowdown is (and fails --fail-above), bad input is one
-line and exit 2."""
+"""tools/compare_reports.py (llmbench.compare_reports) on real reports of the generation
+benchmark: a rerun of the same config is not flagged, an injected 30% slowdown is (and fails
+--fail-above), bad input is one line and exit 2."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from tiny_models import make_tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import compare_reports  # noqa: E402
+from llmbench import compare_reports
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,10 @@ def test_v21_names_set_todays_flags_with_a_note_and_are_not_forwarded(capsys):
 
 
 @pytest.mark.parametrize("build", [
-    lambda: __import__("llmbench.accuracy", fromlist=["x"]).build_parser(),
-    lambda: __import__("llmbench.accuracy", fromlist=["x"]).build_rank_parser(),
+    lambda: __import__("llmbench.accuracy.single_instance", fromlist=["x"]).build_parser(),
+    lambda: __import__("llmbench.accuracy.tensor_parallel", fromlist=["x"]).build_rank_parser(),
     lambda: __import__("llmbench.generation", fromlist=["x"]).build_parser(),
-    lambda: __import__("llmbench.distributed", fromlist=["x"]).build_shard_parser(),
+    lambda: __import__("llmbench.distributed.shards", fromlist=["x"]).build_shard_parser(),
     lambda: __import__("llmbench.quant.gptq", fromlist=["x"]).build_parser(),
     lambda: __import__("llmbench.quantize", fromlist=["x"]).build_parser(),
 ])
@@ -44,23 +44,25 @@ def test_model_flag_is_unambiguous_everywhere(build):
 
 
 def test_accuracy_only_and_benchmark_are_noted_where_they_are_the_script(capsys):
-    from llmbench import accuracy, distributed, generation
+    from llmbench import generation
+    from llmbench.accuracy import single_instance
+    from llmbench.distributed import benchmark
 
-    accuracy.build_parser().parse_args(["--accuracy-only"])
+    single_instance.build_parser().parse_args(["--accuracy-only"])
     generation.build_parser().parse_args(["--benchmark"])
-    distributed.build_parser().parse_args(["--benchmark"])
+    benchmark.build_parser().parse_args(["--benchmark"])
     out = capsys.readouterr().out
     assert out.count("note: --accuracy-only:") == 1 and out.count("note: --benchmark:") == 2
 
 
 def _accuracy_args(*argv: str) -> argparse.Namespace:
-    from llmbench import accuracy
+    from llmbench.accuracy import single_instance
 
-    return accuracy.build_parser().parse_args(list(argv))
+    return single_instance.build_parser().parse_args(list(argv))
 
 
 def test_accuracy_dtype_int8_int4_is_weight_only_quantization():
-    from llmbench.accuracy import apply_quantized_dtype
+    from llmbench.accuracy.single_instance import apply_quantized_dtype
 
     args = _accuracy_args("--dtype", "int4")
     assert apply_quantized_dtype(args) == "INT4"
@@ -129,7 +131,7 @@ def test_best_model_pt_finds_our_saved_model(tmp_path, capsys):
 
 
 def test_create_shard_model_takes_the_model_as_positional_argument():
-    from llmbench.distributed import build_shard_parser, shard_main
+    from llmbench.distributed.shards import build_shard_parser, shard_main
 
     args = build_shard_parser().parse_args(["some/model", "--save-path", "x"])
     assert args.model == "some/model"

@@ -166,7 +166,7 @@ def tiny_shard(tiny_llama, tmp_path_factory) -> Path:
 
 
 def test_create_shard_model_alone(tiny_shard, tiny_llama, tmp_path):
-    from llmbench.distributed import SHARD_MARKER, shard_main
+    from llmbench.distributed.shards import SHARD_MARKER, shard_main
     from llmbench.errors import UserError
 
     files = sorted(tiny_shard.glob("*.safetensors"))
@@ -286,7 +286,7 @@ def test_run_py_refuses_distributed_flags_that_would_do_nothing(args, needle):
 
 def test_local_size_is_set_for_launchers_that_do_not(monkeypatch):
     """torchrun sets LOCAL_WORLD_SIZE, not LOCAL_SIZE: DeepSpeed's shm op then segfaulted."""
-    from llmbench.distributed import setup_environment
+    from llmbench.distributed.ranks import setup_environment
 
     for name in ("LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
         monkeypatch.delenv(name, raising=False)
@@ -310,7 +310,7 @@ def test_local_size_is_set_for_launchers_that_do_not(monkeypatch):
 def test_shm_all_reduce_is_off_when_ranks_span_machines(monkeypatch):
     from deepspeed.comm import comm
 
-    from llmbench.distributed import RankInfo, guard_shm_all_reduce
+    from llmbench.distributed.ranks import RankInfo, guard_shm_all_reduce
 
     backend = SimpleNamespace(shm_comm_op=object(), shm_vector_kernel_level=1)
     monkeypatch.setattr(comm, "cdb", backend)
@@ -323,7 +323,7 @@ def test_shm_all_reduce_is_off_when_ranks_span_machines(monkeypatch):
 def test_init_inference_pitfalls_are_refused():
     import torch
 
-    from llmbench.distributed import init_autotp
+    from llmbench.distributed.model import init_autotp
     from llmbench.errors import UserError
 
     real = torch.nn.Linear(2, 2)
@@ -344,7 +344,8 @@ def test_meta_loading_needs_a_checkpoint_that_covers_the_model(tiny_llama, tmp_p
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmbench.distributed import meta_load_problem, weight_files
+    from llmbench.distributed.model import meta_load_problem
+    from llmbench.distributed.shards import weight_files
 
     config = AutoConfig.from_pretrained(tiny_llama)
     with init_empty_weights(include_buffers=False):
@@ -358,7 +359,7 @@ def test_meta_loading_needs_a_checkpoint_that_covers_the_model(tiny_llama, tmp_p
 
 
 def test_shard_folder_is_named_by_family():
-    from llmbench.distributed import shard_folder_name
+    from llmbench.distributed.shards import shard_folder_name
     from llmbench.models import FAMILIES
 
     for model_type in FAMILIES:
@@ -520,7 +521,7 @@ def test_woq_autotp_report_says_what_ran(woq_autotp_run):
 
 def test_run_py_forwards_woq_flags_to_the_ranks():
     from llmbench.dispatch import build_parser, plan_steps
-    from llmbench.distributed import build_parser as rank_parser
+    from llmbench.distributed.benchmark import build_parser as rank_parser
     from llmbench.quant.cli import autotp_scheme
 
     parser = build_parser()
@@ -559,8 +560,8 @@ def test_run_py_forwards_woq_flags_to_the_ranks():
 def test_autotp_quantization_refusals(extra, needle):
     """run.py refuses before the launch; the rank script (launched directly) refuses alike,
     before joining the process group."""
-    from llmbench import distributed
     from llmbench.dispatch import build_parser, plan_steps
+    from llmbench.distributed import benchmark
     from llmbench.errors import UserError
 
     parser = build_parser()
@@ -568,7 +569,7 @@ def test_autotp_quantization_refusals(extra, needle):
         plan_steps(parser, parser.parse_args(["--benchmark", "--autotp", "--greedy", *extra]))
     assert needle in str(run_py.value)
     with pytest.raises(UserError) as rank:
-        distributed.main(["--greedy", *extra])
+        benchmark.main(["--greedy", *extra])
     assert str(rank.value) == str(run_py.value)
 
 

@@ -12,7 +12,8 @@ How each line is checked (the table printed at the end says which, line by line;
   INT8 (AutoTP weight-only INT8 with --shard-model is launched in tests/test_distributed.py).
 - `parsed`: every other `deepspeed` line is checked the way its ranks start: run.py's own
   planning (which refuses what can't run, before any launch) and the rank script's checks
-  (llmbench.distributed.check_args, llmbench.accuracy.check_rank_args) on its flags.
+  (llmbench.distributed.benchmark.check_args,
+  llmbench.accuracy.tensor_parallel.check_rank_args) on its flags.
 - `needs IPEX`: lines with --ipex where Intel Extension for PyTorch does not import here must
   exit 2 with one `error:` line saying so (one such line also runs as a real process).
 - Multimodal lines (--input-mode / --image-url / --audio) run like the others with -m a tiny
@@ -201,14 +202,16 @@ def appended(script: str, argv: list[str]) -> list[str]:
 
 
 def entry_points() -> dict[str, Any]:
-    from llmbench import accuracy, dispatch, distributed, generation, quantize
+    from llmbench import dispatch, generation, quantize
+    from llmbench.accuracy import single_instance
+    from llmbench.distributed import shards
     from llmbench.quant import gptq
 
     return {"run.py": dispatch.main,
             "single_instance/run_generation.py": generation.main,
-            "single_instance/run_accuracy.py": accuracy.main,
+            "single_instance/run_accuracy.py": single_instance.main,
             "single_instance/run_quantization.py": quantize.main,
-            "utils/create_shard_model.py": distributed.shard_main,
+            "utils/create_shard_model.py": shards.shard_main,
             "utils/run_gptq.py": gptq.main}
 
 
@@ -283,7 +286,9 @@ def priority(seed: Seed) -> int:
 
 def parse_check(seed: Seed) -> tuple[int, str, str]:
     """A deepspeed line checked as its ranks start (see the module docstring)."""
-    from llmbench import accuracy, dispatch, distributed
+    from llmbench import dispatch
+    from llmbench.accuracy import tasks, tensor_parallel
+    from llmbench.distributed import benchmark
     from llmbench.errors import UserError
 
     out, err = io.StringIO(), io.StringIO()
@@ -294,16 +299,16 @@ def parse_check(seed: Seed) -> tuple[int, str, str]:
                 parser = dispatch.build_parser()
                 steps = dispatch.plan_steps(parser, parser.parse_args(seed.argv))
                 rank_step = steps[-1]
-                rank_parser = distributed.build_parser()
-                distributed.check_args(rank_parser, rank_parser.parse_args(rank_step.argv))
+                rank_parser = benchmark.build_parser()
+                benchmark.check_args(rank_parser, rank_parser.parse_args(rank_step.argv))
                 print(f"planned: {', '.join(step.name for step in steps)}")
             elif seed.script == "distributed/run_generation_with_deepspeed.py":
-                parser = distributed.build_parser()
-                distributed.check_args(parser, parser.parse_args(seed.argv))
+                parser = benchmark.build_parser()
+                benchmark.check_args(parser, parser.parse_args(seed.argv))
             else:
-                args = accuracy.build_rank_parser().parse_args(seed.argv)
-                accuracy.check_rank_args(args)
-                accuracy.task_requests(args)
+                args = tensor_parallel.build_rank_parser().parse_args(seed.argv)
+                tensor_parallel.check_rank_args(args)
+                tasks.task_requests(args)
         except UserError as exc:
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             status = 2

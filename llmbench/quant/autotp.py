@@ -1,8 +1,9 @@
 """Weight-only quantization under DeepSpeed AutoTP: every rank quantizes its own slice.
 
 As IPEX's DeepSpeed script does, each rank first loads its tensor-parallel slice of the float
-model (llmbench.distributed.load_autotp_model), then quantizes that slice round-to-nearest with
-the single-instance code (rtn.quantize_weight, apply.projection_scheme). No quantized model
+model (llmbench.distributed.model.load_autotp_model), then quantizes that slice
+round-to-nearest with the single-instance code (rtn.quantize_weight, apply.projection_scheme).
+No quantized model
 is saved or loaded: a saved quantized model is whole, and would have to be cut the way AutoTP
 cuts the float one.
 

@@ -1,0 +1,395 @@
+"""The generation benchmark on every rank (distributed/run_generation_with_deepspeed.py): the
+single-instance benchmark's generation, timing and report, plus each rank's record, the
+all-reduce time per token, and rank 0's table of ranks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from typing import Any
+
+from llmbench import flags
+from llmbench.distributed.model import (
+    BACKEND_NAME,
+    AutoTPModel,
+    load_autotp_model,
+    load_autotp_multimodal,
+    load_native_tp,
+    quantize_rank,
+)
+from llmbench.distributed.ranks import (
+    FAIL_RANK_ENV,
+    PeerWatchdog,
+    RankInfo,
+    all_reduce_path,
+    barrier,
+    current_rank,
+    env_int,
+    gather,
+    init_process_group,
+    inject_failure,
+    setup_environment,
+)
+from llmbench.errors import UserError
+
+DESCRIPTION = ("Generation latency benchmark, tensor parallel across ranks with DeepSpeed AutoTP "
+               "(one process per rank: launch with `deepspeed` or through run.py --autotp).")
+
+
+class RecordingModel:
+    """Passes generate() through and keeps its last output, so the report can hold the token
+    ids every rank generated (the test compares them with a single-instance run)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.last_output: Any = None
+
+    def generate(self, **kwargs: Any) -> Any:
+        kill_at = kill_step()
+        if kill_at is not None:  # tests: this rank dies mid-run, as a crashed rank would
+            kwargs["stopping_criteria"] = [*(kwargs.get("stopping_criteria") or []),
+                                           KillAtStep(kill_at)]
+        self.last_output = self.model.generate(**kwargs)
+        return self.last_output
+
+
+class KillAtStep:
+    """A stopping criterion that SIGKILLs this process at its `step`-th call (tests)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.calls = step, 0
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import signal
+
+        import torch
+
+        self.calls += 1
+        if self.calls == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def kill_step() -> int | None:
+    """LLMBENCH_FAIL_RANK=R@N: rank R kills itself at its N-th decoding step (tests)."""
+    wanted = os.environ.get(FAIL_RANK_ENV, "")
+    if "@" not in wanted:
+        return None
+    rank, step = wanted.split("@", 1)
+    return int(step) if rank.strip() == str(current_rank()) else None
+
+
+def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser:
+    # The quantization group as a whole (one definition of each flag); what does not run per
+    # rank is refused by llmbench.quant.cli.autotp_scheme.
+    return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
+                                                  flags.add_multimodal_flags,
+                                                  flags.add_rank_flags,
+                                                  flags.add_quantization_flags,
+                                                  flags.add_benchmark_noop_flag))
+
+
+def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]],
+                quant: Any = None) -> dict[str, Any]:
+    import torch
+
+    from llmbench.environment import peak_rss_bytes
+
+    return {
+        "rank": info.rank,
+        "local_rank": info.local_rank,
+        "host": socket.gethostname(),
+        # the launcher's machine index (DeepSpeed's CROSS_RANK): tells apart "machines" that
+        # share a host name, as the two-address test's do
+        "node_rank": env_int("CROSS_RANK"),
+        "pid": os.getpid(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else None,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "local_weight_bytes": tp.local_weight_bytes,
+        "load_seconds": tp.loaded.load_seconds,
+        **({} if quant is None else {
+            "quantized_projections": len(quant.qlinears),
+            "float_projections": len(quant.left_float),
+            "empty_slices": len(quant.empty_slices),
+            "quantized_weight_bytes": quant.nbytes,
+            "quantize_seconds": quant.seconds}),
+        "generated_token_ids": token_ids,
+    }
+
+
+def all_reduce_record(native: Any, run: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """This rank's all-reduce time per generated token over every iteration it ran (warm-up
+    included), measured around each call, and its weights' read rate at its own mean
+    next-token latency."""
+    seconds, calls = native.take_all_reduce_time()
+    iterations = len(run.iterations) + len(run.warmup_seconds)
+    tokens = max(1, iterations * args.max_new_tokens)
+    steps = [s for it in run.iterations if it.step_latencies for s in it.step_latencies[1:]]
+    record: dict[str, Any] = {
+        "all_reduce_ms_per_token": 1000.0 * seconds / tokens,
+        "all_reduce_calls_per_token": calls / tokens,
+        "weight_bytes_per_token": native.weight_bytes}
+    if steps:
+        record["decode_read_gb_per_s"] = native.weight_bytes / (sum(steps) / len(steps)) / 1e9
+    return record
+
+
+def check_args(parser: flags.Parser, args: argparse.Namespace) -> Any:
+    """What a rank refuses before joining the others (every rank alike), and the weight-only
+    scheme it quantizes its slice with (None: float)."""
+    from llmbench.quant.cli import autotp_scheme
+
+    scheme = autotp_scheme(parser, args)
+    backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
+    if backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
+    if args.quant_with_amp:
+        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
+    if backend not in ("stock", "native"):
+        raise UserError(f"--autotp runs --backend stock or native, not {backend}")
+    if getattr(args, "kv_cache_dtype", "auto") != "auto" and backend != "native":
+        raise UserError("--kv-cache-dtype needs --backend native")
+    return scheme
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmbench.atomic import write_text
+    from llmbench.backends import PreparedModel
+    from llmbench.bench import BenchmarkRun, run_benchmark
+    from llmbench.decoding import decoding_settings
+    from llmbench.generation import base_report
+    from llmbench.models import resolve_source
+    from llmbench.precision import check_dtype
+    from llmbench.prompts import build_prompt
+    from llmbench.quant import autotp as tp_quant
+    from llmbench.report import (
+        ReportWriter,
+        compute_statistics,
+        markdown,
+        report_stem,
+        summary_lines,
+    )
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    scheme = check_args(parser, args)
+    mode, generate_kwargs = decoding_settings(
+        greedy=args.greedy, sample=args.sample, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
+    if args.streaming and (generate_kwargs["num_beams"] > 1 or args.batch_size > 1):
+        raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
+    notes = check_dtype(args.dtype)
+
+    resolve_source(args.model_name_or_path)  # every rank stops here alike on a wrong -m
+    info = setup_environment(args.local_rank)
+    comm_backend = init_process_group(info, args.dist_timeout)
+    watchdog = PeerWatchdog(info)
+    inject_failure(info)
+    is_root = info.rank == 0
+    if info.world_size == 1:
+        notes.append("one rank: nothing is tensor parallel; launch with `deepspeed "
+                     "--num_accelerators N --bind_cores_to_rank run.py --autotp ...`")
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if info.local_size > 1 and len(affinity) >= (os.cpu_count() or 1) > 1:
+        notes.append("the ranks on this machine share all its cores: bind each to its own "
+                     "(deepspeed --bind_cores_to_rank, or numactl)")
+
+    from llmbench import multimodal
+
+    request = multimodal.check_request(args)  # None: a text model
+    encoder_timer = None
+    native_prepared = None
+    fallback = None
+    if args.backend == "native":
+        shared_memory = all_reduce_path("float32", info) == "deepspeed shared-memory all-reduce"
+        tp, native_prepared, prompt, fallback = load_native_tp(args, scheme, info,
+                                                               shared_memory, request)
+        if native_prepared is not None and request is not None and (
+                request.image is not None or request.audio is not None):
+            encoder_timer = multimodal.EncoderTimer(native_prepared.model.model,
+                                                    request.family.model_type)
+    if fallback is not None:
+        fallback = f"{fallback}: this run is STOCK transformers under DeepSpeed AutoTP"
+        notes.append(fallback)
+    if native_prepared is None and request is None:
+        tp = load_autotp_model(args.model_name_or_path, args.dtype, args.config_file, info)
+    elif native_prepared is None:
+        tp, prompt = load_autotp_multimodal(args, request, info)
+        if request.image is not None or request.audio is not None:
+            encoder_timer = multimodal.EncoderTimer(tp.loaded.model, request.family.model_type)
+    loaded = tp.loaded
+    notes += tp.notes
+    quant = None
+    decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
+    if native_prepared is None and (scheme is not None or tp.checkpoint is not None):
+        start = time.perf_counter()
+        quant, scheme = quantize_rank(tp, scheme, args)
+        quant.seconds = time.perf_counter() - start
+        tp.local_weight_bytes = tp_quant.weight_bytes(loaded.model)
+        # The GB/s figure: what all ranks read per decoding step together, their quantized
+        # slices (the float model's decode_weight_bytes would overstate it 2-7x).
+        decode_bytes = sum(gather(tp_quant.decode_weight_bytes(tp.sharded)))
+        loaded.decode_weight_bytes = decode_bytes
+    if request is None:
+        prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                              input_tokens=args.input_tokens, prompt_text=args.prompt,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              seq2seq=loaded.family.seq2seq)
+    all_reduce = all_reduce_path(args.dtype, info)
+    if native_prepared is not None:
+        prepared = native_prepared
+        all_reduce = prepared.details["all_reduce"]
+        prepared.details.update({"tp_size": info.world_size,
+                                 "communication_backend": comm_backend,
+                                 "load_path": tp.load_path})
+    else:
+        prepared = PreparedModel(model=loaded.model, backend=BACKEND_NAME, details={
+            "tp_size": info.world_size, "communication_backend": comm_backend,
+            "all_reduce": all_reduce, "load_path": tp.load_path,
+            "attention": getattr(loaded.config, "_attn_implementation", None)})
+        if args.backend == "native":
+            prepared.details.update({"requested": "native", "fallback_reason": fallback})
+    backend_name = BACKEND_NAME if native_prepared is None else "native-autotp"
+    if quant is not None:
+        prepared.details["quantization"] = quant.details() | {
+            "weight_bytes_per_token": decode_bytes, "quantize_seconds": quant.seconds}
+        prepared.details["weight_bytes_per_token"] = decode_bytes
+        if "note" in prepared.details["quantization"]:
+            notes.append(prepared.details["quantization"]["note"])
+    if is_root:
+        for note in notes:
+            print(f"note: {note}", flush=True)
+        print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
+              f"{args.dtype} | {backend_name} x{info.world_size} ({comm_backend}, {all_reduce}) "
+              f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
+        if request is not None:
+            print(f"input: {request.describe()}", flush=True)
+        if quant is not None:
+            splits = prepared.details["quantization"]["splits_per_rank"]
+            print(f"quantized: {scheme.describe()}, {quant.applied}: "
+                  f"{len(quant.qlinears)} projections per rank ("
+                  + ", ".join(f"{n} {k}" for k, n in splits.items() if n)
+                  + f"), {len(quant.left_float)} left float, in {quant.seconds:.1f} s; "
+                  f"{decode_bytes / 2**20:.1f} MiB read per token over all ranks", flush=True)
+        print(f"---- Prompt size: {prompt.tokens}", flush=True)
+
+    writer = None
+    if is_root:
+        writer = ReportWriter(args.output_dir, report_stem(
+            loaded.family.model_type, args.dtype, f"autotp{info.world_size}", mode),
+            base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes))
+        writer.report["input"] = (request.record() if request is not None else
+                                  {"mode": 0, "mode_name": "text", "image": None, "audio": None})
+        writer.report["distributed"] = {
+            "world_size": info.world_size, "communication_backend": comm_backend,
+            "all_reduce": all_reduce, "load_path": tp.load_path,
+            "checkpoint_files": tp.checkpoint_files,
+            "launcher_env": {name: os.environ[name] for name in (
+                "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_SIZE", "DS_ACCELERATOR",
+                "CCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if name in os.environ}}
+        watchdog.on_abort = writer.fail
+
+    def stats_of(run: BenchmarkRun) -> dict[str, Any]:
+        return compute_statistics(run, args.batch_size, decode_bytes)
+
+    recorder = RecordingModel(loaded.model)
+    native = None if native_prepared is None else getattr(loaded.model, "native", loaded.model)
+    if native is not None:
+        native.take_all_reduce_time()  # from here on: the benchmark's iterations
+    try:
+        run = run_benchmark(
+            recorder, loaded.tokenizer, prompt, generate_kwargs,
+            seq2seq=loaded.family.seq2seq, num_iter=args.num_iter, num_warmup=args.num_warmup,
+            token_latency=args.token_latency, streaming=args.streaming and is_root,
+            profile=args.profile, seed=args.seed,
+            trace_dir=writer.json_path.parent if writer else None,
+            on_iteration=(lambda partial: writer.update("running", partial, stats_of(partial)))
+            if writer else None, encoder_timer=encoder_timer)
+        token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
+        record = rank_record(info, tp, token_ids, quant)
+        record["all_reduce"] = all_reduce
+        if native is not None:
+            record.update(all_reduce_record(native, run, args))
+        ranks = gather(record)
+    except BaseException as exc:
+        if writer is not None:
+            writer.fail(" ".join(str(exc).split()) if isinstance(exc, UserError)
+                        else f"{type(exc).__name__}: {exc}")
+        raise
+    if writer is not None:
+        agree = all(record["generated_token_ids"] == token_ids for record in ranks)
+        writer.report["distributed"].update(ranks=ranks, ranks_agree=agree)
+        if native_prepared is not None:
+            writer.report["distributed"]["all_reduce_ms_per_token"] = max(
+                record["all_reduce_ms_per_token"] for record in ranks)
+        writer.update("complete", run, stats_of(run), profile_trace=run.trace_path,
+                      generated_token_ids=token_ids)
+        if not agree:  # tensor parallel went wrong: the numbers measure something broken
+            message = "the ranks generated different tokens (see the report's distributed.ranks)"
+            writer.fail(message)
+            raise UserError(message)
+        write_text(writer.markdown_path, markdown(writer.report) + rank_table(writer.report))
+        if run.profile_table:
+            print(run.profile_table)
+            if run.trace_path:
+                print(f"profile trace: {run.trace_path}")
+        print(f"generated (first sequence): {run.generated_text[0]!r}")
+        for line in summary_lines(stats_of(run)):
+            print(line)
+        print(f"Model load: {loaded.load_seconds:.2f} s ({tp.load_path})")
+        for record in ranks:
+            print(f"Rank {record['rank']}: cores {compact_cores(record['cpu_affinity'])}, "
+                  f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB, "
+                  f"{record['local_weight_bytes'] / 2**20:.0f} MiB of weights")
+        print(f"report: {writer.json_path}")
+        print(f"summary: {writer.markdown_path}", flush=True)
+    watchdog.stop()
+    barrier()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return 0
+
+
+def compact_cores(cores: list[int] | None) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    if not cores:
+        return "?"
+    spans: list[list[int]] = []
+    for core in cores:
+        if spans and core == spans[-1][1] + 1:
+            spans[-1][1] = core
+        else:
+            spans.append([core, core])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
+
+
+def rank_table(report: dict[str, Any]) -> str:
+    dist_info = report["distributed"]
+    quant = report.get("backend", {}).get("quantization")
+    lines = ["", f"## {dist_info['world_size']} ranks: {dist_info['communication_backend']}, "
+                 f"{dist_info['all_reduce']}, {dist_info['load_path']}", ""]
+    if quant is not None:  # the summary table above has no quantization row; say what ran
+        lines += [f"Quantization: {quant['description']}, {quant['applied']}; "
+                  f"{quant['weight_bytes_per_token'] / 2**20:.1f} MiB read per token over all "
+                  "ranks.", ""]
+    header = "| rank | host | cores | threads | peak RSS | weights |"
+    lines += [header + (" quantized / float projections |" if quant else ""),
+              "|---|---|---|---|---|---|" + ("---|" if quant else "")]
+    for record in dist_info.get("ranks", []):
+        line = (f"| {record['rank']} | {record['host']} | "
+                f"{compact_cores(record['cpu_affinity'])} | {record['torch_threads']} | "
+                f"{record['peak_rss_bytes'] / 2**20:.0f} MiB | "
+                f"{record['local_weight_bytes'] / 2**20:.0f} MiB |")
+        if quant:
+            line += (f" {record.get('quantized_projections')} / "
+                     f"{record.get('float_projections')} |")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
