@@ -7,7 +7,9 @@ import argparse
 import sys
 
 from llmbench import flags, sweep
+from llmbench.cli import autotp_scheme, settings_from
 from llmbench.errors import UserError
+from llmbench.settings import Settings
 from llmbench.steps import Step, run_steps
 
 DESCRIPTION = "Run a benchmark step (as the Xeon LLM example run.py does)."
@@ -43,13 +45,14 @@ def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     generation_parser = flags.build_parser("run_generation.py", "", (
         *flags.single_generation_groups(), flags.add_quantization_flags))
     generation_dests = [action.dest for action in generation_parser._actions]
-    multimodal_checks(args)
-    steps = autotp_steps(parser, args)
+    settings = settings_from(args)
+    multimodal_checks(args, settings)
+    steps = autotp_steps(parser, args, settings)
     if not args.autotp:
         from llmbench.backends import requested
 
         requested(args.backend, args.ipex)  # --ipex without IPEX: one line, before any step
-    quantized_argv = quantization_steps(parser, args, steps)
+    quantized_argv = quantization_steps(parser, args, settings, steps)
     if args.benchmark and not args.autotp:
         steps.append(Step("benchmark", "single_instance/run_generation.py",
                           flags.forward_argv(parser, args, generation_dests) + quantized_argv))
@@ -59,12 +62,12 @@ def plan_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> lis
     return steps
 
 
-def multimodal_checks(args: argparse.Namespace) -> None:
+def multimodal_checks(args: argparse.Namespace, settings: Settings) -> None:
     """--input-mode / --image-url / --audio: read and checked here (model family, files, what
     is not implemented yet), so that bad input is one line before any step starts."""
     from llmbench import multimodal
 
-    if not multimodal.flags_given(args):
+    if not multimodal.flags_given(settings):
         return
     if args.ipex or args.backend == "ipex":
         from llmbench.backends.ipex import require_ipex
@@ -72,11 +75,11 @@ def multimodal_checks(args: argparse.Namespace) -> None:
         require_ipex()  # absent: the same line as for a text model, before anything else
     if not args.benchmark:
         raise UserError("--input-mode, --image-url and --audio apply to --benchmark")
-    multimodal.check_request(args)
+    multimodal.check_request(settings)
 
 
 def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                       steps: list[Step]) -> list[str]:
+                       settings: Settings, steps: list[Step]) -> list[str]:
     """--ipex-weight-only-quantization (or another scheme): first quantize and save to
     --output-dir (single_instance/run_quantization.py), then the benchmark loads the saved model;
     --quantized-model-path skips the first step. Returns what the benchmark step adds.
@@ -84,21 +87,19 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
     from pathlib import Path
 
     from llmbench import quantize
-    from llmbench.quant import cli
+    from llmbench.quant.workflow import scheme_of
 
     if args.autotp:
         # Each rank quantizes its own slice after sharding (llmbench.quant.autotp): no step
         # here; the rank step gets the flags (its parser has them) and this refuses, before
         # the launch, what can't run per rank.
-        from llmbench.quant.cli import autotp_scheme
-
         autotp_scheme(parser, args)
         return []
-    scheme = cli.scheme_from_args(args)  # refuses bad combinations before anything runs
+    scheme = scheme_of(settings.quantization)  # refuses bad combinations before anything runs
     if scheme is not None and args.benchmark and not args.accuracy_only:
         from llmbench import multimodal
 
-        if multimodal.check_request(args) is not None:
+        if multimodal.check_request(settings) is not None:
             return []  # the benchmark step quantizes a multimodal model's language model
     path = args.quantized_model_path
     if scheme is None and path is None:
@@ -139,7 +140,8 @@ def accuracy_steps(parser: argparse.ArgumentParser, args: argparse.Namespace,
         raise UserError(f"{given[0]} only applies with --accuracy-only")
 
 
-def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Step]:
+def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 settings: Settings) -> list[Step]:
     """--autotp: the benchmark on every rank of a `deepspeed` launch (run.py runs on each rank and
     starts the rank's script), after --shard-model's step; their flags without it are refused."""
     scratch = flags.Parser()
@@ -177,7 +179,7 @@ def autotp_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     from llmbench import multimodal
 
     shard = args.shard_model
-    if shard and multimodal.check_request(args) is not None:
+    if shard and multimodal.check_request(settings) is not None:
         # Said, not ignored: the ranks load the multimodal model whole and shard its language
         # model in memory (llmbench.distributed.model.load_autotp_multimodal)
         print("note: --shard-model: a multimodal model is not pre-sharded; every rank loads it "

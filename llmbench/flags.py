@@ -15,8 +15,7 @@ from llmbench.errors import USER_ERROR_EXIT
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The accuracy scripts' --dtype also takes the examples' int8 / int4: weight-only quantization
-# (llmbench.accuracy.single_instance.apply_quantized_dtype says how it maps onto the
-# quantization flags).
+# (llmbench.cli.settings_from maps it onto the quantization settings).
 ACCURACY_DTYPES = (*DTYPES, "int8", "int4")
 # Where an older example's flag leaves its one-line note (see CompatFlag).
 COMPAT_NOTES = "compat_notes"

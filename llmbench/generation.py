@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 from llmbench import backends, flags
 from llmbench.bench import BenchmarkRun, run_benchmark
+from llmbench.cli import settings_from
 from llmbench.decoding import decoding_settings
 from llmbench.environment import collect_environment
 from llmbench.errors import UserError
@@ -21,6 +21,7 @@ from llmbench.report import (
     report_stem,
     summary_lines,
 )
+from llmbench.settings import Settings
 
 DESCRIPTION = "Generation latency benchmark of a Hugging Face causal LM on CPU."
 
@@ -32,80 +33,87 @@ def build_parser(prog: str = "run_generation.py") -> flags.Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    backend = backends.requested(args.backend, args.ipex)
+    return benchmark(settings_from(build_parser().parse_args(argv)))
+
+
+def benchmark(settings: Settings) -> int:
+    """The benchmark of these settings: load, prepare, measure, report."""
+    model, measurement, decoding = settings.model, settings.measurement, settings.decoding
+    prompt_settings = settings.prompt
+    backend = backends.requested(model.backend, model.ipex)
     mode, generate_kwargs = decoding_settings(
-        greedy=args.greedy, sample=args.sample, num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
-    if args.streaming and (generate_kwargs["num_beams"] > 1 or args.batch_size > 1):
+        greedy=decoding.greedy, sample=decoding.sample, num_beams=decoding.num_beams,
+        max_new_tokens=decoding.max_new_tokens, generation_config=decoding.generation_config)
+    if decoding.streaming and (generate_kwargs["num_beams"] > 1 or prompt_settings.batch_size > 1):
         raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
     from llmbench import multimodal
 
-    request = multimodal.check_request(args)  # None: a text model's run, as before
-    if request is None and args.quantized_model_path is None:
+    request = multimodal.check_request(settings)  # None: a text model's run, as before
+    if request is None and settings.quantization.quantized_model_path is None:
         from llmbench.quant.checkpoint_settings import folder_quantization
-        from llmbench.quant.cli import scheme_from_args
+        from llmbench.quant.workflow import scheme_of
 
         # -m of a GPTQ/AWQ folder takes the examples' weight-only flags (prepare_saved checks
         # them against the folder)
-        if (scheme_from_args(args) is not None
-                and folder_quantization(args.model_name_or_path) is None):
+        if (scheme_of(settings.quantization) is not None
+                and folder_quantization(model.model_name_or_path) is None):
             raise UserError("run_generation.py benchmarks a saved quantized model: pass "
                             "--quantized-model-path (run.py with --ipex-weight-only-quantization "
                             "makes one first)")
-    if args.quant_with_amp:
-        args.dtype = "bfloat16"  # the layers left unquantized run in bf16
-    notes = check_dtype(args.dtype)
+    notes = check_dtype(model.dtype)
 
     encoder_timer = None
     if request is not None:
-        loaded, prompt = load_multimodal(args, request)
+        loaded, prompt = load_multimodal(settings, request)
         if request.image is not None or request.audio is not None:  # not in text mode 0
             encoder_timer = multimodal.EncoderTimer(loaded.model, loaded.family.model_type)
-        prepared = multimodal.prepare(args, loaded, backend)
+        prepared = multimodal.prepare(settings, loaded, backend)
     else:
-        loaded = load_model(args.model_name_or_path, args.dtype, args.config_file)
-        if args.quantized_model_path is not None or loaded.quantized is not None:  # saved/GPTQ
-            from llmbench.quant.cli import prepare_saved
+        loaded = load_model(model.model_name_or_path, model.dtype, model.config_file)
+        saved = settings.quantization.quantized_model_path is not None
+        if saved or loaded.quantized is not None:  # a saved model, or -m of a GPTQ/AWQ folder
+            from llmbench.quant.workflow import prepare_saved
 
-            prepared = prepare_saved(args, loaded, backend)
+            prepared = prepare_saved(settings, loaded, backend)
         else:
-            prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
+            prepared = backends.prepare(loaded.model, backend=backend, dtype=model.dtype,
                                         family=loaded.family.model_type,
-                                        kv_cache_dtype=args.kv_cache_dtype)
+                                        kv_cache_dtype=model.kv_cache_dtype)
     loaded.model = prepared.model  # a backend that rebuilt the model frees the original
     if "fallback_reason" in prepared.details:
         notes.append(prepared.details["fallback_reason"])
     if request is None:
         prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
-                              input_tokens=args.input_tokens, prompt_text=args.prompt,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              input_tokens=prompt_settings.input_tokens,
+                              prompt_text=prompt_settings.prompt,
+                              batch_size=prompt_settings.batch_size,
+                              max_new_tokens=decoding.max_new_tokens,
                               seq2seq=loaded.family.seq2seq)
     for note in notes:
         print(f"note: {note}", flush=True)
     print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-          f"{args.dtype} | backend {prepared.backend} | {mode} | "
+          f"{model.dtype} | backend {prepared.backend} | {mode} | "
           f"load {loaded.load_seconds:.2f} s", flush=True)
     if request is not None:
         print(f"input: {request.describe()}", flush=True)
     print(f"---- Prompt size: {prompt.tokens}", flush=True)
 
-    report = base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes)
+    report = base_report(settings, loaded, prepared, prompt, mode, generate_kwargs, notes)
     report["input"] = (request.record() if request is not None
                        else {"mode": 0, "mode_name": "text", "image": None, "audio": None})
-    writer = ReportWriter(args.output_dir,
-                          report_stem(loaded.family.model_type, args.dtype, prepared.backend, mode),
-                          report)
+    stem = report_stem(loaded.family.model_type, model.dtype, prepared.backend, mode)
+    writer = ReportWriter(measurement.output_dir, stem, report)
 
     def stats_of(run: BenchmarkRun) -> dict[str, Any]:
-        return compute_statistics(run, args.batch_size, loaded.decode_weight_bytes)
+        return compute_statistics(run, prompt_settings.batch_size, loaded.decode_weight_bytes)
 
     try:
         run = run_benchmark(
             prepared.model, loaded.tokenizer, prompt, generate_kwargs,
-            seq2seq=loaded.family.seq2seq, num_iter=args.num_iter, num_warmup=args.num_warmup,
-            token_latency=args.token_latency, streaming=args.streaming, profile=args.profile,
-            seed=args.seed, trace_dir=writer.json_path.parent,
+            seq2seq=loaded.family.seq2seq, num_iter=measurement.num_iter,
+            num_warmup=measurement.num_warmup, token_latency=measurement.token_latency,
+            streaming=decoding.streaming, profile=measurement.profile, seed=decoding.seed,
+            trace_dir=writer.json_path.parent,
             on_iteration=lambda partial: writer.update("running", partial, stats_of(partial)),
             encoder_timer=encoder_timer)
     except UserError as exc:
@@ -133,27 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_multimodal(args: argparse.Namespace, request: Any) -> tuple[Any, Any]:
+def load_multimodal(settings: Settings, request: Any) -> tuple[Any, Any]:
     """A multimodal model and its inputs, built by its processor (llmbench.multimodal)."""
     from llmbench import multimodal
-    from llmbench.quant.cli import scheme_from_args
+    from llmbench.quant.workflow import scheme_of
 
     # quantization reads the fp32 weights; the model then runs in --dtype (multimodal.prepare)
-    load_dtype = "float32" if scheme_from_args(args) is not None else args.dtype
-    loaded, processor = multimodal.load(args, request, load_dtype)
-    prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
-                                     args.dtype)
+    load_dtype = ("float32" if scheme_of(settings.quantization) is not None
+                  else settings.model.dtype)
+    loaded, processor = multimodal.load(settings, request, load_dtype)
+    prompt = multimodal.build_inputs(processor, request, settings.prompt.prompt,
+                                     settings.prompt.batch_size, settings.model.dtype)
     return loaded, prompt
 
 
-def base_report(args: argparse.Namespace, loaded: Any, prepared: backends.PreparedModel,
+def base_report(settings: Settings, loaded: Any, prepared: backends.PreparedModel,
                 prompt: Any, mode: str, generate_kwargs: dict[str, Any],
                 notes: list[str]) -> dict[str, Any]:
     return {
         "schema": REPORT_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "status": "started",
-        "config": vars(args),
+        "config": settings.flags,
         "model": loaded.record(),
         "backend": {"name": prepared.backend, **prepared.details,
                     **getattr(prepared.model, "runtime_details", dict)()},

@@ -103,7 +103,7 @@ class LoadedModel:
     # For mixture-of-experts families it is an upper bound: only routed experts are read.
     decode_weight_bytes: int
     # A GPTQ/AWQ folder (-m DIR with a quantization_config): (int4 projections by module name,
-    # their Scheme), put in by llmbench.quant.cli.prepare_saved. None for a float model.
+    # their Scheme), put in by llmbench.quant.workflow.prepare_saved. None for a float model.
     quantized: Any = None
 
     def record(self) -> dict[str, Any]:

@@ -10,7 +10,6 @@ module names); the encoders stay transformers' own (docs/multimodal.md).
 
 from __future__ import annotations
 
-import argparse
 import io
 import time
 import wave
@@ -21,6 +20,7 @@ from typing import Any
 from llmbench.errors import UserError
 from llmbench.flags import INPUT_MODES
 from llmbench.models import Family, LoadedModel, family_for, read_config_dict, read_config_file
+from llmbench.settings import ModelSettings, PromptSettings, Settings
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_IMAGE = DATA_DIR / "sample_image.png"
@@ -119,52 +119,52 @@ class Request:
         return " | ".join(parts)
 
 
-def flags_given(args: argparse.Namespace) -> bool:
-    return (args.input_mode is not None or args.image_url is not None
-            or args.audio is not None)
+def flags_given(settings: Settings) -> bool:
+    return (settings.prompt.input_mode is not None or settings.prompt.image_url is not None
+            or settings.prompt.audio is not None)
 
 
-def model_family(args: argparse.Namespace) -> Family | None:
+def model_family(model: ModelSettings) -> Family | None:
     """The family of -m from its config alone (no weights); None for a GGUF file or the
     embedded model, which are text models."""
     from llmbench.models import resolve_source
 
-    source = resolve_source(args.model_name_or_path)
+    source = resolve_source(model.model_name_or_path)
     if source.gguf_file is not None:
         return None
     model_type = read_config_dict(source).get("model_type")
-    if args.config_file:
-        model_type = read_config_file(args.config_file).get("model_type", model_type)
+    if model.config_file:
+        model_type = read_config_file(model.config_file).get("model_type", model_type)
     return family_for(model_type)
 
 
-def resolve_mode(args: argparse.Namespace, family: Family | None) -> int:
+def resolve_mode(prompt: PromptSettings, family: Family | None) -> int:
     """--input-mode, or what the other flags and the model imply when it is not given."""
-    if args.input_mode is not None:
-        mode = args.input_mode
-        if args.image_url is not None and "vision" not in MODE_NEEDS[mode]:
+    if prompt.input_mode is not None:
+        mode = prompt.input_mode
+        if prompt.image_url is not None and "vision" not in MODE_NEEDS[mode]:
             raise UserError(f"--image-url is read in --input-mode 1 or 3, not {mode}")
-        if args.audio is not None and "speech" not in MODE_NEEDS[mode]:
+        if prompt.audio is not None and "speech" not in MODE_NEEDS[mode]:
             raise UserError(f"--audio is read in --input-mode 2 or 3, not {mode}")
         return mode
-    if args.image_url is not None or args.audio is not None:
-        return (1 if args.image_url is not None else 0) + (2 if args.audio is not None else 0)
+    if prompt.image_url is not None or prompt.audio is not None:
+        return (1 if prompt.image_url is not None else 0) + (2 if prompt.audio is not None else 0)
     if family is not None and family.modalities == ("speech",):
         return 2  # a speech-only model reads its audio (the sample without --audio)
     return 0
 
 
-def check_request(args: argparse.Namespace) -> Request | None:
+def check_request(settings: Settings) -> Request | None:
     """The multimodal inputs of this run, read and checked (one-line errors), or None for a
     plain text run. run.py calls it too, so bad input fails before any step starts."""
-    if not flags_given(args) and args.model_name_or_path is None:
+    if not flags_given(settings) and settings.model.model_name_or_path is None:
         return None  # the embedded model: text
-    family = model_family(args)
-    mode = resolve_mode(args, family)
+    family = model_family(settings.model)
+    mode = resolve_mode(settings.prompt, family)
     if family is None or not family.multimodal:
         if mode == 0:
             return None
-        name = args.model_name_or_path or "the embedded model"
+        name = settings.model.model_name_or_path or "the embedded model"
         kind = family.model_type if family is not None else "a GGUF text model"
         raise UserError(f"--input-mode {mode} ({INPUT_MODES[mode]}) needs a model that reads "
                         f"{' and '.join(MODE_NEEDS[mode])}; {name} ({kind}) reads text only")
@@ -177,35 +177,36 @@ def check_request(args: argparse.Namespace) -> Request | None:
         raise UserError(f"{family.model_type} models read {' and '.join(family.modalities)}, "
                         f"not text alone: pass --input-mode "
                         f"{2 if 'speech' in family.modalities else 1}")
-    if mode == 0 and args.prompt is None and DEFAULT_PROMPTS.get(family.model_type) is None:
+    if (mode == 0 and settings.prompt.prompt is None
+            and DEFAULT_PROMPTS.get(family.model_type) is None):
         raise UserError(f"{family.model_type} with --input-mode 0 reads text only: pass --prompt")
-    refuse_unimplemented(args)
-    image = read_image(args.image_url) if "vision" in MODE_NEEDS[mode] else None
-    audio = read_audio(args.audio) if "speech" in MODE_NEEDS[mode] else None
+    refuse_unimplemented(settings)
+    image = read_image(settings.prompt.image_url) if "vision" in MODE_NEEDS[mode] else None
+    audio = read_audio(settings.prompt.audio) if "speech" in MODE_NEEDS[mode] else None
     return Request(mode, family, image, audio)
 
 
-def refuse_unimplemented(args: argparse.Namespace) -> None:
+def refuse_unimplemented(settings: Settings) -> None:
     """What a multimodal run does not do yet: say so in one line instead of ignoring it."""
-    if args.ipex or args.backend == "ipex":
+    if settings.model.ipex or settings.model.backend == "ipex":
         from llmbench.backends.ipex import require_ipex
 
         require_ipex()  # absent: the same line as for a text model
         raise UserError("--ipex with a multimodal model is not implemented; run it with "
                         "--backend stock or native (docs/multimodal.md)")
-    from llmbench.quant.cli import scheme_from_args
+    from llmbench.quant.workflow import scheme_of
 
-    scheme = scheme_from_args(args)
-    if args.quantized_model_path is not None or (
+    scheme = scheme_of(settings.quantization)
+    if settings.quantization.quantized_model_path is not None or (
             scheme is not None and scheme.method not in QUANT_METHODS):
         raise UserError("a multimodal model is quantized weight-only (round to nearest) in the "
                         "benchmark's own process: --ipex-weight-only-quantization [--weight-dtype "
                         "INT8|INT4] [--group-size N]; saved models, GPTQ, SmoothQuant and "
                         "checkpoints are not implemented for it yet (docs/multimodal.md)")
-    if args.input_tokens is not None:
+    if settings.prompt.input_tokens is not None:
         raise UserError("--input-tokens builds a text prompt of N tokens; a multimodal model "
                         "reads --prompt (or its family's default prompt) with its inputs")
-    if args.streaming:
+    if settings.decoding.streaming:
         raise UserError("--streaming with a multimodal model is not implemented yet")
 
 
@@ -303,7 +304,7 @@ def resampled(audio: AudioInput, rate: int) -> Any:
 # ---- model -----------------------------------------------------------------------------------
 
 
-def load(args: argparse.Namespace, request: Request, dtype: str | None = None
+def load(settings: Settings, request: Request, dtype: str | None = None
          ) -> tuple[LoadedModel, Any]:
     """The model (with the Auto class of its kind) in `dtype` (default --dtype) and its
     processor."""
@@ -318,15 +319,15 @@ def load(args: argparse.Namespace, request: Request, dtype: str | None = None
     from llmbench.models import decode_step_bytes, load_config, resolve_source
 
     hf_logging.disable_progress_bar()
-    source = resolve_source(args.model_name_or_path)
-    config, family = load_config(source, args.config_file)
+    source = resolve_source(settings.model.model_name_or_path)
+    config, family = load_config(source, settings.model.config_file)
     auto_class = (AutoModelForSpeechSeq2Seq if family.modalities == ("speech",)
                   else AutoModelForImageTextToText)
     start = time.perf_counter()
     try:
         processor = AutoProcessor.from_pretrained(source.path)
         model = auto_class.from_pretrained(source.path, config=config,
-                                           dtype=getattr(torch, dtype or args.dtype))
+                                           dtype=getattr(torch, dtype or settings.model.dtype))
     except Exception as exc:
         raise UserError(f"cannot load {source.display_name}: {exc}") from exc
     load_seconds = time.perf_counter() - start
@@ -338,7 +339,7 @@ def load(args: argparse.Namespace, request: Request, dtype: str | None = None
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     loaded = LoadedModel(
         model=model, tokenizer=tokenizer, config=config, family=family, source=source,
-        dtype=dtype or args.dtype, load_seconds=load_seconds, conversion_seconds=0.0,
+        dtype=dtype or settings.model.dtype, load_seconds=load_seconds, conversion_seconds=0.0,
         num_parameters=sum(p.numel() for p in params), weight_bytes=weight_bytes,
         decode_weight_bytes=decode_step_bytes(model, model.get_decoder()))
     return loaded, processor
@@ -521,7 +522,7 @@ class NativeMultimodal:
         return {"inputs_embeds": stack_input, "prefix_len": stack_input.shape[1] - ids.shape[1]}
 
 
-def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str, *,
+def prepare(settings: Settings, loaded: LoadedModel, backend: str, *,
             place_weights: bool = True, announce: bool = True) -> Any:
     """The loaded multimodal model on `backend`, its language model quantized if asked (in this
     process, round to nearest); the encoders stay transformers' own. A backends.PreparedModel.
@@ -532,30 +533,31 @@ def prepare(args: argparse.Namespace, loaded: LoadedModel, backend: str, *,
     from llmbench import backends
     from llmbench.models import decode_step_bytes, is_cross_kv
     from llmbench.quant import apply
-    from llmbench.quant.cli import scheme_from_args
+    from llmbench.quant.workflow import scheme_of
 
+    dtype = settings.model.dtype
     family = loaded.family.model_type
     layout = LAYOUTS[family]
     model = loaded.model
     language = language_model(model, family)
-    scheme = scheme_from_args(args)
+    scheme = scheme_of(settings.quantization)
     qlinears = None
     if scheme is not None:
         qlinears = apply.quantize_rtn(language, scheme)  # from the fp32 weights load gave
-        if args.dtype != loaded.dtype:
-            model.to(getattr(torch, args.dtype))
-            loaded.dtype = args.dtype
+        if dtype != loaded.dtype:
+            model.to(getattr(torch, dtype))
+            loaded.dtype = dtype
         qlinears = apply.set_compute(
-            {n: q.to_bf16() if isinstance(q, apply.FloatLinear) and args.dtype == "bfloat16"
+            {n: q.to_bf16() if isinstance(q, apply.FloatLinear) and dtype == "bfloat16"
              else q for n, q in qlinears.items()}, scheme)
     encoders = (f"{', '.join(layout.encoders)}: transformers' own modules (stock), once per "
                 "prompt")
     fallback = None
     prepared = None
     if backend == "native":
-        candidate = backends.prepare(language, backend="native", dtype=args.dtype,
+        candidate = backends.prepare(language, backend="native", dtype=dtype,
                                      family=language.config.model_type,
-                                     kv_cache_dtype=args.kv_cache_dtype,
+                                     kv_cache_dtype=settings.model.kv_cache_dtype,
                                      place_weights=place_weights and qlinears is None)
         if candidate.backend == "native":
             prepared = candidate

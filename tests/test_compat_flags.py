@@ -62,18 +62,22 @@ def _accuracy_args(*argv: str) -> argparse.Namespace:
 
 
 def test_accuracy_dtype_int8_int4_is_weight_only_quantization():
-    from llmbench.accuracy.single_instance import apply_quantized_dtype
+    from llmbench.cli import settings_from
 
-    args = _accuracy_args("--dtype", "int4")
-    assert apply_quantized_dtype(args) == "INT4"
-    assert (args.ipex_weight_only_quantization, args.weight_dtype, args.dtype) == (
+    settings = settings_from(_accuracy_args("--dtype", "int4"))
+    q = settings.quantization
+    assert settings.accuracy.expect_weight_dtype == "INT4"
+    assert (q.ipex_weight_only_quantization, q.weight_dtype, settings.model.dtype) == (
         True, "INT4", "float32")
-    args = _accuracy_args("--dtype", "int8", "--int8-bf16-mixed", "--quantized-model-path", "q")
-    assert apply_quantized_dtype(args) == "INT8"
-    assert not args.ipex_weight_only_quantization and args.dtype == "bfloat16"
+    assert settings.flags["dtype"] == "float32"  # the report's config says what ran
+    settings = settings_from(_accuracy_args("--dtype", "int8", "--int8-bf16-mixed",
+                                            "--quantized-model-path", "q"))
+    assert settings.accuracy.expect_weight_dtype == "INT8"
+    assert not settings.quantization.ipex_weight_only_quantization
+    assert settings.model.dtype == "bfloat16"
     with pytest.raises(UserError, match="--dtype int4 contradicts --weight-dtype NF4"):
-        apply_quantized_dtype(_accuracy_args("--dtype", "int4", "--ipex-weight-only-quantization",
-                                             "--weight-dtype", "NF4"))
+        settings_from(_accuracy_args("--dtype", "int4", "--ipex-weight-only-quantization",
+                                     "--weight-dtype", "NF4"))
 
 
 def test_int8_groups_quantize_save_and_load(tmp_path):
@@ -147,14 +151,17 @@ def test_run_quantization_refuses_benchmark_flags_without_benchmark():
 
 
 def test_gptq_flag_needs_weight_only_and_means_int4():
-    from llmbench.quant.cli import scheme_from_args
+    from llmbench.cli import settings_from
+    from llmbench.quant.workflow import scheme_of
     from llmbench.quantize import build_parser
 
-    args = build_parser().parse_args(["--ipex-weight-only-quantization", "--gptq"])
-    scheme = scheme_from_args(args)
-    assert (scheme.method, scheme.weight_dtype, scheme.group_size) == ("gptq", "INT4", 128)
+    def scheme(*argv: str):
+        return scheme_of(settings_from(build_parser().parse_args(list(argv))).quantization)
+
+    gptq = scheme("--ipex-weight-only-quantization", "--gptq")
+    assert (gptq.method, gptq.weight_dtype, gptq.group_size) == ("gptq", "INT4", 128)
     with pytest.raises(UserError, match="--gptq applies with --ipex-weight-only-quantization"):
-        scheme_from_args(build_parser().parse_args(["--gptq"]))
+        scheme("--gptq")
 
 
 def test_compat_flags_are_defined_once():

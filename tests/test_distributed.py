@@ -520,9 +520,9 @@ def test_woq_autotp_report_says_what_ran(woq_autotp_run):
 
 
 def test_run_py_forwards_woq_flags_to_the_ranks():
+    from llmbench.cli import autotp_scheme
     from llmbench.dispatch import build_parser, plan_steps
     from llmbench.distributed.benchmark import build_parser as rank_parser
-    from llmbench.quant.cli import autotp_scheme
 
     parser = build_parser()
     args = parser.parse_args(["--benchmark", "--autotp", "--greedy", "--local_rank=0",
@@ -549,7 +549,7 @@ def test_run_py_forwards_woq_flags_to_the_ranks():
     (["--ipex-weight-only-quantization", "--alpha", "0.7"],
      "--alpha does not apply with --autotp: it is a SmoothQuant setting"),
     (["--weight-dtype", "INT4"], "--weight-dtype only applies with --ipex-weight-only-quant"),
-    # What scheme_from_args refuses everywhere is refused here too.
+    # What scheme_of refuses everywhere is refused here too.
     (["--ipex-weight-only-quantization", "--weight-dtype", "INT4", "--group-size", "48"],
      "--group-size 48 is not allowed"),
     (["--ipex-weight-only-quantization", "--weight-dtype", "FP8", "--group-size", "64"],

@@ -91,3 +91,28 @@ print(",".join(heavy))
                             text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", (result.stdout, result.stderr)
+
+
+# The modules that read a command line: llmbench.cli (Settings and the checks that need the
+# flags as given), flags (the definitions), run.py's planner, and each program's or tool's own
+# main. Everything else takes llmbench.settings.Settings (or plain values).
+COMMAND_LINE_MODULES = {
+    "llmbench.cli", "llmbench.flags", "llmbench.dispatch", "llmbench.quantize",
+    "llmbench.distributed.benchmark", "llmbench.distributed.shards", "llmbench.quant.gptq",
+    "llmbench.compare_reports", "llmbench.accuracy.compare",
+}
+
+
+def test_the_library_takes_settings_not_the_command_line():
+    import ast
+
+    readers = set()
+    for path in (ROOT / "llmbench").rglob("*.py"):
+        if "build" in path.relative_to(ROOT / "llmbench").parts:
+            continue
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names)
+                    or isinstance(node, ast.ImportFrom) and node.module == "argparse"):
+                readers.add(module)
+    assert readers <= COMMAND_LINE_MODULES, sorted(readers - COMMAND_LINE_MODULES)

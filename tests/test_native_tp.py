@@ -30,17 +30,18 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
     import torch
 
     from llmbench import backends
+    from llmbench.cli import settings_from
     from llmbench.decoding import decoding_settings
     from llmbench.dispatch import build_parser
     from llmbench.models import load_model
     from llmbench.prompts import build_prompt
     from llmbench.quant import apply
-    from llmbench.quant.cli import scheme_from_args
+    from llmbench.quant.workflow import scheme_of
 
     loaded = load_model(str(model), "float32")
     seq2seq = loaded.family.seq2seq
     if quant_flags:
-        scheme = scheme_from_args(build_parser().parse_args(quant_flags))
+        scheme = scheme_of(settings_from(build_parser().parse_args(quant_flags)).quantization)
         qlinears = apply.quantize_rtn(loaded.model, scheme)
         native = apply.prepare_quantized(loaded, qlinears, backend="native", dtype="float32",
                                          kv_cache_dtype="auto", scheme=scheme).model

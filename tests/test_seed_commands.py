@@ -288,6 +288,7 @@ def parse_check(seed: Seed) -> tuple[int, str, str]:
     """A deepspeed line checked as its ranks start (see the module docstring)."""
     from llmbench import dispatch
     from llmbench.accuracy import tasks, tensor_parallel
+    from llmbench.cli import settings_from
     from llmbench.distributed import benchmark
     from llmbench.errors import UserError
 
@@ -306,9 +307,9 @@ def parse_check(seed: Seed) -> tuple[int, str, str]:
                 parser = benchmark.build_parser()
                 benchmark.check_args(parser, parser.parse_args(seed.argv))
             else:
-                args = tensor_parallel.build_rank_parser().parse_args(seed.argv)
-                tensor_parallel.check_rank_args(args)
-                tasks.task_requests(args)
+                settings = settings_from(tensor_parallel.build_rank_parser().parse_args(seed.argv))
+                tensor_parallel.check_rank_args(settings)
+                tasks.task_requests(settings.accuracy)
         except UserError as exc:
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
             status = 2

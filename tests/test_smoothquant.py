@@ -206,16 +206,13 @@ def test_recipe_from_another_model_is_refused(tmp_path, tiny_llama, embedded_mod
 
 @pytest.mark.slow  # calibration + fallback search + scoring: ~2 min on 2 shared cores
 def test_embedded_perplexity_within_5_percent(embedded_model_dir):
-    from types import SimpleNamespace
-
     from llmbench.models import load_model
+    from llmbench.settings import QuantizationSettings
 
     loaded = load_model(None, "float32")
     reference = quality.measure_reference(loaded.model, loaded.tokenizer)
-    args = SimpleNamespace(fallback_add=None, qconfig_summary_file=None, alpha="0.5",
-                           dataset=None, calib_len=256, calib_iters=8, calib_shuffle=False,
-                           calib_padding=False)
-    qlinears, overrides, result = smoothquant.quantize(loaded, args,
+    settings = QuantizationSettings(ipex_smooth_quant=True, calib_len=256, calib_iters=8)
+    qlinears, overrides, result = smoothquant.quantize(loaded, settings,
                                                        apply.model_identity(loaded))
     apply.set_float_tensors(loaded.model, overrides)
     apply.install_hf(loaded.model, qlinears)

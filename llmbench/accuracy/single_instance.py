@@ -3,7 +3,6 @@ as the benchmark does, score it, print the table, write the report."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -20,8 +19,10 @@ from llmbench.accuracy.tasks import (
     results_table,
     task_requests,
 )
+from llmbench.cli import settings_from
 from llmbench.environment import collect_environment, peak_rss_bytes
 from llmbench.errors import UserError
+from llmbench.settings import AccuracySettings, Settings
 
 DESCRIPTION = "Accuracy of a Hugging Face causal LM on CPU with lm-eval (EleutherAI harness)."
 ACCURACY_SCHEMA = "llmbench.accuracy/1"
@@ -29,26 +30,6 @@ ACCURACY_SCHEMA = "llmbench.accuracy/1"
 
 def build_parser(prog: str = "run_accuracy.py") -> flags.Parser:
     return flags.build_parser(prog, DESCRIPTION, flags.accuracy_groups())
-
-
-def apply_quantized_dtype(args: argparse.Namespace) -> str | None:
-    """The examples' `--dtype int8|int4` (and --quant-with-amp / --int8-bf16-mixed) in the
-    accuracy scripts: weight-only quantization with that weight type. With
-    --quantized-model-path the saved model must hold it (checked once it is read); without, the
-    model is quantized round to nearest in this process, as --ipex-weight-only-quantization
-    --weight-dtype INT8|INT4 asks. The layers left in float run in bf16 with --quant-with-amp,
-    else fp32. Returns the weight type --dtype asked for (None: a float --dtype)."""
-    weight = args.dtype.upper() if args.dtype in ("int8", "int4") else None
-    if weight is not None:
-        if args.ipex_weight_only_quantization and args.weight_dtype not in ("INT8", weight):
-            raise UserError(f"--dtype {args.dtype} contradicts --weight-dtype {args.weight_dtype}")
-        if args.quantized_model_path is None and args.low_precision_checkpoint is None:
-            args.ipex_weight_only_quantization = True
-            args.weight_dtype = weight
-        args.dtype = "float32"
-    if args.quant_with_amp:
-        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as the benchmark's
-    return weight
 
 
 def check_weight_dtype(prepared: Any, weight: str | None) -> None:
@@ -60,37 +41,38 @@ def check_weight_dtype(prepared: Any, weight: str | None) -> None:
                         f"{scheme.get('weight_dtype') or 'no quantized'} weights")
 
 
-def load_and_prepare(args: argparse.Namespace, backend: str) -> tuple[Any, Any, list[str]]:
+def load_and_prepare(settings: Settings, backend: str) -> tuple[Any, Any, list[str]]:
     """The model exactly as the benchmark runs it: load_model, then backends.prepare, with the
     same dtype and backend. A saved quantized model (--quantized-model-path, from the
     quantization work) plugs in here, in place of load_model + prepare; a quantization scheme
     without one is applied here (round to nearest, or GPTQ with --gptq)."""
     from llmbench.models import load_model
     from llmbench.precision import check_dtype
-    from llmbench.quant.cli import scheme_from_args
+    from llmbench.quant.workflow import scheme_of
 
-    notes = check_dtype(args.dtype)
+    model = settings.model
+    notes = check_dtype(model.dtype)
     scheme = None
-    if getattr(args, "quantized_model_path", None) is None:
-        scheme = scheme_from_args(args)
+    if settings.quantization.quantized_model_path is None:
+        scheme = scheme_of(settings.quantization)
     if scheme is not None and scheme.method not in ("woq", "gptq"):
         raise UserError("run_accuracy.py evaluates a saved quantized model for this scheme: "
                         "pass --quantized-model-path (run.py with the same flags makes one "
                         "first)")
-    loaded = load_model(args.model_name_or_path, "float32" if scheme else args.dtype,
-                        args.config_file)
+    loaded = load_model(model.model_name_or_path, "float32" if scheme else model.dtype,
+                        model.config_file)
     if scheme is not None:
-        from llmbench.quant.cli import quantize_in_process
+        from llmbench.quant.workflow import quantize_in_process
 
-        prepared = quantize_in_process(args, loaded, scheme, backend)
-    elif getattr(args, "quantized_model_path", None) is not None or loaded.quantized is not None:
-        from llmbench.quant.cli import prepare_saved  # the benchmark's own loader
+        prepared = quantize_in_process(settings, loaded, scheme, backend)
+    elif settings.quantization.quantized_model_path is not None or loaded.quantized is not None:
+        from llmbench.quant.workflow import prepare_saved  # the benchmark's own loader
 
-        prepared = prepare_saved(args, loaded, backend)
+        prepared = prepare_saved(settings, loaded, backend)
     else:
-        prepared = backends.prepare(loaded.model, backend=backend, dtype=args.dtype,
+        prepared = backends.prepare(loaded.model, backend=backend, dtype=model.dtype,
                                     family=loaded.family.model_type,
-                                    kv_cache_dtype=args.kv_cache_dtype)
+                                    kv_cache_dtype=model.kv_cache_dtype)
     loaded.model = prepared.model
     if "fallback_reason" in prepared.details:
         notes.append(prepared.details["fallback_reason"])
@@ -106,7 +88,7 @@ def load_and_prepare(args: argparse.Namespace, backend: str) -> tuple[Any, Any, 
     return loaded, prepared, notes
 
 
-def build_report(args: argparse.Namespace, loaded: Any, prepared: Any,
+def build_report(settings: Settings, loaded: Any, prepared: Any,
                  requests: list[TaskRequest], results: dict[str, Any], eval_seconds: float,
                  notes: list[str]) -> dict[str, Any]:
     import lm_eval
@@ -115,13 +97,13 @@ def build_report(args: argparse.Namespace, loaded: Any, prepared: Any,
         "schema": ACCURACY_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "status": "complete",
-        "config": vars(args),
+        "config": settings.flags,
         "model": loaded.record(),
         "backend": {"name": prepared.backend, **prepared.details},
         "quantization": prepared.details.get("quantization"),
         "tasks": [{"name": r.label, "source": r.source, "path": r.path} for r in requests],
-        "limit": args.limit,
-        "batch_size": args.batch_size,
+        "limit": settings.accuracy.limit,
+        "batch_size": settings.prompt.batch_size,
         "lm_eval_version": lm_eval.__version__,
         "eval_seconds": eval_seconds,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -155,13 +137,13 @@ def write_report(report: dict[str, Any], table: str, output_dir: str) -> Path:
     return path
 
 
-def announce_default(args: argparse.Namespace) -> None:
-    if args.tasks is None and args.tasks_file is None and args.lambada_file is None:
+def announce_default(accuracy: AccuracySettings) -> None:
+    if accuracy.tasks is None and accuracy.tasks_file is None and accuracy.lambada_file is None:
         print(f"note: no --tasks given: evaluating the shipped {LAMBADA_LOCAL.name} (offline, "
               "scored as lambada_openai); --tasks lambada_openai for the standard set", flush=True)
 
 
-def evaluate_and_report(args: argparse.Namespace, loaded: Any, prepared: Any,
+def evaluate_and_report(settings: Settings, loaded: Any, prepared: Any,
                         requests: list[TaskRequest], manager: Any, tasks: list[Any],
                         notes: list[str], *, write: bool = True,
                         extra: dict[str, Any] | None = None) -> int:
@@ -170,20 +152,22 @@ def evaluate_and_report(args: argparse.Namespace, loaded: Any, prepared: Any,
         print(f"note: {note}", flush=True)
     if write:
         print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-              f"{args.dtype} | backend {prepared.backend} | load {loaded.load_seconds:.2f} s | "
+              f"{settings.model.dtype} | backend {prepared.backend} | "
+              f"load {loaded.load_seconds:.2f} s | "
               f"tasks {', '.join(r.label for r in requests)}", flush=True)
-    lm = make_lm(prepared.model, loaded.tokenizer, batch_size=args.batch_size,
+    lm = make_lm(prepared.model, loaded.tokenizer, batch_size=settings.prompt.batch_size,
                  seq2seq=loaded.family.seq2seq)
     start = time.perf_counter()
-    results = evaluate(lm, manager, tasks, limit=args.limit, batch_size=args.batch_size)
+    results = evaluate(lm, manager, tasks, limit=settings.accuracy.limit,
+                       batch_size=settings.prompt.batch_size)
     eval_seconds = time.perf_counter() - start
     if not write or results is None:
         return 0
     table = results_table(results)
     print(table, flush=True)
-    report = build_report(args, loaded, prepared, requests, results, eval_seconds, notes)
+    report = build_report(settings, loaded, prepared, requests, results, eval_seconds, notes)
     report.update(extra or {})
-    path = write_report(report, table, args.output_dir)
+    path = write_report(report, table, settings.measurement.output_dir)
     print(f"Evaluation: {eval_seconds:.1f} s | peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(f"results: {path}")
     print(f"summary: {path.with_suffix('.md')}", flush=True)
@@ -193,13 +177,12 @@ def evaluate_and_report(args: argparse.Namespace, loaded: Any, prepared: Any,
 def main(argv: list[str] | None = None) -> int:
     from llmbench import backends
 
-    args = build_parser().parse_args(argv)
-    backend = backends.requested(args.backend, args.ipex)
-    weight = apply_quantized_dtype(args)
-    requests = task_requests(args)
-    announce_default(args)
+    settings = settings_from(build_parser().parse_args(argv))
+    backend = backends.requested(settings.model.backend, settings.model.ipex)
+    requests = task_requests(settings.accuracy)
+    announce_default(settings.accuracy)
     quiet_lm_eval_logging()
     manager, tasks = load_tasks(requests)
-    loaded, prepared, notes = load_and_prepare(args, backend)
-    check_weight_dtype(prepared, weight)
-    return evaluate_and_report(args, loaded, prepared, requests, manager, tasks, notes)
+    loaded, prepared, notes = load_and_prepare(settings, backend)
+    check_weight_dtype(prepared, settings.accuracy.expect_weight_dtype)
+    return evaluate_and_report(settings, loaded, prepared, requests, manager, tasks, notes)

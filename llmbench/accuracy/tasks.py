@@ -4,7 +4,6 @@ model wrapper around the model the benchmark runs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -14,6 +13,7 @@ from typing import Any
 
 from llmbench.environment import PROJECT_ROOT
 from llmbench.errors import UserError
+from llmbench.settings import AccuracySettings
 
 LAMBADA_LOCAL = PROJECT_ROOT / "llmbench" / "data" / "lambada_local.jsonl"
 # lm-eval's lambada_openai.yaml (0.4.x), less its data set: a --lambada-file is scored the same way.
@@ -89,22 +89,22 @@ def lambada_task_config(path: Path, name: str | None = None) -> dict[str, Any]:
     }
 
 
-def task_requests(args: argparse.Namespace) -> list[TaskRequest]:
+def task_requests(accuracy: AccuracySettings) -> list[TaskRequest]:
     """What --tasks / --tasks-file / --lambada-file ask for, local files checked up front (before
     anything slow is loaded); with none of them, the shipped lambada_local."""
     requests = []
-    for name in (args.tasks or "").split(","):
+    for name in (accuracy.tasks or "").split(","):
         if name.strip():
             requests.append(TaskRequest(name.strip(), "lm-eval", name.strip()))
-    if args.tasks is not None and not requests:
+    if accuracy.tasks is not None and not requests:
         raise UserError("--tasks is empty: name lm-eval tasks, e.g. --tasks lambada_openai")
-    if args.tasks_file:
-        path = Path(args.tasks_file).expanduser()
+    if accuracy.tasks_file:
+        path = Path(accuracy.tasks_file).expanduser()
         if not path.is_file():
-            raise UserError(f"--tasks-file {args.tasks_file}: no such file")
+            raise UserError(f"--tasks-file {accuracy.tasks_file}: no such file")
         requests.append(TaskRequest(str(path), "tasks-file", str(path.resolve()),
                                     str(path.resolve())))
-    lambada = args.lambada_file
+    lambada = accuracy.lambada_file
     if lambada is None and not requests:
         lambada = str(LAMBADA_LOCAL)
     if lambada:

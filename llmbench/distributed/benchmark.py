@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from llmbench import flags
+from llmbench.cli import autotp_scheme, settings_from
 from llmbench.distributed.model import (
     BACKEND_NAME,
     AutoTPModel,
@@ -33,6 +34,7 @@ from llmbench.distributed.ranks import (
     setup_environment,
 )
 from llmbench.errors import UserError
+from llmbench.settings import Settings
 
 DESCRIPTION = ("Generation latency benchmark, tensor parallel across ranks with DeepSpeed AutoTP "
                "(one process per rank: launch with `deepspeed` or through run.py --autotp).")
@@ -83,7 +85,7 @@ def kill_step() -> int | None:
 
 def build_parser(prog: str = "run_generation_with_deepspeed.py") -> flags.Parser:
     # The quantization group as a whole (one definition of each flag); what does not run per
-    # rank is refused by llmbench.quant.cli.autotp_scheme.
+    # rank is refused by llmbench.cli.autotp_scheme.
     return flags.build_parser(prog, DESCRIPTION, (*flags.generation_groups(),
                                                   flags.add_multimodal_flags,
                                                   flags.add_rank_flags,
@@ -122,13 +124,13 @@ def rank_record(info: RankInfo, tp: AutoTPModel, token_ids: list[list[int]],
     }
 
 
-def all_reduce_record(native: Any, run: Any, args: argparse.Namespace) -> dict[str, Any]:
+def all_reduce_record(native: Any, run: Any, max_new_tokens: int) -> dict[str, Any]:
     """This rank's all-reduce time per generated token over every iteration it ran (warm-up
     included), measured around each call, and its weights' read rate at its own mean
     next-token latency."""
     seconds, calls = native.take_all_reduce_time()
     iterations = len(run.iterations) + len(run.warmup_seconds)
-    tokens = max(1, iterations * args.max_new_tokens)
+    tokens = max(1, iterations * max_new_tokens)
     steps = [s for it in run.iterations if it.step_latencies for s in it.step_latencies[1:]]
     record: dict[str, Any] = {
         "all_reduce_ms_per_token": 1000.0 * seconds / tokens,
@@ -139,24 +141,21 @@ def all_reduce_record(native: Any, run: Any, args: argparse.Namespace) -> dict[s
     return record
 
 
-def check_args(parser: flags.Parser, args: argparse.Namespace) -> Any:
-    """What a rank refuses before joining the others (every rank alike), and the weight-only
-    scheme it quantizes its slice with (None: float)."""
-    from llmbench.quant.cli import autotp_scheme
-
+def check_args(parser: flags.Parser, args: argparse.Namespace) -> tuple[Settings, Any]:
+    """What a rank refuses before joining the others (every rank alike): its Settings, and
+    the weight-only scheme it quantizes its slice with (None: float)."""
     scheme = autotp_scheme(parser, args)
-    backend = "ipex" if getattr(args, "ipex", False) else getattr(args, "backend", "stock")
+    settings = settings_from(args)
+    backend = "ipex" if settings.model.ipex else settings.model.backend
     if backend == "ipex":
         from llmbench.backends.ipex import require_ipex
 
         require_ipex()  # IPEX absent: one line saying so
-    if args.quant_with_amp:
-        args.dtype = "bfloat16"  # the layers left unquantized run in bf16, as single-instance
     if backend not in ("stock", "native"):
         raise UserError(f"--autotp runs --backend stock or native, not {backend}")
-    if getattr(args, "kv_cache_dtype", "auto") != "auto" and backend != "native":
+    if settings.model.kv_cache_dtype != "auto" and backend != "native":
         raise UserError("--kv-cache-dtype needs --backend native")
-    return scheme
+    return settings, scheme
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,18 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    scheme = check_args(parser, args)
+    settings, scheme = check_args(parser, parser.parse_args(argv))
+    model, decoding, measurement = settings.model, settings.decoding, settings.measurement
+    batch_size = settings.prompt.batch_size
     mode, generate_kwargs = decoding_settings(
-        greedy=args.greedy, sample=args.sample, num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens, generation_config=args.generation_config)
-    if args.streaming and (generate_kwargs["num_beams"] > 1 or args.batch_size > 1):
+        greedy=decoding.greedy, sample=decoding.sample, num_beams=decoding.num_beams,
+        max_new_tokens=decoding.max_new_tokens, generation_config=decoding.generation_config)
+    if decoding.streaming and (generate_kwargs["num_beams"] > 1 or batch_size > 1):
         raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
-    notes = check_dtype(args.dtype)
+    notes = check_dtype(model.dtype)
 
-    resolve_source(args.model_name_or_path)  # every rank stops here alike on a wrong -m
-    info = setup_environment(args.local_rank)
-    comm_backend = init_process_group(info, args.dist_timeout)
+    resolve_source(model.model_name_or_path)  # every rank stops here alike on a wrong -m
+    info = setup_environment(settings.distribution.local_rank)
+    comm_backend = init_process_group(info, settings.distribution.dist_timeout)
     watchdog = PeerWatchdog(info)
     inject_failure(info)
     is_root = info.rank == 0
@@ -203,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmbench import multimodal
 
-    request = multimodal.check_request(args)  # None: a text model
+    request = multimodal.check_request(settings)  # None: a text model
     encoder_timer = None
     native_prepared = None
     fallback = None
-    if args.backend == "native":
+    if model.backend == "native":
         shared_memory = all_reduce_path("float32", info) == "deepspeed shared-memory all-reduce"
-        tp, native_prepared, prompt, fallback = load_native_tp(args, scheme, info,
+        tp, native_prepared, prompt, fallback = load_native_tp(settings, scheme, info,
                                                                shared_memory, request)
         if native_prepared is not None and request is not None and (
                 request.image is not None or request.audio is not None):
@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         fallback = f"{fallback}: this run is STOCK transformers under DeepSpeed AutoTP"
         notes.append(fallback)
     if native_prepared is None and request is None:
-        tp = load_autotp_model(args.model_name_or_path, args.dtype, args.config_file, info)
+        tp = load_autotp_model(model.model_name_or_path, model.dtype, model.config_file, info)
     elif native_prepared is None:
-        tp, prompt = load_autotp_multimodal(args, request, info)
+        tp, prompt = load_autotp_multimodal(settings, request, info)
         if request.image is not None or request.audio is not None:
             encoder_timer = multimodal.EncoderTimer(tp.loaded.model, request.family.model_type)
     loaded = tp.loaded
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
     if native_prepared is None and (scheme is not None or tp.checkpoint is not None):
         start = time.perf_counter()
-        quant, scheme = quantize_rank(tp, scheme, args)
+        quant, scheme = quantize_rank(tp, scheme, settings.quantization.group_size)
         quant.seconds = time.perf_counter() - start
         tp.local_weight_bytes = tp_quant.weight_bytes(loaded.model)
         # The GB/s figure: what all ranks read per decoding step together, their quantized
@@ -239,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         loaded.decode_weight_bytes = decode_bytes
     if request is None:
         prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
-                              input_tokens=args.input_tokens, prompt_text=args.prompt,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              input_tokens=settings.prompt.input_tokens,
+                              prompt_text=settings.prompt.prompt,
+                              batch_size=batch_size, max_new_tokens=decoding.max_new_tokens,
                               seq2seq=loaded.family.seq2seq)
-    all_reduce = all_reduce_path(args.dtype, info)
+    all_reduce = all_reduce_path(model.dtype, info)
     if native_prepared is not None:
         prepared = native_prepared
         all_reduce = prepared.details["all_reduce"]
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "tp_size": info.world_size, "communication_backend": comm_backend,
             "all_reduce": all_reduce, "load_path": tp.load_path,
             "attention": getattr(loaded.config, "_attn_implementation", None)})
-        if args.backend == "native":
+        if model.backend == "native":
             prepared.details.update({"requested": "native", "fallback_reason": fallback})
     backend_name = BACKEND_NAME if native_prepared is None else "native-autotp"
     if quant is not None:
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             print(f"note: {note}", flush=True)
         print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-              f"{args.dtype} | {backend_name} x{info.world_size} ({comm_backend}, {all_reduce}) "
+              f"{model.dtype} | {backend_name} x{info.world_size} ({comm_backend}, {all_reduce}) "
               f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
         if request is not None:
             print(f"input: {request.describe()}", flush=True)
@@ -282,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = None
     if is_root:
-        writer = ReportWriter(args.output_dir, report_stem(
-            loaded.family.model_type, args.dtype, f"autotp{info.world_size}", mode),
-            base_report(args, loaded, prepared, prompt, mode, generate_kwargs, notes))
+        writer = ReportWriter(measurement.output_dir, report_stem(
+            loaded.family.model_type, model.dtype, f"autotp{info.world_size}", mode),
+            base_report(settings, loaded, prepared, prompt, mode, generate_kwargs, notes))
         writer.report["input"] = (request.record() if request is not None else
                                   {"mode": 0, "mode_name": "text", "image": None, "audio": None})
         writer.report["distributed"] = {
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         watchdog.on_abort = writer.fail
 
     def stats_of(run: BenchmarkRun) -> dict[str, Any]:
-        return compute_statistics(run, args.batch_size, decode_bytes)
+        return compute_statistics(run, batch_size, decode_bytes)
 
     recorder = RecordingModel(loaded.model)
     native = None if native_prepared is None else getattr(loaded.model, "native", loaded.model)
@@ -306,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = run_benchmark(
             recorder, loaded.tokenizer, prompt, generate_kwargs,
-            seq2seq=loaded.family.seq2seq, num_iter=args.num_iter, num_warmup=args.num_warmup,
-            token_latency=args.token_latency, streaming=args.streaming and is_root,
-            profile=args.profile, seed=args.seed,
+            seq2seq=loaded.family.seq2seq, num_iter=measurement.num_iter,
+            num_warmup=measurement.num_warmup,
+            token_latency=measurement.token_latency, streaming=decoding.streaming and is_root,
+            profile=measurement.profile, seed=decoding.seed,
             trace_dir=writer.json_path.parent if writer else None,
             on_iteration=(lambda partial: writer.update("running", partial, stats_of(partial)))
             if writer else None, encoder_timer=encoder_timer)
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         record = rank_record(info, tp, token_ids, quant)
         record["all_reduce"] = all_reduce
         if native is not None:
-            record.update(all_reduce_record(native, run, args))
+            record.update(all_reduce_record(native, run, decoding.max_new_tokens))
         ranks = gather(record)
     except BaseException as exc:
         if writer is not None:

@@ -3,7 +3,6 @@ rank's cut of the native model (`load_native_tp`), and weight-only quantization 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -19,6 +18,7 @@ from typing import Any
 from llmbench.distributed.ranks import RankInfo, barrier, env_int, gather
 from llmbench.distributed.shards import resolve_local, safetensors_keys, weight_files
 from llmbench.errors import UserError
+from llmbench.settings import Settings
 
 BACKEND_NAME = "deepspeed-autotp"
 
@@ -337,7 +337,7 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
                        local_weight_bytes=local, notes=notes, checkpoint=checkpoint)
 
 
-def load_autotp_multimodal(args: argparse.Namespace, request: Any, info: RankInfo
+def load_autotp_multimodal(settings: Settings, request: Any, info: RankInfo
                            ) -> tuple[AutoTPModel, Any]:
     """A multimodal model whole on every rank, its language model then sharded by AutoTP (the
     vision / audio encoders run replicated, once per prompt on every rank), and the prompt its
@@ -347,19 +347,19 @@ def load_autotp_multimodal(args: argparse.Namespace, request: Any, info: RankInf
     from llmbench import multimodal
     from llmbench.models import decode_step_bytes
 
-    loaded, processor = multimodal.load(args, request)
+    loaded, processor = multimodal.load(settings, request)
     # what all ranks read per step together: the float language model, as single instance
     # (counted before it is cut: the ranks' slices summed would count replicated parts twice)
     loaded.decode_weight_bytes = decode_step_bytes(loaded.model, loaded.model.get_decoder())
     start = time.perf_counter()
     language = multimodal.language_model(loaded.model, loaded.family.model_type)
-    init_autotp(language, world_size=info.world_size, dtype=getattr(torch, args.dtype),
+    init_autotp(language, world_size=info.world_size, dtype=getattr(torch, settings.model.dtype),
                 checkpoint_json=None)
     language.write_back()  # AutoTP's lm_head replacement, made on the view, into the model
     loaded.load_seconds += time.perf_counter() - start
     local = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    prompt = multimodal.build_inputs(processor, request, args.prompt, args.batch_size,
-                                     args.dtype)
+    prompt = multimodal.build_inputs(processor, request, settings.prompt.prompt,
+                                     settings.prompt.batch_size, settings.model.dtype)
     notes = ["a multimodal model loads whole on every rank; its language model is sharded, "
              f"the encoders ({', '.join(multimodal_encoders(request))}) run whole on every "
              "rank"]
@@ -367,7 +367,7 @@ def load_autotp_multimodal(args: argparse.Namespace, request: Any, info: RankInf
                        local_weight_bytes=local, notes=notes, language=language), prompt
 
 
-def load_native_tp(args: argparse.Namespace, scheme: Any, info: RankInfo,
+def load_native_tp(settings: Settings, scheme: Any, info: RankInfo,
                    shared_memory: bool, request: Any = None
                    ) -> tuple[AutoTPModel | None, Any, Any, str | None]:
     """--autotp --backend native: the model whole on every rank (quantized whole, as one
@@ -380,12 +380,12 @@ def load_native_tp(args: argparse.Namespace, scheme: Any, info: RankInfo,
     from llmbench.backends.blocks import Unsupported
 
     if info.local_rank == 0:
-        source, _ = resolve_local(args.model_name_or_path)
+        source, _ = resolve_local(settings.model.model_name_or_path)
     barrier()
     if info.local_rank != 0:
-        source, _ = resolve_local(args.model_name_or_path)
-    path = source.path if source.kind != "hub" else args.model_name_or_path
-    loaded, prepared, prompt, reason = _native_whole(args, scheme, path, request)
+        source, _ = resolve_local(settings.model.model_name_or_path)
+    path = source.path if source.kind != "hub" else settings.model.model_name_or_path
+    loaded, prepared, prompt, reason = _native_whole(settings, scheme, path, request)
     native = None
     if reason is None:
         native = getattr(prepared.model, "native", prepared.model)  # a multimodal runner's
@@ -428,7 +428,7 @@ def multimodal_encoders(request: Any) -> tuple[str, ...]:
     return LAYOUTS[request.family.model_type].encoders
 
 
-def _native_whole(args: argparse.Namespace, scheme: Any, path: str, request: Any
+def _native_whole(settings: Settings, scheme: Any, path: str, request: Any
                   ) -> tuple[Any, Any, Any, str | None]:
     """load_native_tp's first part: (LoadedModel, PreparedModel native and uncut, the
     multimodal prompt or None, None), or (.., reason) when native does not run it."""
@@ -438,29 +438,30 @@ def _native_whole(args: argparse.Namespace, scheme: Any, path: str, request: Any
         from llmbench import multimodal
         from llmbench.generation import load_multimodal
 
-        loaded, prompt = load_multimodal(args, request)
+        loaded, prompt = load_multimodal(settings, request)
         start = time.perf_counter()
-        prepared = multimodal.prepare(args, loaded, "native", place_weights=False,
+        prepared = multimodal.prepare(settings, loaded, "native", place_weights=False,
                                       announce=False)
     else:
         from llmbench.models import load_model
 
         # quantization reads the fp32 weights; the model then runs in --dtype
-        loaded = load_model(path, "float32" if scheme is not None else args.dtype,
-                            args.config_file)
+        loaded = load_model(path, "float32" if scheme is not None else settings.model.dtype,
+                            settings.model.config_file)
         prompt = None
         if loaded.quantized is not None:
             return loaded, None, None, "a GPTQ/AWQ folder is cut by the stock AutoTP path"
         start = time.perf_counter()
         if scheme is not None:
-            from llmbench.quant.cli import quantize_in_process
+            from llmbench.quant.workflow import quantize_in_process
 
             # the whole model, as one process quantizes it (rank 0 says what ran, once cut)
-            prepared = quantize_in_process(args, loaded, scheme, "native", announce=False)
+            prepared = quantize_in_process(settings, loaded, scheme, "native", announce=False)
         else:
-            prepared = backends.prepare(loaded.model, backend="native", dtype=args.dtype,
+            prepared = backends.prepare(loaded.model, backend="native",
+                                        dtype=settings.model.dtype,
                                         family=loaded.family.model_type,
-                                        kv_cache_dtype=args.kv_cache_dtype,
+                                        kv_cache_dtype=settings.model.kv_cache_dtype,
                                         place_weights=False)
     loaded.load_seconds += time.perf_counter() - start
     if prepared.backend != "native":
@@ -474,10 +475,11 @@ def _is_non_persistent(model: Any, name: str) -> bool:
     return leaf in owner._non_persistent_buffers_set
 
 
-def quantize_rank(tp: AutoTPModel, scheme: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def quantize_rank(tp: AutoTPModel, scheme: Any, group_size: int) -> tuple[Any, Any]:
     """This rank's quantized projections: cut from a GPTQ/AWQ folder's own (-m of one; the
     weight-only flags then only choose how to compute, as single instance), or quantized from
-    its float slice (--ipex-weight-only-quantization). Returns (TPQuantization, scheme)."""
+    its float slice (--ipex-weight-only-quantization). group_size: the one the flags ask for (0:
+    any). Returns (TPQuantization, scheme)."""
     import dataclasses
 
     from llmbench.quant import autotp as tp_quant
@@ -489,7 +491,7 @@ def quantize_rank(tp: AutoTPModel, scheme: Any, args: argparse.Namespace) -> tup
         return quant, scheme
     qlinears, folder_scheme = tp.checkpoint
     if scheme is not None:
-        if scheme.weight_dtype not in ("INT8", "INT4") or args.group_size not in (
+        if scheme.weight_dtype not in ("INT8", "INT4") or group_size not in (
                 0, folder_scheme.group_size):
             raise UserError(f"-m {tp.loaded.source.display_name} is already a quantized "
                             f"checkpoint ({folder_scheme.describe()}): drop the quantization "

@@ -53,6 +53,7 @@ from llmbench.errors import UserError
 from llmbench.progress import bar
 from llmbench.quant.calibration import load_texts
 from llmbench.quant.linears import OVERFLOW, FloatLinear, StaticInt8Linear
+from llmbench.settings import QuantizationSettings
 
 RECIPE_FORMAT = "llmbench.smoothquant-recipe/1"
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
@@ -651,7 +652,7 @@ def make_linears(model: torch.nn.Module, recipe: Recipe, fallback: dict[str, str
     return qlinears, overrides
 
 
-def quantize(loaded: Any, args: Any, identity: dict[str, Any], log: Any = print
+def quantize(loaded: Any, q: QuantizationSettings, identity: dict[str, Any], log: Any = print
              ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """run_quantization.py --ipex-smooth-quant: (projections, float tensors to save, what to
     record in best_model.json)."""
@@ -659,16 +660,16 @@ def quantize(loaded: Any, args: Any, identity: dict[str, Any], log: Any = print
 
     model = loaded.model
     linears = linear_modules(model)
-    fallback_user = parse_fallback_add(args.fallback_add, sorted(linears))
-    recipe_path = args.qconfig_summary_file
+    fallback_user = parse_fallback_add(q.fallback_add, sorted(linears))
+    recipe_path = q.qconfig_summary_file
     if recipe_path and Path(recipe_path).is_file():
-        recipe = read_recipe(recipe_path, identity, args.alpha, linears)
+        recipe = read_recipe(recipe_path, identity, q.alpha, linears)
         log(f"smoothquant: reusing the recipe {recipe_path} (no calibration)")
         recipe_state = "reused"
     else:
-        settings = CalibSettings(args.dataset, args.calib_len, args.calib_iters,
-                                 args.calib_shuffle, args.calib_padding)
-        samples, calib_info = calibration_samples(loaded.tokenizer, settings)
+        calib = CalibSettings(q.dataset, q.calib_len, q.calib_iters, q.calib_shuffle,
+                              q.calib_padding)
+        samples, calib_info = calibration_samples(loaded.tokenizer, calib)
         log(f"smoothquant: calibrating on {calib_info['samples_used']} samples "
             f"({calib_info['tokens']} tokens) from {calib_info['source']}")
         range_samples, judge_samples = split_for_fallback(samples)
@@ -678,7 +679,7 @@ def quantize(loaded: Any, args: Any, identity: dict[str, Any], log: Any = print
             f"the first {len(judge_samples)} calibration samples (too few samples to hold "
             f"{EVAL_SAMPLES} out)")
         stats = calibrate(model, linears, range_samples)
-        recipe = build_recipe(model, stats, str(args.alpha), calib_info,
+        recipe = build_recipe(model, stats, str(q.alpha), calib_info,
                               {k: identity.get(k) for k in ("name", "family", "config_sha256",
                                                             "weights_fingerprint")}, log)
         del stats

@@ -1,17 +1,15 @@
-"""Quantization settings from the parsed flags (the Scheme they select, checked once) and the
-quantization steps the benchmark, accuracy and rank programs share: quantizing in their own
-process, loading a saved model or a low-precision checkpoint. The run_quantization.py program
-itself is llmbench.quantize."""
+"""The quantization settings' Scheme (checked once, before anything loads), and the quantization
+steps the benchmark, accuracy and rank programs share: quantizing in their own process, loading
+a saved model or a low-precision checkpoint. The run_quantization.py program itself is
+llmbench.quantize; the flags' checks that need the command line are llmbench.cli's."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
-from llmbench import flags
 from llmbench.errors import UserError
 from llmbench.quant.scheme import (
     DEFAULT_ACT_QUANT_MODE,
@@ -19,75 +17,76 @@ from llmbench.quant.scheme import (
     check_lowp_mode,
     resolve_group_size,
 )
+from llmbench.settings import QuantizationSettings, Settings
 
 
-def method_of(args: argparse.Namespace) -> str | None:
-    chosen = [name for name, on in (("woq", args.ipex_weight_only_quantization),
-                                    ("smoothquant", args.ipex_smooth_quant)) if on]
-    if getattr(args, "gptq", False) and chosen != ["woq"]:
+def method_of(q: QuantizationSettings) -> str | None:
+    chosen = [name for name, on in (("woq", q.ipex_weight_only_quantization),
+                                    ("smoothquant", q.ipex_smooth_quant)) if on]
+    if q.gptq and chosen != ["woq"]:
         raise UserError("--gptq applies with --ipex-weight-only-quantization (INT4 weights by "
                         "GPTQ)")
     if len(chosen) > 1:
         raise UserError("--ipex-weight-only-quantization and --ipex-smooth-quant exclude each "
                         "other: pick one")
-    if args.low_precision_checkpoint is not None:
-        if args.ipex_smooth_quant:
+    if q.low_precision_checkpoint is not None:
+        if q.ipex_smooth_quant:
             raise UserError("--low-precision-checkpoint is an INT4 weight-only checkpoint; it "
                             "does not combine with --ipex-smooth-quant")
         return "checkpoint"
     return chosen[0] if chosen else None
 
 
-def scheme_from_args(args: argparse.Namespace) -> Scheme | None:
+def scheme_of(q: QuantizationSettings) -> Scheme | None:
     """The scheme the flags ask for (None: no quantization flag given); bad combinations are
     refused here, before anything is loaded."""
-    method = method_of(args)
+    method = method_of(q)
     if method is None:
         return None
-    check_lowp_mode(args.lowp_mode, args.act_quant_mode,
-                    "INT4" if method == "checkpoint" else args.weight_dtype)
+    check_lowp_mode(q.lowp_mode, q.act_quant_mode,
+                    "INT4" if method == "checkpoint" else q.weight_dtype)
     if method == "checkpoint":  # INT4 GPTQ/AWQ: the file's own settings decide
-        return checkpoint_scheme(args)
+        return checkpoint_scheme(q)
     if method == "smoothquant":
         from llmbench.quant.calibration import check_dataset_arg
 
-        if args.weight_dtype != "INT8" or args.group_size not in (0, -1):
+        if q.weight_dtype != "INT8" or q.group_size not in (0, -1):
             raise UserError("--ipex-smooth-quant is static INT8 per-channel: --weight-dtype and "
                             "--group-size don't apply")
-        check_dataset_arg(args.dataset)
-        if args.act_quant_mode is not None:
+        check_dataset_arg(q.dataset)
+        if q.act_quant_mode is not None:
             raise UserError("--act-quant-mode doesn't apply to --ipex-smooth-quant: its "
                             "activations are int8 per tensor with calibrated static scales")
-        return Scheme("smoothquant", "INT8", -1, True, args.lowp_mode, True,
-                      {"alpha": args.alpha})
-    if getattr(args, "gptq", False):
+        return Scheme("smoothquant", "INT8", -1, True, q.lowp_mode, True, {"alpha": q.alpha})
+    if q.gptq:
         # v2.1's --gptq: INT4 weights by GPTQ (the --weight-dtype default INT8 is the old
         # scripts' too, and meant INT4 there with --gptq)
-        if args.weight_dtype not in ("INT8", "INT4"):
-            raise UserError(f"--gptq makes INT4 weights, not --weight-dtype {args.weight_dtype}")
-        group = resolve_group_size("INT4", args.group_size)
-        return Scheme("gptq", "INT4", group, args.woq_sym_quant_weight, args.lowp_mode,
-                      act_quant_mode=act_quant_mode_of(args))
-    group = resolve_group_size(args.weight_dtype, args.group_size)
-    sym = args.woq_sym_quant_weight or args.weight_dtype in ("NF4", "FP8")
-    return Scheme("woq", args.weight_dtype, group, sym, args.lowp_mode,
-                  act_quant_mode=act_quant_mode_of(args))
+        if q.weight_dtype not in ("INT8", "INT4"):
+            raise UserError(f"--gptq makes INT4 weights, not --weight-dtype {q.weight_dtype}")
+        group = resolve_group_size("INT4", q.group_size)
+        return Scheme("gptq", "INT4", group, q.woq_sym_quant_weight, q.lowp_mode,
+                      act_quant_mode=act_quant_mode_of(q))
+    group = resolve_group_size(q.weight_dtype, q.group_size)
+    sym = q.woq_sym_quant_weight or q.weight_dtype in ("NF4", "FP8")
+    return Scheme("woq", q.weight_dtype, group, sym, q.lowp_mode,
+                  act_quant_mode=act_quant_mode_of(q))
 
 
-def act_quant_mode_of(args: argparse.Namespace) -> str:
-    return args.act_quant_mode or DEFAULT_ACT_QUANT_MODE
+def act_quant_mode_of(q: QuantizationSettings) -> str:
+    return q.act_quant_mode or DEFAULT_ACT_QUANT_MODE
 
 
-def checkpoint_scheme(args: argparse.Namespace) -> Scheme:
+def checkpoint_scheme(q: QuantizationSettings) -> Scheme:
     """--low-precision-checkpoint: INT4 GPTQ/AWQ whose settings the file gives (read in step 1);
-    --weight-dtype INT8, the flag's default, is ignored, NF4 / FP8 contradict it."""
-    if args.weight_dtype in ("NF4", "FP8"):
+    --weight-dtype INT8, the flag's default, is ignored, NF4 / FP8 contradict it. The path is
+    the one llmbench.cli resolved (resolve_checkpoint_path)."""
+    if q.weight_dtype in ("NF4", "FP8"):
         raise UserError(f"--low-precision-checkpoint holds INT4 GPTQ/AWQ weights, not "
-                        f"--weight-dtype {args.weight_dtype}")
-    args.low_precision_checkpoint = str(resolve_checkpoint_path(args.low_precision_checkpoint))
-    return Scheme("checkpoint", "INT4", 0, False, args.lowp_mode,
-                  act_quant_mode=act_quant_mode_of(args),
-                  extra={"checkpoint_file": str(Path(args.low_precision_checkpoint)
+                        f"--weight-dtype {q.weight_dtype}")
+    assert q.low_precision_checkpoint is not None
+    return Scheme("checkpoint", "INT4", 0, False, q.lowp_mode,
+                  act_quant_mode=act_quant_mode_of(q),
+                  extra={"checkpoint_file": str(Path(q.low_precision_checkpoint)
                                                 .expanduser().resolve())})
 
 
@@ -128,7 +127,7 @@ def check_saved_scheme(saved: Scheme, wanted: Scheme | None, path: str) -> None:
                         f"{wanted.describe()}")
 
 
-def quantize_gptq(args: argparse.Namespace, loaded: Any, scheme: Scheme
+def quantize_gptq(q: QuantizationSettings, loaded: Any, scheme: Scheme
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """--gptq: GPTQ (llmbench.quant.gptq, utils/run_gptq.py's algorithm) over the decoder
     layers, calibrated on --calib-iters windows of --calib-len tokens of --dataset (default: the
@@ -140,45 +139,45 @@ def quantize_gptq(args: argparse.Namespace, loaded: Any, scheme: Scheme
     from llmbench.quant.gptq import GPTQSettings, calibration_ids, int4_linears, quantize_model
     from llmbench.quant.rtn import quantize_weight
 
-    texts, source = load_texts(args.dataset)
-    settings = GPTQSettings(group_size=scheme.group_size, sym=scheme.sym)
+    texts, source = load_texts(q.dataset)
+    gptq = GPTQSettings(group_size=scheme.group_size, sym=scheme.sym)
     torch.manual_seed(0)
-    calib, _ = calibration_ids(loaded.tokenizer, texts, args.calib_iters, args.calib_len, 0)
+    calib, _ = calibration_ids(loaded.tokenizer, texts, q.calib_iters, q.calib_len, 0)
     start = time.perf_counter()
-    results = quantize_model(loaded.model, calib, settings, log=lambda line: None)
+    results = quantize_model(loaded.model, calib, gptq, log=lambda line: None)
     qlinears = int4_linears(loaded.model, results)
     output = loaded.model.get_output_embeddings()
     for name, module in apply.linear_modules(loaded.model).items():
         if module is output and name not in qlinears:
             qlinears[name] = quantize_weight(module.weight, module.bias,
                                              apply.projection_scheme(scheme, True))
-    info = {"calibration": {"source": source, "nsamples": args.calib_iters,
-                            "seqlen": args.calib_len},
+    info = {"calibration": {"source": source, "nsamples": q.calib_iters, "seqlen": q.calib_len},
             "layers": len(results), "seconds": round(time.perf_counter() - start, 2)}
-    print(f"gptq: {len(results)} projections, calibration {args.calib_iters} x "
-          f"{args.calib_len} tokens of {source}, in {info['seconds']:.1f} s", flush=True)
+    print(f"gptq: {len(results)} projections, calibration {q.calib_iters} x {q.calib_len} tokens "
+          f"of {source}, in {info['seconds']:.1f} s", flush=True)
     return qlinears, info
 
 
-def quantize_in_process(args: argparse.Namespace, loaded: Any, scheme: Scheme,
+def quantize_in_process(settings: Settings, loaded: Any, scheme: Scheme,
                         backend: str, announce: bool = True) -> Any:
     """Weight-only quantization of the loaded fp32 model in this process (nothing saved): what
     the accuracy scripts (and each rank of --autotp --backend native) do for `--dtype
     int8|int4` / --ipex-weight-only-quantization without a saved model. The float layers then
-    run in args.dtype. announce: print what ran."""
+    run in settings.model.dtype. announce: print what ran."""
     import torch
 
     from llmbench.quant import apply
 
+    dtype = settings.model.dtype
     if scheme.method == "gptq":
-        qlinears, _ = quantize_gptq(args, loaded, scheme)
+        qlinears, _ = quantize_gptq(settings.quantization, loaded, scheme)
     else:
         qlinears = apply.quantize_rtn(loaded.model, scheme)
-    if args.dtype != "float32":
-        loaded.model.to(getattr(torch, args.dtype))
-        loaded.dtype = args.dtype
-    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,
-                                       kv_cache_dtype=args.kv_cache_dtype, scheme=scheme)
+    if dtype != "float32":
+        loaded.model.to(getattr(torch, dtype))
+        loaded.dtype = dtype
+    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=dtype,
+                                       kv_cache_dtype=settings.model.kv_cache_dtype, scheme=scheme)
     if announce:
         print(f"quantized: {scheme.describe()} in this process, not saved "
               f"({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB read per token)",
@@ -186,26 +185,28 @@ def quantize_in_process(args: argparse.Namespace, loaded: Any, scheme: Scheme,
     return prepared
 
 
-def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
+def prepare_saved(settings: Settings, loaded: Any, backend: str) -> Any:
     """run_generation.py --quantized-model-path: the saved projections put into the loaded
     float model, after checking it is the model and the scheme they were made for. Also -m
     of a GPTQ/AWQ folder: the projections load_model converted (loaded.quantized)."""
     from llmbench.quant import apply
 
-    path = args.quantized_model_path
+    q = settings.quantization
+    path = q.quantized_model_path
     if loaded.quantized is not None:
-        return prepare_checkpoint_folder(args, loaded, backend)
-    wanted = scheme_from_args(args)
+        return prepare_checkpoint_folder(settings, loaded, backend)
+    wanted = scheme_of(q)
     qlinears, scheme, meta, floats = apply.load(path)
     check_saved_scheme(scheme, wanted, path)
-    if args.lowp_mode != "AUTO":  # how to compute is this run's choice, not the saved weights'
-        check_lowp_mode(args.lowp_mode, args.act_quant_mode, scheme.weight_dtype)
-        scheme = dataclasses.replace(scheme, lowp_mode=args.lowp_mode,
-                                     act_quant_mode=act_quant_mode_of(args))
+    if q.lowp_mode != "AUTO":  # how to compute is this run's choice, not the saved weights'
+        check_lowp_mode(q.lowp_mode, q.act_quant_mode, scheme.weight_dtype)
+        scheme = dataclasses.replace(scheme, lowp_mode=q.lowp_mode,
+                                     act_quant_mode=act_quant_mode_of(q))
     apply.check_identity(meta["source_model"], apply.model_identity(loaded), path)
     apply.check_against_model(qlinears, loaded.model, path)
-    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,
-                                       kv_cache_dtype=args.kv_cache_dtype, scheme=scheme,
+    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend,
+                                       dtype=settings.model.dtype,
+                                       kv_cache_dtype=settings.model.kv_cache_dtype, scheme=scheme,
                                        float_overrides=floats)
     prepared.details["quantization"].update({"path": str(path), "quality": meta.get("quality")})
     if "smoothquant" in meta:  # alphas, calibration, which projections stayed float and why
@@ -216,15 +217,16 @@ def prepare_saved(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
     return prepared
 
 
-def prepare_checkpoint_folder(args: argparse.Namespace, loaded: Any, backend: str) -> Any:
+def prepare_checkpoint_folder(settings: Settings, loaded: Any, backend: str) -> Any:
     """-m DIR of a GPTQ/AWQ folder: its int4 projections, converted at load, put in."""
     from llmbench.quant import apply
 
+    q = settings.quantization
     qlinears, scheme = loaded.quantized
-    wanted = None if args.quantized_model_path is not None else scheme_from_args(args)
-    if args.quantized_model_path is not None or (wanted is not None and (
+    wanted = None if q.quantized_model_path is not None else scheme_of(q)
+    if q.quantized_model_path is not None or (wanted is not None and (
             wanted.method not in ("woq", "gptq") or wanted.weight_dtype not in ("INT8", "INT4")
-            or args.group_size not in (0, scheme.group_size))):
+            or q.group_size not in (0, scheme.group_size))):
         raise UserError(f"-m {loaded.source.display_name} is already a quantized GPTQ/AWQ "
                         f"checkpoint ({scheme.describe()}): drop the quantization flags, or pass "
                         "only --ipex-weight-only-quantization [--weight-dtype INT4] "
@@ -238,8 +240,9 @@ def prepare_checkpoint_folder(args: argparse.Namespace, loaded: Any, backend: st
               f"--lowp-mode {wanted.lowp_mode} sets the compute)", flush=True)
         scheme = dataclasses.replace(scheme, lowp_mode=wanted.lowp_mode,
                                      act_quant_mode=wanted.act_quant_mode)
-    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend, dtype=args.dtype,
-                                       kv_cache_dtype=args.kv_cache_dtype, scheme=scheme)
+    prepared = apply.prepare_quantized(loaded, qlinears, backend=backend,
+                                       dtype=settings.model.dtype,
+                                       kv_cache_dtype=settings.model.kv_cache_dtype, scheme=scheme)
     prepared.details["quantization"].update({
         "path": loaded.source.path, "checkpoint": {key: scheme.extra[key] for key in (
             "bits", "desc_act", "checkpoint_format")} | {"method": scheme.method,
@@ -253,44 +256,3 @@ def prepare_checkpoint_folder(args: argparse.Namespace, loaded: Any, backend: st
           f"{loaded.source.path} ({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB "
           "read per token)", flush=True)
     return prepared
-
-
-# The quantization flags that weight-only quantization per rank uses; the group's others
-# belong to SmoothQuant or to saved/checkpoint models.
-WOQ_DESTS = ("ipex_weight_only_quantization", "weight_dtype", "group_size",
-             "woq_sym_quant_weight", "lowp_mode", "quant_with_amp", "act_quant_mode")
-WHOLE_MODEL_REASON = ("is not split per rank; quantize per rank with "
-                      "--ipex-weight-only-quantization")
-
-
-def autotp_scheme(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Scheme | None:
-    """The weight-only scheme an --autotp run quantizes each rank's slice with (None: no
-    quantization), refusing in one line what can't run per rank. Used by run.py before the
-    launch and by the rank script itself."""
-    if args.ipex_smooth_quant:
-        raise UserError("--ipex-smooth-quant does not run with --autotp: its calibration and "
-                        "smoothing are of the whole model; use --ipex-weight-only-quantization")
-    if args.quantized_model_path is not None:
-        raise UserError(f"--quantized-model-path does not run with --autotp: a saved quantized "
-                        f"model {WHOLE_MODEL_REASON}")
-    if args.low_precision_checkpoint is not None:
-        raise UserError(f"--low-precision-checkpoint does not run with --autotp: a whole-model "
-                        f"checkpoint {WHOLE_MODEL_REASON}")
-    scratch = flags.Parser()
-    group = flags.group_dests(scratch, flags.add_quantization_flags(scratch))
-    other = [flag for flag in flags.forward_argv(parser, args,
-                                                 [d for d in group if d not in WOQ_DESTS])
-             if flag.startswith("--")]
-    if other:
-        raise UserError(f"{other[0]} does not apply with --autotp: it is a SmoothQuant setting, "
-                        "and --autotp runs weight-only quantization only")
-    if not args.ipex_weight_only_quantization:
-        given = [flag for flag in flags.forward_argv(parser, args, list(WOQ_DESTS))
-                 if flag.startswith("--")]
-        if given:
-            raise UserError(f"{given[0]} only applies with --ipex-weight-only-quantization")
-        return None
-    return scheme_from_args(args)
-
-
-# ---- the tensor-parallel modules -------------------------------------------------------------
