@@ -38,14 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def benchmark(settings: Settings) -> int:
     """The benchmark of these settings: load, prepare, measure, report."""
-    model, measurement, decoding = settings.model, settings.measurement, settings.decoding
-    prompt_settings = settings.prompt
+    model = settings.model
     backend = backends.requested(model.backend, model.ipex)
-    mode, generate_kwargs = decoding_settings(
-        greedy=decoding.greedy, sample=decoding.sample, num_beams=decoding.num_beams,
-        max_new_tokens=decoding.max_new_tokens, generation_config=decoding.generation_config)
-    if decoding.streaming and (generate_kwargs["num_beams"] > 1 or prompt_settings.batch_size > 1):
-        raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
+    mode, generate_kwargs = decoding_of(settings)
     from llmbench import multimodal
 
     request = multimodal.check_request(settings)  # None: a text model's run, as before
@@ -83,12 +78,7 @@ def benchmark(settings: Settings) -> int:
     if "fallback_reason" in prepared.details:
         notes.append(prepared.details["fallback_reason"])
     if request is None:
-        prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
-                              input_tokens=prompt_settings.input_tokens,
-                              prompt_text=prompt_settings.prompt,
-                              batch_size=prompt_settings.batch_size,
-                              max_new_tokens=decoding.max_new_tokens,
-                              seq2seq=loaded.family.seq2seq)
+        prompt = text_prompt(settings, loaded)
     for note in notes:
         print(f"note: {note}", flush=True)
     print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
@@ -99,32 +89,86 @@ def benchmark(settings: Settings) -> int:
     print(f"---- Prompt size: {prompt.tokens}", flush=True)
 
     report = base_report(settings, loaded, prepared, prompt, mode, generate_kwargs, notes)
-    report["input"] = (request.record() if request is not None
-                       else {"mode": 0, "mode_name": "text", "image": None, "audio": None})
+    report["input"] = input_record(request)
     stem = report_stem(loaded.family.model_type, model.dtype, prepared.backend, mode)
-    writer = ReportWriter(measurement.output_dir, stem, report)
+    writer = ReportWriter(settings.measurement.output_dir, stem, report)
 
     def stats_of(run: BenchmarkRun) -> dict[str, Any]:
-        return compute_statistics(run, prompt_settings.batch_size, loaded.decode_weight_bytes)
+        return compute_statistics(run, settings.prompt.batch_size, loaded.decode_weight_bytes)
 
-    try:
-        run = run_benchmark(
-            prepared.model, loaded.tokenizer, prompt, generate_kwargs,
-            seq2seq=loaded.family.seq2seq, num_iter=measurement.num_iter,
-            num_warmup=measurement.num_warmup, token_latency=measurement.token_latency,
-            streaming=decoding.streaming, profile=measurement.profile, seed=decoding.seed,
-            trace_dir=writer.json_path.parent,
-            on_iteration=lambda partial: writer.update("running", partial, stats_of(partial)),
-            encoder_timer=encoder_timer)
-    except UserError as exc:
-        writer.fail(str(exc))
-        raise
-    except BaseException as exc:
-        writer.fail(f"{type(exc).__name__}: {exc}")
-        raise
+    run = measure(settings, prepared.model, loaded, prompt, generate_kwargs, writer, stats_of,
+                  encoder_timer=encoder_timer)
     stats = stats_of(run)
     writer.update("complete", run, stats, profile_trace=run.trace_path)
+    print_results(run, stats, f"{loaded.load_seconds:.2f} s" + (
+        f" (+{loaded.conversion_seconds:.1f} s converting GGUF, first run only)"
+        if loaded.conversion_seconds else ""))
+    print(f"Peak RSS: {writer.report['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"report: {writer.json_path}")
+    print(f"summary: {writer.markdown_path}", flush=True)
+    return 0
 
+
+# ---- the steps the single-instance and tensor-parallel benchmarks share ---------------------
+
+
+def decoding_of(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The decoding mode's name and generate() settings, checked against the batch."""
+    decoding = settings.decoding
+    mode, generate_kwargs = decoding_settings(
+        greedy=decoding.greedy, sample=decoding.sample, num_beams=decoding.num_beams,
+        max_new_tokens=decoding.max_new_tokens, generation_config=decoding.generation_config)
+    if decoding.streaming and (generate_kwargs["num_beams"] > 1
+                               or settings.prompt.batch_size > 1):
+        raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
+    return mode, generate_kwargs
+
+
+def text_prompt(settings: Settings, loaded: Any) -> Any:
+    """A text model's prompt: --prompt, or exactly --input-tokens tokens of prompt.json."""
+    return build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
+                        input_tokens=settings.prompt.input_tokens,
+                        prompt_text=settings.prompt.prompt,
+                        batch_size=settings.prompt.batch_size,
+                        max_new_tokens=settings.decoding.max_new_tokens,
+                        seq2seq=loaded.family.seq2seq)
+
+
+def input_record(request: Any) -> dict[str, Any]:
+    """The report's `input`: the multimodal request, or a text run's."""
+    return (request.record() if request is not None
+            else {"mode": 0, "mode_name": "text", "image": None, "audio": None})
+
+
+def measure(settings: Settings, model: Any, loaded: Any, prompt: Any,
+            generate_kwargs: dict[str, Any], writer: ReportWriter | None, stats_of: Any, *,
+            encoder_timer: Any = None, streaming: bool = True) -> BenchmarkRun:
+    """The measured iterations (warm-up first), the report rewritten after each; a failure is
+    recorded in the report before it propagates. writer None: a rank that writes nothing."""
+    measurement, decoding = settings.measurement, settings.decoding
+    try:
+        return run_benchmark(
+            model, loaded.tokenizer, prompt, generate_kwargs,
+            seq2seq=loaded.family.seq2seq, num_iter=measurement.num_iter,
+            num_warmup=measurement.num_warmup, token_latency=measurement.token_latency,
+            streaming=decoding.streaming and streaming, profile=measurement.profile,
+            seed=decoding.seed, trace_dir=writer.json_path.parent if writer else None,
+            on_iteration=(lambda partial: writer.update("running", partial, stats_of(partial)))
+            if writer else None, encoder_timer=encoder_timer)
+    except BaseException as exc:
+        record_failure(writer, exc)
+        raise
+
+
+def record_failure(writer: ReportWriter | None, exc: BaseException) -> None:
+    """The report says the run failed, and why (a user error as its one line)."""
+    if writer is not None:
+        writer.fail(" ".join(str(exc).split()) if isinstance(exc, UserError)
+                    else f"{type(exc).__name__}: {exc}")
+
+
+def print_results(run: BenchmarkRun, stats: dict[str, Any], load: str) -> None:
+    """The profile (if asked), the first sequence and the examples' summary lines."""
     if run.profile_table:
         print(run.profile_table)
         if run.trace_path:
@@ -132,13 +176,7 @@ def benchmark(settings: Settings) -> int:
     print(f"generated (first sequence): {run.generated_text[0]!r}")
     for line in summary_lines(stats):
         print(line)
-    print(f"Model load: {loaded.load_seconds:.2f} s"
-          + (f" (+{loaded.conversion_seconds:.1f} s converting GGUF, first run only)"
-             if loaded.conversion_seconds else ""))
-    print(f"Peak RSS: {writer.report['peak_rss_bytes'] / 2**20:.0f} MiB")
-    print(f"report: {writer.json_path}")
-    print(f"summary: {writer.markdown_path}", flush=True)
-    return 0
+    print(f"Model load: {load}")
 
 
 def load_multimodal(settings: Settings, request: Any) -> tuple[Any, Any]:

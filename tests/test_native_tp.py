@@ -40,9 +40,13 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
 
     loaded = load_model(str(model), "float32")
     seq2seq = loaded.family.seq2seq
-    if quant_flags:
-        scheme = scheme_of(settings_from(build_parser().parse_args(quant_flags)).quantization)
-        qlinears = apply.quantize_rtn(loaded.model, scheme)
+    if quant_flags or loaded.quantized is not None:
+        if loaded.quantized is not None:  # a GPTQ/AWQ folder: its own INT4 weights
+            qlinears, scheme = loaded.quantized
+        else:
+            settings = settings_from(build_parser().parse_args(quant_flags))
+            scheme = scheme_of(settings.quantization)
+            qlinears = apply.quantize_rtn(loaded.model, scheme)
         native = apply.prepare_quantized(loaded, qlinears, backend="native", dtype="float32",
                                          kv_cache_dtype="auto", scheme=scheme).model
     else:
@@ -90,6 +94,29 @@ def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
     assert report["generated_token_ids"] == expected
     if quant:
         assert report["backend"]["quantization"]["scheme"]["weight_dtype"] == quant[0]
+
+
+@pytest.mark.parametrize("method", ["gptq_v2", "awq"])
+def test_checkpoint_folder_two_ranks_native_match_one_process(tiny, tmp_path, method):
+    """-m of a GPTQ / AWQ folder (INT4, group 32): every rank cuts its slices of the folder's
+    own integers and scales; the tokens are one native process's on the same folder."""
+    from test_gptq import write_checkpoint_folder
+
+    folder = tmp_path / method
+    write_checkpoint_folder(tiny["llama"], folder, method)
+    result = launch("-m", str(folder), "--backend", "native", *RUN,
+                    "--output-dir", str(tmp_path / "out"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "native-autotp x2" in result.stdout
+    assert result.stdout.count("quantized: ") == 1  # rank 0 says what the folder holds
+    report = only_report(tmp_path / "out")
+    assert report["backend"]["name"] == "native"
+    assert "fallback_reason" not in report["backend"]
+    quantization = report["backend"]["quantization"]
+    assert quantization["scheme"]["method"] == method.split("_")[0]
+    assert quantization["applied"].startswith("the checkpoint's INT4 weights")
+    assert report["distributed"]["ranks_agree"] is True
+    assert report["generated_token_ids"] == single_instance(folder, [])
 
 
 def test_what_is_not_native_falls_back_loudly(tmp_path, embedded_model_dir):

@@ -62,7 +62,8 @@ def test_smoothing_is_exact_in_float(tiny_llama, alpha):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "torch", "torch-int-mm"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512vnni", "torch",
+                                 "torch-int-mm"])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 96), (3, 100, 37), (16, 1536, 40), (5, 17, 9)])
 def test_w8a8_kernel_matches_integer_reference(isa, m, k, n, monkeypatch):
     """Static (SmoothQuant) and dynamic per-row (--lowp-mode INT8) int8 activations through the

@@ -161,30 +161,25 @@ def check_args(parser: flags.Parser, args: argparse.Namespace) -> tuple[Settings
 def main(argv: list[str] | None = None) -> int:
     from llmbench.atomic import write_text
     from llmbench.backends import PreparedModel
-    from llmbench.bench import BenchmarkRun, run_benchmark
-    from llmbench.decoding import decoding_settings
-    from llmbench.generation import base_report
+    from llmbench.bench import BenchmarkRun
+    from llmbench.generation import (
+        base_report,
+        decoding_of,
+        input_record,
+        measure,
+        print_results,
+        record_failure,
+        text_prompt,
+    )
     from llmbench.models import resolve_source
     from llmbench.precision import check_dtype
-    from llmbench.prompts import build_prompt
     from llmbench.quant import autotp as tp_quant
-    from llmbench.report import (
-        ReportWriter,
-        compute_statistics,
-        markdown,
-        report_stem,
-        summary_lines,
-    )
+    from llmbench.report import ReportWriter, compute_statistics, markdown, report_stem
 
     parser = build_parser()
     settings, scheme = check_args(parser, parser.parse_args(argv))
-    model, decoding, measurement = settings.model, settings.decoding, settings.measurement
-    batch_size = settings.prompt.batch_size
-    mode, generate_kwargs = decoding_settings(
-        greedy=decoding.greedy, sample=decoding.sample, num_beams=decoding.num_beams,
-        max_new_tokens=decoding.max_new_tokens, generation_config=decoding.generation_config)
-    if decoding.streaming and (generate_kwargs["num_beams"] > 1 or batch_size > 1):
-        raise UserError("--streaming needs one beam (--greedy or --sample) and --batch-size 1")
+    model = settings.model
+    mode, generate_kwargs = decoding_of(settings)
     notes = check_dtype(model.dtype)
 
     resolve_source(model.model_name_or_path)  # every rank stops here alike on a wrong -m
@@ -238,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_bytes = sum(gather(tp_quant.decode_weight_bytes(tp.sharded)))
         loaded.decode_weight_bytes = decode_bytes
     if request is None:
-        prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
-                              input_tokens=settings.prompt.input_tokens,
-                              prompt_text=settings.prompt.prompt,
-                              batch_size=batch_size, max_new_tokens=decoding.max_new_tokens,
-                              seq2seq=loaded.family.seq2seq)
+        prompt = text_prompt(settings, loaded)
     all_reduce = all_reduce_path(model.dtype, info)
     if native_prepared is not None:
         prepared = native_prepared
@@ -283,11 +274,10 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = None
     if is_root:
-        writer = ReportWriter(measurement.output_dir, report_stem(
+        writer = ReportWriter(settings.measurement.output_dir, report_stem(
             loaded.family.model_type, model.dtype, f"autotp{info.world_size}", mode),
             base_report(settings, loaded, prepared, prompt, mode, generate_kwargs, notes))
-        writer.report["input"] = (request.record() if request is not None else
-                                  {"mode": 0, "mode_name": "text", "image": None, "audio": None})
+        writer.report["input"] = input_record(request)
         writer.report["distributed"] = {
             "world_size": info.world_size, "communication_backend": comm_backend,
             "all_reduce": all_reduce, "load_path": tp.load_path,
@@ -298,32 +288,23 @@ def main(argv: list[str] | None = None) -> int:
         watchdog.on_abort = writer.fail
 
     def stats_of(run: BenchmarkRun) -> dict[str, Any]:
-        return compute_statistics(run, batch_size, decode_bytes)
+        return compute_statistics(run, settings.prompt.batch_size, decode_bytes)
 
     recorder = RecordingModel(loaded.model)
     native = None if native_prepared is None else getattr(loaded.model, "native", loaded.model)
     if native is not None:
         native.take_all_reduce_time()  # from here on: the benchmark's iterations
+    run = measure(settings, recorder, loaded, prompt, generate_kwargs, writer, stats_of,
+                  encoder_timer=encoder_timer, streaming=is_root)
     try:
-        run = run_benchmark(
-            recorder, loaded.tokenizer, prompt, generate_kwargs,
-            seq2seq=loaded.family.seq2seq, num_iter=measurement.num_iter,
-            num_warmup=measurement.num_warmup,
-            token_latency=measurement.token_latency, streaming=decoding.streaming and is_root,
-            profile=measurement.profile, seed=decoding.seed,
-            trace_dir=writer.json_path.parent if writer else None,
-            on_iteration=(lambda partial: writer.update("running", partial, stats_of(partial)))
-            if writer else None, encoder_timer=encoder_timer)
         token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
         record = rank_record(info, tp, token_ids, quant)
         record["all_reduce"] = all_reduce
         if native is not None:
-            record.update(all_reduce_record(native, run, decoding.max_new_tokens))
+            record.update(all_reduce_record(native, run, settings.decoding.max_new_tokens))
         ranks = gather(record)
     except BaseException as exc:
-        if writer is not None:
-            writer.fail(" ".join(str(exc).split()) if isinstance(exc, UserError)
-                        else f"{type(exc).__name__}: {exc}")
+        record_failure(writer, exc)
         raise
     if writer is not None:
         agree = all(record["generated_token_ids"] == token_ids for record in ranks)
@@ -338,14 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.fail(message)
             raise UserError(message)
         write_text(writer.markdown_path, markdown(writer.report) + rank_table(writer.report))
-        if run.profile_table:
-            print(run.profile_table)
-            if run.trace_path:
-                print(f"profile trace: {run.trace_path}")
-        print(f"generated (first sequence): {run.generated_text[0]!r}")
-        for line in summary_lines(stats_of(run)):
-            print(line)
-        print(f"Model load: {loaded.load_seconds:.2f} s ({tp.load_path})")
+        print_results(run, stats_of(run), f"{loaded.load_seconds:.2f} s ({tp.load_path})")
         for record in ranks:
             print(f"Rank {record['rank']}: cores {compact_cores(record['cpu_affinity'])}, "
                   f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB, "

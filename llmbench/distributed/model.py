@@ -385,7 +385,8 @@ def load_native_tp(settings: Settings, scheme: Any, info: RankInfo,
     if info.local_rank != 0:
         source, _ = resolve_local(settings.model.model_name_or_path)
     path = source.path if source.kind != "hub" else settings.model.model_name_or_path
-    loaded, prepared, prompt, reason = _native_whole(settings, scheme, path, request)
+    loaded, prepared, prompt, reason = _native_whole(settings, scheme, path, request,
+                                                     announce=info.rank == 0)
     native = None
     if reason is None:
         native = getattr(prepared.model, "native", prepared.model)  # a multimodal runner's
@@ -410,8 +411,10 @@ def load_native_tp(settings: Settings, scheme: Any, info: RankInfo,
     prepared.details["all_reduce"] = comm.description
     if "quantization" in prepared.details:
         prepared.details["quantization"].update({
-            "applied": "quantized whole on every rank as one process would, then each rank "
-                       "cut its slices of the integers and scales",
+            "applied": ("the checkpoint's INT4 weights loaded whole on every rank" if
+                        loaded.quantized is not None else "quantized whole on every rank as "
+                        "one process would") + ", then each rank cut its slices of the integers "
+                       "and scales",
             "weight_bytes_per_token": loaded.decode_weight_bytes})
     notes = []
     if request is not None:
@@ -428,10 +431,11 @@ def multimodal_encoders(request: Any) -> tuple[str, ...]:
     return LAYOUTS[request.family.model_type].encoders
 
 
-def _native_whole(settings: Settings, scheme: Any, path: str, request: Any
+def _native_whole(settings: Settings, scheme: Any, path: str, request: Any, announce: bool
                   ) -> tuple[Any, Any, Any, str | None]:
     """load_native_tp's first part: (LoadedModel, PreparedModel native and uncut, the
-    multimodal prompt or None, None), or (.., reason) when native does not run it."""
+    multimodal prompt or None, None), or (.., reason) when native does not run it. announce:
+    print what a GPTQ/AWQ folder holds, as one process does (rank 0)."""
     from llmbench import backends
 
     if request is not None:
@@ -449,10 +453,12 @@ def _native_whole(settings: Settings, scheme: Any, path: str, request: Any
         loaded = load_model(path, "float32" if scheme is not None else settings.model.dtype,
                             settings.model.config_file)
         prompt = None
-        if loaded.quantized is not None:
-            return loaded, None, None, "a GPTQ/AWQ folder is cut by the stock AutoTP path"
         start = time.perf_counter()
-        if scheme is not None:
+        if loaded.quantized is not None:  # -m of a GPTQ/AWQ folder: its INT4 weights as they are
+            from llmbench.quant.workflow import prepare_checkpoint_folder
+
+            prepared = prepare_checkpoint_folder(settings, loaded, "native", announce=announce)
+        elif scheme is not None:
             from llmbench.quant.workflow import quantize_in_process
 
             # the whole model, as one process quantizes it (rank 0 says what ran, once cut)

@@ -41,8 +41,9 @@ identical semantics and ``available()`` is False.  Build it with
 ``python tools/build_kernels.py`` (or ``llmbench.kernels.build()``); importing
 this package never compiles anything.
 
-The ISA path is chosen at run time (avx512 > avx2 > generic); force one with
-``set_isa(name)`` or the env var LLMBENCH_KERNELS_ISA=generic|avx2|avx512.
+The ISA path is chosen at run time (avx512vnni > avx512 > avx2 > generic); force one with
+``set_isa(name)`` or the env var LLMBENCH_KERNELS_ISA=generic|avx2|avx512|avx512vnni.
+avx512vnni is the avx512 code with AVX512-VNNI's vpdpwssd for the int16 multiply-adds.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ SMALL_M_MAX = 16
 # 15.6 ms torch vs 20.9 ms kernels), so the avx512 path hands fp32 over sooner; bf16 too (whole
 # native bf16 32-token prefill: 87.7 ms with 8 vs 96.1 ms with 32).
 STREAM_M_MAX_BASE = {"f32": 32, "bf16": 32, "int8": 64, "int4": 256}
-STREAM_M_MAX_BY_ISA = {"avx512": {"bf16": 8}}
+STREAM_M_MAX_BY_ISA = {"avx512": {"bf16": 8}, "avx512vnni": {"bf16": 8}}
 # The active path's limits (updated in place by set_isa, so readers may keep a reference).
 STREAM_M_MAX = dict(STREAM_M_MAX_BASE)
 
@@ -152,7 +153,7 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """Active path: "avx512", "avx2", "generic", or "torch-fallback"."""
+    """Active path: "avx512vnni", "avx512", "avx2", "generic", or "torch-fallback"."""
     return _C.isa() if available() else "torch-fallback"
 
 
@@ -162,7 +163,7 @@ def supported_isas() -> list[str]:
 
 
 def set_isa(name: str) -> str:
-    """Force a compiled path ("generic", "avx2", "avx512", or "auto")."""
+    """Force a compiled path ("generic", "avx2", "avx512", "avx512vnni", or "auto")."""
     if _C is None:
         raise RuntimeError(f"llmbench.kernels extension not available ({_IMPORT_ERROR})")
     active = _C.set_isa(name)

@@ -27,6 +27,7 @@ SOURCES = [
     "kernels_generic.cpp",
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",
+    "kernels_avx512vnni.cpp",
 ]
 BUILD_TEMP = os.path.join(PKG_DIR, "build")
 

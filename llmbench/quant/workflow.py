@@ -217,8 +217,11 @@ def prepare_saved(settings: Settings, loaded: Any, backend: str) -> Any:
     return prepared
 
 
-def prepare_checkpoint_folder(settings: Settings, loaded: Any, backend: str) -> Any:
-    """-m DIR of a GPTQ/AWQ folder: its int4 projections, converted at load, put in."""
+def prepare_checkpoint_folder(settings: Settings, loaded: Any, backend: str,
+                              announce: bool = True) -> Any:
+    """-m DIR of a GPTQ/AWQ folder: its int4 projections, converted at load, put in.
+    announce: print what the folder holds and what runs (False: the other ranks of a
+    tensor-parallel run, whose rank 0 says it)."""
     from llmbench.quant import apply
 
     q = settings.quantization
@@ -235,9 +238,10 @@ def prepare_checkpoint_folder(settings: Settings, loaded: Any, backend: str) -> 
         # The examples' `-m <INT4 checkpoint> --ipex-weight-only-quantization --weight-dtype
         # INT4 --lowp-mode BF16`: the checkpoint's weights are used; the flags choose how to
         # compute.
-        print(f"note: -m {loaded.source.display_name} holds {scheme.describe()} weights: they "
-              "are used as they are (--ipex-weight-only-quantization quantizes nothing more; "
-              f"--lowp-mode {wanted.lowp_mode} sets the compute)", flush=True)
+        if announce:
+            print(f"note: -m {loaded.source.display_name} holds {scheme.describe()} weights: "
+                  "they are used as they are (--ipex-weight-only-quantization quantizes nothing "
+                  f"more; --lowp-mode {wanted.lowp_mode} sets the compute)", flush=True)
         scheme = dataclasses.replace(scheme, lowp_mode=wanted.lowp_mode,
                                      act_quant_mode=wanted.act_quant_mode)
     prepared = apply.prepare_quantized(loaded, qlinears, backend=backend,
@@ -251,8 +255,10 @@ def prepare_checkpoint_folder(settings: Settings, loaded: Any, backend: str) -> 
         note = (f"{scheme.extra['float_int8_weights']} int8 weights of the checkpoint that are "
                 "not linear layers here (fused MoE experts) run dequantized, in float")
         prepared.details["quantization"]["note"] = note
-        print(f"note: {note}", flush=True)
-    print(f"quantized: {scheme.describe()} (desc_act {scheme.extra['desc_act']}) checkpoint "
-          f"{loaded.source.path} ({prepared.details['weight_bytes_per_token'] / 2**20:.1f} MiB "
-          "read per token)", flush=True)
+        if announce:
+            print(f"note: {note}", flush=True)
+    if announce:
+        print(f"quantized: {scheme.describe()} (desc_act {scheme.extra['desc_act']}) checkpoint "
+              f"{loaded.source.path} ({prepared.details['weight_bytes_per_token'] / 2**20:.1f} "
+              "MiB read per token)", flush=True)
     return prepared

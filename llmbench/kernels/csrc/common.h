@@ -60,5 +60,6 @@ struct KernelTable {
 const KernelTable* generic_table();
 const KernelTable* avx2_table();    // nullptr when not compiled (non-x86)
 const KernelTable* avx512_table();  // nullptr when not compiled (non-x86)
+const KernelTable* avx512vnni_table();  // nullptr when not compiled (non-x86)
 
 }  // namespace llmb

@@ -2,6 +2,15 @@
 // only when __builtin_cpu_supports("avx512f") and ("avx512bw") at run time.
 // Tests run every supported ISA, so an AVX-512 host tests this path and the
 // AVX2 one side by side.
+//
+// kernels_avx512vnni.cpp compiles this file again with LLMB_AVX512_VNNI set:
+// the "avx512vnni" path, for CPUs with AVX512-VNNI (Cascade Lake and later),
+// whose int16 multiply-adds (int8 / int4 weights against int16 or int8
+// activations, gemv_int_impl.h) are one vpdpwssd instead of vpmaddwd +
+// vpaddd. Everything else is the same code.
+#ifndef LLMB_AVX512_VNNI
+#define LLMB_AVX512_VNNI 0
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -13,11 +22,18 @@
 #if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
 #include <immintrin.h>
 
-#if defined(__clang__)
+// (the pragmas take literal strings: GCC does not expand a macro there)
+#if defined(__clang__) && LLMB_AVX512_VNNI
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))), apply_to = function)
+#elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx2,fma"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
+#if LLMB_AVX512_VNNI
+#pragma GCC target("avx512f,avx512bw,avx512vnni,avx2,fma")
+#else
 #pragma GCC target("avx512f,avx512bw,avx2,fma")
+#endif
 // GCC 12 false positive inside _mm512_reduce_add_ps
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -108,7 +124,11 @@ inline V vset_halves(float lo, float hi) {
   return _mm512_mask_blend_ps(static_cast<__mmask16>(0xFF00), vset1(lo), vset1(hi));
 }
 inline VI vi_zero() { return _mm512_setzero_si512(); }
+#if LLMB_AVX512_VNNI
+inline VI vi_madd(VI acc, VI a, VI b) { return _mm512_dpwssd_epi32(acc, a, b); }
+#else
 inline VI vi_madd(VI acc, VI a, VI b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+#endif
 inline V vi_to_ps(VI v) { return _mm512_cvtepi32_ps(v); }
 inline void store_i16(int16_t* q, V a, V b) {  // vpmovsdw keeps element order
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(a)));
@@ -128,7 +148,11 @@ inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
 #define LLMB_BF16_DECODE_PF 512
 #include "gemv_int_impl.h"
 
+#if LLMB_AVX512_VNNI
+const KernelTable kTable = LLMB_INT_KERNEL_TABLE("avx512vnni");
+#else
 const KernelTable kTable = LLMB_INT_KERNEL_TABLE("avx512");
+#endif
 
 }  // namespace
 }  // namespace llmb
@@ -139,12 +163,22 @@ const KernelTable kTable = LLMB_INT_KERNEL_TABLE("avx512");
 #pragma GCC pop_options
 #endif
 
+#if LLMB_AVX512_VNNI
+#define LLMB_AVX512_TABLE_FN avx512vnni_table
+#else
+#define LLMB_AVX512_TABLE_FN avx512_table
+#endif
+
 namespace llmb {
-const KernelTable* avx512_table() { return &kTable; }
+const KernelTable* LLMB_AVX512_TABLE_FN() { return &kTable; }
 }  // namespace llmb
 
 #else  // not x86
 namespace llmb {
+#if LLMB_AVX512_VNNI
+const KernelTable* avx512vnni_table() { return nullptr; }
+#else
 const KernelTable* avx512_table() { return nullptr; }
+#endif
 }  // namespace llmb
 #endif

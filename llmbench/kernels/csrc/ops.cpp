@@ -87,14 +87,25 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512vnni() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 const KernelTable* table_for(const std::string& name) {
   if (name == "generic") return generic_table();
   if (name == "avx2") return (avx2_table() && cpu_has_avx2()) ? avx2_table() : nullptr;
   if (name == "avx512") return (avx512_table() && cpu_has_avx512()) ? avx512_table() : nullptr;
+  if (name == "avx512vnni")
+    return (avx512vnni_table() && cpu_has_avx512vnni()) ? avx512vnni_table() : nullptr;
   return nullptr;
 }
 
 const KernelTable* best_table() {
+  if (auto* t = table_for("avx512vnni")) return t;
   if (auto* t = table_for("avx512")) return t;
   if (auto* t = table_for("avx2")) return t;
   return generic_table();
@@ -109,6 +120,7 @@ std::vector<std::string> supported_isas() {
   std::vector<std::string> out{"generic"};
   if (table_for("avx2")) out.push_back("avx2");
   if (table_for("avx512")) out.push_back("avx512");
+  if (table_for("avx512vnni")) out.push_back("avx512vnni");
   return out;
 }
 
@@ -479,7 +491,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"));
   m.def("isa", &llmb::isa, "name of the active kernel path");
   m.def("set_isa", &llmb::set_isa, py::arg("name"),
-        "force 'generic'/'avx2'/'avx512' or 'auto'; returns the active name");
+        "force 'generic'/'avx2'/'avx512'/'avx512vnni' or 'auto'; returns the active name");
   m.def("supported_isas", &llmb::supported_isas);
   llmb::register_decode(m);
 }
