@@ -1,7 +1,8 @@
 """`deepspeed run.py --autotp --backend native` (llmbench.backends.tensor_parallel): 2 ranks,
 each holding a slice of the native model and all-reducing inside the compiled step, give the
-single-instance native tokens, in fp32 and with weight-only INT8 / INT4; what is not cut falls
-back to stock AutoTP and says so."""
+single-instance native tokens, in fp32 and with weight-only INT8 / INT4, for multi-query
+attention too (its one KV head replicated); what is not cut falls back to stock AutoTP and
+says so."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ RUN = ["--greedy", "--token-latency", "--max-new-tokens", str(TOKENS), "--num-it
 def tiny(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("native-tp")
     return {family: make_tiny_model(family, root / family, embedded_model_dir)
-            for family in ("llama", "gpt_neox", "opt", "mixtral", "deepseek_v2", "jamba", "t5")}
+            for family in ("llama", "gpt_neox", "opt", "mixtral", "deepseek_v2", "jamba", "t5",
+                           "gpt_bigcode", "falcon")}
 
 
 def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
@@ -69,6 +71,8 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
     # latent attention (DeepSeek: query heads cut, the latent whole), Mamba layers whole on
     # every rank (Jamba), an encoder-decoder's cross-attention (T5)
     ("deepseek_v2", []), ("jamba", []), ("t5", []),
+    # multi-query attention (one KV head, replicated on both ranks, which split the query heads)
+    ("gpt_bigcode", []), ("falcon", ["INT8", "0"]),
     ("llama", ["INT8", "0"]), ("gpt_neox", ["INT4", "32"]), ("mixtral", ["INT8", "0"]),
     ("deepseek_v2", ["INT8", "0"])])
 def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
@@ -83,6 +87,8 @@ def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
     assert "fallback_reason" not in report["backend"]
     tp = report["backend"]["tensor_parallel"]
     assert tp["world"] == 2 and sum(tp["heads"]) == 4 and len(tp["mlp_units"]) == 2
+    if family in ("gpt_bigcode", "falcon"):
+        assert tp["kv_heads"] == [1, 1] and tp["kv_replicated_on_ranks"] == 2
     dist = report["distributed"]
     assert dist["ranks_agree"] is True
     assert dist["all_reduce_ms_per_token"] > 0
@@ -199,3 +205,28 @@ def test_a_slice_refused_on_one_rank_sends_every_rank_to_stock(tmp_path, embedde
     report = only_report(tmp_path / "out")
     assert report["backend"]["name"] == "deepspeed-autotp"
     assert report["distributed"]["ranks_agree"] is True
+
+
+def test_attention_split_shares_out_heads():
+    """Which KV and query heads each rank takes (no model: the arithmetic alone)."""
+    from types import SimpleNamespace
+
+    from llmbench.backends.blocks import Unsupported
+    from llmbench.backends.tensor_parallel import attention_split, check
+
+    def native(heads, kv_heads, latent=None):
+        return SimpleNamespace(heads=heads, kv_heads=kv_heads,
+                               block=SimpleNamespace(latent=latent))
+
+    # (first KV head, KV heads, first query head, query heads) per rank
+    assert attention_split(native(9, 3), 2) == [(0, 2, 0, 6), (2, 1, 6, 3)]  # SmolLM2: uneven
+    assert attention_split(native(4, 1), 2) == [(0, 1, 0, 2), (0, 1, 2, 2)]  # MQA: replicated
+    assert attention_split(native(8, 2), 4) == [(0, 1, 0, 2), (0, 1, 2, 2), (1, 1, 4, 2),
+                                                (1, 1, 6, 2)]
+    assert attention_split(native(4, 4, latent=object()), 2) == [(0, 1, 0, 2), (0, 1, 2, 2)]
+    assert attention_split(native(71, 1), 2) == [(0, 1, 0, 36), (0, 1, 36, 35)]  # Falcon-7B
+    for heads, kv_heads, world in ((4, 3, 6), (8, 3, 4), (2, 1, 4)):
+        with pytest.raises(Unsupported):
+            check(native(heads, kv_heads), world)
+    check(native(4, 1), 2)
+    check(native(71, 1), 2)

@@ -27,8 +27,12 @@ integers and scales one process would.
   with no all-reduce), so a Jamba rank reads its Mamba weights in full.
 The encoder of an encoder-decoder runs whole on every rank, once per prompt.
 
+- fewer KV heads than ranks (multi-query attention: Falcon-7B, StarCoder): each KV head is
+  replicated on world / kv_heads ranks, which share out its query heads; each of those ranks
+  computes and caches that KV head whole (it is small: one head of keys and values).
 Not cut (Unsupported: the run falls back to DeepSpeed AutoTP, with the reason in the report):
-fewer KV heads than ranks (query heads, for latent attention).
+fewer query heads than ranks, and a KV-head count that does not divide the ranks when it is
+smaller.
 """
 
 from __future__ import annotations
@@ -121,14 +125,35 @@ def _copy_compute(source: Any, target: Any) -> None:
 
 def check(native: Any, world: int) -> None:
     """Unsupported (with the reason) when this model is not cut across `world` ranks."""
-    if native.block.latent is not None:
-        if native.heads < world:
-            raise Unsupported(f"tensor parallel native: {native.heads} attention heads for "
-                              f"{world} ranks (each rank takes whole heads)")
+    if native.heads < world:
+        raise Unsupported(f"tensor parallel native: {native.heads} attention heads for "
+                          f"{world} ranks (each rank takes whole heads)")
+    if native.block.latent is not None or native.kv_heads >= world:
         return
-    if native.kv_heads < world:
+    if world % native.kv_heads:
         raise Unsupported(f"tensor parallel native: {native.kv_heads} KV heads for {world} "
-                          "ranks (each rank takes whole KV heads)")
+                          "ranks (with fewer KV heads than ranks, each KV head is replicated on "
+                          "the same number of ranks, which split its query heads)")
+
+
+def attention_split(native: Any, world: int) -> list[tuple[int, int, int, int]]:
+    """Per rank: (first KV head, KV heads, first query head, query heads). Latent attention:
+    query heads, the latent (one KV head every head reads) whole on every rank. KV heads >=
+    ranks: whole KV heads, as even as the count allows, each with the query heads that read
+    it. Fewer KV heads than ranks: each KV head on world / kv_heads ranks, which split its
+    query heads as evenly as the count allows (Falcon-7B's 71 over 2: 36 + 35)."""
+    if native.block.latent is not None:
+        split = _even(native.heads, world)
+        return [(0, 1, sum(split[:r]), split[r]) for r in range(world)]
+    group = native.heads // native.kv_heads
+    if native.kv_heads >= world:
+        split = _even(native.kv_heads, world)
+        return [(sum(split[:r]), split[r], sum(split[:r]) * group, split[r] * group)
+                for r in range(world)]
+    share = world // native.kv_heads
+    counts = _even(group, share)  # query heads per rank within each KV head's group
+    return [(r // share, 1, (r // share) * group + sum(counts[:r % share]), counts[r % share])
+            for r in range(world)]
 
 
 def _down_of(layer: Any) -> Any:
@@ -191,9 +216,9 @@ def _cut_latent(layer: Any, native: Any, latent: Any, q_first: int, heads: int, 
                        f"{name}.o")
 
 
-def _cut_cross(layer: Any, native: Any, first: int, count: int, group: int, rank: int,
-               name: str) -> None:
-    """Cross-attention: the same KV-head groups as the layer's self-attention."""
+def _cut_cross(layer: Any, native: Any, first: int, count: int, q_first: int, heads: int,
+               rank: int, name: str) -> None:
+    """Cross-attention: the same KV heads and query heads as the layer's self-attention."""
     d = native.head_dim
     kv_heads = _rows_out(layer.cross_kv) // (2 * d)
     if kv_heads != native.kv_heads:
@@ -202,7 +227,6 @@ def _cut_cross(layer: Any, native: Any, first: int, count: int, group: int, rank
     k_rows = torch.arange(first * d, (first + count) * d)
     layer.cross_kv = _rows(layer.cross_kv, torch.cat((k_rows, k_rows + kv_heads * d)),
                            f"{name}.cross_kv")
-    q_first, heads = first * group, count * group
     layer.cross_q = _rows(layer.cross_q, torch.arange(q_first * d, (q_first + heads) * d),
                           f"{name}.cross_q")
     layer.cross_o = _columns(layer.cross_o, q_first * d, heads * d, rank == 0,
@@ -220,14 +244,9 @@ def shard(native: Any, comm: Communicator) -> None:
     check(native, world)
     d = native.head_dim
     latent = native.block.latent
-    # the units each rank takes: KV heads (each with the query heads that read it), or, under
-    # latent attention, query heads (the latent is one KV head every head reads)
-    groups = native.heads if latent is not None else native.kv_heads
-    split = _even(groups, world)
-    first, count = sum(split[:rank]), split[rank]
-    group = 1 if latent is not None else native.heads // native.kv_heads
-    heads = count * group
-    q_first = first * group
+    split = attention_split(native, world)
+    first, count, q_first, heads = split[rank]
+    share = 1 if latent is not None else max(1, world // native.kv_heads)  # ranks per KV head
     q_rows = torch.arange(q_first * d, (q_first + heads) * d)
     k_rows = native.heads * d + torch.arange(first * d, (first + count) * d)
     qkv_rows = torch.cat((q_rows, k_rows, k_rows + native.kv_heads * d))
@@ -242,7 +261,7 @@ def shard(native: Any, comm: Communicator) -> None:
             layer.qkv = _rows(layer.qkv, qkv_rows, f"layers.{i}.qkv")
             layer.o = _columns(layer.o, q_first * d, heads * d, rank == 0, f"layers.{i}.o")
         if layer.cross_q is not None:
-            _cut_cross(layer, native, first, count, group, rank, f"layers.{i}")
+            _cut_cross(layer, native, first, count, q_first, heads, rank, f"layers.{i}")
         # A mixture-of-experts layer: every expert cut like a dense MLP (its units shared out
         # over the ranks), the router whole on every rank, so each rank routes alike
         mlps = ([(layer, f"layers.{i}")] if layer.down is not None else
@@ -265,8 +284,10 @@ def shard(native: Any, comm: Communicator) -> None:
     if latent is None:
         native.kv_heads = count
     native.comm = comm
-    native.tp_split = {"kv_heads": [1] * world if latent is not None else split,
-                       "heads": [n * group for n in split], "mlp_units": units}
+    native.tp_split = {"kv_heads": [kv for _, kv, _, _ in split],
+                       "heads": [n for _, _, _, n in split], "mlp_units": units}
+    if share > 1:
+        native.tp_split["kv_replicated_on_ranks"] = share
     if any(layer.mamba is not None for layer in native.layers):
         native.tp_split["mamba"] = "whole on every rank"
     native._plan, native._plan_note = None, ""  # rebuilt over the slices
