@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """The same kernels on two (or more) ISA paths, side by side in one run.
 
-For the int8 and int4 weight-only linears (fp32 activations, which the kernels round to int16),
-and int8 weights with --lowp-mode INT8's int8 activations, on the decode / prefill shapes of
-SmolLM2-135M and TinyLlama-1.1B, this times each ISA path in turn, repeat by repeat
+For the int8 and int4 weight-only linears (fp32 activations, which the kernels round to int16)
+on the decode / prefill shapes of SmolLM2-135M and TinyLlama-1.1B, this times each ISA path in turn, repeat by repeat
 (interleaved, so other load hits every path alike), and prints each path's median time and its
 ratio to the first path. Weights cycle over --working-set-mib of copies, as in
 benchmarks/bench_kernels.py, so they come from memory as in a real step.
@@ -43,9 +42,6 @@ def variants(N: int, Kd: int, M: int, G: int, ws_mib: int) -> dict:
         "int4": (lambda a, b, c, d: K.linear_int4w(a, b, c, d, G),
                  [(x, p4.clone(), s4, z4) for _ in range(n_copies(N * Kd // 2, ws_mib))]),
     }
-    if hasattr(K, "linear_int8w_act"):
-        out["int8-lowp"] = (K.linear_int8w_act, [(x, q8.clone(), s8)
-                                                 for _ in range(n_copies(N * Kd, ws_mib))])
     return out
 
 

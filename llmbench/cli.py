@@ -55,11 +55,11 @@ WHOLE_MODEL_REASON = ("is not split per rank; quantize per rank with "
                       "--ipex-weight-only-quantization")
 
 
-def autotp_scheme(parser: argparse.ArgumentParser, args: argparse.Namespace
-                  ) -> Scheme | None:
+def autotp_scheme(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  settings: Settings) -> Scheme | None:
     """The weight-only scheme an --autotp run quantizes each rank's slice with (None: no
     quantization), refusing in one line what can't run per rank. Used by run.py before the
-    launch and by the rank script itself."""
+    launch and by the rank script itself; `settings` are settings_from(args)."""
     if args.ipex_smooth_quant:
         raise UserError("--ipex-smooth-quant does not run with --autotp: its calibration and "
                         "smoothing are of the whole model; use --ipex-weight-only-quantization")
@@ -83,4 +83,4 @@ def autotp_scheme(parser: argparse.ArgumentParser, args: argparse.Namespace
         if given:
             raise UserError(f"{given[0]} only applies with --ipex-weight-only-quantization")
         return None
-    return scheme_of(settings_from(args).quantization)
+    return scheme_of(settings.quantization)

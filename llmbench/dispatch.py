@@ -93,7 +93,7 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
         # Each rank quantizes its own slice after sharding (llmbench.quant.autotp): no step
         # here; the rank step gets the flags (its parser has them) and this refuses, before
         # the launch, what can't run per rank.
-        autotp_scheme(parser, args)
+        autotp_scheme(parser, args, settings)
         return []
     scheme = scheme_of(settings.quantization)  # refuses bad combinations before anything runs
     if scheme is not None and args.benchmark and not args.accuracy_only:

@@ -9,7 +9,7 @@ thing everywhere (llmbench/flags.py defines each flag once).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -116,11 +116,3 @@ class Settings:
 GROUPS = {"model": ModelSettings, "prompt": PromptSettings, "decoding": DecodingSettings,
           "measurement": MeasurementSettings, "quantization": QuantizationSettings,
           "distribution": DistributionSettings, "accuracy": AccuracySettings}
-
-
-def group_of(name: str) -> str:
-    """The group that holds the setting of this argparse destination."""
-    for group, cls in GROUPS.items():
-        if name in {f.name for f in fields(cls)}:
-            return group
-    raise KeyError(name)

@@ -520,7 +520,7 @@ def test_woq_autotp_report_says_what_ran(woq_autotp_run):
 
 
 def test_run_py_forwards_woq_flags_to_the_ranks():
-    from llmbench.cli import autotp_scheme
+    from llmbench.cli import autotp_scheme, settings_from
     from llmbench.dispatch import build_parser, plan_steps
     from llmbench.distributed.benchmark import build_parser as rank_parser
 
@@ -534,7 +534,8 @@ def test_run_py_forwards_woq_flags_to_the_ranks():
         assert flag in step.argv, flag
     assert "--quantized-model-path" not in step.argv
     ranks = rank_parser()
-    scheme = autotp_scheme(ranks, ranks.parse_args(step.argv))
+    rank_args = ranks.parse_args(step.argv)
+    scheme = autotp_scheme(ranks, rank_args, settings_from(rank_args))
     assert (scheme.method, scheme.weight_dtype, scheme.group_size, scheme.sym) == (
         "woq", "INT4", 64, True)
 

@@ -144,8 +144,8 @@ def all_reduce_record(native: Any, run: Any, max_new_tokens: int) -> dict[str, A
 def check_args(parser: flags.Parser, args: argparse.Namespace) -> tuple[Settings, Any]:
     """What a rank refuses before joining the others (every rank alike): its Settings, and
     the weight-only scheme it quantizes its slice with (None: float)."""
-    scheme = autotp_scheme(parser, args)
     settings = settings_from(args)
+    scheme = autotp_scheme(parser, args, settings)
     backend = "ipex" if settings.model.ipex else settings.model.backend
     if backend == "ipex":
         from llmbench.backends.ipex import require_ipex
