@@ -166,6 +166,16 @@ FAMILY_SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
         hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, num_local_experts=2, num_experts_per_tok=2, vocab_size=32000,
         max_position_embeddings=4096)),
+    # Jamba-v0.1's widths in two layers, the two kinds a token of it passes through (its 8-layer
+    # period has one attention + dense MLP layer among Mamba layers, every other MLP 2-of-16
+    # experts): attention + dense MLP, then Mamba + experts, both of 2 experts routed.
+    # 3.8 GB of fp32 weights a token; the layer count is fixed here, not from the byte budget.
+    "jamba": ("Jamba-v0.1 (attention + dense, Mamba + 2 of 16 experts)", "jamba", dict(
+        hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, num_experts=2, num_experts_per_tok=2, vocab_size=65536,
+        num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2,
+        expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+        mamba_dt_rank=256, use_mamba_kernels=False, max_position_embeddings=4096)),
     "t5": ("Flan-T5-XL", "t5", dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32,
                                     vocab_size=32128, feed_forward_proj="gated-gelu",
                                     tie_word_embeddings=False)),
@@ -181,17 +191,23 @@ def random_family_shape(key: str, tokenizer_dir: Path) -> Path:
     folder = cache_root() / f"random-{key}-shape"
     if (folder / "config.json").is_file():
         return folder
-    one_layer = auto_class.from_config(AutoConfig.for_model(
-        model_type, **shape, **{_layers_key(model_type): 1}), dtype=torch.float32)
-    outside = {id(p) for name, p in one_layer.named_parameters()
-               if not any(f".{layers}.0." in name for layers in ("h", "layers", "blocks", "block"))}
-    layer_bytes = sum(p.numel() * 4 for p in one_layer.parameters() if id(p) not in outside)
-    layers = max(1, round(FAMILY_SHAPE_BYTES / layer_bytes))
-    del one_layer
-    print(f"building a random-weight {real}-shaped {model_type} model, {layers} layer(s) of "
-          f"{layer_bytes / 1e9:.2f} GB (once)...", flush=True)
+    layers_key = _layers_key(model_type)
+    if layers_key in shape:  # a shape whose layers differ in kind names its own layer count
+        layers = shape[layers_key]
+        print(f"building a random-weight {real}-shaped {model_type} model, {layers} layers "
+              "(once)...", flush=True)
+    else:
+        one_layer = auto_class.from_config(AutoConfig.for_model(
+            model_type, **shape, **{layers_key: 1}), dtype=torch.float32)
+        outside = {id(p) for name, p in one_layer.named_parameters()
+                   if not any(f".{key}.0." in name for key in ("h", "layers", "blocks", "block"))}
+        layer_bytes = sum(p.numel() * 4 for p in one_layer.parameters() if id(p) not in outside)
+        layers = max(1, round(FAMILY_SHAPE_BYTES / layer_bytes))
+        del one_layer
+        print(f"building a random-weight {real}-shaped {model_type} model, {layers} layer(s) of "
+              f"{layer_bytes / 1e9:.2f} GB (once)...", flush=True)
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **shape, **{_layers_key(model_type): layers},
+    config = AutoConfig.for_model(model_type, **{**shape, layers_key: layers},
                                   bos_token_id=1, eos_token_id=2)
     auto_class.from_config(config, dtype=torch.float32).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)

@@ -91,6 +91,13 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, scheme: Sch
     return Int4Linear(kernels.pack_int4(q.to(torch.uint8).view(n, kp)), s, z, group, k, b)
 
 
+# Rows of the weight searched at a time: about 2 MB of fp32 per working tensor, so the grid's
+# passes run from cache. Measured on a 16384 x 2048 weight (INT8 per channel, 26 shrinks): the
+# whole-tensor search with a torch.where per shrink took 8.8-9.4 s, this one 0.85-1.6 s, same
+# results bit for bit (BLOOM's 250880 x 2048 lm_head went from minutes to seconds).
+_SEARCH_ELEMENTS = 1 << 19
+
+
 def _clipped_grid(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, ...],
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest of [rows, groups, size] weights onto an integer grid, each group's range
@@ -99,28 +106,51 @@ def _clipped_grid(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, .
     embedded model this takes the perplexity cost from +0.71% (full range) to +0.16%.
     sym: q in [-levels, levels], w ~ q * s (lo None). Else q in [0, levels], w ~ q * s + lo.
     Returns (q as float, s [rows, groups], lo [rows, groups] or None)."""
+    rows = max(1, _SEARCH_ELEMENTS // max(1, wg.shape[1] * wg.shape[2]))
+    if wg.shape[0] <= rows:
+        return _clipped_grid_rows(wg, levels, sym, grid)
+    parts = [_clipped_grid_rows(wg[i:i + rows], levels, sym, grid)
+             for i in range(0, wg.shape[0], rows)]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            None if sym else torch.cat([p[2] for p in parts]))
+
+
+def _clipped_grid_rows(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, ...],
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """_clipped_grid on one block of rows: the squared error of every shrink into one reused
+    buffer, keeping only the index of the best shrink per group (the first one on ties), then
+    the grid of that shrink once."""
     if sym:
         amax0 = wg.abs().amax(dim=2)
     else:
         lo0, hi0 = wg.amin(dim=2), wg.amax(dim=2)
-    best_q = best_s = best_lo = best_err = None
-    for shrink in grid:
+
+    def scale_and_low(shrink: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if sym:
-            s = (amax0 * shrink / levels).clamp_min(1e-12)
-            q = torch.round(wg / s[:, :, None]).clamp_(-levels, levels)
-            lo = None
-            err = (q * s[:, :, None] - wg).square_().sum(dim=2)
-        else:
-            lo = lo0 * shrink
-            s = ((hi0 * shrink - lo) / levels).clamp_min(1e-12)
-            q = torch.round((wg - lo[:, :, None]) / s[:, :, None]).clamp_(0, levels)
-            err = (q * s[:, :, None] + lo[:, :, None] - wg).square_().sum(dim=2)
+            return (amax0 * shrink / levels).clamp_min(1e-12), None
+        lo = lo0 * shrink
+        return ((hi0 * shrink - lo) / levels).clamp_min(1e-12), lo
+
+    def on_grid(s: torch.Tensor, lo: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        if lo is None:
+            torch.div(wg, s[:, :, None], out=out)
+            return out.round_().clamp_(-levels, levels)
+        torch.sub(wg, lo[:, :, None], out=out)
+        return out.div_(s[:, :, None]).round_().clamp_(0, levels)
+
+    buffer = torch.empty_like(wg)
+    best_err = best_index = None
+    for index, shrink in enumerate(grid):
+        s, lo = scale_and_low(shrink)
+        rebuilt = on_grid(s, lo, buffer).mul_(s[:, :, None])
+        if lo is not None:
+            rebuilt.add_(lo[:, :, None])
+        err = rebuilt.sub_(wg).square_().sum(dim=2)
         if best_err is None:
-            best_q, best_s, best_lo, best_err = q, s, lo, err
+            best_err, best_index = err, torch.zeros(err.shape, dtype=torch.long)
             continue
-        better = err < best_err
-        best_q = torch.where(better[:, :, None], q, best_q)
-        best_s = torch.where(better, s, best_s)
-        best_lo = None if lo is None else torch.where(better, lo, best_lo)
+        best_index[err < best_err] = index
         best_err = torch.minimum(err, best_err)
-    return best_q, best_s, best_lo
+    # The same float32 shrink values as the loop's, so s, lo and q are the loop's bit for bit.
+    s, lo = scale_and_low(torch.tensor(grid, dtype=torch.float32)[best_index])
+    return on_grid(s, lo, torch.empty_like(wg)), s, lo
