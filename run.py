@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llmbench.dispatch import main  # noqa: E402
+from llmbench.cli.run import main  # noqa: E402
 from llmbench.errors import run_main  # noqa: E402
 
 if __name__ == "__main__":

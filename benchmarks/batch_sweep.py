@@ -29,8 +29,8 @@ import torch  # noqa: E402
 
 from llmbench import kernels  # noqa: E402
 from llmbench.atomic import write_text  # noqa: E402
+from llmbench.cli.flags import Parser, non_negative_int, positive_int  # noqa: E402
 from llmbench.environment import collect_environment, machine_slug  # noqa: E402
-from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
 
 DEFAULT_CONFIGS = "native-fp32,native-bf16,native-int8,native-int4"
 ROW_MARK = "batch_sweep row: "

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from bench_kernels import MODELS, make_timer, n_copies  # noqa: E402
 
 import llmbench.kernels as K  # noqa: E402
-from llmbench.flags import Parser, positive_int  # noqa: E402
+from llmbench.cli.flags import Parser, positive_int  # noqa: E402
 
 
 def variants(N: int, Kd: int, M: int, G: int, ws_mib: int) -> dict:

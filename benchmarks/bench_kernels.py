@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import llmbench.kernels as K  # noqa: E402
-from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
+from llmbench.cli.flags import Parser, non_negative_int, positive_int  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

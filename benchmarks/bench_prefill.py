@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from llmbench import kernels  # noqa: E402
-from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
+from llmbench.cli.flags import Parser, non_negative_int, positive_int  # noqa: E402
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536)]  # SmolLM2-135M: qkv, gate_up, down
 

@@ -39,8 +39,8 @@ from llmbench import kernels  # noqa: E402
 from llmbench.atomic import save_png, write_text  # noqa: E402
 from llmbench.backends import prepare  # noqa: E402
 from llmbench.bench import run_benchmark  # noqa: E402
+from llmbench.cli.flags import Parser, non_negative_int, positive_int  # noqa: E402
 from llmbench.environment import collect_environment, machine_slug  # noqa: E402
-from llmbench.flags import Parser, non_negative_int, positive_int  # noqa: E402
 from llmbench.memory import huge_page_buffer, huge_page_bytes  # noqa: E402
 from llmbench.models import cache_root, load_model  # noqa: E402
 from llmbench.prompts import Prompt, build_prompt  # noqa: E402

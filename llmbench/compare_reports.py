@@ -19,7 +19,6 @@ the exit status is 1 when a flagged slowdown exceeds PCT percent (for CI); bad i
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -139,40 +138,3 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{r['after_ms']:.3f} | {r['ratio']:.3f}x | +-{100 * r['noise']:.0f}% | "
                      f"{mark} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("before", type=Path)
-    parser.add_argument("after", type=Path)
-    parser.add_argument("--min-change", type=float, default=5.0,
-                        help="percent: smaller changes are never flagged (default 5)")
-    parser.add_argument("--fail-above", type=float, default=None,
-                        help="percent: exit 1 when a flagged slowdown is larger than this")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead")
-    args = parser.parse_args(argv)
-    try:
-        if args.min_change < 0 or (args.fail_above is not None and args.fail_above < 0):
-            raise InputError("--min-change and --fail-above are percentages >= 0")
-        before, after = load(args.before), load(args.after)
-        rows = compare(before, after, args.min_change / 100.0)
-        if not rows:
-            raise InputError("no config and metric measured on both sides")
-    except InputError as exc:
-        print(f"error: compare_reports: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(rows, indent=1) if args.json else table(rows))
-    unmatched = (set(before) ^ set(after))
-    if unmatched and not args.json:
-        print(f"\n{len(unmatched)} config(s) measured on one side only", file=sys.stderr)
-    if args.fail_above is not None:
-        worst = [r for r in rows if r["verdict"] == "slower"
-                 and 100 * (r["ratio"] - 1) > args.fail_above]
-        if worst:
-            r = max(worst, key=lambda r: r["ratio"])
-            print(f"error: compare_reports: {r['config']} {r['metric']} is "
-                  f"{100 * (r['ratio'] - 1):.0f}% slower (above --fail-above "
-                  f"{args.fail_above:g}%)", file=sys.stderr)
-            return 1
-    return 0
-

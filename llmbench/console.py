@@ -17,7 +17,7 @@ def _run(module: str, function: str = "main") -> None:
 
 
 def run() -> None:
-    _run("llmbench.dispatch")
+    _run("llmbench.cli.run")
 
 
 def generate() -> None:
@@ -25,7 +25,7 @@ def generate() -> None:
 
 
 def quantize() -> None:
-    _run("llmbench.quantize")
+    _run("llmbench.cli.quantize")
 
 
 def accuracy() -> None:
@@ -33,18 +33,18 @@ def accuracy() -> None:
 
 
 def gptq() -> None:
-    _run("llmbench.quant.gptq")
+    _run("llmbench.cli.gptq")
 
 
 def shard() -> None:
-    _run("llmbench.distributed.shards", "shard_main")
+    _run("llmbench.cli.tools", "shard_main")
 
 
 def accuracy_table() -> None:
-    _run("llmbench.accuracy.compare", "table_main")
+    _run("llmbench.cli.tools", "accuracy_table_main")
 
 
 def compare_reports() -> None:
-    from llmbench.compare_reports import main
+    from llmbench.cli.tools import compare_reports_main as main
 
     sys.exit(main())

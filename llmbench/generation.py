@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llmbench import backends, flags
+from llmbench import backends
 from llmbench.bench import BenchmarkRun, run_benchmark
-from llmbench.cli import settings_from
+from llmbench.cli import flags, settings_from
 from llmbench.decoding import decoding_settings
 from llmbench.environment import collect_environment
 from llmbench.errors import UserError

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from llmbench.errors import UserError
-from llmbench.flags import INPUT_MODES
 from llmbench.models import Family, LoadedModel, family_for, read_config_dict, read_config_file
-from llmbench.settings import ModelSettings, PromptSettings, Settings
+from llmbench.settings import INPUT_MODES, ModelSettings, PromptSettings, Settings
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_IMAGE = DATA_DIR / "sample_image.png"

@@ -4,7 +4,7 @@ argparse object, so a program can also be driven without a command line.
 
 Field names are the flags' argparse destinations (`--weight-dtype` -> `weight_dtype`), and the
 defaults are the flags' defaults, so a group built from any entry script's flags means the same
-thing everywhere (llmbench/flags.py defines each flag once).
+thing everywhere (llmbench/cli/flags.py defines each flag once).
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ class ModelSettings:
     backend: str = "stock"
     ipex: bool = False  # the examples' --ipex: backend "ipex"
     kv_cache_dtype: str = "auto"
+
+
+# --input-mode values, as the Xeon examples number them (docs/multimodal.md).
+INPUT_MODES = {0: "text", 1: "vision", 2: "speech", 3: "vision+speech"}
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llmbench.cli.quantize import main  # noqa: E402
 from llmbench.errors import run_main  # noqa: E402
-from llmbench.quantize import main  # noqa: E402
 
 if __name__ == "__main__":
     run_main(main)

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT, run_entry
 
-from llmbench import dispatch
 from llmbench.accuracy import single_instance, tasks
+from llmbench.cli import run as dispatch
 from llmbench.errors import UserError
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

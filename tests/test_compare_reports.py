@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tiny_models import make_tiny_model
 
-from llmbench import compare_reports
+from llmbench.cli.tools import compare_reports_main
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_rerun_is_not_flagged(two_runs, capsys):
     # --min-change 25: on two shared cores a tiny model's medians move by more than its
     # decode steps' own p10-p90 band between two runs a second apart; a real regression gate
     # sets the floor it can afford.
-    assert compare_reports.main([str(two_runs[0]), str(two_runs[1]), "--json",
+    assert compare_reports_main([str(two_runs[0]), str(two_runs[1]), "--json",
                                  "--min-change", "25", "--fail-above", "25"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["metric"] for r in rows} == {"first_token_ms", "next_token_ms", "iteration_ms"}
@@ -62,7 +62,7 @@ def steadied(report: Path, target: Path) -> Path:
 def test_injected_slowdown_is_flagged(two_runs, tmp_path, capsys):
     before = steadied(two_runs[0], tmp_path / "steady.json")
     after = slowed(before, 1.3, tmp_path / "slow.json")
-    code = compare_reports.main([str(before), str(after), "--fail-above", "10"])
+    code = compare_reports_main([str(before), str(after), "--fail-above", "10"])
     captured = capsys.readouterr()
     assert code == 1
     assert "**slower**" in captured.out and "1.300x" in captured.out
@@ -71,12 +71,12 @@ def test_injected_slowdown_is_flagged(two_runs, tmp_path, capsys):
     folder = tmp_path / "set"
     folder.mkdir()
     slowed(before, 0.7, folder / "fast.json")
-    assert compare_reports.main([str(before), str(folder), "--fail-above", "10"]) == 0
+    assert compare_reports_main([str(before), str(folder), "--fail-above", "10"]) == 0
     assert "**faster**" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "x.json").write_text("{}")
-    assert compare_reports.main([str(tmp_path / "x.json"), str(tmp_path / "none")]) == 2
+    assert compare_reports_main([str(tmp_path / "x.json"), str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: compare_reports:") and "\n" not in err

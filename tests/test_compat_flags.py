@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbench import flags
+from llmbench.cli import flags
 from llmbench.errors import UserError
 
 
 def test_v21_names_set_todays_flags_with_a_note_and_are_not_forwarded(capsys):
-    from llmbench import dispatch
+    from llmbench.cli import run as dispatch
 
     parser = dispatch.build_parser()
     args = parser.parse_args(["--benchmark", "--ipex-weight-only-quantization",
@@ -35,9 +35,9 @@ def test_v21_names_set_todays_flags_with_a_note_and_are_not_forwarded(capsys):
     lambda: __import__("llmbench.accuracy.single_instance", fromlist=["x"]).build_parser(),
     lambda: __import__("llmbench.accuracy.tensor_parallel", fromlist=["x"]).build_rank_parser(),
     lambda: __import__("llmbench.generation", fromlist=["x"]).build_parser(),
-    lambda: __import__("llmbench.distributed.shards", fromlist=["x"]).build_shard_parser(),
-    lambda: __import__("llmbench.quant.gptq", fromlist=["x"]).build_parser(),
-    lambda: __import__("llmbench.quantize", fromlist=["x"]).build_parser(),
+    lambda: __import__("llmbench.cli.tools", fromlist=["x"]).build_shard_parser(),
+    lambda: __import__("llmbench.cli.gptq", fromlist=["x"]).build_parser(),
+    lambda: __import__("llmbench.cli.quantize", fromlist=["x"]).build_parser(),
 ])
 def test_model_flag_is_unambiguous_everywhere(build):
     assert build().parse_args(["--model", "some/model"]).model_name_or_path == "some/model"
@@ -135,7 +135,7 @@ def test_best_model_pt_finds_our_saved_model(tmp_path, capsys):
 
 
 def test_create_shard_model_takes_the_model_as_positional_argument():
-    from llmbench.distributed.shards import build_shard_parser, shard_main
+    from llmbench.cli.tools import build_shard_parser, shard_main
 
     args = build_shard_parser().parse_args(["some/model", "--save-path", "x"])
     assert args.model == "some/model"
@@ -144,7 +144,7 @@ def test_create_shard_model_takes_the_model_as_positional_argument():
 
 
 def test_run_quantization_refuses_benchmark_flags_without_benchmark():
-    from llmbench import quantize
+    from llmbench.cli import quantize
 
     with pytest.raises(UserError, match="--num-iter only applies with --benchmark"):
         quantize.main(["--ipex-weight-only-quantization", "--num-iter", "3"])
@@ -152,8 +152,8 @@ def test_run_quantization_refuses_benchmark_flags_without_benchmark():
 
 def test_gptq_flag_needs_weight_only_and_means_int4():
     from llmbench.cli import settings_from
+    from llmbench.cli.quantize import build_parser
     from llmbench.quant.workflow import scheme_of
-    from llmbench.quantize import build_parser
 
     def scheme(*argv: str):
         return scheme_of(settings_from(build_parser().parse_args(list(argv))).quantization)

@@ -166,7 +166,8 @@ def tiny_shard(tiny_llama, tmp_path_factory) -> Path:
 
 
 def test_create_shard_model_alone(tiny_shard, tiny_llama, tmp_path):
-    from llmbench.distributed.shards import SHARD_MARKER, shard_main
+    from llmbench.cli.tools import shard_main
+    from llmbench.distributed.shards import SHARD_MARKER
     from llmbench.errors import UserError
 
     files = sorted(tiny_shard.glob("*.safetensors"))
@@ -254,7 +255,7 @@ def test_a_failing_rank_fails_the_whole_run(tiny_shard, tmp_path):
 
 
 def test_run_py_plans_shard_then_benchmark(tiny_llama, tmp_path):
-    from llmbench.dispatch import build_parser, plan_steps
+    from llmbench.cli.run import build_parser, plan_steps
 
     parser = build_parser()
     args = parser.parse_args(["--benchmark", "--autotp", "--shard-model", "-m", str(tiny_llama),
@@ -521,7 +522,7 @@ def test_woq_autotp_report_says_what_ran(woq_autotp_run):
 
 def test_run_py_forwards_woq_flags_to_the_ranks():
     from llmbench.cli import autotp_scheme, settings_from
-    from llmbench.dispatch import build_parser, plan_steps
+    from llmbench.cli.run import build_parser, plan_steps
     from llmbench.distributed.benchmark import build_parser as rank_parser
 
     parser = build_parser()
@@ -561,7 +562,7 @@ def test_run_py_forwards_woq_flags_to_the_ranks():
 def test_autotp_quantization_refusals(extra, needle):
     """run.py refuses before the launch; the rank script (launched directly) refuses alike,
     before joining the process group."""
-    from llmbench.dispatch import build_parser, plan_steps
+    from llmbench.cli.run import build_parser, plan_steps
     from llmbench.distributed import benchmark
     from llmbench.errors import UserError
 

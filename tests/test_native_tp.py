@@ -33,8 +33,8 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
 
     from llmbench import backends
     from llmbench.cli import settings_from
+    from llmbench.cli.run import build_parser
     from llmbench.decoding import decoding_settings
-    from llmbench.dispatch import build_parser
     from llmbench.models import load_model
     from llmbench.prompts import build_prompt
     from llmbench.quant import apply

@@ -12,11 +12,11 @@ from conftest import run_entry
 from test_benchmark_cli import assert_one_line_error
 from tiny_models import make_tiny_model
 
+from llmbench.cli.quantize import main as quantize_main
 from llmbench.errors import UserError
 from llmbench.quant import apply, quality
 from llmbench.quant.rtn import quantize_weight
 from llmbench.quant.scheme import ACT_QUANT_MODES, Scheme, resolve_group_size
-from llmbench.quantize import main as quantize_main
 
 
 @pytest.mark.parametrize("dtype,group,sym,max_error", [

@@ -12,7 +12,7 @@ How each line is checked (the table printed at the end says which, line by line;
   INT8 (AutoTP weight-only INT8 with --shard-model is launched in tests/test_distributed.py).
 - `parsed`: every other `deepspeed` line is checked the way its ranks start: run.py's own
   planning (which refuses what can't run, before any launch) and the rank script's checks
-  (llmbench.distributed.benchmark.check_args,
+  (llmbench.cli.rank_settings,
   llmbench.accuracy.tensor_parallel.check_rank_args) on its flags.
 - `needs IPEX`: lines with --ipex where Intel Extension for PyTorch does not import here must
   exit 2 with one `error:` line saying so (one such line also runs as a real process).
@@ -202,16 +202,16 @@ def appended(script: str, argv: list[str]) -> list[str]:
 
 
 def entry_points() -> dict[str, Any]:
-    from llmbench import dispatch, generation, quantize
+    from llmbench import generation
     from llmbench.accuracy import single_instance
-    from llmbench.distributed import shards
-    from llmbench.quant import gptq
+    from llmbench.cli import gptq, quantize, tools
+    from llmbench.cli import run as dispatch
 
     return {"run.py": dispatch.main,
             "single_instance/run_generation.py": generation.main,
             "single_instance/run_accuracy.py": single_instance.main,
             "single_instance/run_quantization.py": quantize.main,
-            "utils/create_shard_model.py": shards.shard_main,
+            "utils/create_shard_model.py": tools.shard_main,
             "utils/run_gptq.py": gptq.main}
 
 
@@ -286,9 +286,9 @@ def priority(seed: Seed) -> int:
 
 def parse_check(seed: Seed) -> tuple[int, str, str]:
     """A deepspeed line checked as its ranks start (see the module docstring)."""
-    from llmbench import dispatch
     from llmbench.accuracy import tasks, tensor_parallel
-    from llmbench.cli import settings_from
+    from llmbench.cli import rank_settings, settings_from
+    from llmbench.cli import run as dispatch
     from llmbench.distributed import benchmark
     from llmbench.errors import UserError
 
@@ -301,11 +301,11 @@ def parse_check(seed: Seed) -> tuple[int, str, str]:
                 steps = dispatch.plan_steps(parser, parser.parse_args(seed.argv))
                 rank_step = steps[-1]
                 rank_parser = benchmark.build_parser()
-                benchmark.check_args(rank_parser, rank_parser.parse_args(rank_step.argv))
+                rank_settings(rank_parser, rank_parser.parse_args(rank_step.argv))
                 print(f"planned: {', '.join(step.name for step in steps)}")
             elif seed.script == "distributed/run_generation_with_deepspeed.py":
                 parser = benchmark.build_parser()
-                benchmark.check_args(parser, parser.parse_args(seed.argv))
+                rank_settings(parser, parser.parse_args(seed.argv))
             else:
                 settings = settings_from(tensor_parallel.build_rank_parser().parse_args(seed.argv))
                 tensor_parallel.check_rank_args(settings)

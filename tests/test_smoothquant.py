@@ -14,11 +14,11 @@ from test_benchmark_cli import assert_one_line_error
 from tiny_models import make_tiny_model
 
 from llmbench import kernels
+from llmbench.cli.quantize import main as quantize_main
 from llmbench.errors import UserError
 from llmbench.kernels import int8_act
 from llmbench.quant import apply, quality, smoothquant
 from llmbench.quant.linears import FloatLinear
-from llmbench.quantize import main as quantize_main
 
 TINY_CALIB = ["--calib-len", "32", "--calib-iters", "4"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmbench.accuracy.compare import table_main  # noqa: E402
+from llmbench.cli.tools import accuracy_table_main as table_main  # noqa: E402
 from llmbench.errors import run_main  # noqa: E402
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmbench import flags
 from llmbench.accuracy.single_instance import ACCURACY_SCHEMA
 from llmbench.errors import UserError
 
@@ -111,13 +110,3 @@ def comparison_table(reports: list[dict[str, Any]]) -> str:
                  row["file"]]
         lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def table_main(argv: list[str] | None = None) -> int:
-    parser = flags.Parser(prog="accuracy_table.py", description=(
-        "One markdown row per saved accuracy run (fp32 vs bf16 vs quantized at a glance)."))
-    parser.add_argument("paths", nargs="*", default=["./saved_results"],
-                        help="result JSON files or folders (default ./saved_results)")
-    args = parser.parse_args(argv)
-    print(comparison_table(read_reports(args.paths)), end="")
-    return 0

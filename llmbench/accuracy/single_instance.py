@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmbench import backends, flags
+from llmbench import backends
 from llmbench.accuracy.tasks import (
     LAMBADA_LOCAL,
     TaskRequest,
@@ -19,7 +19,7 @@ from llmbench.accuracy.tasks import (
     results_table,
     task_requests,
 )
-from llmbench.cli import settings_from
+from llmbench.cli import flags, settings_from
 from llmbench.environment import collect_environment, peak_rss_bytes
 from llmbench.errors import UserError
 from llmbench.settings import AccuracySettings, Settings

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmbench import backends, flags
+from llmbench import backends
 from llmbench.accuracy.single_instance import announce_default, evaluate_and_report
 from llmbench.accuracy.tasks import load_tasks, quiet_lm_eval_logging, task_requests
-from llmbench.cli import WHOLE_MODEL_REASON, settings_from
+from llmbench.cli import WHOLE_MODEL_REASON, flags, settings_from
 from llmbench.errors import UserError
 from llmbench.settings import Settings
 

@@ -4,14 +4,12 @@ all-reduce time per token, and rank 0's table of ranks."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import time
 from typing import Any
 
-from llmbench import flags
-from llmbench.cli import autotp_scheme, settings_from
+from llmbench.cli import flags, rank_settings
 from llmbench.distributed.model import (
     BACKEND_NAME,
     AutoTPModel,
@@ -34,7 +32,6 @@ from llmbench.distributed.ranks import (
     setup_environment,
 )
 from llmbench.errors import UserError
-from llmbench.settings import Settings
 
 DESCRIPTION = ("Generation latency benchmark, tensor parallel across ranks with DeepSpeed AutoTP "
                "(one process per rank: launch with `deepspeed` or through run.py --autotp).")
@@ -141,23 +138,6 @@ def all_reduce_record(native: Any, run: Any, max_new_tokens: int) -> dict[str, A
     return record
 
 
-def check_args(parser: flags.Parser, args: argparse.Namespace) -> tuple[Settings, Any]:
-    """What a rank refuses before joining the others (every rank alike): its Settings, and
-    the weight-only scheme it quantizes its slice with (None: float)."""
-    settings = settings_from(args)
-    scheme = autotp_scheme(parser, args, settings)
-    backend = "ipex" if settings.model.ipex else settings.model.backend
-    if backend == "ipex":
-        from llmbench.backends.ipex import require_ipex
-
-        require_ipex()  # IPEX absent: one line saying so
-    if backend not in ("stock", "native"):
-        raise UserError(f"--autotp runs --backend stock or native, not {backend}")
-    if settings.model.kv_cache_dtype != "auto" and backend != "native":
-        raise UserError("--kv-cache-dtype needs --backend native")
-    return settings, scheme
-
-
 def main(argv: list[str] | None = None) -> int:
     from llmbench.atomic import write_text
     from llmbench.backends import PreparedModel
@@ -177,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmbench.report import ReportWriter, compute_statistics, markdown, report_stem
 
     parser = build_parser()
-    settings, scheme = check_args(parser, parser.parse_args(argv))
+    settings, scheme = rank_settings(parser, parser.parse_args(argv))
     model = settings.model
     mode, generate_kwargs = decoding_of(settings)
     notes = check_dtype(model.dtype)

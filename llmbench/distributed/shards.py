@@ -12,9 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmbench import flags
 from llmbench.atomic import atomic_folder
-from llmbench.distributed.ranks import env_int
 from llmbench.errors import UserError
 
 SHARD_SUFFIX = "_local_shard"
@@ -177,46 +175,3 @@ def wait_for_shard(name_or_path: str | None, save_path: Path, identity_args: dic
         time.sleep(0.5)
     raise UserError(f"local rank 0 did not write the shard {save_path} within {timeout_s:.0f} s "
                     "(--dist-timeout)")
-
-
-def build_shard_parser(prog: str = "create_shard_model.py") -> flags.Parser:
-    parser = flags.Parser(prog=prog, description=SHARD_DESCRIPTION)
-    parser.add_argument(*flags.MODEL_FLAG_NAMES, dest="model_name_or_path", default=None,
-                        help=flags.MODEL_HELP)
-    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                        help="the model, as the v2.1 example passes it (the same as -m)")
-    parser.add_argument("--save-path", default=None,
-                        help="folder to write (default: --output-dir/<family>_local_shard)")
-    parser.add_argument("--output-dir", default="./saved_results",
-                        help="where the default --save-path goes (default ./saved_results)")
-    parser.add_argument("--dtype", choices=("auto", *flags.DTYPES), default="auto",
-                        help="dtype of the saved weights (default auto: as stored)")
-    parser.add_argument("--max-shard-size", default="500MB",
-                        help="largest file written, e.g. 500MB or 2GB (default 500MB)")
-    parser.add_argument("--config-file", default=None,
-                        help="JSON whose keys override the model's config (saved with the shard)")
-    flags.add_rank_flags(parser)
-    return parser
-
-
-def shard_main(argv: list[str] | None = None) -> int:
-    args = build_shard_parser().parse_args(argv)
-    if args.model is not None:
-        if args.model_name_or_path not in (None, args.model):
-            raise UserError(f"two models given: -m {args.model_name_or_path} and {args.model}; "
-                            "pass one")
-        args.model_name_or_path = args.model
-    save_path = (Path(args.save_path) if args.save_path else
-                 default_shard_path(args.model_name_or_path, args.output_dir, args.config_file))
-    local_rank = env_int("LOCAL_RANK")
-    if local_rank is None:
-        local_rank = args.local_rank or 0
-    if local_rank != 0:
-        wait_for_shard(args.model_name_or_path, save_path,
-                       {"config_file": args.config_file, "dtype": args.dtype,
-                        "max_shard_size": args.max_shard_size}, args.dist_timeout, local_rank)
-        return 0
-    create_shard(args.model_name_or_path, save_path, dtype=args.dtype,
-                 max_shard_size=args.max_shard_size, config_file=args.config_file)
-    print(f"shard: {save_path}", flush=True)
-    return 0

@@ -12,5 +12,6 @@ and our own GPTQ, SmoothQuant static INT8; saved as best_model.safetensors + bes
 - smoothquant.py: SmoothQuant W8A8 (calibration, smoothing folded into norms / v_proj /
   up_proj, static int8 activations, float fallback, the --qconfig-summary-file recipe); the
   int8 x int8 kernel is llmbench.kernels.int8_act;
-- cli.py: single_instance/run_quantization.py.
+- the command lines are llmbench.cli.quantize (single_instance/run_quantization.py) and
+  llmbench.cli.gptq (utils/run_gptq.py).
 """

@@ -21,7 +21,6 @@ gptq_checkpoint.safetensors (the projections alone) for --low-precision-checkpoi
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -32,14 +31,12 @@ from typing import Any
 
 import torch
 
-from llmbench import flags
 from llmbench.atomic import atomic_folder
 from llmbench.errors import UserError
-from llmbench.flags import add_dataset_flag
 from llmbench.quant.calibration import load_texts
 from llmbench.quant.rtn import QuantizedWeight
 from llmbench.quant.scale_tuning import ScaleTuning, tune_scales
-from llmbench.quant.scheme import CLIP_GRID_4BIT, MIN_GROUP, MIN_IN_FEATURES
+from llmbench.quant.scheme import CLIP_GRID_4BIT, MIN_IN_FEATURES
 
 HELDOUT_WINDOWS = 4  # held-out windows of --seqlen tokens at the end of the text, for perplexity
 TUNE_DEFAULTS = ScaleTuning()
@@ -381,120 +378,51 @@ def write_outputs(output_dir: Path, model: torch.nn.Module, tokenizer: Any,
         tokenizer.save_pretrained(str(staging))
 
 
-# ---- utils/run_gptq.py ---------------------------------------------------------------------
-
-DESCRIPTION = ("GPTQ INT4 (our implementation of Frantar et al. 2022) with a local calibration "
-               "text; writes a Hugging Face GPTQ folder that -m loads and "
-               "gptq_checkpoint.safetensors for --low-precision-checkpoint.")
-
-
-def add_gptq_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    group = parser.add_argument_group("GPTQ")
-    group.add_argument(*flags.MODEL_FLAG_NAMES, dest="model_name_or_path", default=None,
-                       help="float model: hub id, local folder or .gguf (default: the embedded "
-                            "SmolLM2-135M-Instruct)")
-    group.add_argument("--output-dir", default="./saved_results/gptq",
-                       help="the GPTQ folder to write (new or empty)")
-    group.add_argument("--wbits", type=int, default=4, help="weight bits (only 4)")
-    group.add_argument("--group-size", type=int, default=128,
-                       help="input channels per scale: a power of two >= 32, or -1 per-channel")
-    group.add_argument("--sym", dest="sym", action="store_true", default=False,
-                       help="symmetric weights (zero point 8)")
-    group.add_argument("--asym", dest="sym", action="store_false",
-                       help="asymmetric weights, an integer zero point per group (default)")
-    group.add_argument("--act-order", action="store_true",
-                       help="quantize columns in decreasing Hessian diagonal order (desc_act)")
-    group.add_argument("--static-groups", action="store_true",
-                       help="every group's scale and zero from the weights before GPTQ's error "
-                            "updates, groups in channel order (with --act-order: no input "
-                            "permutation at run time)")
-    group.add_argument("--percdamp", type=float, default=0.01,
-                       help="Hessian dampening, a fraction of its mean diagonal (default 0.01)")
-    group.add_argument("--nsamples", type=flags.positive_int, default=32,
-                       help="calibration windows (default 32)")
-    group.add_argument("--seqlen", type=flags.positive_int, default=256,
-                       help="tokens per calibration window (default 256)")
-    add_dataset_flag(group)
-    group.add_argument("--seed", type=int, default=0, help="seed of the window sampling")
-    group.add_argument("--tune-scales", action="store_true",
-                       help="after GPTQ, tune its group scales end to end (integers fixed) by "
-                            "the KL divergence to the float model on calibration windows; "
-                            "needs a second float copy of the model in memory")
-    group.add_argument("--tune-epochs", type=flags.positive_int, default=None,
-                       help=f"passes over the tuning windows (default {TUNE_DEFAULTS.epochs})")
-    group.add_argument("--tune-nsamples", type=flags.positive_int, default=None,
-                       help=f"tuning windows of --seqlen tokens, another draw than GPTQ's "
-                            f"(default {TUNE_NSAMPLES})")
-    group.add_argument("--tune-lr", type=float, default=None,
-                       help=f"Adam learning rate on log(scale) (default {TUNE_DEFAULTS.lr})")
-    group.add_argument("--skip-rtn", action="store_true",
-                       help="don't measure round-to-nearest for comparison")
-    return group
-
-
-def build_parser(prog: str = "run_gptq.py") -> flags.Parser:
-    return flags.build_parser(prog, DESCRIPTION, (add_gptq_flags,))
-
-
-def settings_from_args(args: argparse.Namespace) -> GPTQSettings:
-    if args.wbits != 4:
-        raise UserError(f"--wbits {args.wbits}: only 4-bit GPTQ runs here (our int4 kernel)")
-    group = args.group_size
-    if group != -1 and (group < MIN_GROUP or group & (group - 1)):
-        raise UserError(f"--group-size {group}: use -1 (per-channel) or a power of two >= "
-                        f"{MIN_GROUP}")
-    if not 0 < args.percdamp < 1:
-        raise UserError(f"--percdamp {args.percdamp}: use a fraction in (0, 1)")
-    return GPTQSettings(group_size=group, sym=args.sym, act_order=args.act_order,
-                        percdamp=args.percdamp, static_groups=args.static_groups)
-
-
-def tuning_from_args(args: argparse.Namespace) -> ScaleTuning | None:
-    given = [flag for flag, value in (("--tune-epochs", args.tune_epochs),
-                                      ("--tune-nsamples", args.tune_nsamples),
-                                      ("--tune-lr", args.tune_lr)) if value is not None]
-    if not args.tune_scales:
-        if given:
-            raise UserError(f"{given[0]} needs --tune-scales")
-        return None
-    if args.tune_lr is not None and not 0 < args.tune_lr < 1:
-        raise UserError(f"--tune-lr {args.tune_lr}: use a rate in (0, 1)")
-    return ScaleTuning(epochs=args.tune_epochs or TUNE_DEFAULTS.epochs,
-                       lr=args.tune_lr or TUNE_DEFAULTS.lr)
-
-
 def perplexity_on(model: Any, ids: torch.Tensor) -> float:
     from llmbench.quant.quality import perplexity_of_ids
 
     return perplexity_of_ids(model, ids)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
-    tuning = tuning_from_args(args)
-    output_dir = Path(args.output_dir)
+@dataclass(frozen=True)
+class GPTQJob:
+    """What utils/run_gptq.py runs, besides GPTQSettings and the optional ScaleTuning (its
+    command line is llmbench.cli.gptq)."""
+
+    model_name_or_path: str | None
+    output_dir: Path
+    dataset: str | None
+    nsamples: int
+    seqlen: int
+    seed: int
+    skip_rtn: bool
+    tune_nsamples: int | None
+
+
+def run(job: GPTQJob, settings: GPTQSettings, tuning: ScaleTuning | None) -> int:
+    """Calibrate, quantize (and tune), compare perplexities, write the GPTQ folder."""
+    output_dir = job.output_dir
     if output_dir.exists() and any(output_dir.iterdir()):
         raise UserError(f"--output-dir {output_dir} is not empty: pass a new folder")
-    texts, source = load_texts(args.dataset)
+    texts, source = load_texts(job.dataset)
 
     from llmbench.models import load_model
     from llmbench.quant import apply, quality
     from llmbench.quant.scheme import Scheme
 
-    torch.manual_seed(args.seed)
-    loaded = load_model(args.model_name_or_path, "float32")
+    torch.manual_seed(job.seed)
+    loaded = load_model(job.model_name_or_path, "float32")
     if loaded.quantized is not None:
         raise UserError(f"{loaded.source.display_name} is already quantized")
     model, tokenizer = loaded.model, loaded.tokenizer
-    calib, heldout = calibration_ids(tokenizer, texts, args.nsamples, args.seqlen, args.seed)
+    calib, heldout = calibration_ids(tokenizer, texts, job.nsamples, job.seqlen, job.seed)
     print(f"model: {loaded.source.display_name} | GPTQ 4-bit group {settings.group_size} "
           f"{'sym' if settings.sym else 'asym'} act-order {settings.act_order} "
           f"static-groups {settings.static_groups} | calibration "
-          f"{args.nsamples} x {args.seqlen} tokens of {source}", flush=True)
+          f"{job.nsamples} x {job.seqlen} tokens of {source}", flush=True)
     ppl = {"fp32": (perplexity_on(model, heldout), quality.perplexity(model, tokenizer))}
-    if not args.skip_rtn:  # the same layers by round to nearest (lm_head stays float too)
-        rtn = load_model(args.model_name_or_path, "float32").model
+    if not job.skip_rtn:  # the same layers by round to nearest (lm_head stays float too)
+        rtn = load_model(job.model_name_or_path, "float32").model
         scheme = Scheme("woq", "INT4", settings.group_size, settings.sym, lm_head=False)
         apply.install_hf(rtn, apply.quantize_rtn(rtn, scheme))
         ppl["rtn"] = (perplexity_on(rtn, heldout), quality.perplexity(rtn, tokenizer))
@@ -505,23 +433,23 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     print(f"GPTQ: {len(results)} linears in {seconds:.1f} s", flush=True)
     ppl["gptq"] = (perplexity_on(model, heldout), quality.perplexity(model, tokenizer))
-    qconfig = quantization_config(settings, args.nsamples, args.seqlen)
+    qconfig = quantization_config(settings, job.nsamples, job.seqlen)
     if tuning:
-        nsamples = args.tune_nsamples or TUNE_NSAMPLES
-        windows = tuning_windows(tokenizer, texts, nsamples, args.seqlen, args.seed)
-        stats = tune_scales(model, teacher, results, windows, tuning, seed=args.seed,
+        nsamples = job.tune_nsamples or TUNE_NSAMPLES
+        windows = tuning_windows(tokenizer, texts, nsamples, job.seqlen, job.seed)
+        stats = tune_scales(model, teacher, results, windows, tuning, seed=job.seed,
                             log=lambda line: print(line, flush=True))
         del teacher
         ppl["tuned"] = (perplexity_on(model, heldout), quality.perplexity(model, tokenizer))
         qconfig["scale_tuning"] = {"epochs": tuning.epochs, "lr": tuning.lr,
                                    "batch": tuning.batch, "nsamples": nsamples,
-                                   "seqlen": args.seqlen,
+                                   "seqlen": job.seqlen,
                                    "objective": "KL to the float model, scales only",
                                    "kl_first_epoch": round(stats["kl_first_epoch"], 5),
                                    "kl_last_epoch": round(stats["kl_last_epoch"], 5)}
     write_outputs(output_dir, model, tokenizer, results, qconfig)
     base_heldout, base_prompts = ppl["fp32"]
-    print(f"perplexity (held-out {HELDOUT_WINDOWS} x {args.seqlen} tokens of the calibration "
+    print(f"perplexity (held-out {HELDOUT_WINDOWS} x {job.seqlen} tokens of the calibration "
           "text | prompt.json texts):")
     for name, (held, prompts) in ppl.items():
         print(f"  {name:5s} {held:8.3f} ({100 * (held / base_heldout - 1):+6.2f}%) | "

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from llmbench.errors import USER_ERROR_EXIT
+from llmbench.settings import INPUT_MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The accuracy scripts' --dtype also takes the examples' int8 / int4: weight-only quantization
@@ -65,7 +66,7 @@ class CompatFlag(argparse.Action):
 
 
 def add_dataset_flag(group: argparse._ArgumentGroup) -> None:
-    """--dataset, as GPTQ (utils/run_gptq.py) and SmoothQuant (llmbench/flags.py) take it."""
+    """--dataset, as GPTQ (utils/run_gptq.py) and SmoothQuant (llmbench/cli/flags.py) take it."""
     group.add_argument("--dataset", default=None, metavar="FILE",
                        help="calibration text: a .txt, JSONL with a 'text' field, or a hub "
                             "dataset id (default: the shipped texts, see "
@@ -162,8 +163,6 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     return group
 
 
-# --input-mode values, as the Xeon examples number them (docs/multimodal.md).
-INPUT_MODES = {0: "text", 1: "vision", 2: "speech", 3: "vision+speech"}
 
 
 def input_mode(text: str) -> int:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmbench import flags, sweep
-from llmbench.cli import autotp_scheme, settings_from
+from llmbench import sweep
+from llmbench.cli import autotp_scheme, flags, settings_from
 from llmbench.errors import UserError
 from llmbench.settings import Settings
 from llmbench.steps import Step, run_steps
@@ -86,7 +86,7 @@ def quantization_steps(parser: argparse.ArgumentParser, args: argparse.Namespace
     With --autotp there is no step: every rank quantizes its own slice."""
     from pathlib import Path
 
-    from llmbench import quantize
+    from llmbench.cli import quantize
     from llmbench.quant.workflow import scheme_of
 
     if args.autotp:

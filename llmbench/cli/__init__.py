@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields, replace
 
-from llmbench import flags
+from llmbench.cli import flags
 from llmbench.errors import UserError
 from llmbench.quant.scheme import Scheme
 from llmbench.quant.workflow import resolve_checkpoint_path, scheme_of
@@ -84,3 +84,21 @@ def autotp_scheme(parser: argparse.ArgumentParser, args: argparse.Namespace,
             raise UserError(f"{given[0]} only applies with --ipex-weight-only-quantization")
         return None
     return scheme_of(settings.quantization)
+
+
+def rank_settings(parser: argparse.ArgumentParser, args: argparse.Namespace
+                  ) -> tuple[Settings, Scheme | None]:
+    """What a rank refuses before joining the others (every rank alike): its Settings, and
+    the weight-only scheme it quantizes its slice with (None: float)."""
+    settings = settings_from(args)
+    scheme = autotp_scheme(parser, args, settings)
+    backend = "ipex" if settings.model.ipex else settings.model.backend
+    if backend == "ipex":
+        from llmbench.backends.ipex import require_ipex
+
+        require_ipex()  # IPEX absent: one line saying so
+    if backend not in ("stock", "native"):
+        raise UserError(f"--autotp runs --backend stock or native, not {backend}")
+    if settings.model.kv_cache_dtype != "auto" and backend != "native":
+        raise UserError("--kv-cache-dtype needs --backend native")
+    return settings, scheme
