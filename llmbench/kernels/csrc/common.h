@@ -61,5 +61,6 @@ const KernelTable* generic_table();
 const KernelTable* avx2_table();    // nullptr when not compiled (non-x86)
 const KernelTable* avx512_table();  // nullptr when not compiled (non-x86)
 const KernelTable* avx512vnni_table();  // nullptr when not compiled (non-x86)
+const KernelTable* neon_table();    // nullptr when not compiled (not AArch64)
 
 }  // namespace llmb

@@ -101,6 +101,7 @@ const KernelTable* table_for(const std::string& name) {
   if (name == "avx512") return (avx512_table() && cpu_has_avx512()) ? avx512_table() : nullptr;
   if (name == "avx512vnni")
     return (avx512vnni_table() && cpu_has_avx512vnni()) ? avx512vnni_table() : nullptr;
+  if (name == "neon") return neon_table();  // AArch64 only, where NEON is always present
   return nullptr;
 }
 
@@ -108,6 +109,7 @@ const KernelTable* best_table() {
   if (auto* t = table_for("avx512vnni")) return t;
   if (auto* t = table_for("avx512")) return t;
   if (auto* t = table_for("avx2")) return t;
+  if (auto* t = table_for("neon")) return t;
   return generic_table();
 }
 
@@ -121,6 +123,7 @@ std::vector<std::string> supported_isas() {
   if (table_for("avx2")) out.push_back("avx2");
   if (table_for("avx512")) out.push_back("avx512");
   if (table_for("avx512vnni")) out.push_back("avx512vnni");
+  if (table_for("neon")) out.push_back("neon");
   return out;
 }
 

@@ -1,0 +1,150 @@
+// Cross-compiled for AArch64 by tests/test_kernels_neon.py with llmbench's kernels_generic.cpp
+// and kernels_neon.cpp, and run under qemu-user: the NEON table against the portable one on the
+// same inputs, every weight format, shapes with K tails, several activation rows, bias, int4
+// group sizes, and a row range split in two (as the thread pool splits it). Prints one line
+// per mismatch and "neon: N cases agree" at the end; exit status 1 on any mismatch.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+uint64_t state = 0x9E3779B97F4A7C15ull;
+float uniform() {  // [-1, 1)
+  state = state * 6364136223846793005ull + 1442695040888963407ull;
+  return static_cast<float>((state >> 40) & 0xFFFFFF) / 8388608.f - 1.f;
+}
+uint32_t bits() {
+  state = state * 6364136223846793005ull + 1442695040888963407ull;
+  return static_cast<uint32_t>(state >> 32);
+}
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct Case {
+  llmb::Fmt fmt;
+  int64_t M, K, N, group;
+  bool bias;
+};
+
+// Runs one case on both tables; returns false (and prints why) when they disagree.
+bool check(const llmb::KernelTable& ref, const llmb::KernelTable& neon, const Case& c) {
+  const int64_t M = c.M, K = c.K, N = c.N;
+  const int64_t G = c.fmt == llmb::kI4 ? c.group : K, NG = K / G;
+  std::vector<float> x(M * K), bias(N), scales(N * NG), zeros(N * NG), xsum(M * NG);
+  for (auto& v : x) v = uniform();
+  for (auto& v : bias) v = uniform();
+  for (auto& v : scales) v = 0.01f + 0.05f * (uniform() + 1.f);
+  for (auto& v : zeros) v = 8.f + 4.f * uniform();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < NG; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) s += x[m * K + k];
+      xsum[m * NG + g] = s;
+    }
+  std::vector<float> wf;
+  std::vector<uint16_t> wb;
+  std::vector<int8_t> wi8;
+  std::vector<uint8_t> wi4;
+  const void* w = nullptr;
+  float wmax = 1.f;
+  switch (c.fmt) {
+    case llmb::kF32:
+      wf.resize(N * K);
+      for (auto& v : wf) v = uniform();
+      w = wf.data();
+      break;
+    case llmb::kBF16:
+      wb.resize(N * K);
+      for (auto& v : wb) v = to_bf16(uniform());
+      w = wb.data();
+      break;
+    case llmb::kI8:
+      wi8.resize(N * K);
+      for (auto& v : wi8) v = static_cast<int8_t>(static_cast<int>(bits() % 255) - 127);
+      w = wi8.data();
+      wmax = 127.f * 0.11f;
+      break;
+    default:
+      wi4.resize(N * K / 2);
+      for (auto& v : wi4) v = static_cast<uint8_t>(bits() & 0xFF);
+      w = wi4.data();
+      wmax = 15.f * 0.11f;
+      break;
+  }
+  std::vector<float> y_ref(M * N, NAN), y_neon(M * N, NAN);
+  llmb::GemvArgs a{};
+  a.x = x.data();
+  a.ldx = K;
+  a.M = M;
+  a.K = K;
+  a.w = w;
+  a.N = N;
+  a.scales = (c.fmt == llmb::kI8 || c.fmt == llmb::kI4) ? scales.data() : nullptr;
+  a.zeros = c.fmt == llmb::kI4 ? zeros.data() : nullptr;
+  a.group_size = G;
+  a.ngroups = NG;
+  a.xsum = c.fmt == llmb::kI4 ? xsum.data() : nullptr;
+  a.bias = c.bias ? bias.data() : nullptr;
+  a.ldy = N;
+  a.y = y_ref.data();
+  ref.fn[c.fmt](a, 0, N);
+  a.y = y_neon.data();
+  const int64_t split = N > 4 ? (N / 2) / 4 * 4 : N;  // two calls, as two threads would
+  neon.fn[c.fmt](a, 0, split);
+  if (split < N) neon.fn[c.fmt](a, split, N);
+  const float tol = 2e-6f * static_cast<float>(K) * wmax + 1e-5f;
+  for (int64_t i = 0; i < M * N; ++i) {
+    if (!(std::fabs(y_ref[i] - y_neon[i]) <= tol)) {
+      std::printf("mismatch: fmt %d M %lld K %lld N %lld group %lld bias %d at %lld: "
+                  "generic %g neon %g\n",
+                  static_cast<int>(c.fmt), static_cast<long long>(M), static_cast<long long>(K),
+                  static_cast<long long>(N), static_cast<long long>(G), c.bias ? 1 : 0,
+                  static_cast<long long>(i), y_ref[i], y_neon[i]);
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+int main() {
+  const llmb::KernelTable* ref = llmb::generic_table();
+  const llmb::KernelTable* neon = llmb::neon_table();
+  if (neon == nullptr) {
+    std::printf("neon: table not compiled (not an AArch64 build)\n");
+    return 1;
+  }
+  std::printf("tables: %s, %s\n", ref->name, neon->name);
+  std::vector<Case> cases;
+  const int64_t Ms[] = {1, 2, 3, 4, 5, 8, 13};
+  const int64_t Ns[] = {1, 3, 4, 7, 16, 37};
+  for (llmb::Fmt fmt : {llmb::kF32, llmb::kBF16, llmb::kI8})
+    for (int64_t K : {4, 60, 64, 100, 256, 576})
+      for (int64_t M : Ms)
+        for (int64_t N : Ns) cases.push_back({fmt, M, K, N, K, (M + N) % 2 == 0});
+  for (int64_t K : {128, 256, 576})
+    for (int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}, K})
+      for (int64_t M : Ms)
+        for (int64_t N : Ns)
+          if (K % group == 0) cases.push_back({llmb::kI4, M, K, N, group, (M + N) % 2 == 1});
+  for (int64_t M : Ms)  // per-channel int4 with a K that is not a multiple of 32
+    cases.push_back({llmb::kI4, M, 80, 7, 80, true});
+  int bad = 0;
+  for (const Case& c : cases) bad += check(*ref, *neon, c) ? 0 : 1;
+  if (bad) {
+    std::printf("neon: %d of %zu cases disagree\n", bad, cases.size());
+    return 1;
+  }
+  std::printf("neon: %zu cases agree\n", cases.size());
+  return 0;
+}
