@@ -190,6 +190,7 @@ def random_family_shape(key: str, tokenizer_dir: Path) -> Path:
     auto_class = AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM
     folder = cache_root() / f"random-{key}-shape"
     if (folder / "config.json").is_file():
+        fit_tokenizer(folder, shape["vocab_size"])
         return folder
     layers_key = _layers_key(model_type)
     if layers_key in shape:  # a shape whose layers differ in kind names its own layer count
@@ -211,7 +212,45 @@ def random_family_shape(key: str, tokenizer_dir: Path) -> Path:
                                   bos_token_id=1, eos_token_id=2)
     auto_class.from_config(config, dtype=torch.float32).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    fit_tokenizer(folder, shape["vocab_size"])
     return folder
+
+
+def fit_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A shape whose vocabulary is smaller than the SmolLM2 tokenizer's (T5's 32128, Mixtral's
+    32000) gets a word-level tokenizer over prompt.json's words instead, so that run.py, which
+    tokenizes the prompt itself (benchmarks/native_tp.py runs it), never feeds the embedding an
+    id past its end. (This script's own runs fold the ids into the vocabulary: measure_loaded.)"""
+    import json
+
+    tokenizer_file = folder / "tokenizer.json"
+    if len(json.loads(tokenizer_file.read_text())["model"]["vocab"]) <= vocab_size:
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = json.loads((ROOT / "prompt.json").read_text())
+    words = sorted({w for text in _strings(texts) for w in text.split()})
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2 as the shapes' configs say
+    vocab = {token: i for i, token in enumerate(specials + words[:vocab_size - len(specials)])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    print(f"{folder.name}: word-level tokenizer of {len(vocab)} prompt.json words (its "
+          f"vocabulary of {vocab_size} is smaller than SmolLM2's)", flush=True)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _layers_key(model_type: str) -> str:

@@ -82,7 +82,7 @@ def summarize(name: str, precision: str, report: dict[str, Any]) -> dict[str, An
             "first_ms": stats["first_token_latency_s"]["p50"] * MS,
             "next_ms": stats["next_token_latency_s"]["p50"] * MS,
             "all_reduce_ms": dist.get("all_reduce_ms_per_token"),
-            "tokens": report.get("generated_token_ids")}
+            "tokens": report.get("generated_text")}  # both reports hold it
 
 
 def main() -> int:
@@ -118,7 +118,8 @@ def main() -> int:
                                        run(model, PRECISIONS[precision], args.ranks, args)))
         for row in found:
             row["vs_one_process"] = row["next_ms"] / single["next_ms"]
-            row["same_tokens"] = row["tokens"] == single["tokens"] if row["tokens"] else None
+            row["same_tokens"] = (row["tokens"] == single["tokens"]
+                                  if row is not single and row["tokens"] else None)
             print(f"{precision} {row['config']}: next {row['next_ms']:.2f} ms "
                   f"({row['vs_one_process']:.2f}x one process), first {row['first_ms']:.1f} ms"
                   + (f", all-reduce {row['all_reduce_ms']:.2f} ms/token"
@@ -134,11 +135,13 @@ def main() -> int:
              f"{args.num_iter} iterations after {args.num_warmup} warm-up", "",
              f"`{command.strip()}`", "",
              "| precision | config | backend | next ms | x one process | first ms | "
-             "all-reduce ms/token |", "|---|---|---|--:|--:|--:|--:|"]
+             "all-reduce ms/token | same text as one process |",
+             "|---|---|---|--:|--:|--:|--:|---|"]
     for r in rows:
         reduce = "" if r["all_reduce_ms"] is None else f"{r['all_reduce_ms']:.2f}"
+        same = {True: "yes", False: "**no**", None: ""}[r["same_tokens"]]
         lines.append(f"| {r['precision']} | {r['config']} | {r['backend']} | {r['next_ms']:.2f} "
-                     f"| {r['vs_one_process']:.2f} | {r['first_ms']:.1f} | {reduce} |")
+                     f"| {r['vs_one_process']:.2f} | {r['first_ms']:.1f} | {reduce} | {same} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     stem = args.output_dir / f"native-tp-{args.model}-{machine_slug()}"  # replaces the baseline

@@ -39,11 +39,11 @@ def slowed(report: Path, factor: float, target: Path) -> Path:
 
 
 def test_rerun_is_not_flagged(two_runs, capsys):
-    # --min-change 25: on two shared cores a tiny model's medians move by more than its
-    # decode steps' own p10-p90 band between two runs a second apart; a real regression gate
-    # sets the floor it can afford.
+    # --min-change 50: on two shared cores a tiny model's medians move by more than its
+    # decode steps' own p10-p90 band between two runs a second apart (28% once, with another
+    # process busy); a real regression gate sets the floor it can afford.
     assert compare_reports_main([str(two_runs[0]), str(two_runs[1]), "--json",
-                                 "--min-change", "25", "--fail-above", "25"]) == 0
+                                 "--min-change", "50", "--fail-above", "50"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["metric"] for r in rows} == {"first_token_ms", "next_token_ms", "iteration_ms"}
     assert all(r["verdict"] == "same" for r in rows), rows
