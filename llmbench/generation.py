@@ -58,7 +58,7 @@ class Session(Protocol):
 
     def begin(self, settings: Settings, notes: list[str]) -> None: ...
     def load(self, settings: Settings, request: Any, notes: list[str]) -> Setup: ...
-    def headline(self, settings: Settings, setup: Setup, mode: str) -> list[str]: ...
+    def headline(self, settings: Settings, setup: Setup, mode: str) -> list[str]: ...  # model first
     def stem_backend(self, setup: Setup) -> str: ...
     def add_sections(self, writer: ReportWriter, setup: Setup) -> None: ...
     def runnable(self, setup: Setup) -> Any: ...
@@ -85,7 +85,10 @@ def benchmark(settings: Settings, session: Session | None = None) -> int:
     if session.is_root:
         for note in notes:
             print(f"note: {note}", flush=True)
-        for line in session.headline(settings, setup, mode):
+        lines = session.headline(settings, setup, mode)
+        if request is not None:  # after the model line, before any session details
+            lines.insert(1, f"input: {request.describe()}")
+        for line in lines:
             print(line, flush=True)
         print(f"---- Prompt size: {prompt.tokens}", flush=True)
 
@@ -159,17 +162,13 @@ class SingleInstance:
         loaded.model = prepared.model  # a backend that rebuilt the model frees the original
         if "fallback_reason" in prepared.details:
             notes.append(prepared.details["fallback_reason"])
-        self.request = request
         return Setup(loaded, prepared, prompt, encoder_timer)
 
     def headline(self, settings: Settings, setup: Setup, mode: str) -> list[str]:
         loaded = setup.loaded
-        lines = [f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
-                 f"{settings.model.dtype} | backend {setup.prepared.backend} | {mode} | "
-                 f"load {loaded.load_seconds:.2f} s"]
-        if self.request is not None:
-            lines.append(f"input: {self.request.describe()}")
-        return lines
+        return [f"model: {loaded.source.display_name} | family {loaded.family.model_type} | "
+                f"{settings.model.dtype} | backend {setup.prepared.backend} | {mode} | "
+                f"load {loaded.load_seconds:.2f} s"]
 
     def stem_backend(self, setup: Setup) -> str:
         return setup.prepared.backend

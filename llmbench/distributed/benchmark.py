@@ -230,7 +230,7 @@ class TensorParallel:
             prepared.details["weight_bytes_per_token"] = decode_bytes
             if "note" in prepared.details["quantization"]:
                 notes.append(prepared.details["quantization"]["note"])
-        self.tp, self.quant, self.scheme, self.request = tp, quant, scheme, request
+        self.tp, self.quant, self.scheme = tp, quant, scheme
         self.native = native_prepared is not None
         self.all_reduce = all_reduce
         return Setup(loaded, prepared, prompt, encoder_timer, decode_bytes)
@@ -242,8 +242,6 @@ class TensorParallel:
                  f"{settings.model.dtype} | {backend_name} x{info.world_size} "
                  f"({self.comm_backend}, {self.all_reduce}) | {mode} | "
                  f"load {loaded.load_seconds:.2f} s ({self.tp.load_path})"]
-        if self.request is not None:
-            lines.append(f"input: {self.request.describe()}")
         if self.quant is not None:
             quant = self.quant
             splits = setup.prepared.details["quantization"]["splits_per_rank"]
