@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT, run_entry
+from test_distributed import deepspeed_launcher, free_port
 
 from llmbench.accuracy import single_instance, tasks
 from llmbench.cli import run as dispatch
@@ -281,9 +281,9 @@ def test_entry_script_is_executable():
 def test_tensor_parallel_accuracy_agrees_with_single_instance(shipped_run, tmp_path):
     """distributed/run_accuracy_with_deepspeed.py on two AutoTP ranks scores the same passages
     as the single-instance run the same way; rank 0 alone writes the report."""
-    launcher = shutil.which("deepspeed")
-    assert launcher, "the deepspeed launcher is not installed (pip install deepspeed)"
-    command = [launcher, "--num_accelerators", "2", "--bind_cores_to_rank",
+    # a port of its own: the launcher's default (29500) is shared with any other run here
+    command = [deepspeed_launcher(), "--num_accelerators", "2", "--bind_cores_to_rank",
+               "--master_port", str(free_port()),
                str(ROOT / "distributed" / "run_accuracy_with_deepspeed.py"),
                "--limit", str(LIMIT), "--batch-size", str(BATCH), "--output-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,

@@ -12,6 +12,9 @@ from tiny_models import make_tiny_model
 
 from llmbench.cli.tools import compare_reports_main
 
+# the reports' timings are measured while no other test runs (conftest.machine_share)
+pytestmark = pytest.mark.quiet
+
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, embedded_model_dir):

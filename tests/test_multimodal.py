@@ -280,14 +280,16 @@ BEAMS = ["--num-beams", "2", "--token-latency", "--max-new-tokens", "4", "--num-
 
 def stock_and_native(model: Path, folder: Path, *flags: str, decoding: list[str] = SHORT
                      ) -> tuple[dict, dict]:
-    """The generation benchmark (run_generation.py: run.py's step, one process start fewer)
-    of `model` on stock and on native; both reports, native checked to have run native."""
+    """The generation benchmark (the main of run_generation.py, run.py's step, in this process:
+    the tests above start it as users do) of `model` on stock and on native; both reports,
+    native checked to have run native."""
+    from llmbench.generation import main as generation_main
+
     reports = []
     for backend in ("stock", "native"):
         out = folder / backend
-        result = run_entry("single_instance/run_generation.py", "-m", str(model), *decoding,
-                           *flags, "--backend", backend, "--output-dir", str(out))
-        assert result.returncode == 0, result.stderr
+        assert generation_main(["-m", str(model), *decoding, *flags, "--backend", backend,
+                                "--output-dir", str(out)]) == 0
         (path,) = out.glob("*.json")
         reports.append(json.loads(path.read_text()))
         assert reports[-1]["status"] == "complete"
