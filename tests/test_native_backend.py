@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -43,9 +44,21 @@ def stock_and_native(request, embedded_model_dir):
     return dtype, stock, native.model
 
 
-def test_greedy_and_beam_tokens_match_stock(stock_and_native):
+@pytest.fixture
+def every_core():
+    """The machine's cores as torch threads, so that the compiled step's thread-parallel paths
+    run (an xdist worker has one thread: tests/conftest.py); with the `quiet` marker, no other
+    test's threads compete for the cores meanwhile."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.quiet
+def test_greedy_and_beam_tokens_match_stock(stock_and_native, every_core):
     """fp32: identical. bf16: stock computes in bf16, native in fp32 from bf16 weights, and the
-    issue asks for the same first 16 tokens on each test prompt."""
+    issue asks for the same first 16 tokens on each test prompt. Every core's threads."""
     dtype, stock, native = stock_and_native
     for prompt in prompts_for(stock):
         greedy = dict(do_sample=False, num_beams=1)

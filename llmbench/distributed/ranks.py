@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from llmbench.errors import USER_ERROR_EXIT, UserError
+from llmbench.errors import USER_ERROR_EXIT, UserError, exit_now
 
 # A testing aid: the rank named here fails on purpose right after joining the process group, so
 # the tests can check that one failing rank fails the whole run instead of hanging the others.
@@ -182,7 +182,7 @@ def run_rank(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     sys.stderr.flush()
     if status != 0:
         os._exit(status)
-    sys.exit(0)
+    exit_now(0)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
