@@ -58,20 +58,6 @@ def machine_share(exclusive: bool) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-# Modules holding the longest single tests (about 40-60 s each here) start first, so that no
-# worker is left running one of them alone at the end. Module order only: module fixtures are
-# still built once per worker.
-LONGEST_FIRST = ("test_seed_commands", "test_smoothquant", "test_sweep")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    def first(item) -> int:
-        name = item.module.__name__ if item.module is not None else ""
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=first)  # stable: every module's own order is kept
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Setup (module fixtures included), call and teardown of a test under the machine share."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from conftest import run_entry
+from conftest import CORES, run_entry
 from test_benchmark_cli import assert_one_line_error, only_report
 from tiny_models import make_tiny_model
 
@@ -50,7 +49,7 @@ def every_core():
     run (an xdist worker has one thread: tests/conftest.py); with the `quiet` marker, no other
     test's threads compete for the cores meanwhile."""
     old = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(CORES)
     yield
     torch.set_num_threads(old)
 
