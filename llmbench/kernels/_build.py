@@ -52,7 +52,9 @@ def _flags() -> tuple[list[str], list[str]]:
         return ["/O2", "/openmp", "/std:c++17"], []
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; parallel_for runs serially
         return ["-O3"], []
-    return ["-O3", "-fopenmp", "-Wno-unknown-pragmas"], ["-fopenmp"]
+    # -g0: the interpreter's own CFLAGS, which setuptools puts first, carry -g; debug info for
+    # torch's headers made decode_step.cpp take 43 s to compile instead of 29 s here.
+    return ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"], ["-fopenmp"]
 
 
 def build(verbose: bool = True, force: bool = False) -> str:

@@ -39,12 +39,21 @@
 // [dt | B | C] RMS-normed, dt_proj + softplus, the SSM state advanced once,
 // y = C.state + D x times SiLU(gate), out_proj. States are bound per
 // generate() as [rows, inner, width-1] and [rows, inner, state] tensors.
+// Only the headers used (see ops.cpp).
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/softmax.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e5m2.h>
-#include <torch/extension.h>
-
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <chrono>

@@ -1,7 +1,14 @@
 // Torch bindings, argument checks, run-time ISA dispatch and threading for
 // the llmbench weight-streaming GEMV kernels (small-M linear layers).
+// Only the headers used, not <torch/extension.h>: it parses all of libtorch's C++ API (22 s
+// per file here); these take about 9 s.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -425,13 +432,13 @@ void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, fl
 
 // The Python layer step's RMSNorm (prefill, and decode without the compiled step): x [..., n]
 // fp32 -> a new tensor, rows split over threads. One call instead of six torch ops.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat,
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
               "rms_norm: x and weight must be float32");
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
               "rms_norm: weight [", weight.numel(), "] does not match x's last dim");
-  const torch::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  torch::Tensor out = torch::empty_like(xc);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty_like(xc);
   const int64_t n = xc.size(-1), rows = n ? xc.numel() / n : 0;
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
@@ -445,20 +452,20 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 // RoPE on the q and k heads of a fused qkv projection's output, in place: qkv [T, (heads +
 // 2 * kv_heads) * d] fp32 contiguous, token t at row t % S of cos and sin [S, rot] (T = rows x
 // S tokens, row-major). v is left alone.
-void rope_qk_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+void rope_qk_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
               int64_t heads, int64_t kv_heads, int64_t head_dim) {
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat && qkv.is_contiguous() && qkv.dim() == 2,
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && qkv.dim() == 2,
               "rope_qk_: qkv must be a contiguous 2-D float32 tensor");
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * head_dim, "rope_qk_: qkv has ",
               qkv.size(1), " columns, expected (heads + 2 * kv_heads) * head_dim");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat &&
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
                   cos.dim() == 2 && cos.sizes() == sin.sizes(),
               "rope_qk_: cos and sin must be float32 [S, rot] of one shape");
   const int64_t S = cos.size(0), rot = cos.size(1), T = qkv.size(0);
   TORCH_CHECK(S > 0 && T % S == 0 && rot <= head_dim && rot % 2 == 0,
               "rope_qk_: ", T, " tokens are not rows of ", S, " positions, or rot ", rot,
               " does not fit head_dim ", head_dim);
-  const torch::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
   const float* cp = cc.data_ptr<float>();
   const float* sp = sc.data_ptr<float>();
   float* base = qkv.data_ptr<float>();
