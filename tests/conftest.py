@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
+import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,59 @@ def pytest_runtest_protocol(item, nextitem):
     """Setup (module fixtures included), call and teardown of a test under the machine share."""
     with machine_share(exclusive=item.get_closest_marker("quiet") is not None):
         yield
+
+
+def entry_points() -> dict[str, Callable[[list[str]], int]]:
+    """The main(argv) behind each entry script."""
+    from llmbench import generation
+    from llmbench.accuracy import single_instance
+    from llmbench.cli import gptq, quantize, tools
+    from llmbench.cli import run as dispatch
+
+    return {"run.py": dispatch.main,
+            "single_instance/run_generation.py": generation.main,
+            "single_instance/run_accuracy.py": single_instance.main,
+            "single_instance/run_quantization.py": quantize.main,
+            "utils/create_shard_model.py": tools.shard_main,
+            "utils/run_gptq.py": gptq.main}
+
+
+def call(script: str, argv: list[str]) -> tuple[int, str, str]:
+    """The script's main(argv) in this process, as run_main runs it: (status, stdout, stderr)."""
+    from llmbench.errors import UserError
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = entry_points()[script](argv)
+        except UserError as exc:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            status = 2
+        except SystemExit as exc:  # argparse
+            status = exc.code if isinstance(exc.code, int) else 1
+    return status, out.getvalue(), err.getvalue()
+
+
+def run_step_here(step) -> int:
+    """llmbench.steps.run_step, in this process: the step's main with the argv run.py built."""
+    print(f"running {step.name}: {step.script} {shlex.join(step.argv)}", flush=True)
+    status, out, err = call(step.script, step.argv)
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return status
+
+
+def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """run_entry's result without its processes: the script's main here, and run.py's steps
+    too. Each process start costs 2-3 s of imports on these 2 cores, so tests whose point is
+    not the process itself (exit status, one-line errors: those use run_entry) run this way."""
+    from unittest import mock
+
+    from llmbench import steps
+
+    with mock.patch.object(steps, "run_step", run_step_here):
+        status, out, err = call(script, list(args))
+    return subprocess.CompletedProcess([script, *args], status, out, err)
 
 
 def run_entry(script: str, *args: str, env: dict[str, str] | None = None,

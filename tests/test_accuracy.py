@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, run_in_process
 from test_distributed import deepspeed_launcher, free_port
 
 from llmbench.accuracy import single_instance, tasks
@@ -307,9 +307,9 @@ def test_run_py_quantizes_then_scores_the_quantized_model(tmp_path, embedded_mod
 
     model = make_tiny_model("llama", tmp_path / "tiny", embedded_model_dir)
     out = tmp_path / "out"
-    result = run_entry("run.py", "-m", str(model), "--ipex-weight-only-quantization",
-                       "--weight-dtype", "INT8", "--accuracy-only", "--limit", "4",
-                       "--output-dir", str(out))
+    result = run_in_process("run.py", "-m", str(model), "--ipex-weight-only-quantization",
+                            "--weight-dtype", "INT8", "--accuracy-only", "--limit", "4",
+                            "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "best_model.safetensors").is_file()
     report = json.loads(next(out.glob("*-accuracy.json")).read_text())

@@ -10,6 +10,7 @@ tools/build_deepspeed_ops.py does it ahead of time).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,30 +47,77 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(*args: str, env: dict[str, str] | None = None,
-           timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 900,
+           launcher: str = "deepspeed") -> subprocess.CompletedProcess[str]:
     """What the README says: DS_ACCELERATOR=cpu deepspeed --num_accelerators 2
     --bind_cores_to_rank run.py --benchmark --autotp ...". Every launch must leave none of
-    DeepSpeed's shared-memory all-reduce files behind in /dev/shm (each holds RAM until reboot)."""
+    DeepSpeed's shared-memory all-reduce files behind in /dev/shm (each holds RAM until reboot).
+
+    launcher="direct": the same two ranks started the way DeepSpeed's launch.py starts them (the
+    environment it gives each rank, `--local_rank=N`, each rank bound to its share of the cores
+    with numactl and as many OpenMP threads), without the `deepspeed` CLI and launch.py: those
+    two Python start-ups took 5 s of each 9 s launch here. The tests of what the launcher itself
+    does (the README's command lines, a failing or killed rank, two hosts, the seed commands)
+    keep the real one."""
     port = free_port()
-    command = [deepspeed_launcher(), "--num_accelerators", "2", "--bind_cores_to_rank",
-               "--master_port", str(port), str(ROOT / "run.py"), "--benchmark", "--autotp",
-               *args]
+    script = [str(ROOT / "run.py"), "--benchmark", "--autotp", *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
-    # its own session, so that a hung launch is ended with every rank it started (a timeout
-    # of subprocess.run kills only the launcher, leaving the ranks behind)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=full_env, cwd=ROOT, start_new_session=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    if launcher == "deepspeed":
+        command = [deepspeed_launcher(), "--num_accelerators", "2", "--bind_cores_to_rank",
+                   "--master_port", str(port), *script]
+        # its own session, so that a hung launch is ended with every rank it started (a
+        # timeout of subprocess.run kills only the launcher, leaving the ranks behind)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=full_env, cwd=ROOT,
+                              start_new_session=True) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                raise
+        result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    else:
+        assert launcher == "direct", launcher
+        result = launch_ranks_directly(script, full_env, port, timeout)
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"left in /dev/shm: {left}"
     return result
+
+
+def launch_ranks_directly(script: list[str], env: dict[str, str], port: int, timeout: float,
+                          world: int = 2) -> subprocess.CompletedProcess[str]:
+    """`world` ranks of `python -u SCRIPT --local_rank=N ...` on this host, as launch.py starts
+    them: each in a session of its own (killed whole, with its steps, on a timeout), their
+    output merged as the launcher's is, the first failing rank's status returned."""
+    cores = sorted(os.sched_getaffinity(0))
+    per_rank = max(1, len(cores) // world)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        ranks: list[subprocess.Popen] = []
+        for rank in range(world):
+            own = cores[rank * per_rank:(rank + 1) * per_rank] or cores
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                        "WORLD_SIZE": str(world), "LOCAL_SIZE": str(world), "CROSS_RANK": "0",
+                        "CROSS_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "OMP_NUM_THREADS": str(len(own))}
+            command = ["numactl", "-C", ",".join(map(str, own)), sys.executable, "-u",
+                       script[0], f"--local_rank={rank}", *script[1:]]
+            ranks.append(subprocess.Popen(command, stdout=stdout, stderr=stderr, env=rank_env,
+                                          cwd=ROOT, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        try:
+            statuses = [rank.wait(timeout=max(0.0, deadline - time.monotonic()))
+                        for rank in ranks]
+        except subprocess.TimeoutExpired:
+            for rank in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(rank.pid, signal.SIGKILL)
+                rank.wait()
+            raise
+        stdout.seek(0)
+        stderr.seek(0)
+        status = next((code for code in statuses if code != 0), 0)
+        return subprocess.CompletedProcess(ranks[0].args, status, stdout.read(), stderr.read())
 
 
 def only_report(output_dir: Path) -> dict:
@@ -230,7 +279,7 @@ def test_later_run_from_the_shard_beam(embedded_shard_run, tmp_path):
     shard = output_dir / "llama_local_shard"
     assert shard.is_dir()
     expected = reference_ids(None, greedy=False)
-    result = launch("-m", str(shard), *SHORT, "--output-dir", str(tmp_path))
+    result = launch("-m", str(shard), *SHORT, "--output-dir", str(tmp_path), launcher="direct")
     check_run(result, tmp_path, expected, "beam")
 
 

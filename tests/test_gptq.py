@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import run_entry
+from conftest import run_entry, run_in_process
 from test_benchmark_cli import assert_one_line_error
 from tiny_models import make_tiny_model
 
@@ -226,7 +226,7 @@ def test_run_py_low_precision_checkpoint_two_steps_and_mismatch(tmp_path, tiny_l
     command = ["run.py", "-m", str(tiny_llama), "--ipex-weight-only-quantization",
                "--weight-dtype", "INT4", "--low-precision-checkpoint", str(path), "--benchmark",
                *BENCH, "--output-dir", str(out)]
-    result = run_entry(*command)
+    result = run_in_process(*command)
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / "best_model.json").read_text())
     assert meta["scheme"]["method"] == "gptq" and len(meta["layout"]) == 14
@@ -302,7 +302,7 @@ def test_run_gptq_end_to_end_then_benchmark(tmp_path, tiny_llama):
     assert config["quantization_config"]["desc_act"] is True
     assert not list(tmp_path.glob(".gptq.*"))  # no staging folder left
     bench_out = tmp_path / "bench"
-    result = run_entry("run.py", "--benchmark", "-m", str(out), "--backend", "native", *BENCH,
+    result = run_in_process("run.py", "--benchmark", "-m", str(out), "--backend", "native", *BENCH,
                        "--output-dir", str(bench_out))
     assert result.returncode == 0, result.stderr
     report = json.loads(next(bench_out.glob("*.json")).read_text())
@@ -378,7 +378,7 @@ def test_run_gptq_tune_scales_end_to_end(tmp_path, tiny_llama):
     from llmbench.models import load_model
 
     out = tmp_path / "gptq"
-    result = run_entry("utils/run_gptq.py", "-m", str(tiny_llama), "--nsamples", "4",
+    result = run_in_process("utils/run_gptq.py", "-m", str(tiny_llama), "--nsamples", "4",
                        "--seqlen", "32", "--group-size", "32", "--act-order", "--static-groups",
                        "--skip-rtn", "--tune-scales", "--tune-epochs", "1",
                        "--tune-nsamples", "4", "--tune-lr", "0.01", "--output-dir", str(out))
@@ -416,7 +416,7 @@ def test_run_gptq_static_groups_end_to_end(tmp_path, tiny_llama):
     from llmbench.models import load_model
 
     out = tmp_path / "gptq"
-    result = run_entry("utils/run_gptq.py", "-m", str(tiny_llama), "--nsamples", "4",
+    result = run_in_process("utils/run_gptq.py", "-m", str(tiny_llama), "--nsamples", "4",
                        "--seqlen", "32", "--group-size", "32", "--act-order", "--static-groups",
                        "--skip-rtn", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr

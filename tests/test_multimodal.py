@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_entry
+from conftest import ROOT, run_entry, run_in_process
 from tiny_models import make_tiny_model
 from tiny_multimodal import make_tiny_multimodal, released_whisper_decoding
 
@@ -32,11 +32,14 @@ def models(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
     return built
 
 
-def benchmark(model: Path, output_dir: Path, *flags: str) -> tuple[str, dict]:
-    """run.py --benchmark; returns stdout and the one report it wrote."""
+def benchmark(model: Path, output_dir: Path, *flags: str, process: bool = False
+              ) -> tuple[str, dict]:
+    """run.py --benchmark (its main and step in this process; as processes, the way a user
+    starts it, with process=True); returns stdout and the one report it wrote."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    result = run_entry("run.py", "--benchmark", "-m", str(model), *SHORT, *flags,
-                       "--output-dir", str(output_dir))
+    result = (run_entry if process else run_in_process)(
+        "run.py", "--benchmark", "-m", str(model), *SHORT, *flags, "--output-dir",
+        str(output_dir))
     assert result.returncode == 0, result.stderr
     for line in SUMMARY:
         assert line in result.stdout, line
@@ -66,7 +69,7 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
 def test_llava_vision_image_drives_the_output(models, tmp_path):
     """Mode 1 on the shipped sample (said in the output), the same image from a path (same
     greedy text), and another image (other text); the report records mode and image size."""
-    out, report = benchmark(models["llava"], tmp_path / "sample", "--input-mode", "1")
+    out, report = benchmark(models["llava"], tmp_path / "sample", "--input-mode", "1", process=True)
     assert "the project's sample: --image-url not given" in out
     assert report["model"]["family"] == "llava"
     assert report["input"]["mode"] == 1
@@ -423,7 +426,7 @@ def test_autotp_shards_the_language_model(models, tmp_path):
     quantized = launch("-m", str(models["llava"]), "--input-mode", "1", "--prompt", prompt,
                        "--ipex-weight-only-quantization", "--weight-dtype", "INT8",
                        "--quant-with-amp", *SHORT, "--output-dir", str(tmp_path / "tp8"),
-                       timeout=600)
+                       timeout=600, launcher="direct")
     assert quantized.returncode == 0, quantized.stderr[-3000:]
     report8 = only_report(tmp_path / "tp8")
     assert report8["distributed"]["ranks_agree"] and report8["model"]["dtype"] == "bfloat16"
@@ -441,7 +444,7 @@ def test_autotp_native_language_model(models, tmp_path, family):
     flags = ["--backend", "native", "--input-mode", "2" if family == "whisper" else "1"]
     _, single = benchmark(models[family], tmp_path / "single", *flags)
     result = launch("-m", str(models[family]), *flags, *SHORT, "--output-dir",
-                    str(tmp_path / "tp"), timeout=600)
+                    str(tmp_path / "tp"), timeout=600, launcher="direct")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "native-autotp x2" in result.stdout
     report = only_report(tmp_path / "tp")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import CORES, run_entry
+from conftest import CORES, run_entry, run_in_process
 from test_benchmark_cli import assert_one_line_error, only_report
 from tiny_models import make_tiny_model
 
@@ -105,9 +105,9 @@ def test_run_py_native_same_text_as_stock_and_reports_kernels(embedded_model_dir
     texts = {}
     for backend in ("stock", "native"):
         out = tmp_path / backend
-        result = run_entry("run.py", "--benchmark", "--backend", backend, "--greedy",
-                           "--token-latency", "--max-new-tokens", "12", "--batch-size", "2",
-                           "--num-iter", "1", "--num-warmup", "1", "--output-dir", str(out))
+        result = run_in_process("run.py", "--benchmark", "--backend", backend, "--greedy",
+                                "--token-latency", "--max-new-tokens", "12", "--batch-size", "2",
+                                "--num-iter", "1", "--num-warmup", "1", "--output-dir", str(out))
         assert result.returncode == 0, result.stderr
         report = only_report(out)
         assert report["backend"]["name"] == backend

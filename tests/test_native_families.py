@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_entry
+from conftest import run_entry, run_in_process
 from tiny_models import make_tiny_model
 
 from llmbench.backends import blocks, prepare
@@ -215,11 +215,13 @@ def only_report(folder: Path) -> dict[str, Any]:
 ])
 def test_run_py_benchmark_runs_native(tiny: dict[str, Path], tmp_path: Path, name: str,
                                       extra: list[str]) -> None:
-    """As a user runs it: run.py --benchmark --backend native (quantizing first when asked)."""
-    result = run_entry("run.py", "--benchmark", "-m", str(tiny[name]), "--backend", "native",
-                       "--greedy", "--token-latency", "--input-tokens", "8",
-                       "--max-new-tokens", "4", "--num-iter", "1", "--num-warmup", "0",
-                       "--output-dir", str(tmp_path), *extra)
+    """run.py --benchmark --backend native (quantizing first when asked): as a user starts it
+    for the float model; with quantization, its main and steps in this process (the same
+    flags each step gets, without 2-3 s of imports per step)."""
+    run = run_in_process if extra else run_entry
+    result = run("run.py", "--benchmark", "-m", str(tiny[name]), "--backend", "native",
+                 "--greedy", "--token-latency", "--input-tokens", "8", "--max-new-tokens", "4",
+                 "--num-iter", "1", "--num-warmup", "0", "--output-dir", str(tmp_path), *extra)
     assert result.returncode == 0, result.stderr
     assert "First token average latency" in result.stdout
     report = only_report(tmp_path)

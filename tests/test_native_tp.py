@@ -79,7 +79,7 @@ def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
     flags = (["--ipex-weight-only-quantization", "--weight-dtype", quant[0], "--group-size",
               quant[1]] if quant else [])
     result = launch("-m", str(tiny[family]), "--backend", "native", *RUN, *flags,
-                    "--output-dir", str(tmp_path), timeout=600)
+                    "--output-dir", str(tmp_path), timeout=600, launcher="direct")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "native-autotp x2" in result.stdout
     report = only_report(tmp_path)
@@ -111,7 +111,7 @@ def test_checkpoint_folder_two_ranks_native_match_one_process(tiny, tmp_path, me
     folder = tmp_path / method
     write_checkpoint_folder(tiny["llama"], folder, method)
     result = launch("-m", str(folder), "--backend", "native", *RUN,
-                    "--output-dir", str(tmp_path / "out"), timeout=600)
+                    "--output-dir", str(tmp_path / "out"), timeout=600, launcher="direct")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "native-autotp x2" in result.stdout
     assert result.stdout.count("quantized: ") == 1  # rank 0 says what the folder holds
@@ -131,7 +131,7 @@ def test_what_is_not_native_falls_back_loudly(tmp_path, embedded_model_dir):
     model = make_tiny_model("llama", tmp_path / "model", embedded_model_dir,
                             hidden_act="quick_gelu")
     result = launch("-m", str(model), "--backend", "native", *RUN[:3], "4", *RUN[4:],
-                    "--output-dir", str(tmp_path / "out"), timeout=600)
+                    "--output-dir", str(tmp_path / "out"), timeout=600, launcher="direct")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "activation quick_gelu is not implemented" in result.stdout
     report = only_report(tmp_path / "out")
@@ -199,7 +199,7 @@ def test_a_slice_refused_on_one_rank_sends_every_rank_to_stock(tmp_path, embedde
     model = make_tiny_model("deepseek_v2", tmp_path / "model", embedded_model_dir,
                             moe_intermediate_size=8)
     result = launch("-m", str(model), "--backend", "native", *RUN[:3], "2", *RUN[4:],
-                    "--output-dir", str(tmp_path / "out"), timeout=600)
+                    "--output-dir", str(tmp_path / "out"), timeout=600, launcher="direct")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "is too narrow for 2 ranks" in result.stdout
     report = only_report(tmp_path / "out")

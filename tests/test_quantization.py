@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_entry
+from conftest import run_entry, run_in_process
 from test_benchmark_cli import assert_one_line_error
 from tiny_models import make_tiny_model
 
@@ -107,7 +107,7 @@ def test_run_py_lowp_int8_runs_int8_activations(tmp_path, tiny_llama):
     """--lowp-mode INT8: saved in the scheme, measured and benchmarked with int8 activations,
     the compiled decode step included, and the report says so."""
     out = tmp_path / "out"
-    result = run_entry("run.py", "-m", str(tiny_llama), "--ipex-weight-only-quantization",
+    result = run_in_process("run.py", "-m", str(tiny_llama), "--ipex-weight-only-quantization",
                        "--weight-dtype", "INT8", "--woq-sym-quant-weight", "--lowp-mode", "INT8",
                        "--backend", "native", "--benchmark", "--greedy", "--token-latency",
                        "--max-new-tokens", "4", "--num-iter", "1", "--num-warmup", "0",
@@ -130,7 +130,7 @@ def test_run_py_int4_lowp_int8_act_quant_mode(tmp_path, tiny_llama):
     from llmbench.generation import main as generation_main
 
     out = tmp_path / "out"
-    result = run_entry("run.py", "-m", str(tiny_llama), "--ipex-weight-only-quantization",
+    result = run_in_process("run.py", "-m", str(tiny_llama), "--ipex-weight-only-quantization",
                        "--weight-dtype", "INT4", "--group-size", "32", "--lowp-mode", "INT8",
                        "--act-quant-mode", "PER_IC_BLOCK", "--backend", "native", "--benchmark",
                        "--greedy", "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run_entry
+from conftest import ROOT, call, run_entry, run_step_here
 from tiny_models import make_tiny_model
 
 SEEDS = ROOT / "tests" / "seed_commands.txt"
@@ -201,48 +201,12 @@ def appended(script: str, argv: list[str]) -> list[str]:
 # ---- running ---------------------------------------------------------------------------------
 
 
-def entry_points() -> dict[str, Any]:
-    from llmbench import generation
-    from llmbench.accuracy import single_instance
-    from llmbench.cli import gptq, quantize, tools
-    from llmbench.cli import run as dispatch
-
-    return {"run.py": dispatch.main,
-            "single_instance/run_generation.py": generation.main,
-            "single_instance/run_accuracy.py": single_instance.main,
-            "single_instance/run_quantization.py": quantize.main,
-            "utils/create_shard_model.py": tools.shard_main,
-            "utils/run_gptq.py": gptq.main}
-
-
-def call(script: str, argv: list[str]) -> tuple[int, str, str]:
-    """The script's main(argv) in this process, as run_main runs it: (status, stdout, stderr)."""
-    from llmbench.errors import UserError
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = entry_points()[script](argv)
-        except UserError as exc:
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-            status = 2
-        except SystemExit as exc:  # argparse
-            status = exc.code if isinstance(exc.code, int) else 1
-    return status, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture
 def in_process_steps(monkeypatch):
     """run.py (and run_quantization.py --benchmark) run their steps here, not as subprocesses."""
     from llmbench import steps
 
-    def run_step(step: Any) -> int:
-        status, out, err = call(step.script, step.argv)
-        sys.stdout.write(out)
-        sys.stderr.write(err)
-        return status
-
-    monkeypatch.setattr(steps, "run_step", run_step)
+    monkeypatch.setattr(steps, "run_step", run_step_here)
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_entry
+from conftest import run_entry, run_in_process
 from test_benchmark_cli import assert_one_line_error
 from tiny_models import make_tiny_model
 
@@ -106,11 +106,12 @@ def test_run_py_quantizes_saves_then_benchmarks(tmp_path, tiny_llama):
     step 2 loads the saved model and benchmarks it on the native backend."""
     out = tmp_path / "out"
     recipe_file = tmp_path / "recipe.json"
-    result = run_entry("run.py", "-m", str(tiny_llama), "--ipex-smooth-quant", "--alpha", "0.5",
-                       *TINY_CALIB, "--fallback-add", "lm_head", "--qconfig-summary-file",
-                       str(recipe_file), "--backend", "native", "--benchmark", "--greedy",
-                       "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
-                       "--num-warmup", "0", "--output-dir", str(out))
+    result = run_in_process("run.py", "-m", str(tiny_llama), "--ipex-smooth-quant", "--alpha",
+                            "0.5", *TINY_CALIB, "--fallback-add", "lm_head",
+                            "--qconfig-summary-file",
+                            str(recipe_file), "--backend", "native", "--benchmark", "--greedy",
+                            "--token-latency", "--max-new-tokens", "4", "--num-iter", "1",
+                            "--num-warmup", "0", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
     assert "running quantize:" in result.stdout and "running benchmark:" in result.stdout
     meta = json.loads((out / "best_model.json").read_text())
