@@ -1,8 +1,11 @@
 // Cross-compiled for AArch64 by tests/test_kernels_neon.py with llmbench's kernels_generic.cpp
 // and kernels_neon.cpp, and run under qemu-user: the NEON table against the portable one on the
 // same inputs, every weight format, shapes with K tails, several activation rows, bias, int4
-// group sizes, and a row range split in two (as the thread pool splits it). Prints one line
-// per mismatch and "neon: N cases agree" at the end; exit status 1 on any mismatch.
+// group sizes, int8 weights with float and with int8 (--lowp-mode INT8) activations, and a
+// row range split in two (as the thread pool splits it). Each table is called as ops.cpp's
+// run() calls it (its prep function first; int8 activations as rounded levels for a table
+// that reads x as floats). Prints one line per mismatch and "neon: N cases agree" at the end;
+// exit status 1 on any mismatch.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -33,7 +36,32 @@ struct Case {
   llmb::Fmt fmt;
   int64_t M, K, N, group;
   bool bias;
+  float act_qmax = 0.f;  // int8 weights: > 0 for int8 activations
 };
+
+// What ops.cpp's run() does around a table's row function, for rows [begin, end) in `parts`
+// calls (two: as two threads would split them).
+void run(const llmb::KernelTable& table, llmb::Fmt fmt, llmb::GemvArgs a, int parts) {
+  std::vector<float> levels, prepared;
+  if (a.act_qmax > 0.f && table.prep[fmt] == nullptr) {
+    std::vector<int16_t> q(a.K);
+    levels.resize(a.M * a.K);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float scale = llmb::quantize_act_row(a, m, q.data());
+      for (int64_t k = 0; k < a.K; ++k) levels[m * a.K + k] = q[k] * scale;
+    }
+    a.x = levels.data();
+    a.ldx = a.K;
+  }
+  if (table.prep[fmt] != nullptr) {
+    prepared.resize(a.M * a.K + 64);
+    table.prep[fmt](a, prepared.data());
+    a.xp = prepared.data();
+  }
+  const int64_t split = parts > 1 && a.N > 4 ? (a.N / 2) / 4 * 4 : a.N;
+  table.fn[fmt](a, 0, split);
+  if (split < a.N) table.fn[fmt](a, split, a.N);
+}
 
 // Runs one case on both tables; returns false (and prints why) when they disagree.
 bool check(const llmb::KernelTable& ref, const llmb::KernelTable& neon, const Case& c) {
@@ -95,20 +123,23 @@ bool check(const llmb::KernelTable& ref, const llmb::KernelTable& neon, const Ca
   a.xsum = c.fmt == llmb::kI4 ? xsum.data() : nullptr;
   a.bias = c.bias ? bias.data() : nullptr;
   a.ldy = N;
+  a.act_qmax = c.act_qmax;
   a.y = y_ref.data();
-  ref.fn[c.fmt](a, 0, N);
+  run(ref, c.fmt, a, 1);
   a.y = y_neon.data();
-  const int64_t split = N > 4 ? (N / 2) / 4 * 4 : N;  // two calls, as two threads would
-  neon.fn[c.fmt](a, 0, split);
-  if (split < N) neon.fn[c.fmt](a, split, N);
-  const float tol = 2e-6f * static_cast<float>(K) * wmax + 1e-5f;
+  run(neon, c.fmt, a, 2);
+  float tol = 2e-6f * static_cast<float>(K) * wmax + 1e-5f;
+  if (c.fmt == llmb::kI8 && c.act_qmax == 0.f && neon.prep[c.fmt] != nullptr)
+    // x rounded to int16 with a per-row scale: each product off by at most max|x| / 65534
+    tol += static_cast<float>(K) * wmax / 65534.f;
   for (int64_t i = 0; i < M * N; ++i) {
     if (!(std::fabs(y_ref[i] - y_neon[i]) <= tol)) {
-      std::printf("mismatch: fmt %d M %lld K %lld N %lld group %lld bias %d at %lld: "
-                  "generic %g neon %g\n",
+      std::printf("mismatch: fmt %d M %lld K %lld N %lld group %lld bias %d act_qmax %g at "
+                  "%lld: generic %g neon %g\n",
                   static_cast<int>(c.fmt), static_cast<long long>(M), static_cast<long long>(K),
                   static_cast<long long>(N), static_cast<long long>(G), c.bias ? 1 : 0,
-                  static_cast<long long>(i), y_ref[i], y_neon[i]);
+                  static_cast<double>(c.act_qmax), static_cast<long long>(i), y_ref[i],
+                  y_neon[i]);
       return false;
     }
   }
@@ -131,7 +162,10 @@ int main() {
   for (llmb::Fmt fmt : {llmb::kF32, llmb::kBF16, llmb::kI8})
     for (int64_t K : {4, 60, 64, 100, 256, 576})
       for (int64_t M : Ms)
-        for (int64_t N : Ns) cases.push_back({fmt, M, K, N, K, (M + N) % 2 == 0});
+        for (int64_t N : Ns) {
+          cases.push_back({fmt, M, K, N, K, (M + N) % 2 == 0});
+          if (fmt == llmb::kI8) cases.push_back({fmt, M, K, N, K, (M + N) % 2 == 1, 127.f});
+        }
   for (int64_t K : {128, 256, 576})
     for (int64_t group : {int64_t{32}, int64_t{64}, int64_t{128}, K})
       for (int64_t M : Ms)

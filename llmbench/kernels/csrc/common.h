@@ -37,8 +37,8 @@ struct GemvArgs {
 };
 
 // Rounds row m of a.x to integers in [-a.act_qmax, a.act_qmax] (round half to even, x / scale
-// as torch computes it) into q; returns the row's scale. Defined once in ops.cpp (baseline
-// ISA) for every path's int8-activation branch.
+// as torch computes it) into q; returns the row's scale. Defined once, in kernels_generic.cpp
+// (baseline ISA), for every path's int8-activation branch.
 float quantize_act_row(const GemvArgs& a, int64_t m, int16_t* q);
 
 enum Fmt { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kNumFmt = 4 };

@@ -1,6 +1,8 @@
 // Portable scalar path (any CPU, e.g. Arm or x86 without AVX2).  Compiled with
 // the baseline flags only; the blocked loops still give the compiler several
 // independent accumulators to work with.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -41,5 +43,25 @@ const KernelTable kTable = LLMB_KERNEL_TABLE("generic");
 }  // namespace
 
 const KernelTable* generic_table() { return &kTable; }
+
+// Declared in common.h; here, in the baseline-ISA unit without torch, so that every path's
+// int8-activation branch and the NEON test driver link the one definition.
+float quantize_act_row(const GemvArgs& a, int64_t m, int16_t* q) {
+  const float* x = a.x + m * a.ldx;
+  const float qmax = a.act_qmax;
+  float scale;
+  if (a.act_scale != nullptr) {
+    scale = a.act_scale[a.act_scale_n == 1 ? 0 : m];
+  } else {
+    float top = 0.f;
+    for (int64_t k = 0; k < a.K; ++k) top = std::max(top, std::fabs(x[k]));
+    scale = std::max(top / qmax, 1e-8f);  // as dynamic_scales() in llmbench/kernels/int8_act.py
+  }
+  for (int64_t k = 0; k < a.K; ++k) {
+    const float v = std::nearbyint(x[k] / scale);
+    q[k] = static_cast<int16_t>(v > qmax ? qmax : (v < -qmax ? -qmax : v));
+  }
+  return scale;
+}
 
 }  // namespace llmb

@@ -56,7 +56,44 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
 
 #include "gemv_impl.h"
 
-const KernelTable kTable = LLMB_KERNEL_TABLE("neon");
+// The integer shim of gemv_int_impl.h over 128-bit vectors (8 int16 or 4 int32 lanes), as the
+// AVX2 path has it: bf16 weights read two-for-one, int8 weights against int16-rounded (or, with
+// --lowp-mode INT8, int8) activations in int32 multiply-adds. int4 keeps the float kernel, as
+// on AVX2. (Checked under qemu for agreement, not measured for speed: no Arm machine here.)
+using VI = int32x4_t;
+inline int16x8_t as_i16(VI v) { return vreinterpretq_s16_s32(v); }
+inline VI vi_load(const void* p) { return vld1q_s32(static_cast<const int32_t*>(p)); }
+inline V bf16_even(VI v) { return vreinterpretq_f32_s32(vshlq_n_s32(v, 16)); }
+inline V bf16_odd(VI v) {
+  return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_s32(v), vdupq_n_u32(0xFFFF0000u)));
+}
+inline VI vi_widen_i8(const int8_t* p) { return vreinterpretq_s32_s16(vmovl_s8(vld1_s8(p))); }
+inline VI vi_widen_u8(const uint8_t* p) { return vreinterpretq_s32_u16(vmovl_u8(vld1_u8(p))); }
+inline VI vi_lo_nibble(VI v) { return vreinterpretq_s32_s16(vandq_s16(as_i16(v), vdupq_n_s16(0x0F))); }
+inline VI vi_hi_nibble(VI v) {
+  return vreinterpretq_s32_u16(vshrq_n_u16(vreinterpretq_u16_s32(v), 4));
+}
+inline V vset_halves(float lo, float hi) { return vcombine_f32(vdup_n_f32(lo), vdup_n_f32(hi)); }
+inline VI vi_zero() { return vdupq_n_s32(0); }
+// acc + (a[2i] * b[2i] + a[2i+1] * b[2i+1]) per int32 lane, as x86's pmaddwd
+inline VI vi_madd(VI acc, VI a, VI b) {
+  const int32x4_t lo = vmull_s16(vget_low_s16(as_i16(a)), vget_low_s16(as_i16(b)));
+  const int32x4_t hi = vmull_high_s16(as_i16(a), as_i16(b));
+  return vaddq_s32(acc, vpaddq_s32(lo, hi));
+}
+inline VI vi_add(VI a, VI b) { return vaddq_s32(a, b); }
+inline V vi_to_ps(VI v) { return vcvtq_f32_s32(v); }
+// 8 floats -> 8 int16, rounded half to even, saturated (as x86's cvtps + packs)
+inline void store_i16(int16_t* q, V a, V b) {
+  vst1q_s16(q, vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(a)), vqmovn_s32(vcvtnq_s32_f32(b))));
+}
+inline V vabs(V v) { return vabsq_f32(v); }
+inline V vmax(V a, V b) { return vmaxq_f32(a, b); }
+inline float vhmax(V v) { return vmaxvq_f32(v); }
+
+#include "gemv_int_impl.h"
+
+const KernelTable kTable = LLMB_INT_KERNEL_TABLE("neon");
 
 }  // namespace
 

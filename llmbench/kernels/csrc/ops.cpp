@@ -22,24 +22,6 @@
 
 namespace llmb {
 
-float quantize_act_row(const GemvArgs& a, int64_t m, int16_t* q) {
-  const float* x = a.x + m * a.ldx;
-  const float qmax = a.act_qmax;
-  float scale;
-  if (a.act_scale != nullptr) {
-    scale = a.act_scale[a.act_scale_n == 1 ? 0 : m];
-  } else {
-    float top = 0.f;
-    for (int64_t k = 0; k < a.K; ++k) top = std::max(top, std::fabs(x[k]));
-    scale = std::max(top / qmax, 1e-8f);  // as dynamic_scales() in llmbench/kernels/int8_act.py
-  }
-  for (int64_t k = 0; k < a.K; ++k) {
-    const float v = std::nearbyint(x[k] / scale);
-    q[k] = static_cast<int16_t>(v > qmax ? qmax : (v < -qmax ? -qmax : v));
-  }
-  return scale;
-}
-
 void quantize_act_levels(const ActQuant& q, const float* x, int64_t M, int64_t ldx, int64_t K,
                          float* out) {
   const int64_t block = (q.block > 0 && q.block < K) ? q.block : K;
