@@ -242,7 +242,7 @@ def test_isa_reporting():
         assert not K.available() and K.isa() == "torch-fallback"
         return
     assert K.available()
-    assert K.isa() in ("avx512vnni", "avx512", "avx2", "neon", "generic")
+    assert K.isa() in ("avx512vnni", "avx512", "avx2", "neondot", "neon", "generic")
     assert "generic" in K.supported_isas()
     import platform
 

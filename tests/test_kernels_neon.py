@@ -1,7 +1,9 @@
-"""The Arm NEON kernel path (llmbench/kernels/csrc/kernels_neon.cpp) without Arm hardware: the
+"""The Arm NEON kernel paths (llmbench/kernels/csrc/kernels_neon.cpp) without Arm hardware: the
 NEON and portable kernel tables cross-compiled for AArch64 with tests/neon_driver.cpp and run
-under qemu-user, every weight format compared on the same inputs. On an AArch64 host the driver
-is compiled and run natively (and test_kernels.py runs the NEON path through torch as well).
+under qemu-user, every weight format compared on the same inputs, and so the neondot table (int8
+weights against int8 activations with the dotprod instructions) where the CPU has dotprod. On
+an AArch64 host the driver is compiled and run natively (and test_kernels.py runs the NEON path
+through torch as well).
 
 tools/env_setup.sh installs the cross compiler and qemu-user (Debian: g++-aarch64-linux-gnu,
 qemu-user) where apt-get is usable; without them this test is skipped, saying so."""
@@ -44,4 +46,6 @@ def test_neon_kernels_match_the_portable_ones(tmp_path):
     result = subprocess.run([*runner, str(binary)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "tables: generic, neon" in result.stdout
+    if runner:  # qemu's emulated CPU has every extension: the dotprod table runs too
+        assert "tables: generic, neon, neondot" in result.stdout
     assert "cases agree" in result.stdout.splitlines()[-1]

@@ -41,9 +41,11 @@ identical semantics and ``available()`` is False.  Build it with
 ``python tools/build_kernels.py`` (or ``llmbench.kernels.build()``); importing
 this package never compiles anything.
 
-The ISA path is chosen at run time (avx512vnni > avx512 > avx2 > generic); force one with
-``set_isa(name)`` or the env var LLMBENCH_KERNELS_ISA=generic|avx2|avx512|avx512vnni.
-avx512vnni is the avx512 code with AVX512-VNNI's vpdpwssd for the int16 multiply-adds.
+The ISA path is chosen at run time (avx512vnni > avx512 > avx2 > neondot > neon > generic);
+force one with ``set_isa(name)`` or the env var
+LLMBENCH_KERNELS_ISA=generic|avx2|avx512|avx512vnni|neon|neondot. avx512vnni is the avx512 code
+with AVX512-VNNI's vpdpwssd for the int16 multiply-adds; neondot is the neon code with the
+dotprod instructions for int8 weights against int8 activations.
 """
 
 from __future__ import annotations
@@ -153,7 +155,8 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """Active path: "avx512vnni", "avx512", "avx2", "neon", "generic", or "torch-fallback"."""
+    """Active path: "avx512vnni", "avx512", "avx2", "neondot", "neon", "generic", or
+    "torch-fallback"."""
     return _C.isa() if available() else "torch-fallback"
 
 
@@ -163,7 +166,8 @@ def supported_isas() -> list[str]:
 
 
 def set_isa(name: str) -> str:
-    """Force a compiled path ("generic", "avx2", "avx512", "avx512vnni", "neon", or "auto")."""
+    """Force a compiled path ("generic", "avx2", "avx512", "avx512vnni", "neon", "neondot", or
+    "auto")."""
     if _C is None:
         raise RuntimeError(f"llmbench.kernels extension not available ({_IMPORT_ERROR})")
     active = _C.set_isa(name)

@@ -62,5 +62,6 @@ const KernelTable* avx2_table();    // nullptr when not compiled (non-x86)
 const KernelTable* avx512_table();  // nullptr when not compiled (non-x86)
 const KernelTable* avx512vnni_table();  // nullptr when not compiled (non-x86)
 const KernelTable* neon_table();    // nullptr when not compiled (not AArch64)
+const KernelTable* neondot_table();  // nullptr when not AArch64 or the CPU lacks dotprod
 
 }  // namespace llmb

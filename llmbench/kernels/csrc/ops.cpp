@@ -91,6 +91,7 @@ const KernelTable* table_for(const std::string& name) {
   if (name == "avx512vnni")
     return (avx512vnni_table() && cpu_has_avx512vnni()) ? avx512vnni_table() : nullptr;
   if (name == "neon") return neon_table();  // AArch64 only, where NEON is always present
+  if (name == "neondot") return neondot_table();  // and the dotprod extension
   return nullptr;
 }
 
@@ -98,6 +99,7 @@ const KernelTable* best_table() {
   if (auto* t = table_for("avx512vnni")) return t;
   if (auto* t = table_for("avx512")) return t;
   if (auto* t = table_for("avx2")) return t;
+  if (auto* t = table_for("neondot")) return t;
   if (auto* t = table_for("neon")) return t;
   return generic_table();
 }
@@ -113,6 +115,7 @@ std::vector<std::string> supported_isas() {
   if (table_for("avx512")) out.push_back("avx512");
   if (table_for("avx512vnni")) out.push_back("avx512vnni");
   if (table_for("neon")) out.push_back("neon");
+  if (table_for("neondot")) out.push_back("neondot");
   return out;
 }
 
