@@ -25,10 +25,10 @@ def tiny(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
                            "gpt_bigcode", "falcon")}
 
 
-def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
-                    ) -> list[list[int]]:
-    """The tokens one native process generates for run_benchmark's default prompt, with the
-    scheme the same quantization flags give."""
+def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS,
+                    batch: int = 1, beams: int = 1) -> list[list[int]]:
+    """The tokens one native process generates for run_benchmark's default prompt (greedy, or
+    beam search with `beams`), with the scheme the same quantization flags give."""
     import torch
 
     from llmbench import backends
@@ -55,9 +55,9 @@ def single_instance(model: Path, quant_flags: list[str], tokens: int = TOKENS
         native = backends.prepare(loaded.model, backend="native", dtype="float32",
                                   family=loaded.family.model_type).model
     prompt = build_prompt(loaded.tokenizer, loaded.config, loaded.family.model_type,
-                          input_tokens=None, prompt_text=None, batch_size=1,
+                          input_tokens=None, prompt_text=None, batch_size=batch,
                           max_new_tokens=tokens, seq2seq=seq2seq)
-    _, kwargs = decoding_settings(greedy=True, sample=False, num_beams=4,
+    _, kwargs = decoding_settings(greedy=beams == 1, sample=False, num_beams=beams,
                                   max_new_tokens=tokens, generation_config=None)
     with torch.inference_mode():
         output = native.generate(input_ids=prompt.input_ids,
@@ -100,6 +100,31 @@ def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
     assert report["generated_token_ids"] == expected
     if quant:
         assert report["backend"]["quantization"]["scheme"]["weight_dtype"] == quant[0]
+
+
+@pytest.mark.parametrize("decoding", [["--greedy"], ["--num-beams", "4", "--batch-size", "5"]])
+def test_query_heads_split_across_a_kv_group(tmp_path, embedded_model_dir, decoding):
+    """SmolLM2's attention shape (9 query heads, 3 KV heads) over 2 ranks: 5 + 4 query heads,
+    the middle KV head computed and cached on both, each rank's heads reading their KV heads
+    through a map (not whole groups). Greedy runs the compiled step; beam search on 20 rows
+    runs the torch-op step. The tokens are one native process's."""
+    model = make_tiny_model("llama", tmp_path / "model", embedded_model_dir, hidden_size=144,
+                            num_attention_heads=9, num_key_value_heads=3)
+    result = launch("-m", str(model), "--backend", "native", "--token-latency",
+                    "--max-new-tokens", "8", "--num-iter", "1", "--num-warmup", "0", *decoding,
+                    "--output-dir", str(tmp_path / "out"), timeout=600, launcher="direct")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = only_report(tmp_path / "out")
+    backend = report["backend"]
+    assert backend["name"] == "native" and "fallback_reason" not in backend
+    tp = backend["tensor_parallel"]
+    assert tp["heads"] == [5, 4] and tp["kv_heads"] == [2, 2] and tp["kv_heads_on_two_ranks"] == 1
+    beams = 1 if decoding == ["--greedy"] else 4
+    # 1 row on the compiled step; 5 x 4 beams are past its 16 rows: the torch-op step
+    assert "for up to 16 rows" in backend["decode_step"]
+    assert report["distributed"]["ranks_agree"] is True
+    assert report["generated_token_ids"] == single_instance(model, [], 8, batch=5 if beams > 1
+                                                            else 1, beams=beams)
 
 
 @pytest.mark.parametrize("method", ["gptq_v2", "awq"])
@@ -212,14 +237,23 @@ def test_attention_split_shares_out_heads():
     from types import SimpleNamespace
 
     from llmbench.backends.blocks import Unsupported
-    from llmbench.backends.tensor_parallel import attention_split, check
+    from llmbench.backends.tensor_parallel import attention_split, check, kv_map
 
-    def native(heads, kv_heads, latent=None):
+    def native(heads, kv_heads, latent=None, cross=False):
         return SimpleNamespace(heads=heads, kv_heads=kv_heads,
-                               block=SimpleNamespace(latent=latent))
+                               block=SimpleNamespace(latent=latent),
+                               layers=[SimpleNamespace(cross_q=object() if cross else None)])
 
     # (first KV head, KV heads, first query head, query heads) per rank
-    assert attention_split(native(9, 3), 2) == [(0, 2, 0, 6), (2, 1, 6, 3)]  # SmolLM2: uneven
+    # SmolLM2: 5 + 4 query heads, KV head 1 on both ranks; the local KV head of each query head
+    assert attention_split(native(9, 3), 2) == [(0, 2, 0, 5), (1, 2, 5, 4)]
+    assert [kv_map(native(9, 3), s) for s in attention_split(native(9, 3), 2)] == [
+        [0, 0, 0, 1, 1], [0, 1, 1, 1]]
+    # whole groups where the heads allow: the usual grouping, no map
+    assert attention_split(native(8, 4), 2) == [(0, 2, 0, 4), (2, 2, 4, 4)]
+    assert kv_map(native(8, 4), (0, 2, 0, 4)) is None
+    # cross-attention keeps whole KV heads per rank (2 + 1 here)
+    assert attention_split(native(9, 3, cross=True), 2) == [(0, 2, 0, 6), (2, 1, 6, 3)]
     assert attention_split(native(4, 1), 2) == [(0, 1, 0, 2), (0, 1, 2, 2)]  # MQA: replicated
     assert attention_split(native(8, 2), 4) == [(0, 1, 0, 2), (0, 1, 2, 2), (1, 1, 4, 2),
                                                 (1, 1, 6, 2)]

@@ -367,6 +367,10 @@ class NativeModel:
         # vocabulary (size, first, end) of its lm_head slice; None for one process.
         self.comm: Any = None
         self.vocab: tuple[int, int, int] | None = None
+        # The KV head each query head reads, where a rank's query heads are not whole groups
+        # (tensor_parallel.shard); None: heads // kv_heads per KV head.
+        self.kv_map: list[int] | None = None
+        self._kv_index: torch.Tensor | None = None  # kv_map as an index
         self.all_reduce_seconds = 0.0  # Python-side all-reduces (prefill, logits gathers)
         self.all_reduce_calls = 0
 
@@ -481,7 +485,7 @@ class NativeModel:
             pos_offset=self.pos_offset,
             embed_norm=None if embed_norm is None else embed_norm.weight,
             embed_norm_bias=None if embed_norm is None else embed_norm.bias,
-            post_norm=self.post_norm)
+            post_norm=self.post_norm, kv_map=self.kv_map or [])
         index = {name: plan.add_linear(**spec) for name, spec in specs.items()}
         routing = block.experts
         latent = block.latent
@@ -929,12 +933,22 @@ class NativeModel:
         math attends in bf16, as stock bf16 does (torch's flash kernel: 2.8x faster than in
         fp32 at 1024 tokens here, and nearly half of a 1024-token native bf16 prefill was fp32
         attention); the cache keeps the fp32 keys and values."""
+        k, v = self._per_head(k), self._per_head(v)
         if self.weight_dtype == torch.bfloat16 and BF16_PREFILL_GEMM:
             q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
             alibi = None if alibi is None else alibi.bfloat16()
             if keep_bf16:
                 return self._sdpa(q, k, v, alibi)
         return self._sdpa(q, k, v, alibi).float()
+
+    def set_kv_map(self, kv_map: list[int] | None) -> None:
+        self.kv_map = kv_map
+        self._kv_index = None if kv_map is None else torch.tensor(kv_map)
+
+    def _per_head(self, t: torch.Tensor) -> torch.Tensor:
+        """Keys or values [.., kv, ..] as one KV head per query head [.., heads, ..] where
+        this rank's query heads are not whole groups (kv_map); else as they are."""
+        return t if self.kv_map is None else t.index_select(1, self._kv_index)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               alibi: torch.Tensor | None) -> torch.Tensor:
@@ -954,7 +968,10 @@ class NativeModel:
             return logits
         c, s = cos[position: position + 1], sin[position: position + 1]
         h = self._embed(ids.unsqueeze(1), position)  # [R, 1, H]
-        group = self.heads // self.kv_heads
+        # A rank whose query heads are not whole groups of its KV heads (tensor_parallel's
+        # kv_map) reads each query head's KV head as if it were its own: groups of one.
+        kvh, group = ((self.heads, 1) if self.kv_map is not None
+                      else (self.kv_heads, self.heads // self.kv_heads))
         d = self.head_dim
         alibi = self._position_bias(torch.tensor([position]), position + 1)  # [heads, 1, keys]
         for layer, cache in zip(self.layers, caches, strict=True):
@@ -970,43 +987,44 @@ class NativeModel:
             cache.gen_k[:, :, step: step + 1].copy_(k)
             cache.gen_v[:, :, step: step + 1].copy_(v)
             if beams == 1:  # attend over the buffer's filled prefix
-                keys, values = cache.k[:, :, : position + 1], cache.v[:, :, : position + 1]
+                keys = self._per_head(cache.k[:, :, : position + 1])
+                values = self._per_head(cache.v[:, :, : position + 1])
                 if keys.dtype != torch.float32:
                     keys, values = keys.float(), values.float()
                 # Plain matmul-softmax-matmul: for one query row, torch's CPU SDPA (a flash
                 # kernel with per-call thread set-up) costs more than the arithmetic.
-                qg = q.reshape(rows, self.kv_heads, group, d)
+                qg = q.reshape(rows, kvh, group, d)
                 scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scaling)
                 if alibi is not None:
-                    scores = scores + alibi.view(self.kv_heads, group, -1)
+                    scores = scores + alibi.view(kvh, group, -1)
                 attn = torch.matmul(torch.softmax(scores, dim=-1), values)
                 h = self._block_output(layer, h, x, attn.reshape(rows, 1, self.heads * d), cache)
                 continue
             # Scores against the prompt, shared by the beams of a sequence: [B, kv, beams*g, P].
-            qp = q.view(batch, beams, self.kv_heads, group, d).permute(0, 2, 1, 3, 4)
-            qp = qp.reshape(batch, self.kv_heads, beams * group, d)
-            pk, pv = cache.prompt_k, cache.prompt_v
+            qp = q.view(batch, beams, kvh, group, d).permute(0, 2, 1, 3, 4)
+            qp = qp.reshape(batch, kvh, beams * group, d)
+            pk, pv = self._per_head(cache.prompt_k), self._per_head(cache.prompt_v)
             if pk.dtype != torch.float32:
                 pk, pv = pk.float(), pv.float()
             scores_prompt = torch.matmul(qp, pk.transpose(-1, -2)) * self.scaling
             # Scores against generated tokens, read through the beam history: [R, kv, g, t].
-            gk, gv = self._generated(cache, history, step + 1)
-            qg = q.view(rows, self.kv_heads, group, d)
+            gk, gv = map(self._per_head, self._generated(cache, history, step + 1))
+            qg = q.view(rows, kvh, group, d)
             scores_gen = torch.matmul(qg, gk.transpose(-1, -2)) * self.scaling
-            scores_prompt = scores_prompt.view(batch, self.kv_heads, beams, group, -1)
-            scores_prompt = scores_prompt.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads,
+            scores_prompt = scores_prompt.view(batch, kvh, beams, group, -1)
+            scores_prompt = scores_prompt.permute(0, 2, 1, 3, 4).reshape(rows, kvh,
                                                                          group, -1)
             scores = torch.cat((scores_prompt, scores_gen), dim=-1)
             if alibi is not None:
-                scores = scores + alibi.view(self.kv_heads, group, -1)
+                scores = scores + alibi.view(kvh, group, -1)
             probs = torch.softmax(scores, dim=-1)
             prompt_len = pk.shape[2]
-            probs_prompt = probs[..., :prompt_len].reshape(batch, beams, self.kv_heads, group,
+            probs_prompt = probs[..., :prompt_len].reshape(batch, beams, kvh, group,
                                                           prompt_len)
-            probs_prompt = probs_prompt.permute(0, 2, 1, 3, 4).reshape(batch, self.kv_heads,
+            probs_prompt = probs_prompt.permute(0, 2, 1, 3, 4).reshape(batch, kvh,
                                                                        beams * group, prompt_len)
-            out_prompt = torch.matmul(probs_prompt, pv).view(batch, self.kv_heads, beams, group, d)
-            out_prompt = out_prompt.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads, group, d)
+            out_prompt = torch.matmul(probs_prompt, pv).view(batch, kvh, beams, group, d)
+            out_prompt = out_prompt.permute(0, 2, 1, 3, 4).reshape(rows, kvh, group, d)
             out = out_prompt + torch.matmul(probs[..., prompt_len:], gv)
             h = self._block_output(layer, h, x, out.reshape(rows, 1, self.heads * d), cache)
         history.length += 1

@@ -3,9 +3,10 @@ every projection of a NativeModel, Megatron-style, and the partial sums are all-
 the decode step (the compiled C++ step calls the all-reduce itself, DecodePlan.set_all_reduce).
 
 How a model is cut for `world` ranks:
-- attention by KV-head groups: each rank takes a run of whole KV heads (as even as the count
-  allows: SmolLM2's 3 over 2 ranks is 2 + 1) with the query heads that read them; qkv is cut by
-  rows (column parallel), o by those heads' input columns (row parallel, bias on rank 0 only);
+- attention by query heads, as evenly as the count allows, each rank with the KV heads its
+  query heads read (SmolLM2's 9 heads and 3 KV heads over 2 ranks: 5 + 4 query heads, KV
+  heads 0-1 and 1-2, the middle one computed and cached on both); qkv is cut by rows (column
+  parallel), o by those heads' input columns (row parallel, bias on rank 0 only);
 - the MLP's hidden units as evenly as whole grains allow (32 units, or the quantization group
   of `down`); gate_up by rows, down by columns (bias on rank 0 only); a mixture-of-experts
   layer cuts every expert (and shared expert) so, with its router whole on every rank;
@@ -139,21 +140,46 @@ def check(native: Any, world: int) -> None:
 def attention_split(native: Any, world: int) -> list[tuple[int, int, int, int]]:
     """Per rank: (first KV head, KV heads, first query head, query heads). Latent attention:
     query heads, the latent (one KV head every head reads) whole on every rank. KV heads >=
-    ranks: whole KV heads, as even as the count allows, each with the query heads that read
-    it. Fewer KV heads than ranks: each KV head on world / kv_heads ranks, which split its
-    query heads as evenly as the count allows (Falcon-7B's 71 over 2: 36 + 35)."""
+    ranks: the query heads as evenly as the count allows, each rank with the KV heads its
+    query heads read; where a KV head's group straddles two ranks, both compute and cache it
+    (SmolLM2's 9 heads over 2 ranks: 5 + 4, KV heads 0-1 and 1-2; cut by whole KV heads, 2 + 1,
+    one rank waited for the other after every attention). Models with cross-attention keep
+    whole groups per rank (its batched GEMMs need them). Fewer KV heads than ranks: each KV
+    head on world / kv_heads ranks, which split its query heads as evenly as the count allows
+    (Falcon-7B's 71 over 2: 36 + 35)."""
     if native.block.latent is not None:
         split = _even(native.heads, world)
         return [(0, 1, sum(split[:r]), split[r]) for r in range(world)]
     group = native.heads // native.kv_heads
     if native.kv_heads >= world:
-        split = _even(native.kv_heads, world)
-        return [(sum(split[:r]), split[r], sum(split[:r]) * group, split[r] * group)
-                for r in range(world)]
+        if any(layer.cross_q is not None for layer in native.layers):
+            split = _even(native.kv_heads, world)
+            return [(sum(split[:r]), split[r], sum(split[:r]) * group, split[r] * group)
+                    for r in range(world)]
+        heads = _even(native.heads, world)
+        out = []
+        for r in range(world):
+            q_first = sum(heads[:r])
+            first, last = q_first // group, (q_first + heads[r] - 1) // group
+            out.append((first, last - first + 1, q_first, heads[r]))
+        return out
     share = world // native.kv_heads
     counts = _even(group, share)  # query heads per rank within each KV head's group
     return [(r // share, 1, (r // share) * group + sum(counts[:r % share]), counts[r % share])
             for r in range(world)]
+
+
+def kv_map(native: Any, split: tuple[int, int, int, int]) -> list[int] | None:
+    """The local KV head each of a rank's query heads reads, or None where they are whole
+    groups of its KV heads (the compiled step's and the torch path's usual grouping)."""
+    if native.block.latent is not None:
+        return None
+    first, count, q_first, heads = split
+    group = native.heads // native.kv_heads
+    local = [(q_first + h) // group - first for h in range(heads)]
+    if heads % count == 0 and local == [h // (heads // count) for h in range(heads)]:
+        return None
+    return local
 
 
 def _down_of(layer: Any) -> Any:
@@ -246,6 +272,7 @@ def shard(native: Any, comm: Communicator) -> None:
     latent = native.block.latent
     split = attention_split(native, world)
     first, count, q_first, heads = split[rank]
+    local_kv = kv_map(native, split[rank])
     share = 1 if latent is not None else max(1, world // native.kv_heads)  # ranks per KV head
     q_rows = torch.arange(q_first * d, (q_first + heads) * d)
     k_rows = native.heads * d + torch.arange(first * d, (first + count) * d)
@@ -283,11 +310,15 @@ def shard(native: Any, comm: Communicator) -> None:
     native.heads, native.intermediate = heads, width
     if latent is None:
         native.kv_heads = count
+        native.set_kv_map(local_kv)
     native.comm = comm
     native.tp_split = {"kv_heads": [kv for _, kv, _, _ in split],
                        "heads": [n for _, _, _, n in split], "mlp_units": units}
     if share > 1:
         native.tp_split["kv_replicated_on_ranks"] = share
+    shared = sum(kv for _, kv, _, _ in split) - native.block.kv_heads
+    if latent is None and share == 1 and shared > 0:  # groups straddling two ranks
+        native.tp_split["kv_heads_on_two_ranks"] = shared
     if any(layer.mamba is not None for layer in native.layers):
         native.tp_split["mamba"] = "whole on every rank"
     native._plan, native._plan_note = None, ""  # rebuilt over the slices

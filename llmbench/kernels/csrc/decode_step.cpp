@@ -165,7 +165,8 @@ class DecodePlan {
              bool parallel, bool gated, const std::optional<at::Tensor>& alibi_slopes,
              const std::optional<at::Tensor>& pos_embed, int64_t pos_offset,
              const std::optional<at::Tensor>& embed_norm,
-             const std::optional<at::Tensor>& embed_norm_bias, bool post_norm)
+             const std::optional<at::Tensor>& embed_norm_bias, bool post_norm,
+             std::vector<int64_t> kv_map)
       : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), d_(head_dim),
         inter_(intermediate), eps_(static_cast<float>(eps)),
         scaling_(static_cast<float>(scaling)), round_bf16_(round_logits_bf16),
@@ -175,7 +176,20 @@ class DecodePlan {
     TORCH_CHECK(!(post_norm && parallel), "decode_step: a post-norm block is sequential");
     TORCH_CHECK(activation >= kSiLU && activation <= kReLU,
                 "decode_step: unknown activation ", activation);
-    TORCH_CHECK(heads % kv_heads == 0, "decode_step: heads must be a multiple of kv_heads");
+    // kv_map: the KV head each query head reads, where a tensor-parallel rank's heads are not
+    // whole groups of kv_heads (SmolLM2's 9 over 2 ranks: 5 + 4); else heads / kv_heads each.
+    if (kv_map.empty()) {
+      TORCH_CHECK(heads % kv_heads == 0, "decode_step: heads must be a multiple of kv_heads");
+      for (int64_t h = 0; h < heads; ++h) kv_map.push_back(h / (heads / kv_heads));
+    }
+    TORCH_CHECK(static_cast<int64_t>(kv_map.size()) == heads, "decode_step: kv_map has ",
+                kv_map.size(), " entries for ", heads, " heads");
+    for (const int64_t g : kv_map)
+      TORCH_CHECK(g >= 0 && g < kv_heads, "decode_step: kv_map entry ", g, " outside ",
+                  kv_heads, " KV heads");
+    kv_of_ = std::move(kv_map);
+    grouped_ = heads % kv_heads == 0;
+    for (int64_t h = 0; h < heads && grouped_; ++h) grouped_ = kv_of_[h] == h / (heads / kv_heads);
     TORCH_CHECK(embed.dim() == 2 && embed.size(1) == hidden && embed.is_contiguous() &&
                     (embed.scalar_type() == at::kFloat || embed.scalar_type() == at::kBFloat16),
                 "decode_step: embedding must be a contiguous fp32/bf16 [V, hidden] tensor");
@@ -299,8 +313,8 @@ class DecodePlan {
     } else {
       attn_ok = fits(qkv, nq + 2 * nkv, hidden_) && fits(o, hidden_, nq) && q_b < 0;
     }
-    if (cross_q >= 0)
-      attn_ok = attn_ok && !parallel_ && (cross_norm.has_value() || gated) &&
+    if (cross_q >= 0)  // (cross-attention batches a KV head's query heads: whole groups)
+      attn_ok = attn_ok && grouped_ && !parallel_ && (cross_norm.has_value() || gated) &&
                 fits(cross_q, nq, hidden_) && fits(cross_o, hidden_, nq);
     if (gated) attn_ok = attn_ok && cross_q >= 0 && qkv < 0 && o < 0;
     TORCH_CHECK(attn_ok && mlp_ok,
@@ -1157,7 +1171,7 @@ class DecodePlan {
   template <class T>
   void attend(size_t li, int64_t r, int64_t hh, int64_t step, int64_t nqkv, float* scores) {
     const float* lut = fp8_ ? e5m2_table() : nullptr;
-    const int64_t g = hh / (heads_ / kv_heads_);
+    const int64_t g = kv_of_[hh];
     const float* q = qkv_.data() + r * nqkv + hh * d_;
     const int64_t total = prompt_len_ + step + 1;
     float top = -INFINITY;
@@ -1202,6 +1216,8 @@ class DecodePlan {
 
   static constexpr int64_t kSiLU = 0, kGeluTanh = 1, kGelu = 2, kReLU = 3;  // blocks.ACTIVATIONS
   const int64_t hidden_, heads_, kv_heads_, d_, inter_;
+  std::vector<int64_t> kv_of_;  // the KV head of each query head
+  bool grouped_ = true;         // kv_of_ is heads / kv_heads runs of one KV head each
   const float eps_, scaling_;
   const bool round_bf16_;
   const float embed_scale_;
@@ -1262,7 +1278,8 @@ void register_decode(pybind11::module& m) {
                     const std::optional<at::Tensor>&, bool, double, int64_t, bool,
                     const std::optional<at::Tensor>&, bool, bool,
                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool>(),
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                    std::vector<int64_t>>(),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("intermediate"), py::arg("eps"), py::arg("scaling"), py::arg("embed"),
            py::arg("final_norm"), py::arg("round_logits_bf16"), py::arg("embed_scale") = 1.0,
@@ -1271,7 +1288,7 @@ void register_decode(pybind11::module& m) {
            py::arg("gated") = true, py::arg("alibi_slopes") = py::none(),
            py::arg("pos_embed") = py::none(), py::arg("pos_offset") = 0,
            py::arg("embed_norm") = py::none(), py::arg("embed_norm_bias") = py::none(),
-           py::arg("post_norm") = false)
+           py::arg("post_norm") = false, py::arg("kv_map") = std::vector<int64_t>{})
       .def("add_linear", &DecodePlan::add_linear, py::arg("fmt"), py::arg("w"),
            py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("group_size") = 0, py::arg("bias") = py::none(),
