@@ -75,7 +75,7 @@ def row_counts(text: str) -> list[int]:
 
 
 def main() -> int:
-    parser = Parser(description=__doc__.splitlines()[0])
+    parser = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--m", type=row_counts, default=row_counts("16,32,64,128,256"),
                         help="comma-separated activation row counts")
     parser.add_argument("--threads", type=positive_int, default=1)

@@ -109,7 +109,7 @@ def markdown(rows: list[dict[str, Any]], environment: str, command: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--families", default="llava,whisper,mllama")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--num-iter", type=int, default=3)

@@ -86,7 +86,7 @@ def summarize(name: str, precision: str, report: dict[str, Any]) -> dict[str, An
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (embedded), tinyllama-1b (random weights) or any -m value")
     parser.add_argument("--ranks", type=int, default=2)

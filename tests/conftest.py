@@ -7,11 +7,13 @@ import contextlib
 import fcntl
 import io
 import os
+import pickle
 import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,6 +58,29 @@ def machine_share(exclusive: bool) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_SH)
         try:
             yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str,
+                 build: Callable[[Path], Any]) -> Any:
+    """build(folder) once per test run, by whichever xdist worker asks first; the others wait
+    for it and get the same (pickled) result, the folder shared. A module fixture runs once
+    per worker, and work stealing often puts a module's tests on both workers: for a 2-rank
+    launch or a scoring run that cost its whole time a second time."""
+    root = tmp_path_factory.getbasetemp()
+    if WORKERS > 1:
+        root = root.parent  # the run's folder, above each worker's own
+    folder, done = root / f"once-{name}", root / f"once-{name}" / "result.pickle"
+    with open(root / f"once-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if done.is_file():
+                return pickle.loads(done.read_bytes())
+            folder.mkdir(parents=True, exist_ok=True)
+            result = build(folder)
+            done.write_bytes(pickle.dumps(result))
+            return result
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_entry, run_in_process
-from test_distributed import deepspeed_launcher, free_port
+from conftest import ROOT, once_per_run, run_entry, run_in_process
+from test_distributed import free_port, launch_ranks_directly
 
 from llmbench.accuracy import single_instance, tasks
 from llmbench.cli import run as dispatch
@@ -44,12 +43,16 @@ def write_lambada(path: Path, passages: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def shipped_run(tmp_path_factory, embedded_model_dir):
-    """run_accuracy.py on the embedded model and the shipped file, as a user runs it, offline."""
-    output_dir = tmp_path_factory.mktemp("accuracy")
-    result = run_entry("single_instance/run_accuracy.py", "--limit", str(LIMIT),
-                       "--batch-size", str(BATCH), "--output-dir", str(output_dir), env=OFFLINE)
-    assert result.returncode == 0, result.stderr
-    return result, only_report(output_dir), output_dir
+    """run_accuracy.py on the embedded model and the shipped file, as a user runs it, offline
+    (once per test run, shared by the xdist workers)."""
+    def score(output_dir: Path):
+        result = run_entry("single_instance/run_accuracy.py", "--limit", str(LIMIT),
+                           "--batch-size", str(BATCH), "--output-dir", str(output_dir),
+                           env=OFFLINE)
+        assert result.returncode == 0, result.stderr
+        return result, only_report(output_dir), output_dir
+
+    return once_per_run(tmp_path_factory, "shipped-accuracy", score)
 
 
 def test_lambada_file_is_scored_as_lm_eval_lambada_openai():
@@ -281,13 +284,12 @@ def test_entry_script_is_executable():
 def test_tensor_parallel_accuracy_agrees_with_single_instance(shipped_run, tmp_path):
     """distributed/run_accuracy_with_deepspeed.py on two AutoTP ranks scores the same passages
     as the single-instance run the same way; rank 0 alone writes the report."""
-    # a port of its own: the launcher's default (29500) is shared with any other run here
-    command = [deepspeed_launcher(), "--num_accelerators", "2", "--bind_cores_to_rank",
-               "--master_port", str(free_port()),
-               str(ROOT / "distributed" / "run_accuracy_with_deepspeed.py"),
-               "--limit", str(LIMIT), "--batch-size", str(BATCH), "--output-dir", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, **OFFLINE})
+    # The ranks started as DeepSpeed's launch.py starts them (the seed-command test launches a
+    # distributed accuracy line under the real launcher).
+    script = [str(ROOT / "distributed" / "run_accuracy_with_deepspeed.py"),
+              "--limit", str(LIMIT), "--batch-size", str(BATCH), "--output-dir", str(tmp_path)]
+    result = launch_ranks_directly(script, {**os.environ, **OFFLINE, "DS_ACCELERATOR": "cpu"},
+                                   free_port(), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("|lambada_local|") == 1  # one table: rank 0's
     report = only_report(tmp_path)

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, run_entry
+from conftest import ROOT, once_per_run, run_entry
 
 NEW_TOKENS = "4"
 SHORT = ["--max-new-tokens", NEW_TOKENS, "--num-iter", "1", "--num-warmup", "0",
@@ -243,8 +243,10 @@ def test_create_shard_model_alone(tiny_shard, tiny_llama, tmp_path):
 def test_tiny_model_two_ranks_match_single_instance(tiny_shard, tmp_path, mode_flags, mode,
                                                     batch):
     expected = reference_ids(str(tiny_shard), greedy=mode == "greedy", batch_size=batch)
+    # greedy under the real launcher; beam search with the ranks started directly
     result = launch("-m", str(tiny_shard), *mode_flags, "--batch-size", str(batch), *SHORT,
-                    "--output-dir", str(tmp_path))
+                    "--output-dir", str(tmp_path),
+                    launcher="deepspeed" if mode == "greedy" else "direct")
     report = check_run(result, tmp_path, expected, mode)
     assert len(report["distributed"]["checkpoint_files"]) >= 3  # loaded shard by shard
 
@@ -255,10 +257,14 @@ def test_tiny_model_two_ranks_match_single_instance(tiny_shard, tmp_path, mode_f
 
 @pytest.fixture(scope="module")
 def embedded_shard_run(tmp_path_factory, embedded_model_dir):
-    output_dir = tmp_path_factory.mktemp("embedded")
-    result = launch("--shard-model", "--max-shard-size", "200MB", "--greedy", *SHORT,
-                    "--output-dir", str(output_dir))
-    return result, output_dir
+    """One launch per test run (shared by the xdist workers): --shard-model on the embedded
+    model, the shard under --output-dir."""
+    def shard_and_run(output_dir: Path):
+        result = launch("--shard-model", "--max-shard-size", "200MB", "--greedy", *SHORT,
+                        "--output-dir", str(output_dir))
+        return result, output_dir
+
+    return once_per_run(tmp_path_factory, "embedded-shard-run", shard_and_run)
 
 
 @pytest.mark.slow
@@ -458,7 +464,8 @@ def woq_autotp_run(tiny_llama_128, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("woq_autotp")
     result = launch("-m", str(tiny_llama_128), "--greedy", *SHORT,
                     "--ipex-weight-only-quantization", "--weight-dtype", "INT4",
-                    "--group-size", str(WOQ_GROUP), "--output-dir", str(output_dir))
+                    "--group-size", str(WOQ_GROUP), "--output-dir", str(output_dir),
+                    launcher="direct")
     return result, output_dir
 
 

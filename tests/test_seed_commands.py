@@ -7,9 +7,10 @@ How each line is checked (the table printed at the end says which, line by line;
   its subprocess launcher is replaced by an in-process call, so the flags each step gets are
   the ones run.py builds) and must exit 0 with its summary lines. Lines that are the same
   command once parsed (the READMEs' "general command" and "example" pairs) run once.
-- `launched`: two representative `deepspeed` lines run under the real launcher (2 ranks): a
-  GPTQ INT4 folder under AutoTP with --lowp-mode BF16, and distributed accuracy with weight-only
-  INT8 (AutoTP weight-only INT8 with --shard-model is launched in tests/test_distributed.py).
+- `launched`: two representative `deepspeed` lines run under the real launcher (2 ranks), each
+  in a test of its own (test_readme_deepspeed_line_launched): a GPTQ INT4 folder under AutoTP
+  with --lowp-mode BF16, and distributed accuracy with weight-only INT8 (AutoTP weight-only
+  INT8 with --shard-model is launched in tests/test_distributed.py).
 - `parsed`: every other `deepspeed` line is checked the way its ranks start: run.py's own
   planning (which refuses what can't run, before any launch) and the rank script's checks
   (llmbench.cli.rank_settings,
@@ -321,17 +322,15 @@ def seed_paths(tmp_path_factory, embedded_model_dir):
             "shard": saved / "llama_local_shard"}
 
 
-def test_every_readme_command_line(seed_paths, in_process_steps, capsys, monkeypatch):
-    monkeypatch.chdir(seed_paths["work"])  # relative defaults (./saved_results) land there
+def classified(paths: dict[str, Path], has_ipex: bool) -> list[Seed]:
+    """Every seed line, normalised to `paths`, with how it is checked."""
     seeds = read_seeds()
-    assert len(seeds) == 118  # 117 lines; the [INT8|BF16] one is listed once per choice
-    has_ipex = ipex_imports()
     for seed in seeds:
         if PHI4 in seed.text:
             seed.how, seed.ok = "not loadable here", True
             seed.result = "Phi-4-multimodal's processor needs torchvision (docs/multimodal.md)"
             continue
-        normalise(seed, seed_paths)
+        normalise(seed, paths)
         ipex = "--ipex" in seed.argv or "--backend ipex" in " ".join(seed.argv)
         if ipex and not has_ipex:
             seed.how = "needs IPEX"
@@ -339,6 +338,33 @@ def test_every_readme_command_line(seed_paths, in_process_steps, capsys, monkeyp
             seed.how = "launched" if seed.section in LAUNCHED else "parsed"
         else:
             seed.how = "run"
+    return seeds
+
+
+@pytest.mark.parametrize("section", LAUNCHED)
+def test_readme_deepspeed_line_launched(seed_paths, section, tmp_path):
+    """The `launched` lines, each under the real launcher (2 ranks), in a test of its own so
+    that they run beside the in-process lines, with their own saved_results (the GPTQ line of
+    the in-process flow wants its saved_results empty) and shard."""
+    paths = {**seed_paths, "work": tmp_path, "saved": tmp_path / "saved_results",
+             "shard": tmp_path / "saved_results" / "llama_local_shard"}
+    (seed,) = [s for s in classified(paths, ipex_imports()) if s.section == section]
+    if seed.how != "launched":
+        pytest.skip(f"{section}: {seed.how} here")
+    if "-m" in seed.argv and seed.argv[seed.argv.index("-m") + 1] == str(paths["shard"]):
+        status, _, err = call("utils/create_shard_model.py", ["-m", str(seed_paths["tiny"]),
+                                                               "--save-path", str(paths["shard"])])
+        assert status == 0, err
+    status, out, err = launch(seed)
+    judge(seed, status, out, err)
+    assert seed.ok, seed.result
+
+
+def test_every_readme_command_line(seed_paths, in_process_steps, capsys, monkeypatch):
+    monkeypatch.chdir(seed_paths["work"])  # relative defaults (./saved_results) land there
+    seeds = classified(seed_paths, ipex_imports())
+    assert len(seeds) == 118  # 117 lines; the [INT8|BF16] one is listed once per choice
+    has_ipex = ipex_imports()
 
     done: dict[tuple[Any, ...], Seed] = {}
     for seed in sorted(seeds, key=priority):
@@ -377,8 +403,7 @@ def test_every_readme_command_line(seed_paths, in_process_steps, capsys, monkeyp
 
     for seed in seeds:
         if seed.how == "launched":
-            status, out, err = launch(seed)
-            judge(seed, status, out, err)
+            seed.ok, seed.result = True, "2 ranks: test_readme_deepspeed_line_launched"
 
     # One IPEX line as a real process: the whole of stderr is the one line.
     if not has_ipex:
