@@ -18,6 +18,9 @@ import contextlib
 import os
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(PKG_DIR))
@@ -94,15 +97,19 @@ def build(verbose: bool = True, force: bool = False) -> str:
     cmd.build_temp = BUILD_TEMP
     cmd.force = force
     old = os.getcwd()
-    quiet = open(os.devnull, "w") if not verbose else None
+    # Quiet: our output and the compiler subprocesses' (ninja prints every command line) go to
+    # a file, shown only when the build fails.
+    quiet = tempfile.TemporaryFile("w+") if not verbose else None
     try:
         os.chdir(REPO_ROOT)
         with contextlib.ExitStack() as stack:
             if quiet is not None:
                 stack.enter_context(contextlib.redirect_stdout(quiet))
+                stack.enter_context(_fd_to(1, quiet))
             dist.run_command("build_ext")
         out = os.path.abspath(cmd.get_ext_fullpath(ext.name))
     except SystemExit as e:  # distutils reports compile errors this way
+        _show(quiet)
         raise BuildError(f"compilation failed ({e}); see the compiler output above") from None
     except Exception as e:
         name = type(e).__name__
@@ -113,6 +120,7 @@ def build(verbose: bool = True, force: bool = False) -> str:
             "CalledProcessError",
             "RuntimeError",
         ):
+            _show(quiet)
             raise BuildError(
                 f"compilation failed ({name}: {str(e).splitlines()[0] if str(e) else ''}); "
                 "see the compiler output above"
@@ -123,3 +131,24 @@ def build(verbose: bool = True, force: bool = False) -> str:
         if quiet is not None:
             quiet.close()
     return out
+
+
+@contextlib.contextmanager
+def _fd_to(fd: int, target: Any) -> Iterator[None]:
+    """OS-level file descriptor `fd` into `target`, subprocesses' output included, then back."""
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    os.dup2(target.fileno(), fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def _show(captured: Any) -> None:
+    """A quiet build's captured output, on stderr (the compiler's errors are in it)."""
+    if captured is not None:
+        captured.seek(0)
+        sys.stderr.write(captured.read()[-20000:])
