@@ -88,8 +88,9 @@ def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 900,
 def launch_ranks_directly(script: list[str], env: dict[str, str], port: int, timeout: float,
                           world: int = 2) -> subprocess.CompletedProcess[str]:
     """`world` ranks of `python -u SCRIPT --local_rank=N ...` on this host, as launch.py starts
-    them: each in a session of its own (killed whole, with its steps, on a timeout), their
-    output merged as the launcher's is, the first failing rank's status returned."""
+    them: each in a session of its own (killed whole, with its steps, when another rank fails
+    or on a timeout), their output merged as the launcher's is, the first failing rank's
+    status returned."""
     cores = sorted(os.sched_getaffinity(0))
     per_rank = max(1, len(cores) // world)
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
@@ -104,19 +105,24 @@ def launch_ranks_directly(script: list[str], env: dict[str, str], port: int, tim
                        script[0], f"--local_rank={rank}", *script[1:]]
             ranks.append(subprocess.Popen(command, stdout=stdout, stderr=stderr, env=rank_env,
                                           cwd=ROOT, start_new_session=True))
+        # As launch.py does: a rank that fails ends the others (rather than leaving them to
+        # wait for it until the timeout); a timeout ends them all.
         deadline = time.monotonic() + timeout
-        try:
-            statuses = [rank.wait(timeout=max(0.0, deadline - time.monotonic()))
-                        for rank in ranks]
-        except subprocess.TimeoutExpired:
-            for rank in ranks:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(rank.pid, signal.SIGKILL)
-                rank.wait()
-            raise
+        status = 0  # the first failing rank's own exit status
+        while any(rank.poll() is None for rank in ranks):
+            status = next((rank.returncode for rank in ranks if rank.returncode), 0)
+            if status or time.monotonic() > deadline:
+                for rank in ranks:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(rank.pid, signal.SIGKILL)
+                    rank.wait()
+                if not status:
+                    raise subprocess.TimeoutExpired(ranks[0].args, timeout)
+                break
+            time.sleep(0.1)
+        status = status or next((rank.returncode for rank in ranks if rank.returncode), 0)
         stdout.seek(0)
         stderr.seek(0)
-        status = next((code for code in statuses if code != 0), 0)
         return subprocess.CompletedProcess(ranks[0].args, status, stdout.read(), stderr.read())
 
 
