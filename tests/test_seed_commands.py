@@ -362,9 +362,9 @@ def test_readme_deepspeed_line_launched(seed_paths, section, tmp_path):
 
 def test_every_readme_command_line(seed_paths, in_process_steps, capsys, monkeypatch):
     monkeypatch.chdir(seed_paths["work"])  # relative defaults (./saved_results) land there
-    seeds = classified(seed_paths, ipex_imports())
-    assert len(seeds) == 118  # 117 lines; the [INT8|BF16] one is listed once per choice
     has_ipex = ipex_imports()
+    seeds = classified(seed_paths, has_ipex)
+    assert len(seeds) == 118  # 117 lines; the [INT8|BF16] one is listed once per choice
 
     done: dict[tuple[Any, ...], Seed] = {}
     for seed in sorted(seeds, key=priority):
