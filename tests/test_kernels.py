@@ -161,6 +161,64 @@ def test_int4_group_sizes(isa, M):
         )
 
 
+@pytest.mark.parametrize("mode", ["PER_BATCH_SYM", "PER_TENSOR_SYM", "PER_BATCH_IC_BLOCK_SYM",
+                                  "PER_BATCH"])
+@pytest.mark.parametrize("M", [1, 2, 17, 300])  # 300: above the int4 kernels' row limit
+def test_int4_with_int8_activations(isa, mode, M):
+    """--lowp-mode INT8 on INT4 weights: the product of x's int8 levels, on every path. Where
+    AMX-INT8 takes it (symmetric levels, avx512vnni path, 2+ rows) the int32 sums are exact,
+    so only reassociation error is left; the int16 kernels may round the levels again."""
+    from llmbench.kernels.int8_act import reference_levels
+    from llmbench.quant.scheme import act_levels_for
+
+    x, w, b = _data(M, 45, 640, True)
+    x = x * 3 + 0.25
+    gs = 128
+    spec = act_levels_for(mode, gs)
+    p, s, z = R.quantize_int4(w, gs)
+    levels = reference_levels(x, spec)
+    ref = R.linear_int4w(levels, p, s, z, gs, b)
+    y = K.linear_int4w(x, p, s, z, gs, b, act=spec)
+    amx = bool(K.compiled().amx_i4_takes(M, 640, gs, spec.sym, spec.block))
+    assert not amx or (isa == "avx512vnni" and spec.sym and M >= 2)
+    _check(y, ref, levels, R.dequantize_int4(p, s, z, gs), b,
+           int16_x=False if amx else _int4_levels(p, s, gs))
+
+
+@pytest.mark.parametrize("M", [2, 17, 300])
+def test_int8_with_dynamic_int8_activations(isa, M):
+    """--lowp-mode INT8 on INT8 weights (per-row int8 activations): the exact int32 sums of
+    int8_act.reference on every path and row count: the kernels, AMX-INT8 where it takes them
+    (avx512vnni path), torch._int_mm or fp32 GEMM beyond."""
+    from llmbench.kernels import int8_act
+
+    x, w, b = _data(M, 45, 640, True)
+    q, s = R.quantize_int8(w)
+    scales = int8_act.dynamic_scales(x)
+    ref = int8_act.reference(x, scales, q, s, b)
+    y = int8_act.linear_w8a8(x, None, q, s, b)
+    amx = bool(K.compiled().amx_i8_takes(M, 640))
+    assert not amx or isa == "avx512vnni"
+    levels = int8_act.quantize_activations(x, scales) * scales[:, None]
+    _check(y, ref, levels, R.dequantize_int8(q, s), b)
+
+
+def test_amx_rows_setting():
+    """set_amx_rows: 0 turns the AMX path off (0 is all a CPU without AMX-INT8 reports)."""
+    C = K.compiled()
+    old = C.set_amx_rows()
+    try:
+        assert C.set_amx_rows(0) == 0 and not C.amx_i4_takes(64, 640, 128, True, 0)
+        assert not C.amx_i8_takes(64, 640)
+        if C.set_amx_rows(old) > 0:
+            assert C.amx_i4_takes(64, 640, 128, True, 0) == (K.isa() == "avx512vnni")
+            assert C.amx_i8_takes(64, 640) == (K.isa() == "avx512vnni")
+            assert not C.amx_i8_takes(64, 600)  # K not in whole 64-byte tile rows
+            assert not C.amx_i4_takes(64, 640, 32, True, 0)  # groups of 32: int16 kernels
+    finally:
+        C.set_amx_rows(old)
+
+
 def test_leading_dims_strides_and_large_m(isa):
     # x [2, 3, K] -> y [2, 3, N]; strided rows; 1-D x; M > 16 goes to torch
     _, w, b = _data(1, 20, 200, True)

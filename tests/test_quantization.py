@@ -123,6 +123,38 @@ def test_run_py_lowp_int8_runs_int8_activations(tmp_path, tiny_llama):
     assert report["backend"]["decode_step"].startswith("compiled C++ step")
 
 
+def test_run_py_int4_lowp_int8_on_amx_where_present(tmp_path, tiny_llama):
+    """INT4 (groups of 64) with --lowp-mode INT8's default per-row symmetric activations: the
+    prompt's projections run on the AMX-INT8 tiles where the CPU has them, and the report
+    says which; the tokens are the int16 kernels' (AMX turned off in the same process)."""
+    from llmbench import kernels
+
+    def run(out):
+        result = run_in_process(
+            "run.py", "-m", str(tiny_llama), "--ipex-weight-only-quantization",
+            "--weight-dtype", "INT4", "--group-size", "64", "--lowp-mode", "INT8",
+            "--backend", "native", "--benchmark", "--greedy", "--token-latency",
+            "--max-new-tokens", "8", "--num-iter", "1", "--num-warmup", "0",
+            "--output-dir", str(out))
+        assert result.returncode == 0, result.stderr
+        return json.loads(next(p for p in out.glob("*.json") if p.name != "best_model.json")
+                          .read_text())
+
+    amx = kernels.amx_rows()
+    report = run(tmp_path / "out")
+    compute = report["backend"]["quantization"]["compute"]
+    assert ("AMX-INT8 tiles" in compute) == bool(amx), compute
+    if amx:
+        C = kernels.compiled()
+        try:
+            C.set_amx_rows(0)
+            without = run(tmp_path / "without")
+        finally:
+            C.set_amx_rows(amx)
+        assert "no int8 speed-up" in without["backend"]["quantization"]["compute"]
+        assert without["generated_text"] == report["generated_text"]
+
+
 def test_run_py_int4_lowp_int8_act_quant_mode(tmp_path, tiny_llama):
     """INT4 weights with --lowp-mode INT8 and an IPEX --act-quant-mode: saved in the scheme,
     run through the compiled decode step on int8 levels, said in the report; a later run of

@@ -289,6 +289,15 @@ def linear_int8w(
     )
 
 
+def amx_rows() -> int:
+    """From how many rows int8 activations (--lowp-mode INT8) against int8 / int4 weights run
+    on the AMX-INT8 tile kernels (csrc/kernels_amx.cpp); 0: never (no AMX-INT8 here, another
+    path forced, or the fallback)."""
+    if not available() or isa() != "avx512vnni":
+        return 0
+    return int(_C.set_amx_rows())
+
+
 def linear_int4w(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -296,15 +305,22 @@ def linear_int4w(
     zeros: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
+    act=None,
 ) -> torch.Tensor:
-    """x float32 [..., K], packed uint8 [N, K/2], scales/zeros float32 [N, K/group_size]."""
-    if (
-        _C is not None
-        and not _FORCE_FALLBACK
-        and x.dim()
-        and 0 < x.numel() <= STREAM_M_MAX["int4"] * x.shape[-1]
-    ):
-        return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias)
+    """x float32 [..., K], packed uint8 [N, K/2], scales/zeros float32 [N, K/group_size].
+    act: an int8_act.ActLevels (--lowp-mode INT8): the product of x's int8 levels. Symmetric
+    levels run on AMX-INT8 at any row count where the CPU has it (amx_i4_takes)."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if _C is not None and not _FORCE_FALLBACK and x.dim() and rows:
+        if act is not None and x.dtype == torch.float32 and (
+                rows <= STREAM_M_MAX["int4"]
+                or _C.amx_i4_takes(rows, x.shape[-1], int(group_size), act.sym, act.block)):
+            return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias, True,
+                                   act.per_tensor, act.sym, act.block)
+        if act is None and rows <= STREAM_M_MAX["int4"]:
+            return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias)
+    if act is not None:
+        x = act(x)
     _check_w(qweight, torch.uint8, "linear_int4w", "qweight")
     K = 2 * qweight.shape[-1]
     reference.check_int4_group(K, int(group_size))

@@ -31,6 +31,7 @@ SOURCES = [
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",
     "kernels_avx512vnni.cpp",
+    "kernels_amx.cpp",
     "kernels_neon.cpp",
 ]
 BUILD_TEMP = os.path.join(PKG_DIR, "build")

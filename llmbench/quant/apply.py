@@ -239,14 +239,31 @@ def compute_description(qlinears: dict[str, Any], scheme: Scheme) -> str | None:
     if scheme.lowp_mode in LOWP_DTYPES:
         parts.append(lowp_description(scheme.lowp_mode))
     by_kind: dict[str, set[str]] = {}
+    amx_int4 = 0
     for q in qlinears.values():
-        if getattr(q, "act_levels", None) is not None:
-            by_kind.setdefault(q.kind, set()).add(q.act_levels.describe())
+        spec = getattr(q, "act_levels", None)
+        if spec is not None:
+            by_kind.setdefault(q.kind, set()).add(spec.describe())
+            amx_int4 += int(q.kind == "int4" and _int4_on_amx(q, spec))
     for kind, specs in sorted(by_kind.items()):
-        parts.append(f"{kind} projections: {scheme.act_quant_mode} int8 activations "
-                     f"({'; '.join(sorted(specs))}), their int8 levels through the weight-only "
-                     f"kernels ({kernels.isa()}): fp32 or int16 arithmetic, no int8 speed-up")
+        levels = (f"{kind} projections: {scheme.act_quant_mode} int8 activations "
+                  f"({'; '.join(sorted(specs))}), ")
+        if kind == "int4" and amx_int4:
+            parts.append(levels + f"int8 x int4 -> int32 per group on AMX-INT8 tiles from "
+                         f"{kernels.amx_rows()} rows ({amx_int4} of {len(qlinears)} "
+                         f"projections); fewer rows: their int8 levels through the weight-only "
+                         f"kernels ({kernels.isa()}), int16 arithmetic")
+        else:
+            parts.append(levels + f"their int8 levels through the weight-only kernels "
+                         f"({kernels.isa()}): fp32 or int16 arithmetic, no int8 speed-up")
     return " | ".join(parts) or None
+
+
+def _int4_on_amx(q: Any, spec: Any) -> bool:
+    """Whether an int4 projection's prompt rows run on the AMX-INT8 tiles."""
+    rows, k = kernels.amx_rows(), getattr(q, "padded_in", None)
+    return bool(rows and k) and bool(kernels.compiled().amx_i4_takes(
+        rows, k, q.group_size, spec.sym, spec.block))
 
 
 def quantization_details(qlinears: dict[str, Any], scheme: Scheme) -> dict[str, Any]:

@@ -128,11 +128,9 @@ class Int4Linear:
         return x
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._input(x)
-        if self.act_levels is not None:  # after the permutation: blocks follow the groups
-            x = self.act_levels(x)
+        x = self._input(x)  # act_levels after the permutation: blocks follow the groups
         return kernels.linear_int4w(x, self.packed, self.scales, self.zeros,
-                                    self.group_size, self.bias)
+                                    self.group_size, self.bias, act=self.act_levels)
 
     def dequantize(self) -> torch.Tensor:
         w = kernels.dequantize_int4(self.packed, self.scales, self.zeros, self.group_size)

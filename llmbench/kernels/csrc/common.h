@@ -57,6 +57,35 @@ struct KernelTable {
   PrepFn prep[kNumFmt];  // nullptr: the kernel reads x as it is
 };
 
+// int4 / int8 weights x int8 activations on AMX-INT8 (kernels_amx.cpp): see amx_ok in ops.cpp
+// for the shapes it takes. The buffers are the caller's, sized by Mpad (M rounded up to 16).
+struct AmxArgs {
+  Fmt fmt;               // kI4 or kI8
+  const void* w;         // int4: packed [N, K/2]; int8: [N, K]
+  int64_t N, K, M, Mpad;
+  int64_t group_size;    // int4: a multiple of 64 dividing K; int8: K (one group)
+  const float* scales;   // int4: [N, K / group_size]; int8: [N]
+  const float* zeros;    // int4: [N, K / group_size]; int8: [N] or nullptr (symmetric)
+  const float* bias;     // [N] or nullptr
+  int8_t* xb;            // Mpad / 16 * K / 64 tiles of 1 KiB (amx_pack_x)
+  float* sx;             // [K / group_size, Mpad]: activation scale per row and group
+  // [K / group_size, Mpad]. int4: the sum of the row's int8 levels over the group. int8: the
+  // row's fp32 sum (asymmetric int8 weights subtract sum(x) * s * z, as the other paths do).
+  float* xsum;
+  float* y;              // [M, N], row stride ldy
+  int64_t ldy;
+};
+bool amx_int8_ready();  // the CPU has AMX-INT8 and the OS granted its tile state
+// Quantizes rows [16 mb_begin, 16 mb_end) of x [M, K] (row stride ldx) to int8 levels,
+// symmetric (round half to even of x / scale, within +-127), one scale per row and block of
+// input channels (0: the whole row), into a.xb/sx/xsum. per_tensor: the scales are one over
+// all rows, already set by amx_tensor_scales.
+void amx_tensor_scales(const AmxArgs& a, const float* x, int64_t ldx, int64_t block);
+void amx_pack_x(const AmxArgs& a, const float* x, int64_t ldx, bool per_tensor, int64_t block,
+                int64_t mb_begin, int64_t mb_end);
+// Output columns [16 nb_begin, 16 nb_end) for all M rows.
+void amx_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end);
+
 const KernelTable* generic_table();
 const KernelTable* avx2_table();    // nullptr when not compiled (non-x86)
 const KernelTable* avx512_table();  // nullptr when not compiled (non-x86)

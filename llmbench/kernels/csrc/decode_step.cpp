@@ -1025,8 +1025,10 @@ class DecodePlan {
     const Projection& p = linears_[index];
     const int64_t K = p.d.K, n = p.in_features;
     const bool dynamic_i8 = p.d.fmt == kI8 && p.d.act_qmax > 0.f && p.d.act_scale == nullptr;
+    // (dynamic int8 activations stay in linear_rows where AMX takes them: kernels_amx.cpp)
     const bool gemm = (p.d.fmt == kF32 || p.d.fmt == kBF16 || dynamic_i8) && !p.d.act.enabled &&
-                      gemm_rows_[p.d.fmt] >= 0 && rows > gemm_rows_[p.d.fmt];
+                      gemm_rows_[p.d.fmt] >= 0 && rows > gemm_rows_[p.d.fmt] &&
+                      !(dynamic_i8 && amx_ok(p.d, rows));
     if (p.perm == nullptr && K == n) {
       if (gemm)
         gemm_rows(p, x, rows, y, ldy);

@@ -39,6 +39,9 @@ struct LinearDesc {
   ActQuant act;                   // any format: x replaced by its int8 levels first
 };
 
+// Whether linear_rows runs d on AMX-INT8 for M rows (int8 activations: kernels_amx.cpp).
+bool amx_ok(const LinearDesc& d, int64_t M);
+
 // y[m, :N] = x[m, :K] @ dequant(w).T (+ bias) for m < M, on the active ISA
 // path, split over the intra-op thread pool.
 void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,

@@ -56,6 +56,10 @@ void quantize_act_levels(const ActQuant& q, const float* x, int64_t M, int64_t l
 
 namespace {
 
+// int8 activations on AMX-INT8 (below, after linear_rows' other helpers).
+void linear_amx(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
+                int64_t ldy);
+
 bool cpu_has_avx2() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
   __builtin_cpu_init();
@@ -294,6 +298,19 @@ at::Tensor linear_int8w(const at::Tensor& x, const at::Tensor& qweight, const at
     p.a.act_scale = act.data_ptr<float>();
     p.a.act_scale_n = act.numel();
   }
+  LinearDesc d;
+  d.fmt = kI8;
+  d.K = p.a.K;
+  d.act_qmax = p.a.act_qmax;
+  d.act_scale = p.a.act_scale;
+  if (amx_ok(d, p.a.M)) {
+    d.w = p.a.w;
+    d.N = p.a.N;
+    d.scales = p.a.scales;
+    d.bias = p.a.bias;
+    linear_amx(d, p.a.x, p.a.M, p.a.ldx, p.a.y, p.a.ldy);
+    return p.y_view;
+  }
   run(kI8, p.a, 1.0 * p.a.K);
   return p.y_view;
 }
@@ -307,7 +324,8 @@ void check_int4_group(int64_t K, int64_t group_size, const char* fn) {
 
 at::Tensor linear_int4w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t group_size,
-                        const std::optional<at::Tensor>& bias) {
+                        const std::optional<at::Tensor>& bias, bool act_levels,
+                        bool act_per_tensor, bool act_sym, int64_t act_block) {
   const char* fn = "linear_int4w";
   Prepared p;
   prepare(p, x, qweight, at::kByte, 1, bias, fn, "qweight");
@@ -321,6 +339,24 @@ at::Tensor linear_int4w(const at::Tensor& x, const at::Tensor& qweight, const at
   a.zeros = z.data_ptr<float>();
   a.group_size = group_size;
   a.ngroups = NG;
+  if (act_levels) {  // int8 activations (--lowp-mode INT8): linear_rows quantizes x itself
+    TORCH_CHECK_VALUE(act_block >= 0, fn, ": act_block must be >= 0, got ", act_block);
+    LinearDesc d;
+    d.fmt = kI4;
+    d.w = a.w;
+    d.N = a.N;
+    d.K = K;
+    d.scales = a.scales;
+    d.zeros = a.zeros;
+    d.group_size = group_size;
+    d.bias = a.bias;
+    d.act.enabled = true;
+    d.act.per_tensor = act_per_tensor;
+    d.act.sym = act_sym;
+    d.act.block = act_block;
+    linear_rows(d, a.x, a.M, a.ldx, a.y, a.ldy);
+    return p.y_view;
+  }
   std::vector<float> xsum(static_cast<size_t>(a.M * NG));
   group_sums(a.x, a.M, a.ldx, group_size, NG, xsum.data());
   a.xsum = xsum.data();
@@ -346,9 +382,104 @@ at::Tensor act_levels(const at::Tensor& x, bool per_tensor, bool sym, int64_t bl
 
 }  // namespace
 
+namespace {
+
+// int4 / int8 weights with symmetric dynamic int8 activations (--lowp-mode INT8) on AMX-INT8
+// (kernels_amx.cpp) from this many rows on (set_amx_rows; 0: never). Below it the GEMV
+// kernels run: decode reads each weight once either way. Measured with
+// benchmarks/bench_prefill.py --amx.
+int64_t& amx_min_rows() {
+  static int64_t rows = amx_int8_ready() ? 2 : 0;
+  return rows;
+}
+
+}  // namespace
+
+bool amx_ok(const LinearDesc& d, int64_t M) {
+  const int64_t rows = amx_min_rows();
+  // Only on the path that is AMX's CPU's best (a forced --isa / LLMBENCH_KERNELS_ISA means
+  // those kernels), and with K in whole 64-byte tile rows.
+  if (rows <= 0 || M < rows || active_table() != avx512vnni_table() || d.K % 64 != 0)
+    return false;
+  if (d.fmt == kI8)  // dynamic per-row scales (SmoothQuant's static ones guard against overflow)
+    return d.act_qmax == 127.f && d.act_scale == nullptr && !d.act.enabled;
+  const int64_t G = d.group_size, block = d.act.block;
+  // int4: symmetric levels (an asymmetric level minus its zero point needs 9 bits) and
+  // activation blocks made of whole weight groups.
+  return d.fmt == kI4 && d.act.enabled && d.act.sym && G % 64 == 0 && d.K % G == 0 &&
+         (block <= 0 || block >= d.K || (block % G == 0 && d.K % block == 0));
+}
+
+namespace {
+
+void linear_amx(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
+                int64_t ldy) {
+  AmxArgs a{};
+  a.fmt = d.fmt;
+  a.w = d.w;
+  a.N = d.N;
+  a.K = d.K;
+  a.M = M;
+  a.Mpad = (M + 15) / 16 * 16;
+  a.group_size = d.fmt == kI4 ? d.group_size : d.K;
+  a.scales = d.scales;
+  a.zeros = d.zeros;
+  a.bias = d.bias;
+  a.y = y;
+  a.ldy = ldy;
+  const int64_t NG = d.K / a.group_size;
+  thread_local std::vector<int8_t> xb;
+  thread_local std::vector<float> sums;
+  xb.resize(static_cast<size_t>(a.Mpad * d.K + 64));
+  sums.resize(static_cast<size_t>(2 * NG * a.Mpad));
+  a.xb = xb.data() + (64 - reinterpret_cast<uintptr_t>(xb.data()) % 64) % 64;
+  a.sx = sums.data();
+  a.xsum = sums.data() + NG * a.Mpad;
+  const bool per_tensor = d.fmt == kI4 && d.act.per_tensor;
+  const int64_t block = d.fmt == kI4 ? d.act.block : 0;
+  if (per_tensor) amx_tensor_scales(a, x, ldx, block);
+  at::parallel_for(0, a.Mpad / 16, 1, [&](int64_t b, int64_t e) {
+    amx_pack_x(a, x, ldx, per_tensor, block, b, e);
+  });
+  at::parallel_for(0, (d.N + 15) / 16, 1, [&](int64_t b, int64_t e) { amx_rows(a, b, e); });
+}
+
+}  // namespace
+
+int64_t set_amx_rows(int64_t min_rows) {
+  if (min_rows >= 0) amx_min_rows() = amx_int8_ready() ? min_rows : 0;
+  return amx_min_rows();
+}
+
+// Whether an int4 linear with int8 activations of these settings (--lowp-mode INT8) runs on
+// AMX (at any M then).
+bool amx_i4_takes(int64_t M, int64_t K, int64_t group_size, bool sym, int64_t block) {
+  LinearDesc d;
+  d.fmt = kI4;
+  d.K = K;
+  d.group_size = group_size;
+  d.act.enabled = true;
+  d.act.sym = sym;
+  d.act.block = block;
+  return amx_ok(d, M);
+}
+
+// The same for int8 weights with dynamic per-row int8 activations.
+bool amx_i8_takes(int64_t M, int64_t K) {
+  LinearDesc d;
+  d.fmt = kI8;
+  d.K = K;
+  d.act_qmax = 127.f;
+  return amx_ok(d, M);
+}
+
 void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
                  int64_t ldy) {
   thread_local std::vector<float> levels;
+  if (amx_ok(d, M)) {
+    linear_amx(d, x, M, ldx, y, ldy);
+    return;
+  }
   if (d.act.enabled) {  // everything below, zero-point sums included, sees the int8 levels
     levels.resize(static_cast<size_t>(M * d.K));
     quantize_act_levels(d.act, x, M, ldx, d.K, levels.data());
@@ -478,7 +609,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none(), py::arg("act_qmax") = 0.0,
         py::arg("act_scale") = py::none());
   m.def("linear_int4w", &llmb::linear_int4w, py::arg("x"), py::arg("qweight"), py::arg("scales"),
-        py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none());
+        py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
+        py::arg("act_levels") = false, py::arg("act_per_tensor") = false,
+        py::arg("act_sym") = true, py::arg("act_block") = 0);
+  m.def("amx_i4_takes", &llmb::amx_i4_takes, py::arg("rows"), py::arg("k"),
+        py::arg("group_size"), py::arg("sym"), py::arg("block"));
+  m.def("amx_i8_takes", &llmb::amx_i8_takes, py::arg("rows"), py::arg("k"));
+  m.def("set_amx_rows", &llmb::set_amx_rows, py::arg("min_rows") = -1,
+        "int8 / int4 x int8-activation linears from min_rows rows on run on AMX-INT8 (0: "
+        "never; -1: unchanged); returns the setting, 0 where AMX-INT8 is unavailable");
   m.def("act_levels", &llmb::act_levels, py::arg("x"), py::arg("per_tensor"), py::arg("sym"),
         py::arg("block"));
   m.def("rms_norm", &llmb::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"));
