@@ -166,8 +166,9 @@ def test_int4_group_sizes(isa, M):
 @pytest.mark.parametrize("M", [1, 2, 17, 300])  # 300: above the int4 kernels' row limit
 def test_int4_with_int8_activations(isa, mode, M):
     """--lowp-mode INT8 on INT4 weights: the product of x's int8 levels, on every path. Where
-    AMX-INT8 takes it (symmetric levels, avx512vnni path, 2+ rows) the int32 sums are exact,
-    so only reassociation error is left; the int16 kernels may round the levels again."""
+    AMX-INT8 takes it (symmetric levels, avx512vnni path, 2+ rows) or the path's u8 x s8
+    kernels do (symmetric levels, AVX2 and AVX-512) the int32 sums are exact, so only
+    reassociation error is left; the int16 kernels (set_i4q8(0)) may round the levels again."""
     from llmbench.kernels.int8_act import reference_levels
     from llmbench.quant.scheme import act_levels_for
 
@@ -179,10 +180,21 @@ def test_int4_with_int8_activations(isa, mode, M):
     levels = reference_levels(x, spec)
     ref = R.linear_int4w(levels, p, s, z, gs, b)
     y = K.linear_int4w(x, p, s, z, gs, b, act=spec)
-    amx = bool(K.compiled().amx_i4_takes(M, 640, gs, spec.sym, spec.block))
+    C = K.compiled()
+    amx = bool(C.amx_i4_takes(M, 640, gs, spec.sym, spec.block))
     assert not amx or (isa == "avx512vnni" and spec.sym and M >= 2)
+    u8s8 = spec.sym and M <= K.STREAM_M_MAX["int4"] and C.set_i4q8()
+    assert u8s8 == (spec.sym and M <= K.STREAM_M_MAX["int4"] and isa.startswith("avx"))
+    exact = amx or u8s8
     _check(y, ref, levels, R.dequantize_int4(p, s, z, gs), b,
-           int16_x=False if amx else _int4_levels(p, s, gs))
+           int16_x=False if exact else _int4_levels(p, s, gs))
+    if u8s8 and not amx:  # the same on the int16 kernels
+        try:
+            C.set_i4q8(0)
+            _check(K.linear_int4w(x, p, s, z, gs, b, act=spec), ref, levels,
+                   R.dequantize_int4(p, s, z, gs), b, int16_x=_int4_levels(p, s, gs))
+        finally:
+            C.set_i4q8(1)
 
 
 @pytest.mark.parametrize("M", [2, 17, 300])
@@ -201,6 +213,21 @@ def test_int8_with_dynamic_int8_activations(isa, M):
     assert not amx or isa == "avx512vnni"
     levels = int8_act.quantize_activations(x, scales) * scales[:, None]
     _check(y, ref, levels, R.dequantize_int8(q, s), b)
+
+
+@pytest.mark.parametrize("M", [1, 40, 300])
+def test_int4_rows_narrower_than_the_groups_are_zero_padded(isa, M):
+    """K = 576 in groups of 128 packs 640 columns: x may come 576 wide (Int4Linear no longer
+    pads it in Python), and is the padded x's product; a row narrower by a group or more is a
+    shape error."""
+    x, w, b = _data(M, 20, 640, True)
+    w[:, 576:] = 0
+    p, s, z = R.quantize_int4(w, 128)
+    ref = R.linear_int4w(torch.nn.functional.pad(x[:, :576], (0, 64)), p, s, z, 128, b)
+    y = K.linear_int4w(x[:, :576].contiguous(), p, s, z, 128, b)
+    _check(y, ref, x, R.dequantize_int4(p, s, z, 128), b, int16_x=_int4_levels(p, s, 128))
+    with pytest.raises(ValueError, match="x has shape"):
+        K.linear_int4w(x[:, :512].contiguous(), p, s, z, 128, b)
 
 
 def test_amx_rows_setting():

@@ -56,6 +56,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .reference import (
@@ -143,6 +144,13 @@ def _load() -> None:
             warnings.warn(
                 f"LLMBENCH_KERNELS_ISA={want!r} ignored: {e}", RuntimeWarning, stacklevel=2
             )
+    amx = os.environ.get("LLMBENCH_KERNELS_AMX_ROWS", "").strip()
+    if amx:  # 0: the AMX-INT8 tiles off (A/B runs); N: from N rows on
+        try:
+            _C.set_amx_rows(int(amx))
+        except ValueError:
+            warnings.warn(f"LLMBENCH_KERNELS_AMX_ROWS={amx!r} ignored: not a row count",
+                          RuntimeWarning, stacklevel=2)
     _update_stream_limits()
 
 
@@ -308,17 +316,22 @@ def linear_int4w(
     act=None,
 ) -> torch.Tensor:
     """x float32 [..., K], packed uint8 [N, K/2], scales/zeros float32 [N, K/group_size].
+    x may be narrower than K by less than a group (the row padded up to whole groups): the
+    missing columns are zeros.
     act: an int8_act.ActLevels (--lowp-mode INT8): the product of x's int8 levels. Symmetric
     levels run on AMX-INT8 at any row count where the CPU has it (amx_i4_takes)."""
+    K = 2 * qweight.shape[-1] if qweight.dim() == 2 else 0
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if _C is not None and not _FORCE_FALLBACK and x.dim() and rows:
         if act is not None and x.dtype == torch.float32 and (
                 rows <= STREAM_M_MAX["int4"]
-                or _C.amx_i4_takes(rows, x.shape[-1], int(group_size), act.sym, act.block)):
+                or _C.amx_i4_takes(rows, K, int(group_size), act.sym, act.block)):
             return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias, True,
                                    act.per_tensor, act.sym, act.block)
         if act is None and rows <= STREAM_M_MAX["int4"]:
             return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias)
+    if x.dim() and K - int(group_size) < x.shape[-1] < K:
+        x = F.pad(x, (0, K - x.shape[-1]))
     if act is not None:
         x = act(x)
     _check_w(qweight, torch.uint8, "linear_int4w", "qweight")

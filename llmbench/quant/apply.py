@@ -239,31 +239,42 @@ def compute_description(qlinears: dict[str, Any], scheme: Scheme) -> str | None:
     if scheme.lowp_mode in LOWP_DTYPES:
         parts.append(lowp_description(scheme.lowp_mode))
     by_kind: dict[str, set[str]] = {}
-    amx_int4 = 0
+    int4_kernels: dict[str, int] = {}  # projections per kernel of their prompt rows
     for q in qlinears.values():
         spec = getattr(q, "act_levels", None)
         if spec is not None:
             by_kind.setdefault(q.kind, set()).add(spec.describe())
-            amx_int4 += int(q.kind == "int4" and _int4_on_amx(q, spec))
+            if q.kind == "int4":
+                kernel = _int4_act_kernel(q, spec)
+                int4_kernels[kernel] = int4_kernels.get(kernel, 0) + 1
     for kind, specs in sorted(by_kind.items()):
         levels = (f"{kind} projections: {scheme.act_quant_mode} int8 activations "
                   f"({'; '.join(sorted(specs))}), ")
-        if kind == "int4" and amx_int4:
-            parts.append(levels + f"int8 x int4 -> int32 per group on AMX-INT8 tiles from "
-                         f"{kernels.amx_rows()} rows ({amx_int4} of {len(qlinears)} "
-                         f"projections); fewer rows: their int8 levels through the weight-only "
-                         f"kernels ({kernels.isa()}), int16 arithmetic")
+        if kind == "int4" and set(int4_kernels) != {"levels"}:
+            parts.append(levels + "; ".join(
+                f"{count} of them: {INT4_ACT_KERNELS[kernel]}"
+                for kernel, count in sorted(int4_kernels.items())))
         else:
             parts.append(levels + f"their int8 levels through the weight-only kernels "
                          f"({kernels.isa()}): fp32 or int16 arithmetic, no int8 speed-up")
     return " | ".join(parts) or None
 
 
-def _int4_on_amx(q: Any, spec: Any) -> bool:
-    """Whether an int4 projection's prompt rows run on the AMX-INT8 tiles."""
-    rows, k = kernels.amx_rows(), getattr(q, "padded_in", None)
-    return bool(rows and k) and bool(kernels.compiled().amx_i4_takes(
-        rows, k, q.group_size, spec.sym, spec.block))
+INT4_ACT_KERNELS = {
+    "amx": "int8 x int4 -> int32 per group on AMX-INT8 tiles for prompts and batches "
+           "(llmbench kernels), u8 x s8 dot products for one row",
+    "u8s8": "int8 x int4 -> int32 per group, u8 x s8 dot products (llmbench kernels)",
+    "levels": "their int8 levels through the weight-only kernels, fp32 or int16 arithmetic",
+}
+
+
+def _int4_act_kernel(q: Any, spec: Any) -> str:
+    """Which kernel an int4 projection's int8-activation rows run on (INT4_ACT_KERNELS)."""
+    k = getattr(q, "padded_in", None)
+    if not kernels.available() or k is None:
+        return "levels"
+    rows = max(kernels.amx_rows(), 2)
+    return str(kernels.compiled().i4_act_kernel(rows, k, q.group_size, spec.sym, spec.block))
 
 
 def quantization_details(qlinears: dict[str, Any], scheme: Scheme) -> dict[str, Any]:

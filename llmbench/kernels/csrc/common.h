@@ -34,6 +34,11 @@ struct GemvArgs {
   float act_qmax;
   const float* act_scale;
   int64_t act_scale_n;
+  // int4 weights only: symmetric int8 activations (--lowp-mode INT8), one scale per row (all
+  // rows: act_per_tensor) and block of act_block input channels (0: the row; else whole
+  // groups), as ActQuant rounds them; the table's i4q8 kernels run (KernelTable::i4q8).
+  bool act_per_tensor;
+  int64_t act_block;
 };
 
 // Rounds row m of a.x to integers in [-a.act_qmax, a.act_qmax] (round half to even, x / scale
@@ -55,6 +60,11 @@ struct KernelTable {
   const char* name;
   RowsFn fn[kNumFmt];
   PrepFn prep[kNumFmt];  // nullptr: the kernel reads x as it is
+  // int4 weights x int8 activations (u8 x s8 dot products; GemvArgs::act_per_tensor): K and
+  // the group size in whole 64-element units. nullptr where the path has none: the int8
+  // levels then go through fn[kI4] as floats.
+  RowsFn i4q8 = nullptr;
+  PrepFn i4q8_prep = nullptr;
 };
 
 // int4 / int8 weights x int8 activations on AMX-INT8 (kernels_amx.cpp): see amx_ok in ops.cpp

@@ -379,12 +379,141 @@ void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
+#ifdef LLMB_HAS_U8S8_DOT
+// int4 weights x int8 activations (--lowp-mode INT8 with symmetric levels): the unit also
+// defines
+//   constexpr int NU;                               // vectors per 64-element unit
+//   void unit_weights(const uint8_t* p, VI* w);     // 32 packed bytes -> NU vectors of u8
+//   VI vi_dot_u8s8(VI acc, VI w, VI x);             // acc + sums of 4 u8 x s8 products
+//   int levels16(const float* x, V scale, int8_t* q);  // 16 int8 levels, returns their sum
+// Each 64-element unit (32 packed bytes, two 32-blocks) is unpacked in the order the AMX
+// kernels use (kernels_amx.cpp): the low nibbles of its 32 bytes (elements 0-15 of each
+// block), then the high ones (16-31); prep_i4q8 lays the activations out to match, as int8
+// levels (ActQuant's symmetric rounding: round half to even of x / scale within +-127). A
+// 64-weight unit then costs one load and three ALU ops, shared by the tile's activation rows,
+// and NU u8 x s8 dot products per row (vpdpbusd on AVX512-VNNI; vpmaddubsw + vpmaddwd
+// elsewhere: 2 * 15 * 127 fits int16), where the int16 kernels above need 2 x 32 int16
+// products and twice the activation bytes. Each group's int32 sums are scaled once:
+//   y[m, n] = sum_g s[n, g] sx[m, g] (sum_{k in g} q[n, k] xq[m, k] - z[n, g] isum[m, g]).
+// Prepared buffer (floats): sx [M, NG], isum [M, NG], then from q8_levels_offset the levels
+// [M, K] as bytes.
+inline int64_t q8_levels_offset(const GemvArgs& a) { return (2 * a.M * a.ngroups + 15) & ~int64_t{15}; }
+
+void prep_i4q8(const GemvArgs& a, float* out) {
+  const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups;
+  const int64_t bk = (a.act_block > 0 && a.act_block < K) ? a.act_block : K;  // whole groups
+  float* sx = out;
+  float* isum = out + M * NG;
+  int8_t* q = reinterpret_cast<int8_t*>(out + q8_levels_offset(a));
+  auto absmax = [&](const float* x, int64_t n) {
+    V top = vzero();
+    for (int64_t k = 0; k < n; k += W) top = vmax(top, vabs(vld_f32(x + k)));
+    return vhmax(top);  // n is a multiple of 64
+  };
+  for (int64_t b = 0; b < K / bk; ++b) {  // the ranges quantize_act_levels takes (0 included)
+    float tensor_top = 0.f;
+    if (a.act_per_tensor)
+      for (int64_t m = 0; m < M; ++m)
+        tensor_top = std::max(tensor_top, absmax(a.x + m * a.ldx + b * bk, bk));
+    for (int64_t m = 0; m < M; ++m) {
+      const float top = a.act_per_tensor ? tensor_top : absmax(a.x + m * a.ldx + b * bk, bk);
+      for (int64_t g = b * bk / G; g < (b + 1) * bk / G; ++g)
+        sx[m * NG + g] = std::max(top / 127.f, 1e-8f);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = a.x + m * a.ldx;
+    for (int64_t g = 0; g < NG; ++g) {
+      const V scale = vset1(sx[m * NG + g]);
+      int sum = 0;
+      for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+        int8_t* dst = q + m * K + k;
+        sum += levels16(x + k, scale, dst) + levels16(x + k + 32, scale, dst + 16) +
+               levels16(x + k + 16, scale, dst + 32) + levels16(x + k + 48, scale, dst + 48);
+      }
+      isum[m * NG + g] = static_cast<float>(sum);
+    }
+  }
+}
+
+// ROW: one activation scale per row (no act_block): it is applied once, at the end, so each
+// group's scaling is one broadcast per weight row instead of one product per tile entry.
+template <int R, int MT, bool ROW>
+inline void i4q8_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
+  constexpr int VB = static_cast<int>(sizeof(VI));  // activation bytes per vector
+  const int64_t K = a.K, NG = a.ngroups, UG = a.group_size / 64, rowb = K / 2;
+  const uint8_t* w = static_cast<const uint8_t*>(a.w) + n0 * rowb;
+  const float* sx = a.xp + m0 * NG;
+  const float* isum = a.xp + a.M * NG + m0 * NG;
+  const int8_t* xq = reinterpret_cast<const int8_t*>(a.xp + q8_levels_offset(a)) + m0 * K;
+  const float* sc = a.scales + n0 * NG;
+  V tot[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) tot[r][m] = vzero();
+  for (int64_t g = 0; g < NG; ++g) {
+    VI acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = vi_zero();
+    for (int64_t u = g * UG; u < (g + 1) * UG; ++u) {
+      for (int r = 0; r < R; ++r) {
+        if constexpr (MT == 1) prefetch_ahead<32>(w + r * rowb + u * 32);
+        VI wv[NU];
+        unit_weights(w + r * rowb + u * 32, wv);
+        for (int m = 0; m < MT; ++m)
+          for (int j = 0; j < NU; ++j)
+            acc[r][m] = vi_dot_u8s8(acc[r][m], wv[j], vi_load(xq + m * K + u * 64 + j * VB));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      if constexpr (ROW) {
+        const V s = vset1(sc[r * NG + g]);
+        for (int m = 0; m < MT; ++m) tot[r][m] = vfma(vi_to_ps(acc[r][m]), s, tot[r][m]);
+      } else {
+        for (int m = 0; m < MT; ++m)
+          tot[r][m] = vfma(vi_to_ps(acc[r][m]), vset1(sc[r * NG + g] * sx[m * NG + g]), tot[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    for (int m = 0; m < MT; ++m) {
+      float s = vhsum(tot[r][m]), zero_term = 0.f;
+      for (int64_t g = 0; g < NG; ++g)
+        zero_term += sc[r * NG + g] * a.zeros[n * NG + g] * (ROW ? 1.f : sx[m * NG + g]) *
+                     isum[m * NG + g];
+      s -= zero_term;
+      if constexpr (ROW) s *= sx[m * NG];
+      if (a.bias) s += a.bias[n];
+      a.y[(m0 + m) * a.ldy + n] = s;
+    }
+  }
+}
+
+struct I4Q8Kern {
+  static constexpr int kMT = 4;
+  template <int NR, int MT>
+  static void block(const GemvArgs& a, int64_t n, int64_t m0) {
+    // 2 x R x MT accumulators: batch 1 takes four rows (more loads in flight), tiles two on
+    // AVX-512 (32 registers), one on AVX2 (16).
+    constexpr int RMAX = (MT == 1) ? 4 : (W >= 16 ? 2 : 1);
+    constexpr int R = NR < RMAX ? NR : RMAX;
+    if (a.act_block <= 0 || a.act_block >= a.K) {
+      for (int i = 0; i < NR; i += R) i4q8_tile<R, MT, true>(a, n + i, m0);
+    } else {
+      for (int i = 0; i < NR; i += R) i4q8_tile<R, MT, false>(a, n + i, m0);
+    }
+  }
+};
+#define LLMB_I4Q8_FNS , &rows<I4Q8Kern>, &prep_i4q8
+#else
+#define LLMB_I4Q8_FNS
+#endif
+
 // The table of a unit that has both shims: these kernels for bf16, int8 and int4.
 #define LLMB_INT_KERNEL_TABLE(NAME)                                                    \
   {                                                                                    \
     NAME, {&rows<DenseKern<FmtF32>>, LLMB_ROWS_BF16, &rows<I8Int16Kern>,                 \
            LLMB_I4_INT16 ? &rows_i4_int : &rows_i4},                                   \
-    {                                                                                  \
-      nullptr, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr                \
-    }                                                                                  \
+    {nullptr, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr}               \
+    LLMB_I4Q8_FNS                                                                      \
   }

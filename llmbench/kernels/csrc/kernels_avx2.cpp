@@ -92,6 +92,34 @@ inline float vhmax(V v) {
   return std::max(_mm_cvtss_f32(t), _mm_cvtss_f32(_mm_movehdup_ps(t)));
 }
 
+// int4 x int8 activations (gemv_int_impl.h, LLMB_HAS_U8S8_DOT): a 64-weight unit is two
+// vectors, its low and its high nibbles.
+#define LLMB_HAS_U8S8_DOT 1
+constexpr int NU = 2;
+inline void unit_weights(const uint8_t* p, VI* w) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low4 = _mm256_set1_epi8(15);
+  w[0] = _mm256_and_si256(v, low4);
+  w[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+}
+inline VI vi_dot_u8s8(VI acc, VI w, VI x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+inline int levels16(const float* x, V scale, int8_t* q) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  V r0 = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x), scale), kRound);
+  V r1 = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + 8), scale), kRound);
+  r0 = _mm256_min_ps(_mm256_max_ps(r0, vset1(-127.f)), vset1(127.f));
+  r1 = _mm256_min_ps(_mm256_max_ps(r1, vset1(-127.f)), vset1(127.f));
+  // packs work per 128-bit lane: restore element order, then keep each lane's low 8 bytes
+  const __m256i w16 = _mm256_permute4x64_epi64(
+      _mm256_packs_epi32(_mm256_cvtps_epi32(r0), _mm256_cvtps_epi32(r1)), 0xD8);
+  const __m256i b8 = _mm256_packs_epi16(w16, w16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                   _mm_unpacklo_epi64(_mm256_castsi256_si128(b8), _mm256_extracti128_si256(b8, 1)));
+  return static_cast<int>(vhsum(_mm256_add_ps(r0, r1)));  // integers: exact
+}
+
 #include "gemv_int_impl.h"
 
 const KernelTable kTable = LLMB_INT_KERNEL_TABLE("avx2");

@@ -146,6 +146,30 @@ inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
 //   steps: TinyLlama bf16 97-100 -> 83-85 ms, SmolLM2 16.7-19.2 -> 14.7-16.5 ms.
 #define LLMB_BF16_DECODE_ROWS 8
 #define LLMB_BF16_DECODE_PF 512
+
+// int4 x int8 activations (gemv_int_impl.h, LLMB_HAS_U8S8_DOT): a 64-weight unit is one vector.
+#define LLMB_HAS_U8S8_DOT 1
+constexpr int NU = 1;
+inline void unit_weights(const uint8_t* p, VI* w) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low4 = _mm256_set1_epi8(15);
+  w[0] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low4)),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), 1);
+}
+#if LLMB_AVX512_VNNI
+inline VI vi_dot_u8s8(VI acc, VI w, VI x) { return _mm512_dpbusd_epi32(acc, w, x); }
+#else
+inline VI vi_dot_u8s8(VI acc, VI w, VI x) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+}
+#endif
+inline int levels16(const float* x, V scale, int8_t* q) {
+  V r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x), scale),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm512_min_ps(_mm512_max_ps(r, vset1(-127.f)), vset1(127.f));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+  return static_cast<int>(_mm512_reduce_add_ps(r));  // integers: exact
+}
 #include "gemv_int_impl.h"
 
 #if LLMB_AVX512_VNNI

@@ -134,6 +134,8 @@ std::string set_isa(const std::string& name) {
   return t->name;
 }
 
+void run_rows(RowsFn fn, PrepFn prep, GemvArgs a, double weight_bytes_per_row);
+
 // Splits the N output rows over the intra-op thread pool (OpenMP; honours
 // torch.set_num_threads) in chunks that are multiples of the 4-row block.
 void run(Fmt fmt, GemvArgs a, double weight_bytes_per_row) {  // a copy: prep sets a.xp
@@ -153,11 +155,16 @@ void run(Fmt fmt, GemvArgs a, double weight_bytes_per_row) {  // a copy: prep se
     a.x = levels.data();
     a.ldx = a.K;
   }
-  if (table->prep[fmt] != nullptr) {
+  run_rows(fn, table->prep[fmt], a, weight_bytes_per_row);
+}
+
+// run's prep and thread split for one kernel (a copy of a: prep sets a.xp).
+void run_rows(RowsFn fn, PrepFn prep, GemvArgs a, double weight_bytes_per_row) {
+  if (prep != nullptr) {
     // Done once per call, before the threads split the rows: every thread reads it.
     thread_local std::vector<float> prepared;
     prepared.resize(static_cast<size_t>(a.M * a.K + 64));  // + room for per-row scales
-    table->prep[fmt](a, prepared.data());
+    prep(a, prepared.data());
     a.xp = prepared.data();
   }
   const int64_t nquads = (a.N + 3) / 4;
@@ -322,11 +329,33 @@ void check_int4_group(int64_t K, int64_t group_size, const char* fn) {
                     ", group_size=", group_size, ")");
 }
 
-at::Tensor linear_int4w(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const at::Tensor& zeros, int64_t group_size,
+// x [..., k] -> [..., K] with zero columns k..K-1 (a row narrower than int4's whole groups).
+at::Tensor pad_columns(const at::Tensor& x, int64_t K) {
+  const int64_t k = x.size(-1);
+  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = K;
+  at::Tensor out = at::empty(shape, x.options());
+  const float* src = x2.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t r = 0; r < x2.size(0); ++r) {
+    std::copy_n(src + r * k, k, dst + r * K);
+    std::fill(dst + r * K + k, dst + (r + 1) * K, 0.f);
+  }
+  return out;
+}
+
+at::Tensor linear_int4w(const at::Tensor& x_in, const at::Tensor& qweight,
+                        const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size,
                         const std::optional<at::Tensor>& bias, bool act_levels,
                         bool act_per_tensor, bool act_sym, int64_t act_block) {
   const char* fn = "linear_int4w";
+  // A row narrower than the packed one by less than a group (K padded up to whole groups):
+  // zeros past its end. Anything else is a shape error (prepare says so).
+  const bool narrow = x_in.scalar_type() == at::kFloat && x_in.dim() >= 1 &&
+                      qweight.dim() == 2 && x_in.size(-1) < 2 * qweight.size(1) &&
+                      x_in.size(-1) > 2 * qweight.size(1) - group_size;
+  const at::Tensor x = narrow ? pad_columns(x_in, 2 * qweight.size(1)) : x_in;
   Prepared p;
   prepare(p, x, qweight, at::kByte, 1, bias, fn, "qweight");
   GemvArgs& a = p.a;
@@ -446,14 +475,26 @@ void linear_amx(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, flo
 
 }  // namespace
 
-int64_t set_amx_rows(int64_t min_rows) {
-  if (min_rows >= 0) amx_min_rows() = amx_int8_ready() ? min_rows : 0;
-  return amx_min_rows();
+// The u8 x s8 int4 kernels on (the default) or off (set_i4q8: A/B runs against the int16
+// kernels on the int8 levels).
+bool& i4q8_on() {
+  static bool on = true;
+  return on;
 }
 
-// Whether an int4 linear with int8 activations of these settings (--lowp-mode INT8) runs on
-// AMX (at any M then).
-bool amx_i4_takes(int64_t M, int64_t K, int64_t group_size, bool sym, int64_t block) {
+// int4 with symmetric int8 activations in whole 64-element units: the path's u8 x s8 kernels
+// where it has them (set_i4q8), on the int8 levels themselves.
+bool i4q8_ok(const LinearDesc& d) {
+  const int64_t G = d.group_size, block = d.act.block;
+  return d.fmt == kI4 && d.act.enabled && d.act.sym && active_table()->i4q8 != nullptr &&
+         i4q8_on() && G % 64 == 0 && d.K % G == 0 &&
+         (block <= 0 || block >= d.K || (block % G == 0 && d.K % block == 0));
+}
+
+// Whether linear_int4w with int8 activations of these settings (--lowp-mode INT8) runs on
+// AMX-INT8 tiles ("amx", any M), the path's u8 x s8 kernels ("u8s8") or the weight-only
+// kernels on the int8 levels ("levels").
+std::string i4_act_kernel(int64_t M, int64_t K, int64_t group_size, bool sym, int64_t block) {
   LinearDesc d;
   d.fmt = kI4;
   d.K = K;
@@ -461,7 +502,21 @@ bool amx_i4_takes(int64_t M, int64_t K, int64_t group_size, bool sym, int64_t bl
   d.act.enabled = true;
   d.act.sym = sym;
   d.act.block = block;
-  return amx_ok(d, M);
+  return amx_ok(d, M) ? "amx" : i4q8_ok(d) ? "u8s8" : "levels";
+}
+
+bool set_i4q8(int64_t on) {
+  if (on >= 0) i4q8_on() = on != 0;
+  return i4q8_on() && active_table()->i4q8 != nullptr;
+}
+
+int64_t set_amx_rows(int64_t min_rows) {
+  if (min_rows >= 0) amx_min_rows() = amx_int8_ready() ? min_rows : 0;
+  return amx_min_rows();
+}
+
+bool amx_i4_takes(int64_t M, int64_t K, int64_t group_size, bool sym, int64_t block) {
+  return i4_act_kernel(M, K, group_size, sym, block) == "amx";
 }
 
 // The same for int8 weights with dynamic per-row int8 activations.
@@ -480,7 +535,8 @@ void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, fl
     linear_amx(d, x, M, ldx, y, ldy);
     return;
   }
-  if (d.act.enabled) {  // everything below, zero-point sums included, sees the int8 levels
+  const bool i8_levels = i4q8_ok(d);
+  if (d.act.enabled && !i8_levels) {  // everything below, zero-point sums included, sees the int8 levels
     levels.resize(static_cast<size_t>(M * d.K));
     quantize_act_levels(d.act, x, M, ldx, d.K, levels.data());
     x = levels.data();
@@ -536,6 +592,12 @@ void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, fl
     case kI4: {
       a.group_size = d.group_size;
       a.ngroups = d.K / d.group_size;
+      if (i8_levels) {  // the u8 x s8 kernels quantize x themselves (prep_i4q8)
+        a.act_per_tensor = d.act.per_tensor;
+        a.act_block = d.act.block;
+        run_rows(active_table()->i4q8, active_table()->i4q8_prep, a, 0.5 * d.K + 8.0 * a.ngroups);
+        break;
+      }
       std::vector<float> xsum(static_cast<size_t>(M * a.ngroups));
       group_sums(x, M, ldx, d.group_size, a.ngroups, xsum.data());
       a.xsum = xsum.data();
@@ -613,6 +675,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("act_levels") = false, py::arg("act_per_tensor") = false,
         py::arg("act_sym") = true, py::arg("act_block") = 0);
   m.def("amx_i4_takes", &llmb::amx_i4_takes, py::arg("rows"), py::arg("k"),
+        py::arg("group_size"), py::arg("sym"), py::arg("block"));
+  m.def("set_i4q8", &llmb::set_i4q8, py::arg("on") = -1,
+        "int4 x int8-activation u8 x s8 kernels of the active path on (1) or off (0; -1: "
+        "unchanged); returns whether they run");
+  m.def("i4_act_kernel", &llmb::i4_act_kernel, py::arg("rows"), py::arg("k"),
         py::arg("group_size"), py::arg("sym"), py::arg("block"));
   m.def("amx_i8_takes", &llmb::amx_i8_takes, py::arg("rows"), py::arg("k"));
   m.def("set_amx_rows", &llmb::set_amx_rows, py::arg("min_rows") = -1,
