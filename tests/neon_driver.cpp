@@ -37,7 +37,33 @@ struct Case {
   int64_t M, K, N, group;
   bool bias;
   float act_qmax = 0.f;  // int8 weights: > 0 for int8 activations
+  // int4 weights with symmetric int8 activations (a table's i4q8 kernels, where it has them),
+  // one scale per row or over all rows, per block of input channels (0: the row)
+  bool i4q8 = false;
+  bool per_tensor = false;
+  int64_t block = 0;
 };
+
+// x's symmetric int8 levels as ops.cpp's quantize_act_levels computes them (and the i4q8
+// prep functions must), times their scale: what the portable table multiplies.
+std::vector<float> levels_of(const std::vector<float>& x, int64_t M, int64_t K, bool per_tensor,
+                             int64_t block) {
+  const int64_t bk = block > 0 && block < K ? block : K, rows = per_tensor ? M : 1;
+  std::vector<float> out(x.size());
+  for (int64_t m0 = 0; m0 < M; m0 += rows)
+    for (int64_t k0 = 0; k0 < K; k0 += bk) {
+      float top = 0.f;
+      for (int64_t m = m0; m < m0 + rows; ++m)
+        for (int64_t k = k0; k < k0 + bk; ++k) top = std::fmax(top, std::fabs(x[m * K + k]));
+      const float scale = std::fmax(top / 127.f, 1e-8f);
+      for (int64_t m = m0; m < m0 + rows; ++m)
+        for (int64_t k = k0; k < k0 + bk; ++k) {
+          const float v = std::nearbyint(x[m * K + k] / scale);
+          out[m * K + k] = std::fmin(127.f, std::fmax(-127.f, v)) * scale;
+        }
+    }
+  return out;
+}
 
 // What ops.cpp's run() does around a table's row function, for rows [begin, end) in `parts`
 // calls (two: as two threads would split them).
@@ -69,13 +95,16 @@ bool check(const llmb::KernelTable& ref, const llmb::KernelTable& neon, const Ca
   const int64_t G = c.fmt == llmb::kI4 ? c.group : K, NG = K / G;
   std::vector<float> x(M * K), bias(N), scales(N * NG), zeros(N * NG), xsum(M * NG);
   for (auto& v : x) v = uniform();
+  std::vector<float> x_levels;  // i4q8: the portable table's input
+  if (c.i4q8) x_levels = levels_of(x, M, K, c.per_tensor, c.block);
+  const std::vector<float>& x_ref = c.i4q8 ? x_levels : x;
   for (auto& v : bias) v = uniform();
   for (auto& v : scales) v = 0.01f + 0.05f * (uniform() + 1.f);
   for (auto& v : zeros) v = 8.f + 4.f * uniform();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < NG; ++g) {
       float s = 0.f;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) s += x[m * K + k];
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) s += x_ref[m * K + k];
       xsum[m * NG + g] = s;
     }
   std::vector<float> wf;
@@ -125,9 +154,22 @@ bool check(const llmb::KernelTable& ref, const llmb::KernelTable& neon, const Ca
   a.ldy = N;
   a.act_qmax = c.act_qmax;
   a.y = y_ref.data();
+  a.x = x_ref.data();
   run(ref, c.fmt, a, 1);
+  a.x = x.data();
   a.y = y_neon.data();
-  run(neon, c.fmt, a, 2);
+  if (c.i4q8) {  // as ops.cpp's linear_rows runs them: prep, then the rows in two parts
+    a.act_per_tensor = c.per_tensor;
+    a.act_block = c.block;
+    std::vector<float> prepared(M * K + 64);
+    neon.i4q8_prep(a, prepared.data());
+    a.xp = prepared.data();
+    const int64_t split = N > 4 ? (N / 2) / 4 * 4 : N;
+    neon.i4q8(a, 0, split);
+    if (split < N) neon.i4q8(a, split, N);
+  } else {
+    run(neon, c.fmt, a, 2);
+  }
   float tol = 2e-6f * static_cast<float>(K) * wmax + 1e-5f;
   if (c.fmt == llmb::kI8 && c.act_qmax == 0.f && neon.prep[c.fmt] != nullptr)
     // x rounded to int16 with a per-row scale: each product off by at most max|x| / 65534
@@ -178,15 +220,27 @@ int main() {
           if (K % group == 0) cases.push_back({llmb::kI4, M, K, N, group, (M + N) % 2 == 1});
   for (int64_t M : Ms)  // per-channel int4 with a K that is not a multiple of 32
     cases.push_back({llmb::kI4, M, 80, 7, 80, true});
+  for (int64_t K : {128, 256, 576})  // int8 activations: groups of whole 64-element units
+    for (int64_t group : {int64_t{64}, int64_t{128}, K})
+      for (int64_t M : Ms)
+        for (int64_t N : Ns)
+          if (K % group == 0 && group % 64 == 0)
+            for (int mode = 0; mode < 3; ++mode)  // per row; per tensor; per row and group
+              cases.push_back({llmb::kI4, M, K, N, group, (M + N + mode) % 2 == 1, 0.f, true,
+                               mode == 1, mode == 2 ? group : 0});
   int bad = 0;
   for (const auto* table : tables) {
     int table_bad = 0;
-    for (const Case& c : cases) table_bad += check(*ref, *table, c) ? 0 : 1;
+    for (const Case& c : cases)
+      if (!c.i4q8 || table->i4q8 != nullptr) table_bad += check(*ref, *table, c) ? 0 : 1;
     if (table_bad) std::printf("%s: %d of %zu cases disagree\n", table->name, table_bad,
                                cases.size());
     bad += table_bad;
   }
   if (bad) return 1;
+  int i4q8_tables = 0;
+  for (const auto* t : tables) i4q8_tables += t->i4q8 != nullptr;
+  std::printf("int4 x int8 activations (i4q8) on %d table(s)\n", i4q8_tables);
   std::printf("neon: %zu cases agree, on each of %zu tables\n", cases.size(), tables.size());
   return 0;
 }

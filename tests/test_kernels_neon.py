@@ -48,4 +48,6 @@ def test_neon_kernels_match_the_portable_ones(tmp_path):
     assert "tables: generic, neon" in result.stdout
     if runner:  # qemu's emulated CPU has every extension: the dotprod table runs too
         assert "tables: generic, neon, neondot" in result.stdout
+        # ... with its int4 x int8-activation sdot kernels (the neon table has none)
+        assert "int4 x int8 activations (i4q8) on 1 table(s)" in result.stdout
     assert "cases agree" in result.stdout.splitlines()[-1]

@@ -381,7 +381,8 @@ void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 
 #ifdef LLMB_HAS_U8S8_DOT
 // int4 weights x int8 activations (--lowp-mode INT8 with symmetric levels): the unit also
-// defines
+// defines (x86: u8 weights x s8 activations; NEON's sdot multiplies s8 x s8, which 0..15
+// weights are too)
 //   constexpr int NU;                               // vectors per 64-element unit
 //   void unit_weights(const uint8_t* p, VI* w);     // 32 packed bytes -> NU vectors of u8
 //   VI vi_dot_u8s8(VI acc, VI w, VI x);             // acc + sums of 4 u8 x s8 products
@@ -438,8 +439,11 @@ void prep_i4q8(const GemvArgs& a, float* out) {
 
 // ROW: one activation scale per row (no act_block): it is applied once, at the end, so each
 // group's scaling is one broadcast per weight row instead of one product per tile entry.
+#ifndef LLMB_I4Q8_ATTR  // NEON: the dotprod target the tile's vi_dot_u8s8 needs
+#define LLMB_I4Q8_ATTR
+#endif
 template <int R, int MT, bool ROW>
-inline void i4q8_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
+LLMB_I4Q8_ATTR inline void i4q8_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
   constexpr int VB = static_cast<int>(sizeof(VI));  // activation bytes per vector
   const int64_t K = a.K, NG = a.ngroups, UG = a.group_size / 64, rowb = K / 2;
   const uint8_t* w = static_cast<const uint8_t*>(a.w) + n0 * rowb;
@@ -504,7 +508,14 @@ struct I4Q8Kern {
     }
   }
 };
+#ifndef LLMB_I4Q8_IN_TABLE  // 0: the unit puts them in a table of its own (neondot)
+#define LLMB_I4Q8_IN_TABLE 1
+#endif
+#if LLMB_I4Q8_IN_TABLE
 #define LLMB_I4Q8_FNS , &rows<I4Q8Kern>, &prep_i4q8
+#else
+#define LLMB_I4Q8_FNS
+#endif
 #else
 #define LLMB_I4Q8_FNS
 #endif

@@ -97,14 +97,47 @@ inline V vabs(V v) { return vabsq_f32(v); }
 inline V vmax(V a, V b) { return vmaxq_f32(a, b); }
 inline float vhmax(V v) { return vmaxvq_f32(v); }
 
+// int4 x int8 activations (gemv_int_impl.h, LLMB_HAS_U8S8_DOT) for the neondot table only:
+// a 64-weight unit is four 16-byte vectors, the low nibbles of its 32 bytes then the high ones,
+// against sdot (s8 x s8: the 0..15 weights are non-negative int8 too). The tile carries the
+// dotprod target (LLMB_I4Q8_ATTR); the plain neon table keeps its float int4 kernel.
+#define LLMB_HAS_U8S8_DOT 1
+#define LLMB_I4Q8_IN_TABLE 0
+#define LLMB_I4Q8_ATTR __attribute__((target("arch=armv8.2-a+dotprod")))
+constexpr int NU = 4;
+inline void unit_weights(const uint8_t* p, VI* w) {
+  const uint8x16_t b0 = vld1q_u8(p), b1 = vld1q_u8(p + 16), low4 = vdupq_n_u8(15);
+  w[0] = vreinterpretq_s32_u8(vandq_u8(b0, low4));
+  w[1] = vreinterpretq_s32_u8(vandq_u8(b1, low4));
+  w[2] = vreinterpretq_s32_u8(vshrq_n_u8(b0, 4));
+  w[3] = vreinterpretq_s32_u8(vshrq_n_u8(b1, 4));
+}
+LLMB_I4Q8_ATTR inline VI vi_dot_u8s8(VI acc, VI w, VI x) {
+  return vdotq_s32(acc, vreinterpretq_s8_s32(w), vreinterpretq_s8_s32(x));
+}
+inline int levels16(const float* x, V scale, int8_t* q) {
+  int16x4_t h[4];
+  float sum = 0.f;
+  for (int i = 0; i < 4; ++i) {  // round half to even (vrndnq), within +-127
+    V r = vrndnq_f32(vdivq_f32(vld1q_f32(x + 4 * i), scale));
+    r = vminq_f32(vmaxq_f32(r, vdupq_n_f32(-127.f)), vdupq_n_f32(127.f));
+    sum += vaddvq_f32(r);  // integers: exact
+    h[i] = vqmovn_s32(vcvtq_s32_f32(r));
+  }
+  vst1q_s8(q, vcombine_s8(vqmovn_s16(vcombine_s16(h[0], h[1])),
+                          vqmovn_s16(vcombine_s16(h[2], h[3]))));
+  return static_cast<int>(sum);
+}
+
 #include "gemv_int_impl.h"
 
 const KernelTable kTable = LLMB_INT_KERNEL_TABLE("neon");
 
 // ---- neondot: int8 weights against int8 activations with the dot-product instructions ----
 // (ARMv8.2 dotprod, `sdot`: 16 int8 products summed into 4 int32 lanes per instruction; most
-// Arm servers since Neoverse N1 have it.) Only int8 weights with int8 activations
-// (--lowp-mode INT8, SmoothQuant W8A8) change: x is rounded to int8 once per call
+// Arm servers since Neoverse N1 have it.) int4 weights with symmetric int8 activations run the
+// u8 x s8 tiles above (i4q8) on sdot. Int8 weights with int8 activations (--lowp-mode INT8,
+// SmoothQuant W8A8) change too: x is rounded to int8 once per call
 // (quantize_act_row, the same levels the other paths use) and every product is exact in
 // int32. Everything else is the neon table's.
 
@@ -181,7 +214,9 @@ void rows_i8_dot(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 const KernelTable kDotTable = {
     "neondot",
     {kTable.fn[kF32], kTable.fn[kBF16], &rows_i8_dot, kTable.fn[kI4]},
-    {kTable.prep[kF32], kTable.prep[kBF16], &prep_i8_dot, kTable.prep[kI4]}};
+    {kTable.prep[kF32], kTable.prep[kBF16], &prep_i8_dot, kTable.prep[kI4]},
+    &rows<I4Q8Kern>,
+    &prep_i4q8};
 
 bool cpu_has_dotprod() {
 #if defined(__linux__)
