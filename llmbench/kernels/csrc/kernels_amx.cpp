@@ -173,7 +173,7 @@ namespace {
 // C tile = A (tmm1) x B (tmm2) over the 64-k units [u0, u1); A rows at a + u * 64 with stride
 // lda, B tiles at b + u * 1024. GCC's tile intrinsics paste the tile number into the
 // instruction's text, so it can't be a template parameter: one function per C tile.
-
+//
 // Two row blocks of activations against one A: C tmm0 (B tmm2 at b) and tmm3 (B tmm5 at
 // b + bnext), stored to c0 and c3.
 inline void tile_sums_two(const int8_t* a, int64_t lda, const int8_t* b, int64_t bnext,
@@ -191,28 +191,22 @@ inline void tile_sums_two(const int8_t* a, int64_t lda, const int8_t* b, int64_t
   _tile_stored(3, c3, 64);
 }
 
-// One row block: C tmm0 or tmm3 (so that two calls in a row overlap), stored to c.
-inline void tile_sums_0(const int8_t* a, int64_t lda, const int8_t* b, int64_t u0, int64_t u1,
-                        int32_t* c) {
-  _tile_zero(0);
-  for (int64_t u = u0; u < u1; ++u) {
-    _tile_loadd(1, a + u * 64, lda);
-    _tile_loadd(2, b + u * 1024, 64);
-    _tile_dpbssd(0, 1, 2);
+// One row block: C tmm0 or tmm3 (so that two calls in a row overlap), stored to c; a macro
+// makes both, the tile number reaching the intrinsics as a literal token.
+#define LLMB_TILE_SUMS(C)                                                                   \
+  inline void tile_sums_##C(const int8_t* a, int64_t lda, const int8_t* b, int64_t u0,       \
+                            int64_t u1, int32_t* c) {                                        \
+    _tile_zero(C);                                                                          \
+    for (int64_t u = u0; u < u1; ++u) {                                                     \
+      _tile_loadd(1, a + u * 64, lda);                                                      \
+      _tile_loadd(2, b + u * 1024, 64);                                                     \
+      _tile_dpbssd(C, 1, 2);                                                                \
+    }                                                                                       \
+    _tile_stored(C, c, 64);                                                                 \
   }
-  _tile_stored(0, c, 64);
-}
-
-inline void tile_sums_3(const int8_t* a, int64_t lda, const int8_t* b, int64_t u0, int64_t u1,
-                        int32_t* c) {
-  _tile_zero(3);
-  for (int64_t u = u0; u < u1; ++u) {
-    _tile_loadd(1, a + u * 64, lda);
-    _tile_loadd(2, b + u * 1024, 64);
-    _tile_dpbssd(3, 1, 2);
-  }
-  _tile_stored(3, c, 64);
-}
+LLMB_TILE_SUMS(0)
+LLMB_TILE_SUMS(3)
+#undef LLMB_TILE_SUMS
 
 // int8 weights: one C tile per 16 x 16 outputs over all of K, then one scaling.
 void rows_i8(const AmxArgs& a, int64_t nb_begin, int64_t nb_end, int8_t* wb) {
