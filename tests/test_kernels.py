@@ -230,6 +230,38 @@ def test_int4_rows_narrower_than_the_groups_are_zero_padded(isa, M):
         K.linear_int4w(x[:, :512].contiguous(), p, s, z, 128, b)
 
 
+@pytest.mark.parametrize("M,N,Kd", [(9, 37, 576), (32, 130, 64), (300, 20, 1536)])
+def test_amx_bf16_linear_is_the_bf16_gemm(M, N, Kd):
+    """bf16 weights' prompt rows on AMX-BF16 (where the CPU has it): x rounded to bf16, fp32
+    sums, the result rounded to bf16, as torch's bf16 GEMM computes it (whose sums may only
+    be ordered otherwise), and nothing when the AMX kernels are turned off."""
+    C = K.compiled()
+    if not K.amx_bf16_takes(Kd):
+        assert K.isa() != "avx512vnni" or not C.set_amx_rows() or not _has_amx_bf16()
+        pytest.skip("no AMX-BF16 on this CPU / path")
+    x, w, b = _data(M, N, Kd, True)
+    w16, b16 = w.bfloat16(), b.bfloat16()
+    y = C.amx_linear_bf16(x, w16, b16.float())
+    ref = torch.nn.functional.linear(x.bfloat16(), w16, b16).float()
+    assert torch.equal(y.bfloat16().float(), y)  # bf16 values
+    exact = x.bfloat16().double() @ w16.double().T + b16.double()
+    bound = (x.bfloat16().double().abs() @ w16.double().abs().T + b16.double().abs())
+    assert float(((y.double() - exact).abs() / bound).max()) < 2 ** -7  # a bf16 rounding
+    assert float(((y - ref).abs() / bound.float()).max()) < 2 ** -7
+    old = C.set_amx_rows()
+    try:
+        C.set_amx_rows(0)
+        assert not K.amx_bf16_takes(Kd)
+    finally:
+        C.set_amx_rows(old)
+
+
+def _has_amx_bf16() -> bool:
+    from llmbench.environment import cpu_info
+
+    return "amx_bf16" in set(cpu_info()["isa"])
+
+
 def test_amx_rows_setting():
     """set_amx_rows: 0 turns the AMX path off (0 is all a CPU without AMX-INT8 reports)."""
     C = K.compiled()

@@ -95,6 +95,13 @@ void amx_pack_x(const AmxArgs& a, const float* x, int64_t ldx, bool per_tensor, 
                 int64_t mb_begin, int64_t mb_end);
 // Output columns [16 nb_begin, 16 nb_end) for all M rows.
 void amx_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end);
+// bf16 weights [N, K] (K a multiple of 32) on AMX-BF16: x rounded to bf16, fp32 sums, y
+// rounded to bf16 (what a bf16 GEMM returns, in fp32). Only w, N, K, M, Mpad, bias, xb (Mpad
+// / 16 * K / 32 tiles of 1 KiB), y and ldy are used.
+bool amx_bf16_ready();
+void amx_bf16_pack_x(const AmxArgs& a, const float* x, int64_t ldx, int64_t mb_begin,
+                     int64_t mb_end);
+void amx_bf16_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end);
 
 const KernelTable* generic_table();
 const KernelTable* avx2_table();    // nullptr when not compiled (non-x86)

@@ -1058,6 +1058,15 @@ class DecodePlan {
       return;
     }
     const int64_t K = p.d.K, N = p.d.N;
+    if (p.d.fmt == kBF16 && bf16_gemm_ && amx_bf16_takes(K)) {
+      // the same bf16 GEMM on AMX tiles without torch's per-call weight reorder; the fp32
+      // bias after the bf16 rounding, as below
+      linear_bf16_amx(static_cast<const uint16_t*>(p.d.w), N, K, x, rows, K, nullptr, y, ldy);
+      if (p.d.bias)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < N; ++j) y[r * ldy + j] += p.d.bias[j];
+      return;
+    }
     const at::Tensor xt = at::from_blob(const_cast<float*>(x), {rows, K}, at::kFloat);
     at::Tensor out;
     if (p.d.fmt == kF32)

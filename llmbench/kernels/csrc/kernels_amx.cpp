@@ -52,24 +52,32 @@ namespace {
 constexpr int kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an xstate component
 constexpr int kXfeatureXtiledata = 18;     // the AMX tile data component
 
-bool ask_for_amx() {
+// CPUID leaf 7 EDX bit: 22 AMX-BF16, 24 AMX-TILE, 25 AMX-INT8; the tile state is granted
+// once per process for both.
+bool ask_for_amx(int feature_bit) {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
-  if (!tile || !int8) return false;
+  if (!((edx >> 24) & 1) || !((edx >> feature_bit) & 1)) return false;
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return false;
+  // (AMX-BF16 CPUs have AVX512-BF16, whose conversions the bf16 packing uses)
+  if (feature_bit == 22 && !__builtin_cpu_supports("avx512bf16")) return false;
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
 }  // namespace
 
 bool amx_int8_ready() {
-  static const bool ready = ask_for_amx();
+  static const bool ready = ask_for_amx(25);
+  return ready;
+}
+
+bool amx_bf16_ready() {
+  static const bool ready = ask_for_amx(22);
   return ready;
 }
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx2,fma,amx-tile,amx-int8")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-int8,amx-bf16")
 
 namespace {
 
@@ -166,6 +174,85 @@ void amx_pack_x(const AmxArgs& a, const float* x, int64_t ldx, bool per_tensor, 
                                 : _mm512_reduce_add_ps(fsum);
     }
   }
+}
+
+// bf16: x [M, K] rounded to bf16 (round to nearest even, as torch's .to(bfloat16)) into B
+// tiles of 32 k: tile row kk holds, per activation row m, elements 2 kk and 2 kk + 1.
+void amx_bf16_pack_x(const AmxArgs& a, const float* x, int64_t ldx, int64_t mb_begin,
+                     int64_t mb_end) {
+  const int64_t K = a.K, U = K / 32;
+  std::memset(a.xb + mb_begin * U * 1024, 0, static_cast<size_t>((mb_end - mb_begin) * U * 1024));
+  for (int64_t m = mb_begin * 16; m < std::min(mb_end * 16, a.M); ++m) {
+    int8_t* tiles = a.xb + (m / 16) * U * 1024 + (m % 16) * 4;
+    for (int64_t u = 0; u < U; ++u) {
+      alignas(64) uint16_t pairs[32];
+      const __m512 lo = _mm512_loadu_ps(x + m * ldx + u * 32);
+      const __m512 hi = _mm512_loadu_ps(x + m * ldx + u * 32 + 16);
+      _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      int8_t* tile = tiles + u * 1024;
+      for (int kk = 0; kk < 16; ++kk) std::memcpy(tile + kk * 64, pairs + 2 * kk, 4);
+    }
+  }
+}
+
+// bf16 weights [N, K]: A tiles read in place (16 rows x 32 k), one fp32 C tile per 16 x 16
+// outputs over all of K, rounded to bf16 on the way out (as a bf16 GEMM's output is).
+void amx_bf16_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end) {
+  const int64_t K = a.K, U = K / 32, N = a.N, M = a.M, MB = a.Mpad / 16;
+  const uint16_t* w = static_cast<const uint16_t*>(a.w);
+  uint16_t* wb = static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>(32 * K)));
+  TileConfig cfg;
+  for (int t = 0; t < 6; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[2][16 * 16];
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    const int64_t n0 = nb * 16, rows = std::min<int64_t>(16, N - n0);
+    const uint16_t* wt = w + n0 * K;
+    if (rows < 16) {  // the last, partial block: zero rows past N
+      std::memset(wb, 0, static_cast<size_t>(32 * K));
+      std::memcpy(wb, wt, static_cast<size_t>(rows * K * 2));
+      wt = wb;
+    }
+    for (int64_t mb = 0; mb < MB; mb += 2) {
+      const bool two = mb + 1 < MB;
+      const int8_t* xb = a.xb + mb * U * 1024;
+      _tile_zero(0);
+      if (two) _tile_zero(3);
+      for (int64_t u = 0; u < U; ++u) {
+        _tile_loadd(1, wt + u * 32, K * 2);
+        _tile_loadd(2, xb + u * 1024, 64);
+        _tile_dpbf16ps(0, 1, 2);
+        if (two) {
+          _tile_loadd(5, xb + U * 1024 + u * 1024, 64);
+          _tile_dpbf16ps(3, 1, 5);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      if (two) _tile_stored(3, c[1], 64);
+      for (int64_t h = 0; h < (two ? 2 : 1); ++h) {
+        const int64_t m0 = (mb + h) * 16, m_end = std::min<int64_t>(16, M - m0);
+        if (m_end <= 0) break;
+        alignas(64) float out[16 * 16];
+        for (int r = 0; r < rows; ++r) {
+          __m512 v = _mm512_load_ps(c[h] + r * 16);
+          if (a.bias) v = _mm512_add_ps(v, _mm512_set1_ps(a.bias[n0 + r]));
+          // round to bf16 and back: the value a bf16 output holds
+          const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+          v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+          _mm512_store_ps(out + r * 16, v);
+        }
+        for (int64_t m = 0; m < m_end; ++m) {
+          float* y = a.y + (m0 + m) * a.ldy + n0;
+          for (int r = 0; r < rows; ++r) y[r] = out[r * 16 + m];
+        }
+      }
+    }
+  }
+  _tile_release();
+  std::free(wb);
 }
 
 namespace {
@@ -332,6 +419,9 @@ void amx_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end) {
 #else  // no AMX here: never ready, and the entry points are never called
 
 bool amx_int8_ready() { return false; }
+bool amx_bf16_ready() { return false; }
+void amx_bf16_pack_x(const AmxArgs&, const float*, int64_t, int64_t, int64_t) {}
+void amx_bf16_rows(const AmxArgs&, int64_t, int64_t) {}
 void amx_tensor_scales(const AmxArgs&, const float*, int64_t, int64_t) {}
 void amx_pack_x(const AmxArgs&, const float*, int64_t, bool, int64_t, int64_t, int64_t) {}
 void amx_rows(const AmxArgs&, int64_t, int64_t) {}

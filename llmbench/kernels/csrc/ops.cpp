@@ -519,6 +519,46 @@ bool amx_i4_takes(int64_t M, int64_t K, int64_t group_size, bool sym, int64_t bl
   return i4_act_kernel(M, K, group_size, sym, block) == "amx";
 }
 
+// Whether bf16 weights with K in_features multiply prompt rows on AMX-BF16 (amx_linear_bf16):
+// the CPU has it, the avx512vnni path is active and the AMX kernels are on (set_amx_rows).
+bool amx_bf16_takes(int64_t K) {
+  return amx_bf16_ready() && amx_min_rows() > 0 && active_table() == avx512vnni_table() &&
+         K % 32 == 0;
+}
+
+// y [..., N] fp32 = bf16(x) @ w.T (+ bias), fp32 sums, rounded to bf16 values: a bf16 GEMM's
+// result without torch's per-call weight reorder (kernels_amx.cpp).
+void linear_bf16_amx(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M,
+                     int64_t ldx, const float* bias, float* y, int64_t ldy) {
+  AmxArgs a{};
+  a.fmt = kBF16;
+  a.w = w;
+  a.N = N;
+  a.K = K;
+  a.M = M;
+  a.Mpad = (M + 15) / 16 * 16;
+  a.bias = bias;
+  a.y = y;
+  a.ldy = ldy;
+  thread_local std::vector<int8_t> xb;
+  xb.resize(static_cast<size_t>(a.Mpad * K * 2 + 64));
+  a.xb = xb.data() + (64 - reinterpret_cast<uintptr_t>(xb.data()) % 64) % 64;
+  at::parallel_for(0, a.Mpad / 16, 1,
+                   [&](int64_t b, int64_t e) { amx_bf16_pack_x(a, x, ldx, b, e); });
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b, int64_t e) { amx_bf16_rows(a, b, e); });
+}
+
+at::Tensor amx_linear_bf16(const at::Tensor& x, const at::Tensor& w,
+                           const std::optional<at::Tensor>& bias) {
+  const char* fn = "amx_linear_bf16";
+  Prepared p;
+  prepare(p, x, w, at::kBFloat16, 0, bias, fn, "w");
+  TORCH_CHECK_VALUE(amx_bf16_takes(p.a.K), fn, ": AMX-BF16 is not usable here for K = ", p.a.K);
+  linear_bf16_amx(static_cast<const uint16_t*>(p.a.w), p.a.N, p.a.K, p.a.x, p.a.M, p.a.ldx,
+                  p.a.bias, p.a.y, p.a.ldy);
+  return p.y_view;
+}
+
 // The same for int8 weights with dynamic per-row int8 activations.
 bool amx_i8_takes(int64_t M, int64_t K) {
   LinearDesc d;
@@ -681,6 +721,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "unchanged); returns whether they run");
   m.def("i4_act_kernel", &llmb::i4_act_kernel, py::arg("rows"), py::arg("k"),
         py::arg("group_size"), py::arg("sym"), py::arg("block"));
+  m.def("amx_bf16_takes", &llmb::amx_bf16_takes, py::arg("k"));
+  m.def("amx_linear_bf16", &llmb::amx_linear_bf16, py::arg("x"), py::arg("w"),
+        py::arg("bias") = py::none());
   m.def("amx_i8_takes", &llmb::amx_i8_takes, py::arg("rows"), py::arg("k"));
   m.def("set_amx_rows", &llmb::set_amx_rows, py::arg("min_rows") = -1,
         "int8 / int4 x int8-activation linears from min_rows rows on run on AMX-INT8 (0: "
