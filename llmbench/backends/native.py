@@ -84,9 +84,9 @@ BF16_PREFILL_GEMM = has_native_bf16()
 
 def prefill_matmul() -> str:
     """How bf16 weights multiply prompt-length activations here (for the report)."""
-    if BF16_PREFILL_GEMM and kernels.amx_bf16_takes(64):
-        return ("bf16 GEMM on AMX-BF16 tiles (llmbench kernels): activations rounded to bf16, "
-                "fp32 sums, fp32 residual")
+    if BF16_PREFILL_GEMM and kernels.amx_bf16_takes(2, 64):
+        return ("bf16 GEMM on AMX-BF16 tiles (llmbench kernels) up to 256 rows, torch's above: "
+                "activations rounded to bf16, fp32 sums, fp32 residual")
     if BF16_PREFILL_GEMM:
         return "bf16 GEMM (CPU has bf16 matrix math): activations rounded to bf16, fp32 residual"
     return "fp32 GEMM on weights widened from bf16 (CPU lacks bf16 matrix math)"
@@ -109,29 +109,33 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.bf16_gemm(x):
-            if self._amx_bf16():  # already fp32 holding bf16 values
+            if self._amx_bf16(x):  # already fp32 holding bf16 values
                 return self._amx_out(x)
             return self.bf16_out(x).float()
         return self.kernel(x.float(), self.weight, self.bias)
 
-    def _amx_bf16(self) -> bool:
+    def _amx_bf16(self, x: torch.Tensor) -> bool:
         """Whether the bf16 GEMM runs on our AMX-BF16 tiles (kernels_amx.cpp): the same
         products and fp32 sums as torch's bf16 GEMM, without its per-call weight reorder
         (SmolLM2's 30 layers at 32 rows: 29.4 -> 16.9 ms, outputs identical here)."""
-        return kernels.amx_bf16_takes(self.weight.shape[1])
+        return kernels.amx_bf16_takes(x.numel() // x.shape[-1], self.weight.shape[1])
 
     def _amx_out(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias_bf16 is None else self.bias_bf16.float()
         return kernels.compiled().amx_linear_bf16(x.float(), self.weight, bias)
 
     def bf16_gemm(self, x: torch.Tensor) -> bool:
-        """Whether x multiplies on the bf16 GEMM (BF16_PREFILL_GEMM)."""
-        return (self.weight.dtype == torch.bfloat16 and BF16_PREFILL_GEMM
-                and x.numel() > kernels.STREAM_M_MAX["bf16"] * x.shape[-1])
+        """Whether x multiplies on the bf16 GEMM (BF16_PREFILL_GEMM): above the kernels' row
+        limit, or from 2 rows where our AMX-BF16 tiles run it (SmolLM2's 30 layers, 2
+        threads: 2 rows 10.8 ms against 15.6 on the kernels, 8 rows 11.8 against 29.0)."""
+        if self.weight.dtype != torch.bfloat16 or not BF16_PREFILL_GEMM:
+            return False
+        rows = 1 if self._amx_bf16(x) else kernels.STREAM_M_MAX["bf16"]
+        return x.numel() > rows * x.shape[-1]
 
     def bf16_out(self, x: torch.Tensor) -> torch.Tensor:
         """The bf16 GEMM's output as it comes, in bf16 (for a caller that stays in bf16)."""
-        if self._amx_bf16():
+        if self._amx_bf16(x):
             return self._amx_out(x).bfloat16()
         return F.linear(x.bfloat16(), self.weight, self.bias_bf16)
 
@@ -556,10 +560,13 @@ class NativeModel:
         if self.comm is not None:
             plan.set_all_reduce(self.comm.op, None if self.comm.op else self.comm.all_reduce)
         self._plan = plan
+        bf16_rows = ("bf16 of 2 rows or more on AMX-BF16 tiles" if BF16_PREFILL_GEMM
+                     and kernels.amx_bf16_takes(2, 64) else
+                     f"bf16 of more than {kernels.STREAM_M_MAX['bf16']} rows on torch's GEMM")
         self._plan_note = (f"compiled C++ step ({kernels.isa()}) for up to "
-                           f"{kernels.SMALL_M_MAX} rows (fp32 / bf16 projections of more than "
-                           f"{kernels.STREAM_M_MAX['f32']} / {kernels.STREAM_M_MAX['bf16']} rows "
-                           "on torch's GEMM); python step beyond")
+                           f"{kernels.SMALL_M_MAX} rows (fp32 projections of more than "
+                           f"{kernels.STREAM_M_MAX['f32']} rows on torch's GEMM, {bf16_rows}); "
+                           "python step beyond")
         return plan
 
     def runtime_details(self) -> dict[str, Any]:

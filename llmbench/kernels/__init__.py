@@ -306,11 +306,11 @@ def amx_rows() -> int:
     return int(_C.set_amx_rows())
 
 
-def amx_bf16_takes(k: int) -> bool:
-    """Whether bf16 weights with k input features multiply prompt rows on our AMX-BF16 tiles
+def amx_bf16_takes(rows: int, k: int) -> bool:
+    """Whether bf16 weights with k input features multiply `rows` rows on our AMX-BF16 tiles
     (amx_linear_bf16): the CPU has them, the avx512vnni path is active, the AMX kernels are on
-    (LLMBENCH_KERNELS_AMX_ROWS) and k is a multiple of 32."""
-    return available() and bool(_C.amx_bf16_takes(int(k)))
+    (LLMBENCH_KERNELS_AMX_ROWS), k is a multiple of 32 and rows at most 256 (ops.cpp)."""
+    return available() and bool(_C.amx_bf16_takes(int(rows), int(k)))
 
 
 def linear_int4w(

@@ -1026,8 +1026,11 @@ class DecodePlan {
     const int64_t K = p.d.K, n = p.in_features;
     const bool dynamic_i8 = p.d.fmt == kI8 && p.d.act_qmax > 0.f && p.d.act_scale == nullptr;
     // (dynamic int8 activations stay in linear_rows where AMX takes them: kernels_amx.cpp)
+    // bf16 on AMX-BF16 tiles from 2 rows (as native.Linear.bf16_gemm decides)
+    const int64_t limit =
+        (p.d.fmt == kBF16 && bf16_gemm_ && amx_bf16_takes(2, K)) ? 1 : gemm_rows_[p.d.fmt];
     const bool gemm = (p.d.fmt == kF32 || p.d.fmt == kBF16 || dynamic_i8) && !p.d.act.enabled &&
-                      gemm_rows_[p.d.fmt] >= 0 && rows > gemm_rows_[p.d.fmt] &&
+                      gemm_rows_[p.d.fmt] >= 0 && rows > limit &&
                       !(dynamic_i8 && amx_ok(p.d, rows));
     if (p.perm == nullptr && K == n) {
       if (gemm)
@@ -1058,7 +1061,7 @@ class DecodePlan {
       return;
     }
     const int64_t K = p.d.K, N = p.d.N;
-    if (p.d.fmt == kBF16 && bf16_gemm_ && amx_bf16_takes(K)) {
+    if (p.d.fmt == kBF16 && bf16_gemm_ && amx_bf16_takes(rows, K)) {
       // the same bf16 GEMM on AMX tiles without torch's per-call weight reorder; the fp32
       // bias after the bf16 rounding, as below
       linear_bf16_amx(static_cast<const uint16_t*>(p.d.w), N, K, x, rows, K, nullptr, y, ldy);

@@ -42,9 +42,9 @@ struct LinearDesc {
 // Whether linear_rows runs d on AMX-INT8 for M rows (int8 activations: kernels_amx.cpp).
 bool amx_ok(const LinearDesc& d, int64_t M);
 
-// bf16 weights [N, K] on AMX-BF16 (when amx_bf16_takes(K)): y = bf16(x) @ w.T (+ bias), fp32
-// sums rounded to bf16 values, rows split over the threads.
-bool amx_bf16_takes(int64_t K);
+// bf16 weights [N, K] on AMX-BF16 (when amx_bf16_takes(M, K)): y = bf16(x) @ w.T (+ bias),
+// fp32 sums rounded to bf16 values, rows split over the threads.
+bool amx_bf16_takes(int64_t M, int64_t K);
 void linear_bf16_amx(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M,
                      int64_t ldx, const float* bias, float* y, int64_t ldy);
 
