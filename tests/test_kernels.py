@@ -257,6 +257,24 @@ def test_amx_bf16_linear_is_the_bf16_gemm(M, N, Kd):
         C.set_amx_rows(old)
 
 
+def test_amx_rows_environment_variable():
+    """LLMBENCH_KERNELS_AMX_ROWS=0 turns the AMX tiles off in a fresh process (A/B runs of the
+    benchmarks); a value that is not a row count is ignored with a warning."""
+    import subprocess
+
+    probe = ("import warnings; warnings.simplefilter('always'); from llmbench import kernels; "
+             "print(kernels.compiled().set_amx_rows() if kernels.available() else 0)")
+    for value, expected in (("0", "0"), ("junk", None)):
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                env={**os.environ, "LLMBENCH_KERNELS_AMX_ROWS": value},
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        if expected is not None:
+            assert result.stdout.strip() == expected
+        else:
+            assert "LLMBENCH_KERNELS_AMX_ROWS='junk' ignored" in result.stderr
+
+
 def _has_amx_bf16() -> bool:
     from llmbench.environment import cpu_info
 

@@ -145,7 +145,7 @@ def _load() -> None:
                 f"LLMBENCH_KERNELS_ISA={want!r} ignored: {e}", RuntimeWarning, stacklevel=2
             )
     amx = os.environ.get("LLMBENCH_KERNELS_AMX_ROWS", "").strip()
-    if amx:  # 0: the AMX-INT8 tiles off (A/B runs); N: from N rows on
+    if amx:  # 0: the AMX tiles off (int8, int4 and bf16; A/B runs); N: int8 from N rows on
         try:
             _C.set_amx_rows(int(amx))
         except ValueError:
@@ -342,7 +342,6 @@ def linear_int4w(
     if act is not None:
         x = act(x)
     _check_w(qweight, torch.uint8, "linear_int4w", "qweight")
-    K = 2 * qweight.shape[-1]
     reference.check_int4_group(K, int(group_size))
     return _slow(
         "linear_int4w",

@@ -67,10 +67,13 @@ struct KernelTable {
   PrepFn i4q8_prep = nullptr;
 };
 
-// int4 / int8 weights x int8 activations on AMX-INT8 (kernels_amx.cpp): see amx_ok in ops.cpp
-// for the shapes it takes. The buffers are the caller's, sized by Mpad (M rounded up to 16).
+// int4 / int8 weights x int8 activations on AMX-INT8, and bf16 weights on AMX-BF16
+// (kernels_amx.cpp): see amx_ok and amx_bf16_takes in ops.cpp for the shapes they take. The
+// buffers are the caller's, sized by Mpad (M rounded up to 16). bf16 uses only w, N, K, M,
+// Mpad, bias, xb (K / 32 tiles per 16 rows), y and ldy: x rounded to bf16, fp32 sums, y
+// rounded to bf16 values (what a bf16 GEMM returns, in fp32).
 struct AmxArgs {
-  Fmt fmt;               // kI4 or kI8
+  Fmt fmt;               // kI4, kI8 or kBF16
   const void* w;         // int4: packed [N, K/2]; int8: [N, K]
   int64_t N, K, M, Mpad;
   int64_t group_size;    // int4: a multiple of 64 dividing K; int8: K (one group)
@@ -95,13 +98,7 @@ void amx_pack_x(const AmxArgs& a, const float* x, int64_t ldx, bool per_tensor, 
                 int64_t mb_begin, int64_t mb_end);
 // Output columns [16 nb_begin, 16 nb_end) for all M rows.
 void amx_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end);
-// bf16 weights [N, K] (K a multiple of 32) on AMX-BF16: x rounded to bf16, fp32 sums, y
-// rounded to bf16 (what a bf16 GEMM returns, in fp32). Only w, N, K, M, Mpad, bias, xb (Mpad
-// / 16 * K / 32 tiles of 1 KiB), y and ldy are used.
-bool amx_bf16_ready();
-void amx_bf16_pack_x(const AmxArgs& a, const float* x, int64_t ldx, int64_t mb_begin,
-                     int64_t mb_end);
-void amx_bf16_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end);
+bool amx_bf16_ready();  // the CPU has AMX-BF16 (and AVX512-BF16) and the tile state
 
 const KernelTable* generic_table();
 const KernelTable* avx2_table();    // nullptr when not compiled (non-x86)

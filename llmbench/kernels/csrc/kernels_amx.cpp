@@ -109,6 +109,28 @@ inline float absmax(const float* x, int64_t n) {
 
 }  // namespace
 
+namespace {
+
+// bf16: x [M, K] rounded to bf16 (round to nearest even, as torch's .to(bfloat16)) into B
+// tiles of 32 k: tile row kk holds, per activation row m, elements 2 kk and 2 kk + 1.
+void pack_bf16(const AmxArgs& a, const float* x, int64_t ldx, int64_t mb_begin, int64_t mb_end) {
+  const int64_t K = a.K, U = K / 32;
+  std::memset(a.xb + mb_begin * U * 1024, 0, static_cast<size_t>((mb_end - mb_begin) * U * 1024));
+  for (int64_t m = mb_begin * 16; m < std::min(mb_end * 16, a.M); ++m) {
+    int8_t* tiles = a.xb + (m / 16) * U * 1024 + (m % 16) * 4;
+    for (int64_t u = 0; u < U; ++u) {
+      alignas(64) uint16_t pairs[32];
+      const __m512 lo = _mm512_loadu_ps(x + m * ldx + u * 32);
+      const __m512 hi = _mm512_loadu_ps(x + m * ldx + u * 32 + 16);
+      _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      int8_t* tile = tiles + u * 1024;
+      for (int kk = 0; kk < 16; ++kk) std::memcpy(tile + kk * 64, pairs + 2 * kk, 4);
+    }
+  }
+}
+
+}  // namespace
+
 void amx_tensor_scales(const AmxArgs& a, const float* x, int64_t ldx, int64_t block) {
   const int64_t K = a.K, G = a.group_size;
   const int64_t bk = (block > 0 && block < K) ? block : K;  // a multiple of G (amx_ok)
@@ -122,6 +144,10 @@ void amx_tensor_scales(const AmxArgs& a, const float* x, int64_t ldx, int64_t bl
 
 void amx_pack_x(const AmxArgs& a, const float* x, int64_t ldx, bool per_tensor, int64_t block,
                 int64_t mb_begin, int64_t mb_end) {
+  if (a.fmt == kBF16) {
+    pack_bf16(a, x, ldx, mb_begin, mb_end);
+    return;
+  }
   const int64_t K = a.K, G = a.group_size, NG = K / G, U = K / 64, Mpad = a.Mpad;
   const int64_t bk = (block > 0 && block < K) ? block : K;
   const bool i4 = a.fmt == kI4;
@@ -183,106 +209,25 @@ inline int64_t chunk_mbs(int64_t tile_bytes_per_mb) {
   return std::max<int64_t>(2, (512 * 1024) / tile_bytes_per_mb) & ~int64_t{1};
 }
 
-// bf16: x [M, K] rounded to bf16 (round to nearest even, as torch's .to(bfloat16)) into B
-// tiles of 32 k: tile row kk holds, per activation row m, elements 2 kk and 2 kk + 1.
-void amx_bf16_pack_x(const AmxArgs& a, const float* x, int64_t ldx, int64_t mb_begin,
-                     int64_t mb_end) {
-  const int64_t K = a.K, U = K / 32;
-  std::memset(a.xb + mb_begin * U * 1024, 0, static_cast<size_t>((mb_end - mb_begin) * U * 1024));
-  for (int64_t m = mb_begin * 16; m < std::min(mb_end * 16, a.M); ++m) {
-    int8_t* tiles = a.xb + (m / 16) * U * 1024 + (m % 16) * 4;
-    for (int64_t u = 0; u < U; ++u) {
-      alignas(64) uint16_t pairs[32];
-      const __m512 lo = _mm512_loadu_ps(x + m * ldx + u * 32);
-      const __m512 hi = _mm512_loadu_ps(x + m * ldx + u * 32 + 16);
-      _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      int8_t* tile = tiles + u * 1024;
-      for (int kk = 0; kk < 16; ++kk) std::memcpy(tile + kk * 64, pairs + 2 * kk, 4);
-    }
-  }
-}
-
-// bf16 weights [N, K]: A tiles read in place (16 rows x 32 k), one fp32 C tile per 16 x 16
-// outputs over all of K, rounded to bf16 on the way out (as a bf16 GEMM's output is).
-void amx_bf16_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end) {
-  const int64_t K = a.K, U = K / 32, N = a.N, M = a.M, MB = a.Mpad / 16;
-  const uint16_t* w = static_cast<const uint16_t*>(a.w);
-  uint16_t* wb = static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>(32 * K)));
-  TileConfig cfg;
-  for (int t = 0; t < 6; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-  alignas(64) float c[2][16 * 16];
-  const int64_t MC = chunk_mbs(U * 1024);
-  for (int64_t mc = 0; mc < MB; mc += MC)
-  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
-    const int64_t n0 = nb * 16, rows = std::min<int64_t>(16, N - n0);
-    const int64_t mc_end = std::min(MB, mc + MC);
-    const uint16_t* wt = w + n0 * K;
-    if (rows < 16) {  // the last, partial block: zero rows past N
-      std::memset(wb, 0, static_cast<size_t>(32 * K));
-      std::memcpy(wb, wt, static_cast<size_t>(rows * K * 2));
-      wt = wb;
-    }
-    for (int64_t mb = mc; mb < mc_end; mb += 2) {
-      const bool two = mb + 1 < mc_end;
-      const int8_t* xb = a.xb + mb * U * 1024;
-      _tile_zero(0);
-      if (two) _tile_zero(3);
-      for (int64_t u = 0; u < U; ++u) {
-        _tile_loadd(1, wt + u * 32, K * 2);
-        _tile_loadd(2, xb + u * 1024, 64);
-        _tile_dpbf16ps(0, 1, 2);
-        if (two) {
-          _tile_loadd(5, xb + U * 1024 + u * 1024, 64);
-          _tile_dpbf16ps(3, 1, 5);
-        }
-      }
-      _tile_stored(0, c[0], 64);
-      if (two) _tile_stored(3, c[1], 64);
-      for (int64_t h = 0; h < (two ? 2 : 1); ++h) {
-        const int64_t m0 = (mb + h) * 16, m_end = std::min<int64_t>(16, M - m0);
-        if (m_end <= 0) break;
-        alignas(64) float out[16 * 16];
-        for (int r = 0; r < rows; ++r) {
-          __m512 v = _mm512_load_ps(c[h] + r * 16);
-          if (a.bias) v = _mm512_add_ps(v, _mm512_set1_ps(a.bias[n0 + r]));
-          // round to bf16 and back: the value a bf16 output holds
-          const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
-          v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-          _mm512_store_ps(out + r * 16, v);
-        }
-        for (int64_t m = 0; m < m_end; ++m) {
-          float* y = a.y + (m0 + m) * a.ldy + n0;
-          for (int r = 0; r < rows; ++r) y[r] = out[r * 16 + m];
-        }
-      }
-    }
-  }
-  _tile_release();
-  std::free(wb);
-}
-
 namespace {
 
-// C tile = A (tmm1) x B (tmm2) over the 64-k units [u0, u1); A rows at a + u * 64 with stride
-// lda, B tiles at b + u * 1024. GCC's tile intrinsics paste the tile number into the
-// instruction's text, so it can't be a template parameter: one function per C tile.
-//
+// C tile = A (tmm1) x B (tmm2) over the 64-byte units [u0, u1); A rows at a + u * 64 with
+// stride lda bytes, B tiles at b + u * 1024; tdpbf16ps (BF16) or tdpbssd. GCC's tile
+// intrinsics paste the tile number into the instruction's text, so it can't be a template
+// parameter: one function per C tile.
 // Two row blocks of activations against one A: C tmm0 (B tmm2 at b) and tmm3 (B tmm5 at
 // b + bnext), stored to c0 and c3.
+template <bool BF16>
 inline void tile_sums_two(const int8_t* a, int64_t lda, const int8_t* b, int64_t bnext,
-                          int64_t u0, int64_t u1, int32_t* c0, int32_t* c3) {
+                          int64_t u0, int64_t u1, void* c0, void* c3) {
   _tile_zero(0);
   _tile_zero(3);
   for (int64_t u = u0; u < u1; ++u) {
     _tile_loadd(1, a + u * 64, lda);
     _tile_loadd(2, b + u * 1024, 64);
-    _tile_dpbssd(0, 1, 2);
+    if constexpr (BF16) _tile_dpbf16ps(0, 1, 2); else _tile_dpbssd(0, 1, 2);
     _tile_loadd(5, b + bnext + u * 1024, 64);
-    _tile_dpbssd(3, 1, 5);
+    if constexpr (BF16) _tile_dpbf16ps(3, 1, 5); else _tile_dpbssd(3, 1, 5);
   }
   _tile_stored(0, c0, 64);
   _tile_stored(3, c3, 64);
@@ -291,13 +236,14 @@ inline void tile_sums_two(const int8_t* a, int64_t lda, const int8_t* b, int64_t
 // One row block: C tmm0 or tmm3 (so that two calls in a row overlap), stored to c; a macro
 // makes both, the tile number reaching the intrinsics as a literal token.
 #define LLMB_TILE_SUMS(C)                                                                   \
+  template <bool BF16>                                                                      \
   inline void tile_sums_##C(const int8_t* a, int64_t lda, const int8_t* b, int64_t u0,       \
-                            int64_t u1, int32_t* c) {                                        \
+                            int64_t u1, void* c) {                                           \
     _tile_zero(C);                                                                          \
     for (int64_t u = u0; u < u1; ++u) {                                                     \
       _tile_loadd(1, a + u * 64, lda);                                                      \
       _tile_loadd(2, b + u * 1024, 64);                                                     \
-      _tile_dpbssd(C, 1, 2);                                                                \
+      if constexpr (BF16) _tile_dpbf16ps(C, 1, 2); else _tile_dpbssd(C, 1, 2);              \
     }                                                                                       \
     _tile_stored(C, c, 64);                                                                 \
   }
@@ -305,47 +251,67 @@ LLMB_TILE_SUMS(0)
 LLMB_TILE_SUMS(3)
 #undef LLMB_TILE_SUMS
 
-// int8 weights: one C tile per 16 x 16 outputs over all of K, then one scaling.
-void rows_i8(const AmxArgs& a, int64_t nb_begin, int64_t nb_end, int8_t* wb) {
-  const int64_t K = a.K, U = K / 64, N = a.N, M = a.M, Mpad = a.Mpad, MB = Mpad / 16;
+// out [16 rows x 16 m] -> y[m0 + m, n0 + r] for the rows and the m_end activation rows there.
+inline void store_block(const AmxArgs& a, const float* out, int64_t m0, int64_t n0, int64_t rows,
+                        int64_t m_end) {
+  for (int64_t m = 0; m < m_end; ++m) {
+    float* y = a.y + (m0 + m) * a.ldy + n0;
+    for (int64_t r = 0; r < rows; ++r) y[r] = out[r * 16 + m];
+  }
+}
+
+// int8 or bf16 weights, read in place as A tiles (16 rows x 64 bytes), one C tile per 16 x 16
+// outputs over all of K, then the epilogue: int8 scales the int32 sums (and subtracts the
+// zero-point term); bf16 rounds the fp32 sums to bf16 values (as a bf16 GEMM's output is).
+template <bool BF16>
+void rows_dense(const AmxArgs& a, int64_t nb_begin, int64_t nb_end, int8_t* wb) {
+  const int64_t row_bytes = a.K * (BF16 ? 2 : 1), U = row_bytes / 64, N = a.N, M = a.M;
+  const int64_t MB = a.Mpad / 16, MC = chunk_mbs(U * 1024);
   const int8_t* w = static_cast<const int8_t*>(a.w);
   alignas(64) int32_t c[2][16 * 16];
-  const int64_t MC = chunk_mbs(U * 1024);
   for (int64_t mc = 0; mc < MB; mc += MC)
   for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
     const int64_t n0 = nb * 16, rows = std::min<int64_t>(16, N - n0);
     const int64_t mc_end = std::min(MB, mc + MC);
-    const int8_t* wt = w + n0 * K;
+    const int8_t* wt = w + n0 * row_bytes;
     if (rows < 16) {  // the last, partial block: zero rows past N
-      std::memset(wb, 0, static_cast<size_t>(16 * K));
-      std::memcpy(wb, wt, static_cast<size_t>(rows * K));
+      std::memset(wb, 0, static_cast<size_t>(16 * row_bytes));
+      std::memcpy(wb, wt, static_cast<size_t>(rows * row_bytes));
       wt = wb;
     }
     for (int64_t mb = mc; mb < mc_end; mb += 2) {
       const bool two = mb + 1 < mc_end;
       const int8_t* xb = a.xb + mb * U * 1024;
       if (two)
-        tile_sums_two(wt, K, xb, U * 1024, 0, U, c[0], c[1]);
+        tile_sums_two<BF16>(wt, row_bytes, xb, U * 1024, 0, U, c[0], c[1]);
       else
-        tile_sums_0(wt, K, xb, 0, U, c[0]);
+        tile_sums_0<BF16>(wt, row_bytes, xb, 0, U, c[0]);
       for (int64_t h = 0; h < (two ? 2 : 1); ++h) {
         const int64_t m0 = (mb + h) * 16, m_end = std::min<int64_t>(16, M - m0);
         if (m_end <= 0) break;
-        const __m512 sxv = _mm512_loadu_ps(a.sx + m0);
-        const __m512 xsv = _mm512_loadu_ps(a.xsum + m0);
+        // int8: the rows' activation scales and sums (no such arrays for bf16)
+        const __m512 sxv = BF16 ? _mm512_setzero_ps() : _mm512_loadu_ps(a.sx + m0);
+        const __m512 xsv = BF16 || !a.zeros ? _mm512_setzero_ps() : _mm512_loadu_ps(a.xsum + m0);
         alignas(64) float out[16 * 16];
         for (int r = 0; r < rows; ++r) {
-          const float s = a.scales[n0 + r];
-          __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[h] + r * 16)),
-                                   _mm512_mul_ps(sxv, _mm512_set1_ps(s)));
-          if (a.bias) v = _mm512_add_ps(v, _mm512_set1_ps(a.bias[n0 + r]));
-          if (a.zeros) v = _mm512_fnmadd_ps(xsv, _mm512_set1_ps(s * a.zeros[n0 + r]), v);
+          __m512 v;
+          if constexpr (BF16) {
+            v = _mm512_load_ps(reinterpret_cast<const float*>(c[h]) + r * 16);
+            if (a.bias) v = _mm512_add_ps(v, _mm512_set1_ps(a.bias[n0 + r]));
+            // round to bf16 and back: the value a bf16 output holds
+            const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+            v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+          } else {
+            const float s = a.scales[n0 + r];
+            v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[h] + r * 16)),
+                              _mm512_mul_ps(sxv, _mm512_set1_ps(s)));
+            if (a.bias) v = _mm512_add_ps(v, _mm512_set1_ps(a.bias[n0 + r]));
+            if (a.zeros)
+              v = _mm512_fnmadd_ps(xsv, _mm512_set1_ps(s * a.zeros[n0 + r]), v);
+          }
           _mm512_store_ps(out + r * 16, v);
         }
-        for (int64_t m = 0; m < m_end; ++m) {
-          float* y = a.y + (m0 + m) * a.ldy + n0;
-          for (int r = 0; r < rows; ++r) y[r] = out[r * 16 + m];
-        }
+        store_block(a, out, m0, n0, rows, m_end);
       }
     }
   }
@@ -394,17 +360,15 @@ void rows_i4(const AmxArgs& a, int64_t nb_begin, int64_t nb_end, int8_t* wb) {
         }
       };
       for (int64_t g = 0; g < NG; g += 2) {
-        tile_sums_0(wb, K, xb, g * UG, (g + 1) * UG, c[0]);
-        if (g + 1 < NG) tile_sums_3(wb, K, xb, (g + 1) * UG, (g + 2) * UG, c[1]);
+        tile_sums_0<false>(wb, K, xb, g * UG, (g + 1) * UG, c[0]);
+        if (g + 1 < NG) tile_sums_3<false>(wb, K, xb, (g + 1) * UG, (g + 2) * UG, c[1]);
         scale_group(c[0], g);
         if (g + 1 < NG) scale_group(c[1], g + 1);
       }
-      for (int r = 0; r < rows; ++r) _mm512_store_ps(out + r * 16, acc[r]);
-      const int64_t m_end = std::min<int64_t>(16, M - mb * 16);
-      for (int64_t m = 0; m < m_end; ++m) {
-        float* y = a.y + (mb * 16 + m) * a.ldy + n0;
-        for (int r = 0; r < rows; ++r) y[r] = out[r * 16 + m] + (a.bias ? a.bias[n0 + r] : 0.f);
-      }
+      for (int r = 0; r < rows; ++r)
+        _mm512_store_ps(out + r * 16, a.bias ? _mm512_add_ps(acc[r], _mm512_set1_ps(a.bias[n0 + r]))
+                                             : acc[r]);
+      store_block(a, out, mb * 16, n0, rows, std::min<int64_t>(16, M - mb * 16));
     }
   }
 }
@@ -412,9 +376,10 @@ void rows_i4(const AmxArgs& a, int64_t nb_begin, int64_t nb_end, int8_t* wb) {
 }  // namespace
 
 void amx_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end) {
-  // 16 unpacked (int4) or padded (int8) weight rows; malloc: no std containers under the
-  // target pragma.
-  int8_t* wb = static_cast<int8_t*>(std::aligned_alloc(64, static_cast<size_t>(16 * a.K)));
+  // 16 unpacked (int4) or padded (int8, bf16) weight rows; malloc: no std containers under
+  // the target pragma.
+  const int64_t row_bytes = a.K * (a.fmt == kBF16 ? 2 : 1);
+  int8_t* wb = static_cast<int8_t*>(std::aligned_alloc(64, static_cast<size_t>(16 * row_bytes)));
   TileConfig cfg;
   for (int t = 0; t < 6; ++t) {  // C: tmm0, tmm3; A: tmm1; B: tmm2, tmm5; 16 rows x 64 bytes
     cfg.rows[t] = 16;
@@ -423,8 +388,10 @@ void amx_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end) {
   _tile_loadconfig(&cfg);
   if (a.fmt == kI4)
     rows_i4(a, nb_begin, nb_end, wb);
+  else if (a.fmt == kBF16)
+    rows_dense<true>(a, nb_begin, nb_end, wb);
   else
-    rows_i8(a, nb_begin, nb_end, wb);
+    rows_dense<false>(a, nb_begin, nb_end, wb);
   _tile_release();
   std::free(wb);
 }
@@ -435,8 +402,6 @@ void amx_rows(const AmxArgs& a, int64_t nb_begin, int64_t nb_end) {
 
 bool amx_int8_ready() { return false; }
 bool amx_bf16_ready() { return false; }
-void amx_bf16_pack_x(const AmxArgs&, const float*, int64_t, int64_t, int64_t) {}
-void amx_bf16_rows(const AmxArgs&, int64_t, int64_t) {}
 void amx_tensor_scales(const AmxArgs&, const float*, int64_t, int64_t) {}
 void amx_pack_x(const AmxArgs&, const float*, int64_t, bool, int64_t, int64_t, int64_t) {}
 void amx_rows(const AmxArgs&, int64_t, int64_t) {}

@@ -56,7 +56,7 @@ void quantize_act_levels(const ActQuant& q, const float* x, int64_t M, int64_t l
 
 namespace {
 
-// int8 activations on AMX-INT8 (below, after linear_rows' other helpers).
+// int8 activations on AMX-INT8, bf16 on AMX-BF16 (below, after linear_rows' other helpers).
 void linear_amx(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
                 int64_t ldy);
 
@@ -415,11 +415,20 @@ namespace {
 
 // int4 / int8 weights with symmetric dynamic int8 activations (--lowp-mode INT8) on AMX-INT8
 // (kernels_amx.cpp) from this many rows on (set_amx_rows; 0: never). Below it the GEMV
-// kernels run: decode reads each weight once either way. Measured with
-// benchmarks/bench_prefill.py --amx.
+// kernels run: decode reads each weight once either way. SmolLM2's 30 layers of projections,
+// 2 threads (docs/performance.md): int4 at 2 rows 4.6 ms on the u8 x s8 kernels against 4.9
+// on the tiles, at 3 rows 5.4 against 5.2; int8 at 2 rows 8.7 ms on the kernels against 5.3.
 int64_t& amx_min_rows() {
   static int64_t rows = amx_int8_ready() ? 2 : 0;
   return rows;
+}
+
+// int4 groups in whole 64-element units (a tile row, a u8 x s8 unit) and int8-activation
+// blocks made of whole groups: what both int4 x int8 kernels need.
+bool i4_units_fit(const LinearDesc& d) {
+  const int64_t G = d.group_size, block = d.act.block;
+  return G % 64 == 0 && d.K % G == 0 &&
+         (block <= 0 || block >= d.K || (block % G == 0 && d.K % block == 0));
 }
 
 }  // namespace
@@ -432,11 +441,8 @@ bool amx_ok(const LinearDesc& d, int64_t M) {
     return false;
   if (d.fmt == kI8)  // dynamic per-row scales (SmoothQuant's static ones guard against overflow)
     return d.act_qmax == 127.f && d.act_scale == nullptr && !d.act.enabled;
-  const int64_t G = d.group_size, block = d.act.block;
-  // int4: symmetric levels (an asymmetric level minus its zero point needs 9 bits) and
-  // activation blocks made of whole weight groups.
-  return d.fmt == kI4 && d.act.enabled && d.act.sym && G % 64 == 0 && d.K % G == 0 &&
-         (block <= 0 || block >= d.K || (block % G == 0 && d.K % block == 0));
+  // int4: symmetric levels (an asymmetric level minus its zero point needs 9 bits)
+  return d.fmt == kI4 && d.act.enabled && d.act.sym && i4_units_fit(d);
 }
 
 namespace {
@@ -459,7 +465,7 @@ void linear_amx(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, flo
   const int64_t NG = d.K / a.group_size;
   thread_local std::vector<int8_t> xb;
   thread_local std::vector<float> sums;
-  xb.resize(static_cast<size_t>(a.Mpad * d.K + 64));
+  xb.resize(static_cast<size_t>(a.Mpad * d.K * (d.fmt == kBF16 ? 2 : 1) + 64));
   sums.resize(static_cast<size_t>(2 * NG * a.Mpad));
   a.xb = xb.data() + (64 - reinterpret_cast<uintptr_t>(xb.data()) % 64) % 64;
   a.sx = sums.data();
@@ -485,10 +491,8 @@ bool& i4q8_on() {
 // int4 with symmetric int8 activations in whole 64-element units: the path's u8 x s8 kernels
 // where it has them (set_i4q8), on the int8 levels themselves.
 bool i4q8_ok(const LinearDesc& d) {
-  const int64_t G = d.group_size, block = d.act.block;
   return d.fmt == kI4 && d.act.enabled && d.act.sym && active_table()->i4q8 != nullptr &&
-         i4q8_on() && G % 64 == 0 && d.K % G == 0 &&
-         (block <= 0 || block >= d.K || (block % G == 0 && d.K % block == 0));
+         i4q8_on() && i4_units_fit(d);
 }
 
 // Whether linear_int4w with int8 activations of these settings (--lowp-mode INT8) runs on
@@ -535,22 +539,13 @@ bool amx_bf16_takes(int64_t M, int64_t K) {
 // result without torch's per-call weight reorder (kernels_amx.cpp).
 void linear_bf16_amx(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t M,
                      int64_t ldx, const float* bias, float* y, int64_t ldy) {
-  AmxArgs a{};
-  a.fmt = kBF16;
-  a.w = w;
-  a.N = N;
-  a.K = K;
-  a.M = M;
-  a.Mpad = (M + 15) / 16 * 16;
-  a.bias = bias;
-  a.y = y;
-  a.ldy = ldy;
-  thread_local std::vector<int8_t> xb;
-  xb.resize(static_cast<size_t>(a.Mpad * K * 2 + 64));
-  a.xb = xb.data() + (64 - reinterpret_cast<uintptr_t>(xb.data()) % 64) % 64;
-  at::parallel_for(0, a.Mpad / 16, 1,
-                   [&](int64_t b, int64_t e) { amx_bf16_pack_x(a, x, ldx, b, e); });
-  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b, int64_t e) { amx_bf16_rows(a, b, e); });
+  LinearDesc d;
+  d.fmt = kBF16;
+  d.w = w;
+  d.N = N;
+  d.K = K;
+  d.bias = bias;
+  linear_amx(d, x, M, ldx, y, ldy);
 }
 
 at::Tensor amx_linear_bf16(const at::Tensor& x, const at::Tensor& w,
