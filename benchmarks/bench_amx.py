@@ -17,6 +17,7 @@ quiet machine.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -25,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from bench_prefill import best_ms, row_counts  # noqa: E402
+
 from llmbench import kernels  # noqa: E402
 from llmbench.cli.flags import Parser, positive_int  # noqa: E402
 from llmbench.kernels import int8_act  # noqa: E402
@@ -63,12 +64,12 @@ def main() -> int:
 
     def int4(x):
         for layer in layers:
-            for (n, k), w in zip(SHAPES, layer):
+            for (_, k), w in zip(SHAPES, layer, strict=True):
                 kernels.linear_int4w(x[k], *w["int4"], GROUP, act=act)
 
     def int8(x, via_int_mm=False):
         for layer in layers:
-            for (n, k), w in zip(SHAPES, layer):
+            for (_, k), w in zip(SHAPES, layer, strict=True):
                 q, s = w["int8"]
                 if via_int_mm:
                     int8_act._gemm_path(x[k], int8_act.dynamic_scales(x[k]), q, s, None)
@@ -77,7 +78,7 @@ def main() -> int:
 
     def bf16(x, how):
         for layer in layers:
-            for (n, k), w in zip(SHAPES, layer):
+            for (_, k), w in zip(SHAPES, layer, strict=True):
                 if how == "amx":
                     compiled.amx_linear_bf16(x[k], w["bf16"])
                 elif how == "kernels":
@@ -100,16 +101,17 @@ def main() -> int:
     print(f"{'M':>4} | {'int4 lowp: amx / u8s8 / int16':>31} | {'int8 lowp: amx / kernels / _int_mm':>36}"
           f" | {'bf16: amx / kernels / torch':>29}")
     dash = f"{'-':>7}"
+
+    def cell(fn, x, *args, amx_rows: int = 0, i4q8: int = 1, runs: bool = True) -> str:
+        return f"{timed(functools.partial(fn, x, *args), amx_rows, i4q8):7.2f}" if runs else dash
+
     for m in args.m:
         x = {k: torch.randn(m, k) for k in {k for _, k in SHAPES}}
-        i4 = [f"{timed(lambda: int4(x), 1):7.2f}" if amx else dash,
-              f"{timed(lambda: int4(x), 0):7.2f}", f"{timed(lambda: int4(x), 0, 0):7.2f}"]
-        i8 = [f"{timed(lambda: int8(x), 1):7.2f}" if amx else dash,
-              f"{timed(lambda: int8(x), 0):7.2f}" if m <= kernels.STREAM_M_MAX['int8'] else dash,
-              f"{timed(lambda: int8(x, True), 0):7.2f}"]
-        b16 = [f"{timed(lambda: bf16(x, 'amx'), 1):7.2f}" if kernels.amx_bf16_takes(2, 64) else dash,
-               f"{timed(lambda: bf16(x, 'kernels'), 0):7.2f}" if m <= 32 else dash,
-               f"{timed(lambda: bf16(x, 'torch'), 0):7.2f}"]
+        i4 = [cell(int4, x, amx_rows=1, runs=amx), cell(int4, x), cell(int4, x, i4q8=0)]
+        i8 = [cell(int8, x, amx_rows=1, runs=amx),
+              cell(int8, x, runs=m <= kernels.STREAM_M_MAX["int8"]), cell(int8, x, True)]
+        b16 = [cell(bf16, x, "amx", runs=kernels.amx_bf16_takes(2, 64)),
+               cell(bf16, x, "kernels", runs=m <= 32), cell(bf16, x, "torch")]
         print(f"{m:>4} | {' / '.join(i4):>31} | {' / '.join(i8):>36} | {' / '.join(b16):>29}")
     return 0
 
