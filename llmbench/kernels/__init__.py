@@ -105,11 +105,13 @@ SMALL_M_MAX = 16
 # (benchmarks/bench_prefill.py, hot weights: int8 breaks even near M = 64-128, int4 beyond
 # 512).
 # Those were measured on AMD with AVX2. On an Intel Xeon with AVX-512 (Sapphire Rapids class,
-# 2 threads) torch's fp32 GEMM, itself AVX-512, wins from M = 16 (SmolLM2's linears, M = 32:
-# 15.6 ms torch vs 20.9 ms kernels), so the avx512 path hands fp32 over sooner; bf16 too (whole
-# native bf16 32-token prefill: 87.7 ms with 8 vs 96.1 ms with 32).
+# 2 threads) the avx512 paths hand bf16 over sooner (whole native bf16 32-token prefill: 87.7
+# ms with 8 vs 96.1 ms with 32), and keep fp32 up to 128 rows: from 12 rows their fp32 tiles are
+# outer products (gemv_impl.h), and torch's GEMM took 1.3-1.5x their time at 64 rows, 1.0-1.1x
+# at 128 and less beyond (benchmarks/bench_prefill.py --threads 2 --cold-mib 200; whole native
+# fp32 prefills of 64 / 128 tokens: 78.8 / 143.7 ms against 101.3 / 150.6 ms with 32).
 STREAM_M_MAX_BASE = {"f32": 32, "bf16": 32, "int8": 64, "int4": 256}
-STREAM_M_MAX_BY_ISA = {"avx512": {"bf16": 8}, "avx512vnni": {"bf16": 8}}
+STREAM_M_MAX_BY_ISA = {"avx512": {"bf16": 8, "f32": 128}, "avx512vnni": {"bf16": 8, "f32": 128}}
 # The active path's limits (updated in place by set_isa, so readers may keep a reference).
 STREAM_M_MAX = dict(STREAM_M_MAX_BASE)
 

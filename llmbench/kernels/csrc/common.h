@@ -51,10 +51,15 @@ enum Fmt { kF32 = 0, kBF16 = 1, kI8 = 2, kI4 = 3, kNumFmt = 4 };
 // Computes output columns (weight rows) [n_begin, n_end) for all M rows of x.
 using RowsFn = void (*)(const GemvArgs&, int64_t n_begin, int64_t n_end);
 
-// Rearranges x [M, K] once per call into `out` (room for M * K + 64 floats) for
-// kernels that read activations in another order or format than memory (see
-// the avx2 bf16 and int8 kernels).
+// Rearranges x [M, K] once per call into `out` (room for (M + kPrepRowsPad) * K + 64
+// floats) for kernels that read activations in another order or format than memory (see the
+// avx2 bf16 and int8 kernels, and the fp32 outer products, whose chunks pad M).
 using PrepFn = void (*)(const GemvArgs&, float* out);
+constexpr int64_t kPrepRowsPad = 64;
+
+// fp32 weights multiply x as outer products (gemv_impl.h) from this many rows on: -1 (the
+// default) the path's own threshold, LLMB_OUTER_M_MIN; 0 never (set_outer_rows: A/B runs).
+int64_t& f32_outer_rows_setting();
 
 struct KernelTable {
   const char* name;

@@ -523,8 +523,8 @@ struct I4Q8Kern {
 // The table of a unit that has both shims: these kernels for bf16, int8 and int4.
 #define LLMB_INT_KERNEL_TABLE(NAME)                                                    \
   {                                                                                    \
-    NAME, {&rows<DenseKern<FmtF32>>, LLMB_ROWS_BF16, &rows<I8Int16Kern>,                 \
+    NAME, {LLMB_F32_ROWS, LLMB_ROWS_BF16, &rows<I8Int16Kern>,                            \
            LLMB_I4_INT16 ? &rows_i4_int : &rows_i4},                                   \
-    {nullptr, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr}               \
+    {LLMB_F32_PREP, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr}         \
     LLMB_I4Q8_FNS                                                                      \
   }

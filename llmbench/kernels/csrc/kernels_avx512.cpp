@@ -97,6 +97,11 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
 #define LLMB_TILE_ACC 24
 #define LLMB_DENSE_MT 6
 #define LLMB_TILE_PREFETCH 1
+// - fp32 from 12 rows on as outer products (gemv_impl.h), up to 64 rows (4 vectors) per
+//   chunk in the 32 registers.
+#define LLMB_OUTER_M_MIN 12
+#define LLMB_OUTER_MV 4
+#define LLMB_OUTER_REGS 32
 // - int4 prefills of 12 rows or more dequantize 4 weight rows at a time and run the fp32 tiles
 //   when K <= 1536: SmolLM2's qkv, gate_up and down at 32 rows 1.25-1.30 ms against 1.61 ms on
 //   the int4 x int16 tiles, at 12 rows 0.55 against 0.64-0.73 ms; a tie at 8 (weights from

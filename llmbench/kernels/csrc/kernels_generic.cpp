@@ -44,6 +44,11 @@ const KernelTable kTable = LLMB_KERNEL_TABLE("generic");
 
 const KernelTable* generic_table() { return &kTable; }
 
+int64_t& f32_outer_rows_setting() {
+  static int64_t rows = -1;
+  return rows;
+}
+
 // Declared in common.h; here, in the baseline-ISA unit without torch, so that every path's
 // int8-activation branch and the NEON test driver link the one definition.
 float quantize_act_row(const GemvArgs& a, int64_t m, int16_t* q) {
