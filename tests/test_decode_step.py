@@ -135,6 +135,73 @@ def assert_compiled_step_matches(loaded, qlinears, rows: int = 2) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def prefill_outputs(model, compiled: bool, batch: int = 2, beams: int = 1, prompt: int = 9):
+    """The prompt's logits and every layer's prompt keys and values, with the compiled step
+    bound as generate() binds it, through the C++ prefill (compiled) or the Python layers."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, 200, (batch, prompt))
+    cos, sin = model._rope_tables(prompt + 2)
+    caches = model.new_caches(batch, beams, prompt, 2)
+    history = BeamHistory(batch * beams, 2, indirect=beams > 1, prompt_len=prompt)
+    model.use_compiled_prefill = compiled
+    try:
+        assert model.bind_compiled_step(caches, history, beams, cos, sin)
+        assert model.compiled_prefill() == compiled
+        with torch.inference_mode():
+            logits = model.prefill(ids, caches, cos, sin)
+    finally:
+        model._bound = False
+        model.use_compiled_prefill = True
+    keys = torch.stack([c.prompt_k.float() for c in caches])
+    values = torch.stack([c.prompt_v.float() for c in caches])
+    return logits, keys, values
+
+
+def assert_prefills_match(model, **kwargs) -> None:
+    expected = prefill_outputs(model, compiled=False, **kwargs)
+    got = prefill_outputs(model, compiled=True, **kwargs)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def other_folders(tmp_path_factory, embedded_model_dir):
+    root = tmp_path_factory.mktemp("prefill")
+    return {family: make_tiny_model(family, root / family, embedded_model_dir)
+            for family in ("gpt_neox", "opt", "mixtral", "bloom")}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "gemma", "gpt_neox",
+                                    "opt", "mixtral"])
+def test_compiled_prefill_matches_python_prefill(folders, other_folders, family):
+    """DecodePlan.prefill (generate()'s prompt when the compiled step is bound) against the
+    Python layers: the same logits and prompt caches. The families cover qkv bias, per-head
+    q/k norms, fused projections, a scaled embedding and tanh-GELU, partial RoPE with a
+    parallel residual (gpt_neox), learned positions and LayerNorm (opt), and experts."""
+    model = native_model({**folders, **other_folders}[family])
+    assert_prefills_match(model)
+
+
+@pytest.mark.parametrize("kv,beams", [("fp8_e5m2", 1), ("auto", 3)])
+def test_compiled_prefill_fp8_cache_and_beams(folders, kv, beams):
+    assert_prefills_match(native_model(folders["llama"], kv=kv), beams=beams)
+
+
+@pytest.mark.parametrize("weight_dtype,group", [("INT8", -1), ("INT4", 32)])
+def test_compiled_prefill_quantized_projections(folders, weight_dtype, group):
+    loaded = load_model(str(folders["llama"]), "float32")
+    model = prepare(loaded.model, backend="native", dtype="float32", family="llama").model
+    assert install_native(model, quantize_rtn(loaded.model,
+                                              Scheme("woq", weight_dtype, group, True, "INT8"))) > 0
+    assert_prefills_match(model, prompt=20)
+
+
+def test_position_bias_prefills_in_python(other_folders):
+    """ALiBi (bloom) is not in the C++ prefill: its prompts stay on the Python layers."""
+    model = native_model(other_folders["bloom"])
+    assert model._compiled_plan() is not None and not model.compiled_prefill()
+
+
 @pytest.mark.parametrize("act_scale", [1e-4, 1.0])
 def test_compiled_step_smoothquant_projections(folders, act_scale):
     """SmoothQuant's projections in the compiled step: int8 activations at a static scale (a
@@ -166,3 +233,4 @@ def test_report_names_the_decode_step(folders, tmp_path):
 
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert report["backend"]["decode_step"].startswith("compiled C++ step")
+    assert report["backend"]["prefill"].startswith("compiled C++ prefill")

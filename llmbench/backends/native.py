@@ -380,6 +380,8 @@ class NativeModel:
                              else first.experts[0].down).weight.shape[1]
         # False runs every decode step as torch ops (tests and benchmarks compare the two).
         self.use_compiled_step = True
+        # False keeps bound prompts on the Python prefill too (A/B runs: compiled_prefill()).
+        self.use_compiled_prefill = True
         self._plan: Any = None  # the compiled decode step, built on first use
         self._plan_note = ""
         self._bound = False  # the plan holds this generate() call's caches
@@ -577,9 +579,26 @@ class NativeModel:
                                             "all_reduce": self.comm.description,
                                             **getattr(self, "tp_split", {})}
         if not self.use_compiled_step:
-            return {"decode_step": "python step (compiled step switched off)", **placement}
+            return {"decode_step": "python step (compiled step switched off)",
+                    "prefill": "python layers (compiled step switched off)", **placement}
         self._compiled_plan()
-        return {"decode_step": self._plan_note, **placement}
+        return {"decode_step": self._plan_note, "prefill": self._prefill_note(), **placement}
+
+    def _prefill_note(self) -> str:
+        """How prompts run, for the report (see compiled_prefill)."""
+        if self.compiled_prefill():
+            return (f"compiled C++ prefill (the decode step's layers over the prompt's rows) "
+                    f"where generate() binds the compiled step (up to {kernels.SMALL_M_MAX} "
+                    "sequences x beams); python layers beyond and for prompt embeddings")
+        if self._plan is None:
+            return "python layers (no compiled step)"
+        if not self.use_compiled_prefill:
+            return "python layers (compiled prefill switched off)"
+        if not self._plan.prefill_supported():
+            return ("python layers (the compiled prefill has no position bias, latent "
+                    "attention, Mamba, cross-attention or post-norm layers)")
+        return "python layers (bf16 activations between ops, as stock bf16 computes them)"
+
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: the sum over ranks of this rank's partial x, in place; x as it is
@@ -926,6 +945,8 @@ class NativeModel:
         `embeds` [B, P, H]: the prompt's input embeddings as given (a multimodal model's, with
         the image features in place of its image tokens) instead of the ids' own; with
         `prefix`, its first `prefix` rows (GIT's image tokens) attend to each other both ways."""
+        if embeds is None and not prefix and self._bound and self.compiled_prefill():
+            return self._gather_logits(self._plan.prefill(ids.contiguous(), float(self.scaling)))
         h = self._embed(ids, 0) if embeds is None else embeds.float()
         seq = h.shape[1]
         c, s = cos[:seq], sin[:seq]
@@ -949,6 +970,16 @@ class NativeModel:
                                           and layer.w_uv is None)
             h = self._block_output(layer, h, x, attn.transpose(1, 2), cache)
         return self._logits(h[:, -1])
+
+    def compiled_prefill(self) -> bool:
+        """Whether a prompt whose generate() bound the compiled step runs through its C++
+        prefill (DecodePlan.prefill: the same kernels, norms, RoPE and torch attention as the
+        layers below, one call instead of ~15 torch ops per layer). Not for bf16 weights on CPUs
+        with bf16 matrix math, whose prefill keeps activations in bf16 between ops as stock bf16
+        does, nor for the layers prefill_supported() excludes; nor as prompt embeddings."""
+        plan = self._compiled_plan() if self.use_compiled_step else None
+        return (plan is not None and self.use_compiled_prefill and plan.prefill_supported()
+                and not (self.weight_dtype == torch.bfloat16 and BF16_PREFILL_GEMM))
 
     def _prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           alibi: torch.Tensor | None, keep_bf16: bool = False) -> torch.Tensor:

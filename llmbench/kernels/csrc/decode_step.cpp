@@ -50,6 +50,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/softmax.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e5m2.h>
@@ -578,6 +579,48 @@ class DecodePlan {
                 "decode_step: position out of range");
     const at::Tensor ids_c = ids.contiguous();
     const int64_t* id = ids_c.data_ptr<int64_t>();
+    size_rows(R);
+    for (int64_t r = 0; r < R; ++r) embed_row(id[r], position, h_.data() + r * hidden_);
+    run_layers(R, position, step, 0);
+    return logits(R);
+  }
+
+  // Whether prefill() runs this model's prompts: attention layers with RoPE or none, no
+  // position bias (ALiBi, T5's relative), no latent (MLA), Mamba, cross-attention or gated
+  // layers, no post-norm blocks. The rest prefill through the Python step.
+  bool prefill_supported() const {
+    if (lat_.kv_rank || alibi_ || rel_ || post_norm_) return false;
+    for (const Layer& L : layers_)
+      if (L.m_in >= 0 || L.cross_q >= 0 || L.gated) return false;
+    return true;
+  }
+
+  // The prompt, ids int64 [B, P] (B = the bound caches' sequences, P their prompt length), as
+  // P rows per sequence through the same layers as step() (the Python prefill's ops: the same
+  // kernels, norms and RoPE, and torch's causal scaled_dot_product_attention with `scale`);
+  // writes the prompt keys and values and returns the logits of each sequence's last position
+  // [B, vocab].
+  at::Tensor prefill(const at::Tensor& ids, double scale) {
+    TORCH_CHECK(lm_head_ >= 0 && !pk_.empty(), "decode_step: plan not complete or not bound");
+    TORCH_CHECK(prefill_supported(), "decode_step: this model prefills through the Python step");
+    TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong, "decode_step: ids int64 [B, P]");
+    const int64_t B = ids.size(0), P = ids.size(1), R = B * P, H = hidden_;
+    TORCH_CHECK(B == prompt_rows_ && P == prompt_len_ && P > 0 && P <= positions_,
+                "decode_step: a prompt of ", B, " x ", P, " for caches of ", prompt_rows_, " x ",
+                prompt_len_);
+    const at::Tensor ids_c = ids.contiguous();
+    const int64_t* id = ids_c.data_ptr<int64_t>();
+    size_rows(R);
+    for (int64_t r = 0; r < R; ++r) embed_row(id[r], r % P, h_.data() + r * H);
+    prompt_scale_ = scale;
+    run_layers(R, 0, 0, P);
+    for (int64_t b = 0; b < B; ++b)  // each sequence's last row, in place (b <= b * P + P - 1)
+      std::copy_n(h_.data() + (b * P + P - 1) * H, H, h_.data() + b * H);
+    return logits(B);
+  }
+
+ private:
+  void size_rows(int64_t R) {
     const int64_t H = hidden_, nq = heads_ * d_, nkv = kv_heads_ * d_, nqkv = nq + 2 * nkv;
     h_.assign(R * H, 0.f);
     x_.resize(R * H);
@@ -588,34 +631,41 @@ class DecodePlan {
     act_.resize(R * inter_);
     mlp_out_.resize(R * H);
     mlp_x_.resize(R * H);
+  }
 
-    const int64_t V = embed_.size(0);
-    for (int64_t r = 0; r < R; ++r) {
-      TORCH_CHECK(id[r] >= 0 && id[r] < V, "decode_step: token id out of range");
-      float* dst = h_.data() + r * H;
-      if (embed_.scalar_type() == at::kFloat) {
-        std::copy_n(embed_.data_ptr<float>() + id[r] * H, H, dst);
-        if (embed_scale_ != 1.f)
-          for (int64_t i = 0; i < H; ++i) dst[i] *= embed_scale_;
-      } else {  // scaled in bf16 (rounded), as stock multiplies in the weights' dtype
-        const uint16_t* src = reinterpret_cast<const uint16_t*>(embed_.data_ptr()) + id[r] * H;
-        for (int64_t i = 0; i < H; ++i) dst[i] = c10::detail::f32_from_bits(src[i]);
-        if (embed_scale_ != 1.f)
-          for (int64_t i = 0; i < H; ++i)
-            dst[i] = c10::detail::f32_from_bits(
-                c10::detail::round_to_nearest_even(dst[i] * embed_scale_));
-      }
-      if (pos_embed_.defined()) {  // learned absolute positions (OPT, GPTBigCode)
-        const int64_t row = position + pos_offset_ + pos_shift_;
-        TORCH_CHECK(row >= 0 && row < pos_embed_.size(0), "decode_step: position ", position,
-                    " past the model's learned positions");
-        const float* pos = pos_embed_.data_ptr<float>() + row * H;
-        for (int64_t i = 0; i < H; ++i) dst[i] += pos[i];
-      }
+  // Token `id` at `position` into dst [hidden] (the embedding norm comes in run_layers).
+  void embed_row(int64_t id, int64_t position, float* dst) {
+    const int64_t H = hidden_, V = embed_.size(0);
+    TORCH_CHECK(id >= 0 && id < V, "decode_step: token id out of range");
+    if (embed_.scalar_type() == at::kFloat) {
+      std::copy_n(embed_.data_ptr<float>() + id * H, H, dst);
+      if (embed_scale_ != 1.f)
+        for (int64_t i = 0; i < H; ++i) dst[i] *= embed_scale_;
+    } else {  // scaled in bf16 (rounded), as stock multiplies in the weights' dtype
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(embed_.data_ptr()) + id * H;
+      for (int64_t i = 0; i < H; ++i) dst[i] = c10::detail::f32_from_bits(src[i]);
+      if (embed_scale_ != 1.f)
+        for (int64_t i = 0; i < H; ++i)
+          dst[i] = c10::detail::f32_from_bits(
+              c10::detail::round_to_nearest_even(dst[i] * embed_scale_));
     }
+    if (pos_embed_.defined()) {  // learned absolute positions (OPT, GPTBigCode)
+      const int64_t row = position + pos_offset_ + pos_shift_;
+      TORCH_CHECK(row >= 0 && row < pos_embed_.size(0), "decode_step: position ", position,
+                  " past the model's learned positions");
+      const float* pos = pos_embed_.data_ptr<float>() + row * H;
+      for (int64_t i = 0; i < H; ++i) dst[i] += pos[i];
+    }
+  }
+
+  // The layer stack over the R rows of h_. prompt == 0: one decode step, every row at
+  // `position`, keys and values into the generated part at `step`. prompt == P: R / P
+  // sequences of P prompt rows (row r at position r % P), keys and values into the prompt
+  // part, causal attention among them.
+  void run_layers(int64_t R, int64_t position, int64_t step, int64_t prompt) {
+    const int64_t H = hidden_, nq = heads_ * d_, nkv = kv_heads_ * d_, nqkv = nq + 2 * nkv;
     if (embed_norm_) layer_norm_rows(h_.data(), embed_norm_, embed_norm_bias_, h_.data(), R, H,
                                      eps_);
-
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       if (post_norm_)
@@ -637,11 +687,17 @@ class DecodePlan {
           for (int64_t hh = 0; hh < heads_ + kv_heads_; ++hh) {
             float* head = row + hh * d_;
             if (L.q_norm) rms_norm_rows(head, hh < heads_ ? L.q_norm : L.k_norm, head, 1, d_);
-            if (rot_) rope(head, position);
+            if (rot_) rope(head, prompt ? r % prompt : position);
           }
-          store_kv(li, r, step, row + nq, row + nq + nkv);
+          if (prompt)
+            store_kv(pk_[li], pv_[li], r / prompt, r % prompt, row + nq, row + nq + nkv);
+          else
+            store_kv(gk_[li], gv_[li], r, step, row + nq, row + nq + nkv);
         }
-        attention(li, R, step, nqkv);
+        if (prompt)
+          prompt_attention(R / prompt, prompt, nqkv);
+        else
+          attention(li, R, step, nqkv);
         project(L.o, attn_.data(), R, tmp_.data(), H);
       }
       if (parallel_) {  // the MLP reads the block's input too: h += attn + mlp
@@ -675,6 +731,11 @@ class DecodePlan {
       }
     }
 
+  }
+
+  // Final norm, logit scale and lm_head over the first R rows of h_: logits [R, vocab].
+  at::Tensor logits(int64_t R) {
+    const int64_t H = hidden_;
     if (final_norm_)
       norm_rows(h_.data(), final_norm_, final_norm_bias_, x_.data(), R, H);
     else
@@ -682,17 +743,36 @@ class DecodePlan {
     if (logit_scale_ != 1.f)
       for (int64_t i = 0; i < R * H; ++i) x_[i] *= logit_scale_;
     const LinearDesc& head = linears_[lm_head_].d;
-    at::Tensor logits = at::empty({R, head.N}, at::kFloat);
-    float* out = logits.data_ptr<float>();
+    at::Tensor out_t = at::empty({R, head.N}, at::kFloat);
+    float* out = out_t.data_ptr<float>();
     project(lm_head_, x_.data(), R, out, head.N);
     if (round_bf16_) {  // as stock's bf16 logits are (see native.py _logits)
       for (int64_t i = 0; i < R * head.N; ++i)
         out[i] = c10::detail::f32_from_bits(c10::detail::round_to_nearest_even(out[i]));
     }
-    return logits;
+    return out_t;
   }
 
- private:
+  // Causal attention of B sequences of P rows (qkv_ [B * P, nqkv]) into attn_ [B * P, nq]:
+  // torch's scaled_dot_product_attention on the same views as the Python prefill's
+  // (native.NativeModel._prompt_attention), the KV heads indexed to one per query head where
+  // the query heads are not whole groups (tensor parallel's kv_map).
+  void prompt_attention(int64_t B, int64_t P, int64_t nqkv) {
+    const int64_t nq = heads_ * d_, nkv = kv_heads_ * d_;
+    const at::Tensor all = at::from_blob(qkv_.data(), {B, P, nqkv}, at::kFloat);
+    const at::Tensor q = all.narrow(2, 0, nq).view({B, P, heads_, d_}).transpose(1, 2);
+    at::Tensor k = all.narrow(2, nq, nkv).view({B, P, kv_heads_, d_}).transpose(1, 2);
+    at::Tensor v = all.narrow(2, nq + nkv, nkv).view({B, P, kv_heads_, d_}).transpose(1, 2);
+    if (!grouped_) {
+      const at::Tensor index = at::from_blob(kv_of_.data(), {heads_}, at::kLong);
+      k = k.index_select(1, index);
+      v = v.index_select(1, index);
+    }
+    const at::Tensor out = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, true,
+                                                            prompt_scale_, true);
+    at::from_blob(attn_.data(), {B, P, heads_, d_}, at::kFloat).copy_(out.transpose(1, 2));
+  }
+
   bool tensor_parallel() const { return reduce_op_.has_value() || !reduce_fn_.is_none(); }
 
   void all_reduce(float* data, int64_t n) {
@@ -869,7 +949,7 @@ class DecodePlan {
       float* kv = lat_buf_.data() + r * width + q_width;  // [rotary key | latent]
       llmb::rms_norm_rows(kv + a.rope, L.kv_a_norm, kv + a.rope, 1, a.kv_rank, a.eps);
       if (rot_) rope(kv, position);
-      store_kv(li, r, step, kv, kv);
+      store_kv(gk_[li], gv_[li], r, step, kv, kv);
     }
     // q per head: [rotated q_rope | q_nope W_uk], written where attend reads q.
     at::parallel_for(0, R * heads_, 1, [&](int64_t begin, int64_t end) {
@@ -1139,21 +1219,24 @@ class DecodePlan {
     rope_head(x, cos_ + position * rot_, sin_ + position * rot_, rot_);
   }
 
-  void store_kv(size_t li, int64_t r, int64_t step, const float* k, const float* v) const {
+  // One row's keys and values (every KV head) at `row` and `pos` of a layer's caches: the
+  // generated part (decode: row r, pos the step) or the prompt part (prefill: the sequence, its
+  // position).
+  void store_kv(const CacheView& kc, const CacheView& vc, int64_t row, int64_t pos,
+                const float* k, const float* v) const {
     for (int64_t g = 0; g < kv_heads_; ++g) {
-      const int64_t kofs = r * gk_[li].s_row + g * gk_[li].s_head + step * gk_[li].s_pos;
-      const int64_t vofs = r * gv_[li].s_row + g * gv_[li].s_head + step * gv_[li].s_pos;
-      if (fp8_) {
-        uint8_t* kd = static_cast<uint8_t*>(const_cast<void*>(gk_[li].data)) + kofs;
-        uint8_t* vd = static_cast<uint8_t*>(const_cast<void*>(gv_[li].data)) + vofs;
-        for (int64_t i = 0; i < d_; ++i) {
-          kd[i] = c10::detail::fp8e5m2_from_fp32_value(k[g * d_ + i]);
-          vd[i] = c10::detail::fp8e5m2_from_fp32_value(v[g * d_ + i]);
-        }
-      } else {
-        std::copy_n(k + g * d_, d_, static_cast<float*>(const_cast<void*>(gk_[li].data)) + kofs);
-        std::copy_n(v + g * d_, d_, static_cast<float*>(const_cast<void*>(gv_[li].data)) + vofs);
-      }
+      store_head(kc, row * kc.s_row + g * kc.s_head + pos * kc.s_pos, k + g * d_);
+      store_head(vc, row * vc.s_row + g * vc.s_head + pos * vc.s_pos, v + g * d_);
+    }
+  }
+
+  // One head's d values at element offset ofs of a cache (fp8 e5m2 or fp32).
+  void store_head(const CacheView& cache, int64_t ofs, const float* src) const {
+    if (fp8_) {
+      uint8_t* dst = static_cast<uint8_t*>(const_cast<void*>(cache.data)) + ofs;
+      for (int64_t i = 0; i < d_; ++i) dst[i] = c10::detail::fp8e5m2_from_fp32_value(src[i]);
+    } else {
+      std::copy_n(src, d_, static_cast<float*>(const_cast<void*>(cache.data)) + ofs);
     }
   }
 
@@ -1231,6 +1314,7 @@ class DecodePlan {
   static constexpr int64_t kSiLU = 0, kGeluTanh = 1, kGelu = 2, kReLU = 3;  // blocks.ACTIVATIONS
   const int64_t hidden_, heads_, kv_heads_, d_, inter_;
   std::vector<int64_t> kv_of_;  // the KV head of each query head
+  double prompt_scale_ = 0.0;  // prefill's attention scale, as the Python prefill passes it
   bool grouped_ = true;         // kv_of_ is heads / kv_heads runs of one KV head each
   const float eps_, scaling_;
   const bool round_bf16_;
@@ -1345,7 +1429,9 @@ void register_decode(pybind11::module& m) {
            py::arg("dt_proj"), py::arg("out_proj"), py::arg("conv_weight"),
            py::arg("conv_bias"), py::arg("a"), py::arg("d"), py::arg("dt_norm"),
            py::arg("b_norm"), py::arg("c_norm"))
-      .def("step", &DecodePlan::step, py::arg("ids"), py::arg("position"), py::arg("step"));
+      .def("step", &DecodePlan::step, py::arg("ids"), py::arg("position"), py::arg("step"))
+      .def("prefill_supported", &DecodePlan::prefill_supported)
+      .def("prefill", &DecodePlan::prefill, py::arg("ids"), py::arg("scale"));
 }
 
 }  // namespace llmb
