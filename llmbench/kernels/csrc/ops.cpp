@@ -14,6 +14,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -162,12 +163,18 @@ void run(Fmt fmt, GemvArgs a, double weight_bytes_per_row) {  // a copy: prep se
 void run_rows(RowsFn fn, PrepFn prep, GemvArgs a, double weight_bytes_per_row) {
   if (prep != nullptr) {
     // Done once per call, before the threads split the rows: every thread reads it.
-    thread_local std::vector<float> prepared;
-    // + room for per-row scales, for padded row chunks (kPrepRowsPad), and to start on a
-    // 64-byte boundary: full-width loads from it then never straddle cache lines (the fp32
-    // outer products at 32 rows ran 20% slower from a 16-byte-aligned buffer).
-    prepared.resize(static_cast<size_t>((a.M + kPrepRowsPad) * a.K + 64 + 16));
-    const uintptr_t start = reinterpret_cast<uintptr_t>(prepared.data());
+    // Room for per-row scales, for padded row chunks (kPrepRowsPad), and to start on a 64-byte
+    // boundary: full-width loads from it then never straddle cache lines (the fp32 outer
+    // products at 32 rows ran 20% slower from a 16-byte-aligned buffer). Grown, never zeroed:
+    // decode alternates K = 576 and 1536 every layer.
+    thread_local std::unique_ptr<float[]> prepared;
+    thread_local size_t capacity = 0;
+    const size_t need = static_cast<size_t>((a.M + kPrepRowsPad) * a.K + 64 + 16);
+    if (need > capacity) {
+      prepared.reset(new float[need]);
+      capacity = need;
+    }
+    const uintptr_t start = reinterpret_cast<uintptr_t>(prepared.get());
     float* aligned = reinterpret_cast<float*>((start + 63) & ~static_cast<uintptr_t>(63));
     prep(a, aligned);
     a.xp = aligned;
