@@ -194,6 +194,11 @@ def test_compiled_prefill_quantized_projections(folders, weight_dtype, group):
     assert install_native(model, quantize_rtn(loaded.model,
                                               Scheme("woq", weight_dtype, group, True, "INT8"))) > 0
     assert_prefills_match(model, prompt=20)
+    # longer prompts stay on the Python layers, which dequantize to torch's GEMM past the
+    # quantized kernels' row limit (INT4 models keep an int8 lm_head: the int8 limit then)
+    limit = model._prefill_rows
+    assert limit in (kernels.STREAM_M_MAX["int8"], kernels.STREAM_M_MAX["int4"])
+    assert model.compiled_prefill(limit) and not model.compiled_prefill(limit + 1)
 
 
 def test_position_bias_prefills_in_python(other_folders):

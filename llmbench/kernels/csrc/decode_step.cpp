@@ -48,9 +48,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/gelu.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/relu.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/softmax.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e5m2.h>
@@ -834,6 +838,20 @@ class DecodePlan {
     gu_.resize(R * width);
     act_.resize(R * inter);
     project(gate_up, x, R, gu_.data(), width);
+    if (R > kLoopActRows) {  // a prompt: torch's vectorized, threaded ops, as the Python prefill
+      const at::Tensor gu = at::from_blob(gu_.data(), {R, width}, at::kFloat);
+      const at::Tensor gate = gu.narrow(1, 0, inter);
+      at::Tensor act = at::from_blob(act_.data(), {R, inter}, at::kFloat);
+      switch (activation_) {
+        case kSiLU: at::silu_out(act, gate); break;
+        case kGeluTanh: at::gelu_out(act, gate, "tanh"); break;
+        case kGelu: at::gelu_out(act, gate); break;
+        default: act.copy_(at::relu(gate));
+      }
+      if (gated_) act.mul_(gu.narrow(1, inter, inter));
+      project(down, act_.data(), R, out, hidden_);
+      return;
+    }
     for (int64_t r = 0; r < R; ++r) {
       const float* gate = gu_.data() + r * width;
       const float* up = gated_ ? gate + inter : nullptr;
@@ -1312,6 +1330,9 @@ class DecodePlan {
   }
 
   static constexpr int64_t kSiLU = 0, kGeluTanh = 1, kGelu = 2, kReLU = 3;  // blocks.ACTIVATIONS
+  // Up to this many rows (decode steps) the MLP activation is the plain loop of dense_mlp;
+  // prompts run torch's ops (the loop is one thread, and ~2x slower per element).
+  static constexpr int64_t kLoopActRows = 16;
   const int64_t hidden_, heads_, kv_heads_, d_, inter_;
   std::vector<int64_t> kv_of_;  // the KV head of each query head
   double prompt_scale_ = 0.0;  // prefill's attention scale, as the Python prefill passes it
