@@ -67,6 +67,23 @@ def test_greedy_and_beam_tokens_match_stock(stock_and_native, every_core):
             assert generate(native, prompt, **beam) == generate(stock.model, prompt, **beam)
 
 
+def test_generate_reuses_its_caches_without_stale_entries(stock_and_native):
+    """Calls of one shape share generate()'s caches (a static cache): the second and third
+    prompt decode over entries the previous prompt wrote, greedy and with beams, and still give
+    stock's tokens."""
+    dtype, stock, native = stock_and_native
+    modes = [dict(do_sample=False, num_beams=1)]
+    if dtype == "float32":
+        modes.append(dict(do_sample=False, num_beams=4))
+    for settings in modes:
+        pools = []
+        for prompt in prompts_for(stock):
+            assert generate(native, prompt, **settings) == generate(stock.model, prompt,
+                                                                    **settings)
+            pools.append(native._cache_pool[1])
+        assert pools[0] is pools[1] is pools[2]
+
+
 def test_native_weights_live_in_one_arena_in_step_order(stock_and_native):
     """The model the token tests above ran reads every projection and the embedding from one
     arena (llmbench.memory), layer by layer in the order a decode step reads them, the tied
