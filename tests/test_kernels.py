@@ -125,6 +125,25 @@ def test_linear_f32_outer_products(isa, M):
     _check(compiled.linear_f32(x, w, None), R.linear_f32(x, w, None), x, w, None)
 
 
+def test_set_outer_rows_switches_the_outer_products(isa):
+    """set_outer_rows (A/B runs): 0 keeps every row count on the dot-product tiles, -1 restores
+    the path's threshold; the results agree with the reference either way, and differ from
+    each other only by summation order where the path has outer products."""
+    x, w, b = _data(32, 141, 67, True)
+    compiled = K.compiled()
+    assert compiled.set_outer_rows() == -1
+    try:
+        assert compiled.set_outer_rows(0) == 0
+        dense = compiled.linear_f32(x, w, b)
+    finally:
+        assert compiled.set_outer_rows(-1) == -1
+    outer = compiled.linear_f32(x, w, b)
+    for y in (dense, outer):
+        _check(y, R.linear_f32(x, w, b), x, w, b)
+    if isa.startswith("avx512"):
+        assert not torch.equal(dense, outer)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("M,N,Kd,gs", SHAPES)
 def test_linear_bf16w(isa, M, N, Kd, gs, bias):

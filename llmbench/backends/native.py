@@ -491,7 +491,8 @@ class NativeModel:
         specs = {name: kernel_spec(p) for name, p in projections}
         # Prompts of more rows than the quantized kernels take: the Python layers dequantize
         # to torch's GEMM there, which the C++ prefill's projections would not (SmolLM2, 1024
-        # tokens: INT4 3.7 s against 1.4, INT8 2.0 against 1.1 on that path).
+        # tokens, one noisy evening: INT4 3.7 s on the C++ path against 2.0, INT8 2.0 against
+        # 1.7).
         self._prefill_rows = min((kernels.STREAM_M_MAX["int8" if spec["fmt"] == _FMT_I8
                                                        else "int4"]
                                   for spec in specs.values()
@@ -612,7 +613,6 @@ class NativeModel:
             return ("python layers (the compiled prefill has no position bias, latent "
                     "attention, Mamba, cross-attention or post-norm layers)")
         return "python layers (bf16 activations between ops, as stock bf16 computes them)"
-
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: the sum over ranks of this rank's partial x, in place; x as it is

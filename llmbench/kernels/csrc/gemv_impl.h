@@ -481,11 +481,10 @@ inline void outer_tile(const GemvArgs& a, int64_t n0, const float* xt, int64_t m
   }
 }
 
-// R weight rows at n against every chunk (the rows stay in L1 from one chunk to the next),
-// then against the rows past outer_m on the dense tiles.
+// R weight rows at n against every chunk of the first M = outer_m(a) rows (the weight rows
+// stay in L1 from one chunk to the next), then against the rows past M on the dense tiles.
 template <int R>
-inline void outer_rows_tile(const GemvArgs& a, int64_t n) {
-  const int64_t M = outer_m(a);
+inline void outer_rows_tile(const GemvArgs& a, int64_t n, int64_t M) {
   for (int64_t m0 = 0; m0 < M; m0 += kOuterChunk) {
     const int64_t rows = M - m0 < kOuterChunk ? M - m0 : kOuterChunk;
     const float* xt = a.xp + m0 * a.K;
@@ -504,23 +503,23 @@ inline void outer_rows_tile(const GemvArgs& a, int64_t n) {
 }
 
 template <int R>
-inline void outer_rows(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+inline void outer_rows(const GemvArgs& a, int64_t n_begin, int64_t n_end, int64_t M) {
   int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) outer_rows_tile<R>(a, n);
+  for (; n + R <= n_end; n += R) outer_rows_tile<R>(a, n, M);
   if constexpr (R > 4)
-    for (; n + 4 <= n_end; n += 4) outer_rows_tile<4>(a, n);
-  for (; n < n_end; ++n) outer_rows_tile<1>(a, n);
+    for (; n + 4 <= n_end; n += 4) outer_rows_tile<4>(a, n, M);
+  for (; n < n_end; ++n) outer_rows_tile<1>(a, n, M);
 }
 
 void rows_f32(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
-  if (outer_m(a) == 0 || a.xp == nullptr) return rows<DenseKern<FmtF32>>(a, n_begin, n_end);
+  const int64_t M = outer_m(a);
+  if (M == 0 || a.xp == nullptr) return rows<DenseKern<FmtF32>>(a, n_begin, n_end);
   // the register budget of the first chunk's width (every chunk but the last is full)
-  const int64_t M = outer_m(a), mv = (M < kOuterChunk ? M + W - 1 : kOuterChunk) / W;
-  switch (mv) {
-    case 1: outer_rows<outer_r(1)>(a, n_begin, n_end); break;
-    case 2: outer_rows<outer_r(2)>(a, n_begin, n_end); break;
-    case 3: outer_rows<outer_r(3)>(a, n_begin, n_end); break;
-    default: outer_rows<outer_r(LLMB_OUTER_MV)>(a, n_begin, n_end); break;
+  switch ((M < kOuterChunk ? M + W - 1 : kOuterChunk) / W) {
+    case 1: outer_rows<outer_r(1)>(a, n_begin, n_end, M); break;
+    case 2: outer_rows<outer_r(2)>(a, n_begin, n_end, M); break;
+    case 3: outer_rows<outer_r(3)>(a, n_begin, n_end, M); break;
+    default: outer_rows<outer_r(LLMB_OUTER_MV)>(a, n_begin, n_end, M); break;
   }
 }
 #define LLMB_F32_ROWS &rows_f32
