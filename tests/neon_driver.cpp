@@ -4,7 +4,7 @@
 // group sizes, int8 weights with float and with int8 (--lowp-mode INT8) activations, and a
 // row range split in two (as the thread pool splits it). Each table is called as ops.cpp's
 // run() calls it (its prep function first; int8 activations as rounded levels for a table
-// that reads x as floats). Prints one line per mismatch and "neon: N cases agree" at the end;
+// that reads x as floats); and the decode attention kernels (AttnFns). Prints one line per mismatch and "neon: N cases agree" at the end;
 // exit status 1 on any mismatch.
 #include <cmath>
 #include <cstdint>
@@ -190,6 +190,29 @@ bool check(const llmb::KernelTable& ref, const llmb::KernelTable& neon, const Ca
 
 }  // namespace
 
+// A table's decode attention kernels against the portable ones: n positions of d values, rows
+// ld floats apart (d < ld, as one head of a [heads, positions, d] cache is not).
+bool check_attention(const llmb::KernelTable& ref, const llmb::KernelTable& t, int64_t n,
+                     int64_t d) {
+  const int64_t ld = d + 3;
+  std::vector<float> q(d), keys(n * ld), values(n * ld), p(n), a(n), b(n), oa(d), ob(d);
+  for (auto& v : q) v = uniform();
+  for (auto& v : keys) v = uniform();
+  for (auto& v : values) v = uniform();
+  for (auto& v : p) v = uniform();
+  for (int64_t i = 0; i < d; ++i) oa[i] = ob[i] = uniform();
+  ref.attn.scores(q.data(), keys.data(), ld, n, d, 0.125f, a.data());
+  t.attn.scores(q.data(), keys.data(), ld, n, d, 0.125f, b.data());
+  ref.attn.mix(p.data(), values.data(), ld, n, d, oa.data());
+  t.attn.mix(p.data(), values.data(), ld, n, d, ob.data());
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok = ok && std::fabs(a[i] - b[i]) <= 1e-4f * (1.f + std::fabs(a[i]));
+  for (int64_t i = 0; i < d; ++i) ok = ok && std::fabs(oa[i] - ob[i]) <= 1e-4f * (1.f + std::fabs(oa[i]));
+  if (!ok) std::printf("%s: attention n=%lld d=%lld disagrees\n", t.name,
+                       static_cast<long long>(n), static_cast<long long>(d));
+  return ok;
+}
+
 int main() {
   const llmb::KernelTable* ref = llmb::generic_table();
   const llmb::KernelTable* neon = llmb::neon_table();
@@ -233,6 +256,8 @@ int main() {
     int table_bad = 0;
     for (const Case& c : cases)
       if (!c.i4q8 || table->i4q8 != nullptr) table_bad += check(*ref, *table, c) ? 0 : 1;
+    for (int64_t n : {1, 3, 4, 9, 130})
+      for (int64_t d : {4, 6, 16, 24, 64, 80, 128}) table_bad += check_attention(*ref, *table, n, d) ? 0 : 1;
     if (table_bad) std::printf("%s: %d of %zu cases disagree\n", table->name, table_bad,
                                cases.size());
     bad += table_bad;

@@ -77,6 +77,27 @@ def test_compiled_step_matches_torch_step(folders, family, beams):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("head_dim", [24, 80])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_compiled_attention_on_every_isa(tmp_path, embedded_model_dir, head_dim, beams):
+    """Each ISA path's decode attention kernels (vector bodies and d tails, the prompt's run of
+    positions and the generated ones', one at a time through a beam table) against the
+    torch-op step."""
+    folder = make_tiny_model("llama", tmp_path / "llama", embedded_model_dir, head_dim=head_dim)
+    model = native_model(folder)
+    rows = 2 * beams
+    expected = step_logits(model, compiled=False, rows=rows, beams=beams)
+    got = {}
+    for isa in kernels.supported_isas():
+        kernels.set_isa(isa)
+        try:
+            got[isa] = step_logits(model, compiled=True, rows=rows, beams=beams)
+        finally:
+            kernels.set_isa("auto")
+    for isa, logits in got.items():
+        assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-4), isa
+
+
 @pytest.mark.parametrize("family,dtype,kv", [("llama", "bfloat16", "auto"),
                                              ("gemma", "bfloat16", "auto"),
                                              ("llama", "float32", "fp8_e5m2")])

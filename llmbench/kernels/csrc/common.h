@@ -61,10 +61,21 @@ constexpr int64_t kPrepRowsPad = 64;
 // default) the path's own threshold, LLMB_OUTER_M_MIN; 0 never (set_outer_rows: A/B runs).
 int64_t& f32_outer_rows_setting();
 
+// Decode attention over a run of n cached positions of one KV head (d floats each, rows ld
+// floats apart), for one query head q: scores[t] = scale * <q, keys[t]>; and out[:d] +=
+// sum_t p[t] * values[t] (gemv_impl.h attn_scores / attn_mix).
+struct AttnFns {
+  void (*scores)(const float* q, const float* keys, int64_t ld, int64_t n, int64_t d,
+                 float scale, float* scores);
+  void (*mix)(const float* p, const float* values, int64_t ld, int64_t n, int64_t d,
+              float* out);
+};
+
 struct KernelTable {
   const char* name;
   RowsFn fn[kNumFmt];
   PrepFn prep[kNumFmt];  // nullptr: the kernel reads x as it is
+  AttnFns attn;
   // int4 weights x int8 activations (u8 x s8 dot products; GemvArgs::act_per_tensor): K and
   // the group size in whole 64-element units. nullptr where the path has none: the int8
   // levels then go through fn[kI4] as floats.

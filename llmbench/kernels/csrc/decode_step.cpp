@@ -1289,29 +1289,73 @@ class DecodePlan {
     const int64_t g = kv_of_[hh];
     const float* q = qkv_.data() + r * nqkv + hh * d_;
     const int64_t total = prompt_len_ + step + 1;
-    float top = -INFINITY;
+    float* out = attn_.data() + r * heads_ * d_ + hh * d_;
+    if constexpr (std::is_same_v<T, float>) {
+      // fp32 caches: the ISA path's kernels over runs of positions contiguous in memory (the
+      // prompt's, then the generated ones', or one at a time through a beam table)
+      const AttnFns& kern = attention_kernels();
+      for_runs(li, r, g, step, [&](const float* keys, const float*, int64_t ld, int64_t t0,
+                                   int64_t n) {
+        kern.scores(q, keys, ld, n, d_, scaling_, scores + t0);
+      });
+      const float sum = softmax_in_place(hh, total, scores);
+      for (int64_t t = 0; t < total; ++t) scores[t] /= sum;
+      std::fill_n(out, d_, 0.f);
+      for_runs(li, r, g, step, [&](const float*, const float* values, int64_t ld, int64_t t0,
+                                   int64_t n) { kern.mix(scores + t0, values, ld, n, d_, out); });
+      return;
+    }
     for (int64_t t = 0; t < total; ++t) {
       const T* key = entry<T>(pk_[li], gk_[li], r, g, t);
       float dot = 0.f;
       for (int64_t i = 0; i < d_; ++i) dot += q[i] * load(key, i, lut);
-      float bias = 0.f;
-      if (alibi_) bias = alibi_[hh] * static_cast<float>(t);
-      else if (rel_) bias = rel_[hh * rel_stride_ + (total - 1 - t)];  // by distance
-      scores[t] = dot * scaling_ + bias;
-      top = std::max(top, scores[t]);
+      scores[t] = dot * scaling_;
     }
-    float sum = 0.f;
-    for (int64_t t = 0; t < total; ++t) {
-      scores[t] = std::exp(scores[t] - top);
-      sum += scores[t];
-    }
-    float* out = attn_.data() + r * heads_ * d_ + hh * d_;
+    const float sum = softmax_in_place(hh, total, scores);
     std::fill_n(out, d_, 0.f);
     for (int64_t t = 0; t < total; ++t) {
       const T* val = entry<T>(pv_[li], gv_[li], r, g, t);
       const float p = scores[t] / sum;
       for (int64_t i = 0; i < d_; ++i) out[i] += p * load(val, i, lut);
     }
+  }
+
+  // Adds the position bias (ALiBi or relative) to scores[:total], then exponentiates them in
+  // place less their maximum; returns their sum.
+  float softmax_in_place(int64_t hh, int64_t total, float* scores) const {
+    if (alibi_)
+      for (int64_t t = 0; t < total; ++t) scores[t] += alibi_[hh] * static_cast<float>(t);
+    else if (rel_)  // by distance
+      for (int64_t t = 0; t < total; ++t) scores[t] += rel_[hh * rel_stride_ + (total - 1 - t)];
+    float top = -INFINITY;
+    for (int64_t t = 0; t < total; ++t) top = std::max(top, scores[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < total; ++t) {
+      scores[t] = std::exp(scores[t] - top);
+      sum += scores[t];
+    }
+    return sum;
+  }
+
+  // Calls fn(keys, values, ld, t0, n) for runs of positions [t0, t0 + n) of row r's KV head g
+  // whose fp32 cache rows lie ld floats apart: the prompt's, then the generated positions', or
+  // these one at a time where a beam table maps each to its own slot.
+  template <class Fn>
+  void for_runs(size_t li, int64_t r, int64_t g, int64_t step, Fn&& fn) const {
+    if (prompt_len_ > 0)
+      fn(entry<float>(pk_[li], gk_[li], r, g, 0), entry<float>(pv_[li], gv_[li], r, g, 0),
+         pk_[li].s_pos, 0, prompt_len_);
+    const int64_t made = step + 1;
+    if (table_ != nullptr) {
+      for (int64_t j = 0; j < made; ++j) {
+        const int64_t t = prompt_len_ + j;
+        fn(entry<float>(pk_[li], gk_[li], r, g, t), entry<float>(pv_[li], gv_[li], r, g, t),
+           gk_[li].s_pos, t, 1);
+      }
+      return;
+    }
+    fn(entry<float>(pk_[li], gk_[li], r, g, prompt_len_),
+       entry<float>(pv_[li], gv_[li], r, g, prompt_len_), gk_[li].s_pos, prompt_len_, made);
   }
 
   void attention(size_t li, int64_t R, int64_t step, int64_t nqkv) {

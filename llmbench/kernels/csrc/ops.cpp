@@ -423,6 +423,8 @@ at::Tensor act_levels(const at::Tensor& x, bool per_tensor, bool sym, int64_t bl
 
 }  // namespace
 
+const AttnFns& attention_kernels() { return active_table()->attn; }
+
 namespace {
 
 // int4 / int8 weights with symmetric dynamic int8 activations (--lowp-mode INT8) on AMX-INT8
