@@ -6,6 +6,7 @@
 // run() calls it (its prep function first; int8 activations as rounded levels for a table
 // that reads x as floats); and the decode attention kernels (AttnFns). Prints one line per mismatch and "neon: N cases agree" at the end;
 // exit status 1 on any mismatch.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -207,6 +208,16 @@ bool check_attention(const llmb::KernelTable& ref, const llmb::KernelTable& t, i
   t.attn.mix(p.data(), values.data(), ld, n, d, ob.data());
   bool ok = true;
   for (int64_t i = 0; i < n; ++i) ok = ok && std::fabs(a[i] - b[i]) <= 1e-4f * (1.f + std::fabs(a[i]));
+  // the softmax's exponentials: both tables against libm, scores down to 200 below their top
+  float top = -1e30f;
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = b[i] = 100.f * uniform() - 100.f;
+    top = std::max(top, a[i]);
+  }
+  float want = 0.f;
+  for (int64_t i = 0; i < n; ++i) want += std::exp(a[i] - top);
+  const float sa = ref.attn.exp_sum(a.data(), n, top), sb = t.attn.exp_sum(b.data(), n, top);
+  ok = ok && std::fabs(sa - want) <= 1e-5f * want && std::fabs(sb - want) <= 1e-5f * want;
   for (int64_t i = 0; i < d; ++i) ok = ok && std::fabs(oa[i] - ob[i]) <= 1e-4f * (1.f + std::fabs(oa[i]));
   if (!ok) std::printf("%s: attention n=%lld d=%lld disagrees\n", t.name,
                        static_cast<long long>(n), static_cast<long long>(d));

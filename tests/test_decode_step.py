@@ -28,15 +28,16 @@ def native_model(folder, dtype="float32", kv="auto"):
                    family=loaded.family.model_type, kv_cache_dtype=kv).model
 
 
-def step_logits(model, compiled: bool, rows: int = 2, beams: int = 1, steps: int = 5):
-    """Logits of `steps` decode steps after a 7-token prompt, with either step."""
+def step_logits(model, compiled: bool, rows: int = 2, beams: int = 1, steps: int = 5,
+                prompt: int = 7):
+    """Logits of `steps` decode steps after a `prompt`-token prompt, with either step."""
     torch.manual_seed(1)
     batch = rows // beams
-    ids = torch.randint(0, 200, (batch, 7))
-    cos, sin = model._rope_tables(7 + steps + 1)
-    caches = [KVCache(batch, beams, model.kv_heads, model.head_dim, 7, steps + 1, model.kv_dtype)
-              for _ in model.layers]
-    history = BeamHistory(rows, steps + 1, indirect=beams > 1, prompt_len=7)
+    ids = torch.randint(0, 200, (batch, prompt))
+    cos, sin = model._rope_tables(prompt + steps + 1)
+    caches = [KVCache(batch, beams, model.kv_heads, model.head_dim, prompt, steps + 1,
+                      model.kv_dtype) for _ in model.layers]
+    history = BeamHistory(rows, steps + 1, indirect=beams > 1, prompt_len=prompt)
     out = []
     with torch.inference_mode():
         model.prefill(ids, caches, cos, sin)
@@ -77,23 +78,29 @@ def test_compiled_step_matches_torch_step(folders, family, beams):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("head_dim", [24, 80])
+@pytest.mark.parametrize("head_dim,prompt", [(24, 7), (80, 150)])
 @pytest.mark.parametrize("beams", [1, 3])
-def test_compiled_attention_on_every_isa(tmp_path, embedded_model_dir, head_dim, beams):
+def test_compiled_attention_on_every_isa(tmp_path, embedded_model_dir, head_dim, prompt, beams):
     """Each ISA path's decode attention kernels (vector bodies and d tails, the prompt's run of
     positions and the generated ones', one at a time through a beam table) against the
-    torch-op step."""
+    torch-op step; from 128 positions on 2 threads, in chunks of positions merged after."""
     folder = make_tiny_model("llama", tmp_path / "llama", embedded_model_dir, head_dim=head_dim)
     model = native_model(folder)
     rows = 2 * beams
-    expected = step_logits(model, compiled=False, rows=rows, beams=beams)
-    got = {}
-    for isa in kernels.supported_isas():
-        kernels.set_isa(isa)
-        try:
-            got[isa] = step_logits(model, compiled=True, rows=rows, beams=beams)
-        finally:
-            kernels.set_isa("auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = step_logits(model, compiled=False, rows=rows, beams=beams, prompt=prompt)
+        got = {}
+        for isa in kernels.supported_isas():
+            kernels.set_isa(isa)
+            try:
+                got[isa] = step_logits(model, compiled=True, rows=rows, beams=beams,
+                                       prompt=prompt)
+            finally:
+                kernels.set_isa("auto")
+    finally:
+        torch.set_num_threads(threads)
     for isa, logits in got.items():
         assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-4), isa
 

@@ -63,12 +63,14 @@ int64_t& f32_outer_rows_setting();
 
 // Decode attention over a run of n cached positions of one KV head (d floats each, rows ld
 // floats apart), for one query head q: scores[t] = scale * <q, keys[t]>; and out[:d] +=
-// sum_t p[t] * values[t] (gemv_impl.h attn_scores / attn_mix).
+// sum_t p[t] * values[t]; and the softmax's exponentials (gemv_impl.h attn_*).
 struct AttnFns {
   void (*scores)(const float* q, const float* keys, int64_t ld, int64_t n, int64_t d,
                  float scale, float* scores);
   void (*mix)(const float* p, const float* values, int64_t ld, int64_t n, int64_t d,
               float* out);
+  // scores[t] = exp(scores[t] - top) (scores <= top); returns their sum
+  float (*exp_sum)(float* scores, int64_t n, float top);
 };
 
 struct KernelTable {

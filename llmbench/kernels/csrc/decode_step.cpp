@@ -193,6 +193,8 @@ class DecodePlan {
       TORCH_CHECK(g >= 0 && g < kv_heads, "decode_step: kv_map entry ", g, " outside ",
                   kv_heads, " KV heads");
     kv_of_ = std::move(kv_map);
+    heads_of_.resize(kv_heads);
+    for (int64_t h = 0; h < heads; ++h) heads_of_[kv_of_[h]].push_back(h);
     grouped_ = heads % kv_heads == 0;
     for (int64_t h = 0; h < heads && grouped_; ++h) grouped_ = kv_of_[h] == h / (heads / kv_heads);
     TORCH_CHECK(embed.dim() == 2 && embed.size(1) == hidden && embed.is_contiguous() &&
@@ -1294,15 +1296,17 @@ class DecodePlan {
       // fp32 caches: the ISA path's kernels over runs of positions contiguous in memory (the
       // prompt's, then the generated ones', or one at a time through a beam table)
       const AttnFns& kern = attention_kernels();
-      for_runs(li, r, g, step, [&](const float* keys, const float*, int64_t ld, int64_t t0,
-                                   int64_t n) {
+      for_runs(li, r, g, 0, total, [&](const float* keys, const float*, int64_t ld, int64_t t0,
+                                       int64_t n) {
         kern.scores(q, keys, ld, n, d_, scaling_, scores + t0);
       });
       const float sum = softmax_in_place(hh, total, scores);
       for (int64_t t = 0; t < total; ++t) scores[t] /= sum;
       std::fill_n(out, d_, 0.f);
-      for_runs(li, r, g, step, [&](const float*, const float* values, int64_t ld, int64_t t0,
-                                   int64_t n) { kern.mix(scores + t0, values, ld, n, d_, out); });
+      for_runs(li, r, g, 0, total, [&](const float*, const float* values, int64_t ld,
+                                       int64_t t0, int64_t n) {
+        kern.mix(scores + t0, values, ld, n, d_, out);
+      });
       return;
     }
     for (int64_t t = 0; t < total; ++t) {
@@ -1329,37 +1333,99 @@ class DecodePlan {
       for (int64_t t = 0; t < total; ++t) scores[t] += rel_[hh * rel_stride_ + (total - 1 - t)];
     float top = -INFINITY;
     for (int64_t t = 0; t < total; ++t) top = std::max(top, scores[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < total; ++t) {
-      scores[t] = std::exp(scores[t] - top);
-      sum += scores[t];
-    }
-    return sum;
+    return attention_kernels().exp_sum(scores, total, top);
   }
 
-  // Calls fn(keys, values, ld, t0, n) for runs of positions [t0, t0 + n) of row r's KV head g
-  // whose fp32 cache rows lie ld floats apart: the prompt's, then the generated positions', or
-  // these one at a time where a beam table maps each to its own slot.
+  // Calls fn(keys, values, ld, t, n) for runs of positions [t, t + n) within [begin, end) of
+  // row r's KV head g whose fp32 cache rows lie ld floats apart: the prompt's, then the
+  // generated positions', or these one at a time where a beam table maps each to its own slot.
   template <class Fn>
-  void for_runs(size_t li, int64_t r, int64_t g, int64_t step, Fn&& fn) const {
-    if (prompt_len_ > 0)
-      fn(entry<float>(pk_[li], gk_[li], r, g, 0), entry<float>(pv_[li], gv_[li], r, g, 0),
-         pk_[li].s_pos, 0, prompt_len_);
-    const int64_t made = step + 1;
+  void for_runs(size_t li, int64_t r, int64_t g, int64_t begin, int64_t end, Fn&& fn) const {
+    const auto run = [&](const CacheView& ks, int64_t t, int64_t n) {
+      fn(entry<float>(pk_[li], gk_[li], r, g, t), entry<float>(pv_[li], gv_[li], r, g, t),
+         ks.s_pos, t, n);
+    };
+    if (begin < prompt_len_) run(pk_[li], begin, std::min(end, prompt_len_) - begin);
+    begin = std::max(begin, prompt_len_);
     if (table_ != nullptr) {
-      for (int64_t j = 0; j < made; ++j) {
-        const int64_t t = prompt_len_ + j;
-        fn(entry<float>(pk_[li], gk_[li], r, g, t), entry<float>(pv_[li], gv_[li], r, g, t),
-           gk_[li].s_pos, t, 1);
-      }
-      return;
+      for (int64_t t = begin; t < end; ++t) run(gk_[li], t, 1);
+    } else if (begin < end) {
+      run(gk_[li], begin, end - begin);
     }
-    fn(entry<float>(pk_[li], gk_[li], r, g, prompt_len_),
-       entry<float>(pv_[li], gv_[li], r, g, prompt_len_), gk_[li].s_pos, prompt_len_, made);
+  }
+
+  // Long contexts (fp32 cache, no position bias): each (row, KV head)'s positions in chunks, as
+  // many in all as keep the threads equally busy, and per chunk and query head of that KV head
+  // a softmax partial (max, sum of exps, unnormalized output), merged after. Every cached row is
+  // then read from memory once: one task per query head read a KV head shared across the thread
+  // split twice, and 9 heads over 2 threads ran 5:4 (SmolLM2 at 1024 positions).
+  static constexpr int64_t kMinChunk = 64;  // positions per chunk, at least
+  int64_t attention_chunks(int64_t R, int64_t total) const {
+    if (fp8_ || alibi_ != nullptr || rel_ != nullptr) return 0;
+    const int64_t threads = at::get_num_threads();
+    const int64_t groups = R * kv_heads_;
+    // a multiple of the threads, and four tasks per thread where the groups are fewer
+    const int64_t chunks = threads * std::max<int64_t>(1, (4 * threads + groups - 1) / groups / threads);
+    return total / chunks >= kMinChunk && threads > 1 ? chunks : 0;
+  }
+
+  void split_attention(size_t li, int64_t R, int64_t total, int64_t nqkv, int64_t chunks) {
+    const int64_t span = (total + chunks - 1) / chunks, per = 2 + d_;
+    part_.resize(static_cast<size_t>(R * heads_ * chunks * per));
+    const AttnFns& kern = attention_kernels();
+    at::parallel_for(0, R * kv_heads_ * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(static_cast<size_t>(span));
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = i % chunks, g = i / chunks % kv_heads_, r = i / chunks / kv_heads_;
+        const int64_t t0 = c * span, t1 = std::min(total, t0 + span);
+        for (const int64_t h : heads_of_[g]) {
+          float* part = part_.data() + ((r * heads_ + h) * chunks + c) * per;
+          part[0] = -INFINITY;
+          part[1] = 0.f;
+          std::fill_n(part + 2, d_, 0.f);
+          if (t0 >= t1) continue;
+          const float* q = qkv_.data() + r * nqkv + h * d_;
+          for_runs(li, r, g, t0, t1, [&](const float* keys, const float*, int64_t ld, int64_t t,
+                                         int64_t n) {
+            kern.scores(q, keys, ld, n, d_, scaling_, scores.data() + (t - t0));
+          });
+          const int64_t n = t1 - t0;
+          float top = -INFINITY;
+          for (int64_t t = 0; t < n; ++t) top = std::max(top, scores[t]);
+          const float sum = kern.exp_sum(scores.data(), n, top);
+          for_runs(li, r, g, t0, t1, [&](const float*, const float* values, int64_t ld,
+                                         int64_t t, int64_t m) {
+            kern.mix(scores.data() + (t - t0), values, ld, m, d_, part + 2);
+          });
+          part[0] = top;
+          part[1] = sum;
+        }
+      }
+    });
+    for (int64_t rh = 0; rh < R * heads_; ++rh) {
+      const float* parts = part_.data() + rh * chunks * per;
+      float top = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, parts[c * per]);
+      float* out = attn_.data() + rh * d_;
+      std::fill_n(out, d_, 0.f);
+      float sum = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* part = parts + c * per;
+        if (part[1] == 0.f) continue;  // an empty chunk
+        const float w = std::exp(part[0] - top);
+        sum += w * part[1];
+        for (int64_t i = 0; i < d_; ++i) out[i] += w * part[2 + i];
+      }
+      for (int64_t i = 0; i < d_; ++i) out[i] /= sum;
+    }
   }
 
   void attention(size_t li, int64_t R, int64_t step, int64_t nqkv) {
     const int64_t total = prompt_len_ + step + 1;
+    if (const int64_t chunks = attention_chunks(R, total)) {
+      split_attention(li, R, total, nqkv, chunks);
+      return;
+    }
     // Each (row, head) pair is independent; small contexts stay on one thread.
     const int64_t grain = std::max<int64_t>(1, 32768 / (total * d_ + 1));
     at::parallel_for(0, R * heads_, grain, [&](int64_t begin, int64_t end) {
@@ -1379,6 +1445,7 @@ class DecodePlan {
   static constexpr int64_t kLoopActRows = 16;
   const int64_t hidden_, heads_, kv_heads_, d_, inter_;
   std::vector<int64_t> kv_of_;  // the KV head of each query head
+  std::vector<std::vector<int64_t>> heads_of_;  // the query heads of each KV head
   double prompt_scale_ = 0.0;  // prefill's attention scale, as the Python prefill passes it
   bool grouped_ = true;         // kv_of_ is heads / kv_heads runs of one KV head each
   const float eps_, scaling_;
@@ -1412,7 +1479,7 @@ class DecodePlan {
   int64_t table_stride_ = 0;
   // scratch, reused across steps
   std::vector<float> h_, x_, tmp_, qkv_, attn_, gu_, act_, staged_, mlp_out_, mlp_x_, gates_,
-      expert_out_, shared_out_, lat_buf_, qa_, qh_, up_, cq_;
+      expert_out_, shared_out_, lat_buf_, qa_, qh_, up_, cq_, part_;
   std::vector<at::Tensor> ck_, cv_;  // bound: cross-attention keys/values per layer
   at::Tensor cross_bias_, cross_rows_;  // bound: mllama's tile mask of new tokens [B, E], [B]
   std::vector<float*> mconv_, mssm_;   // bound: Mamba states per Mamba layer
