@@ -84,9 +84,12 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
 // - the row-at-a-time kernels software-prefetch 4 KiB ahead into L2: one core
 //   there keeps too few misses in flight for the hardware prefetcher alone
 //   (bf16 15.5 -> 12.9 ms, int8 8.5 -> 7.3 ms, int4 TinyLlama 85 -> 36 ms);
-// - fp32 batch-1 reads four rows at a time instead (dense_tile): 22.7 vs 24.3
-//   ms, the opposite of what the AVX2 path measured on AMD.
-#define LLMB_ROW_DECODE 0
+// - fp32 batch-1 reads one row at a time too (dense_row), now that the weights sit on 2 MiB
+//   pages in the order a step reads them (llmbench/memory.py): SmolLM2 fp32 steps 20.0-21.2
+//   against 21.6-22.2 ms for four rows at a time (dense_tile_wide), alternating 4 times each
+//   (2026-12-06); TinyLlama's layer shapes a tie (both 28-29 GB/s). Before the arena, the
+//   four-row tiles had measured faster (22.7 vs 24.3 ms).
+#define LLMB_ROW_DECODE 1
 #define LLMB_PF_BYTES 4096
 #define LLMB_PF_LOC 2
 #define LLMB_I4_INT16 1  // int4 x int16 multiply-adds (gemv_int_impl.h)
