@@ -54,19 +54,6 @@ void prep_bf16(const GemvArgs& a, float* out) {
   }
 }
 
-// Batch-1 bf16 decode in tiles of LLMB_BF16_DECODE_ROWS weight rows (0: one row at a time,
-// bf16_row), each row of a tile prefetched LLMB_BF16_DECODE_PF bytes ahead into L1 (0: none).
-// (The int8 / int4 kernels measured slower that way on the Xeon: they keep one row at a time.)
-#ifndef LLMB_BF16_DECODE_ROWS
-#define LLMB_BF16_DECODE_ROWS 0
-#endif
-#ifndef LLMB_BF16_DECODE_PF
-#define LLMB_BF16_DECODE_PF 0
-#endif
-#ifndef LLMB_BF16_DECODE_SHORT_ROW  // rows of fewer bytes prefetch the next tile instead
-#define LLMB_BF16_DECODE_SHORT_ROW 2048
-#endif
-
 template <int R, int MT>
 inline void bf16_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
   const int64_t K = a.K, KB = K - K % W2;
@@ -77,16 +64,6 @@ inline void bf16_tile(const GemvArgs& a, int64_t n0, int64_t m0) {
     for (int m = 0; m < MT; ++m) acc[r][m] = vzero();
   for (int64_t k = 0; k < KB; k += W2) {
     for (int r = 0; r < R; ++r) {
-      if constexpr (MT == 1 && R > 1 && LLMB_BF16_DECODE_PF > 0) {
-        // Long rows: each row LLMB_BF16_DECODE_PF bytes ahead. Short rows (SmolLM2's 1152
-        // bytes): the next tile's rows, as far into them as this tile has come (it is R rows
-        // ahead, contiguous), which kept more lines in flight there.
-        const bool short_rows = K * 2 < LLMB_BF16_DECODE_SHORT_ROW;  // loop-invariant
-        const char* next = short_rows
-                               ? reinterpret_cast<const char*>(w + R * K + k * R + r * W2)
-                               : reinterpret_cast<const char*>(w + r * K + k) + LLMB_BF16_DECODE_PF;
-        __builtin_prefetch(next, 0, 3);
-      }
       const VI v = vi_load(w + r * K + k);
       const V even = bf16_even(v), odd = bf16_odd(v);
       for (int m = 0; m < MT; ++m) {
@@ -149,20 +126,6 @@ struct BF16PairKern {
   }
 };
 
-#if LLMB_BF16_DECODE_ROWS > 4
-// Only compiled where a unit asks for it, so that the others' code stays as it was measured.
-void rows_bf16(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
-  constexpr int R = LLMB_BF16_DECODE_ROWS;
-  if (a.M != 1) return rows<BF16PairKern>(a, n_begin, n_end);
-  int64_t n = n_begin;  // rows come in quads: R-row tiles, then at most one of 4, then 1s
-  for (; n + R <= n_end; n += R) bf16_tile<R, 1>(a, n, 0);
-  for (; n + 4 <= n_end; n += 4) bf16_tile<4, 1>(a, n, 0);
-  for (; n < n_end; ++n) bf16_row(a, n);
-}
-#define LLMB_ROWS_BF16 &rows_bf16
-#else
-#define LLMB_ROWS_BF16 &rows<BF16PairKern>
-#endif
 
 inline int64_t i8_rows_offset(int64_t M) { return (M + 15) & ~int64_t{15}; }
 
@@ -523,7 +486,7 @@ struct I4Q8Kern {
 // The table of a unit that has both shims: these kernels for bf16, int8 and int4.
 #define LLMB_INT_KERNEL_TABLE(NAME)                                                    \
   {                                                                                    \
-    NAME, {LLMB_F32_ROWS, LLMB_ROWS_BF16, &rows<I8Int16Kern>,                            \
+    NAME, {LLMB_F32_ROWS, &rows<BF16PairKern>, &rows<I8Int16Kern>,                            \
            LLMB_I4_INT16 ? &rows_i4_int : &rows_i4},                                   \
     {LLMB_F32_PREP, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr}         \
     LLMB_ATTN_FNS LLMB_I4Q8_FNS                                                        \

@@ -147,13 +147,11 @@ inline V vabs(V v) { return _mm512_abs_ps(v); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
 
-// - bf16 batch-1 decode in tiles of 8 rows, each row prefetched 512 bytes ahead into L1 (rows
-//   under 2 KiB: the next tile): more loads in flight than one row at a time with the 4 KiB L2
-//   prefetch. /tmp microbench, 2 threads, 1 GiB of bf16 rows: K = 2048 24 GB/s against 21.5
-//   without the prefetch and 17.7 for the row loop; K = 576 21 against 15 and 16.4. Whole
-//   steps: TinyLlama bf16 97-100 -> 83-85 ms, SmolLM2 16.7-19.2 -> 14.7-16.5 ms.
-#define LLMB_BF16_DECODE_ROWS 8
-#define LLMB_BF16_DECODE_PF 512
+// - bf16 batch-1 decode reads one row at a time, 4 KiB prefetched ahead (bf16_row), as fp32
+//   does. Tiles of 8 rows, each row prefetched 512 bytes ahead into L1, had measured faster
+//   before the weights moved to one 2 MiB-page arena in step order; since then SmolLM2 bf16
+//   steps 10.5-11.0 ms against 11.9-12.5 in tiles (alternating 3 times, 2026-12-06), and
+//   TinyLlama's layer shapes a tie (27.4-27.7 GB/s both).
 
 // int4 x int8 activations (gemv_int_impl.h, LLMB_HAS_U8S8_DOT): a 64-weight unit is one vector.
 #define LLMB_HAS_U8S8_DOT 1
