@@ -4,7 +4,7 @@
 // group sizes, int8 weights with float and with int8 (--lowp-mode INT8) activations, and a
 // row range split in two (as the thread pool splits it). Each table is called as ops.cpp's
 // run() calls it (its prep function first; int8 activations as rounded levels for a table
-// that reads x as floats); and the decode attention kernels (AttnFns). Prints one line per mismatch and "neon: N cases agree" at the end;
+// that reads x as floats); and the decode attention kernels (AttnFns) and MLP activations. Prints one line per mismatch and "neon: N cases agree" at the end;
 // exit status 1 on any mismatch.
 #include <algorithm>
 #include <cmath>
@@ -218,6 +218,20 @@ bool check_attention(const llmb::KernelTable& ref, const llmb::KernelTable& t, i
   for (int64_t i = 0; i < n; ++i) want += std::exp(a[i] - top);
   const float sa = ref.attn.exp_sum(a.data(), n, top), sb = t.attn.exp_sum(b.data(), n, top);
   ok = ok && std::fabs(sa - want) <= 1e-5f * want && std::fabs(sb - want) <= 1e-5f * want;
+  // the MLP activations (SiLU, tanh-GELU) times up, against libm
+  for (int kind = 0; kind < 2; ++kind) {
+    for (int64_t i = 0; i < n; ++i) a[i] = 12.f * uniform();  // gate
+    for (int64_t i = 0; i < n; ++i) p[i] = uniform();  // up
+    std::vector<float> ga(n), gb(n);
+    ok = ok && ref.act(kind, a.data(), p.data(), ga.data(), n) && t.act(kind, a.data(), p.data(), gb.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = a[i];
+      const float want_i = p[i] * (kind == 0 ? g / (1.f + std::exp(-g))
+                                             : 0.5f * g * (1.f + std::tanh(0.7978845608f * (g + 0.044715f * g * g * g))));
+      ok = ok && std::fabs(ga[i] - want_i) <= 1e-5f * (1.f + std::fabs(want_i)) &&
+           std::fabs(gb[i] - want_i) <= 1e-5f * (1.f + std::fabs(want_i));
+    }
+  }
   for (int64_t i = 0; i < d; ++i) ok = ok && std::fabs(oa[i] - ob[i]) <= 1e-4f * (1.f + std::fabs(oa[i]));
   if (!ok) std::printf("%s: attention n=%lld d=%lld disagrees\n", t.name,
                        static_cast<long long>(n), static_cast<long long>(d));

@@ -78,6 +78,9 @@ struct KernelTable {
   RowsFn fn[kNumFmt];
   PrepFn prep[kNumFmt];  // nullptr: the kernel reads x as it is
   AttnFns attn;
+  // A decode row's MLP activation, out = act(gate) (* up): true where `kind` (decode_step's
+  // kSiLU, kGeluTanh, ...) has a vector form here (gemv_impl.h act_rows)
+  bool (*act)(int kind, const float* gate, const float* up, float* out, int64_t n);
   // int4 weights x int8 activations (u8 x s8 dot products; GemvArgs::act_per_tensor): K and
   // the group size in whole 64-element units. nullptr where the path has none: the int8
   // levels then go through fn[kI4] as floats.

@@ -854,10 +854,12 @@ class DecodePlan {
       project(down, act_.data(), R, out, hidden_);
       return;
     }
+    const KernelTable& kern = active_kernels();
     for (int64_t r = 0; r < R; ++r) {
       const float* gate = gu_.data() + r * width;
       const float* up = gated_ ? gate + inter : nullptr;
       float* o = act_.data() + r * inter;
+      if (kern.act(static_cast<int>(activation_), gate, up, o, inter)) continue;
       for (int64_t i = 0; i < inter; ++i) {
         const float g = gate[i];
         float a;

@@ -489,5 +489,5 @@ struct I4Q8Kern {
     NAME, {LLMB_F32_ROWS, &rows<BF16PairKern>, &rows<I8Int16Kern>,                            \
            LLMB_I4_INT16 ? &rows_i4_int : &rows_i4},                                   \
     {LLMB_F32_PREP, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr}         \
-    LLMB_ATTN_FNS LLMB_I4Q8_FNS                                                        \
+    LLMB_STEP_FNS LLMB_I4Q8_FNS                                                        \
   }

@@ -216,6 +216,7 @@ const KernelTable kDotTable = {
     {kTable.fn[kF32], kTable.fn[kBF16], &rows_i8_dot, kTable.fn[kI4]},
     {kTable.prep[kF32], kTable.prep[kBF16], &prep_i8_dot, kTable.prep[kI4]},
     kTable.attn,
+    kTable.act,
     &rows<I4Q8Kern>,
     &prep_i4q8};
 

@@ -53,7 +53,8 @@ void linear_bf16_amx(const uint16_t* w, int64_t N, int64_t K, const float* x, in
 void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
                  int64_t ldy);
 
-// The active ISA path's decode attention kernels (common.h AttnFns).
+// The active ISA path's decode attention kernels (common.h AttnFns) and MLP activation.
 const AttnFns& attention_kernels();
+const KernelTable& active_kernels();
 
 }  // namespace llmb
