@@ -57,6 +57,11 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
   q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
 }
 
+// fp32 prefill rows as outer products (gemv_impl.h) from one vector (8 rows) on, two vectors
+// per chunk in the 16 registers: 6 weight rows x 2 vectors of rows per tile.
+#define LLMB_OUTER_M_MIN 8
+#define LLMB_OUTER_MV 2
+#define LLMB_OUTER_REGS 16
 #include "gemv_impl.h"
 
 using VI = __m256i;
