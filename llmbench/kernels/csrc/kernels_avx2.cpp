@@ -57,6 +57,12 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
   q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
 }
 
+// The row-at-a-time decode kernels software-prefetch 4 KiB ahead, as the AVX-512 ones do: on
+// the AMX Xeon, forced onto this path (LLMBENCH_KERNELS_ISA=avx2), SmolLM2 next token bf16
+// 14.4-15.0 -> 11.0-11.6 ms, INT8 9.8-10.1 -> 5.9-6.1, INT4 11.8-13.1 -> 6.0-6.5, fp32 level
+// (compare_backends, alternating twice; with i8_row). The AMD machine this path was tuned on,
+// whose hardware prefetchers kept up alone, has not measured it.
+#define LLMB_PF_BYTES 4096
 // fp32 prefill rows as outer products (gemv_impl.h) from one vector (8 rows) on, two vectors
 // per chunk in the 16 registers: 6 weight rows x 2 vectors of rows per tile.
 #define LLMB_OUTER_M_MIN 8
