@@ -272,10 +272,10 @@ struct I8Int16Kern {
 // Knob LLMB_I4_INT16 (set by the including unit before gemv_impl.h): 1 puts
 // these kernels in the table, 0 keeps i4_tile. On the Intel Xeon (2 threads,
 // benchmarks/bench_kernels.py) AVX-512 gained (TinyLlama-shape int4 decode
-// linears 34-40 -> 32-34 ms, SmolLM2's 5.7-5.9 -> 5.2-5.4), but the same
-// kernels on the AVX2 path measured 13-14 ms against 11-12 for SmolLM2's
-// linears there, so AVX2 keeps i4_tile until it is measured on the AMD
-// machines that path is tuned on.
+// linears 34-40 -> 32-34 ms, SmolLM2's 5.7-5.9 -> 5.2-5.4). The AVX2 path had
+// measured them slower (13-14 ms against 11-12 for SmolLM2's linears) until it
+// got the 4 KiB software prefetch; since then (kernels_avx2.cpp) they win there
+// too.
 #ifndef LLMB_I4_INT16
 #define LLMB_I4_INT16 0
 #endif

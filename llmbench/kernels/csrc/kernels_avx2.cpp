@@ -63,6 +63,10 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
 // (compare_backends, alternating twice; with i8_row). The AMD machine this path was tuned on,
 // whose hardware prefetchers kept up alone, has not measured it.
 #define LLMB_PF_BYTES 4096
+// INT4 weight-only as int4 x int16 multiply-adds (gemv_int_impl.h), with that prefetch: SmolLM2
+// next token 6.0-6.3 -> 5.15-5.2 ms, first token 96-105 -> 69-71 ms against the float
+// i4_tile (same machine and path, 3 runs alternating).
+#define LLMB_I4_INT16 1
 // fp32 prefill rows as outer products (gemv_impl.h) from one vector (8 rows) on, two vectors
 // per chunk in the 16 registers: 6 weight rows x 2 vectors of rows per tile.
 #define LLMB_OUTER_M_MIN 8
