@@ -65,7 +65,9 @@
 #include <cmath>
 #include <functional>
 #include <optional>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "linear.h"
@@ -1289,36 +1291,24 @@ class DecodePlan {
   // softmax(q k^T * scaling) v over the prompt and the generated positions.
   template <class T>
   void attend(size_t li, int64_t r, int64_t hh, int64_t step, int64_t nqkv, float* scores) {
-    const float* lut = fp8_ ? e5m2_table() : nullptr;
     const int64_t g = kv_of_[hh];
     const float* q = qkv_.data() + r * nqkv + hh * d_;
     const int64_t total = prompt_len_ + step + 1;
     float* out = attn_.data() + r * heads_ * d_ + hh * d_;
-    if constexpr (std::is_same_v<T, float>) {
-      // fp32 caches: the ISA path's kernels over runs of positions contiguous in memory (the
-      // prompt's, then the generated ones', or one at a time through a beam table)
-      const AttnFns& kern = attention_kernels();
-      for_runs(li, r, g, 0, total, [&](const float* keys, const float*, int64_t ld, int64_t t0,
-                                       int64_t n) {
-        kern.scores(q, keys, ld, n, d_, scaling_, scores + t0);
-      });
-      const float sum = softmax_in_place(hh, total, scores);
-      for (int64_t t = 0; t < total; ++t) scores[t] /= sum;
-      std::fill_n(out, d_, 0.f);
-      for_runs(li, r, g, 0, total, [&](const float*, const float* values, int64_t ld,
-                                       int64_t t0, int64_t n) {
-        kern.mix(scores + t0, values, ld, n, d_, out);
-      });
+    std::fill_n(out, d_, 0.f);
+    if constexpr (std::is_same_v<T, float>) {  // fp32 caches: the ISA path's kernels
+      const float sum = attend_part(li, r, hh, 0, total, total, q, scores, out).second;
+      for (int64_t i = 0; i < d_; ++i) out[i] /= sum;
       return;
     }
+    const float* lut = fp8_ ? e5m2_table() : nullptr;
     for (int64_t t = 0; t < total; ++t) {
       const T* key = entry<T>(pk_[li], gk_[li], r, g, t);
       float dot = 0.f;
       for (int64_t i = 0; i < d_; ++i) dot += q[i] * load(key, i, lut);
       scores[t] = dot * scaling_;
     }
-    const float sum = softmax_in_place(hh, total, scores);
-    std::fill_n(out, d_, 0.f);
+    const float sum = softmax_part(hh, 0, total, total, scores).second;
     for (int64_t t = 0; t < total; ++t) {
       const T* val = entry<T>(pv_[li], gv_[li], r, g, t);
       const float p = scores[t] / sum;
@@ -1326,16 +1316,39 @@ class DecodePlan {
     }
   }
 
-  // Adds the position bias (ALiBi or relative) to scores[:total], then exponentiates them in
-  // place less their maximum; returns their sum.
-  float softmax_in_place(int64_t hh, int64_t total, float* scores) const {
+  // Query head hh of row r against positions [t0, t1) of its KV head's fp32 cache (rows of
+  // `total` positions), on the ISA path's kernels over runs of positions contiguous in memory:
+  // adds the softmax's unnormalized output into out [d] and returns {max score, sum of exps}.
+  // scores: room for t1 - t0.
+  std::pair<float, float> attend_part(size_t li, int64_t r, int64_t hh, int64_t t0, int64_t t1,
+                                      int64_t total, const float* q, float* scores,
+                                      float* out) const {
+    const AttnFns& kern = active_kernels().attn;
+    const int64_t g = kv_of_[hh];
+    for_runs(li, r, g, t0, t1, [&](const float* keys, const float*, int64_t ld, int64_t t,
+                                   int64_t n) {
+      kern.scores(q, keys, ld, n, d_, scaling_, scores + (t - t0));
+    });
+    const std::pair<float, float> top_sum = softmax_part(hh, t0, t1 - t0, total, scores);
+    for_runs(li, r, g, t0, t1, [&](const float*, const float* values, int64_t ld, int64_t t,
+                                   int64_t n) {
+      kern.mix(scores + (t - t0), values, ld, n, d_, out);
+    });
+    return top_sum;
+  }
+
+  // scores of positions [t0, t0 + n) of a row of `total`: adds the position bias (ALiBi or
+  // relative) of head hh, then exponentiates them in place less their maximum; returns
+  // {maximum, sum of the exponentials}.
+  std::pair<float, float> softmax_part(int64_t hh, int64_t t0, int64_t n, int64_t total,
+                                       float* scores) const {
     if (alibi_)
-      for (int64_t t = 0; t < total; ++t) scores[t] += alibi_[hh] * static_cast<float>(t);
+      for (int64_t t = 0; t < n; ++t) scores[t] += alibi_[hh] * static_cast<float>(t0 + t);
     else if (rel_)  // by distance
-      for (int64_t t = 0; t < total; ++t) scores[t] += rel_[hh * rel_stride_ + (total - 1 - t)];
+      for (int64_t t = 0; t < n; ++t) scores[t] += rel_[hh * rel_stride_ + (total - 1 - t0 - t)];
     float top = -INFINITY;
-    for (int64_t t = 0; t < total; ++t) top = std::max(top, scores[t]);
-    return attention_kernels().exp_sum(scores, total, top);
+    for (int64_t t = 0; t < n; ++t) top = std::max(top, scores[t]);
+    return {top, active_kernels().attn.exp_sum(scores, n, top)};
   }
 
   // Calls fn(keys, values, ld, t, n) for runs of positions [t, t + n) within [begin, end) of
@@ -1366,15 +1379,15 @@ class DecodePlan {
     if (fp8_ || alibi_ != nullptr || rel_ != nullptr) return 0;
     const int64_t threads = at::get_num_threads();
     const int64_t groups = R * kv_heads_;
-    // a multiple of the threads, and four tasks per thread where the groups are fewer
-    const int64_t chunks = threads * std::max<int64_t>(1, (4 * threads + groups - 1) / groups / threads);
+    // a multiple of the threads, and about four tasks per thread where the groups are fewer
+    const int64_t per_thread = (4 * threads + groups - 1) / groups / threads;
+    const int64_t chunks = threads * std::max<int64_t>(1, per_thread);
     return total / chunks >= kMinChunk && threads > 1 ? chunks : 0;
   }
 
   void split_attention(size_t li, int64_t R, int64_t total, int64_t nqkv, int64_t chunks) {
     const int64_t span = (total + chunks - 1) / chunks, per = 2 + d_;
     part_.resize(static_cast<size_t>(R * heads_ * chunks * per));
-    const AttnFns& kern = attention_kernels();
     at::parallel_for(0, R * kv_heads_ * chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(static_cast<size_t>(span));
       for (int64_t i = begin; i < end; ++i) {
@@ -1386,21 +1399,9 @@ class DecodePlan {
           part[1] = 0.f;
           std::fill_n(part + 2, d_, 0.f);
           if (t0 >= t1) continue;
-          const float* q = qkv_.data() + r * nqkv + h * d_;
-          for_runs(li, r, g, t0, t1, [&](const float* keys, const float*, int64_t ld, int64_t t,
-                                         int64_t n) {
-            kern.scores(q, keys, ld, n, d_, scaling_, scores.data() + (t - t0));
-          });
-          const int64_t n = t1 - t0;
-          float top = -INFINITY;
-          for (int64_t t = 0; t < n; ++t) top = std::max(top, scores[t]);
-          const float sum = kern.exp_sum(scores.data(), n, top);
-          for_runs(li, r, g, t0, t1, [&](const float*, const float* values, int64_t ld,
-                                         int64_t t, int64_t m) {
-            kern.mix(scores.data() + (t - t0), values, ld, m, d_, part + 2);
-          });
-          part[0] = top;
-          part[1] = sum;
+          std::tie(part[0], part[1]) = attend_part(li, r, h, t0, t1, total,
+                                                   qkv_.data() + r * nqkv + h * d_,
+                                                   scores.data(), part + 2);
         }
       }
     });

@@ -53,8 +53,7 @@ void linear_bf16_amx(const uint16_t* w, int64_t N, int64_t K, const float* x, in
 void linear_rows(const LinearDesc& d, const float* x, int64_t M, int64_t ldx, float* y,
                  int64_t ldy);
 
-// The active ISA path's decode attention kernels (common.h AttnFns) and MLP activation.
-const AttnFns& attention_kernels();
+// The active ISA path's table (its decode attention kernels and MLP activation too).
 const KernelTable& active_kernels();
 
 }  // namespace llmb

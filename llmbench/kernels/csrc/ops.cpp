@@ -423,7 +423,6 @@ at::Tensor act_levels(const at::Tensor& x, bool per_tensor, bool sym, int64_t bl
 
 }  // namespace
 
-const AttnFns& attention_kernels() { return active_table()->attn; }
 const KernelTable& active_kernels() { return *active_table(); }
 
 namespace {
