@@ -78,10 +78,15 @@ def run(model: str | None, flags: list[str], ranks: int, args: argparse.Namespac
 def summarize(name: str, precision: str, report: dict[str, Any]) -> dict[str, Any]:
     stats = report["statistics"]
     dist = report.get("distributed", {})
+    ranks = dist.get("ranks", [])
     return {"config": name, "precision": precision, "backend": report["backend"]["name"],
             "first_ms": stats["first_token_latency_s"]["p50"] * MS,
             "next_ms": stats["next_token_latency_s"]["p50"] * MS,
             "all_reduce_ms": dist.get("all_reduce_ms_per_token"),
+            # the largest rank's peak resident memory, and how the ranks loaded the model
+            "peak_rss_mib": max(r["peak_rss_bytes"] for r in ranks) / 2**20 if ranks else None,
+            "load_s": report["model"].get("load_seconds"),
+            "load_path": dist.get("load_path"),
             "tokens": report.get("generated_text")}  # both reports hold it
 
 
@@ -113,6 +118,11 @@ def main() -> int:
             found.append(summarize(f"{args.ranks} ranks, all-reduce through Python", precision,
                                    run(model, flags, args.ranks, args,
                                        {"LLMBENCH_TP_ALL_REDUCE": "python"})))
+            # the same ranks with the whole model loaded on each, then cut (the memory and
+            # load time the layer-by-layer load saves)
+            found.append(summarize(f"{args.ranks} ranks, whole model loaded per rank",
+                                   precision, run(model, flags, args.ranks, args,
+                                                  {"LLMBENCH_TP_LOAD": "whole"})))
             if not args.no_stock:
                 found.append(summarize(f"{args.ranks} ranks, stock AutoTP", precision,
                                        run(model, PRECISIONS[precision], args.ranks, args)))
@@ -135,13 +145,16 @@ def main() -> int:
              f"{args.num_iter} iterations after {args.num_warmup} warm-up", "",
              f"`{command.strip()}`", "",
              "| precision | config | backend | next ms | x one process | first ms | "
-             "all-reduce ms/token | same text as one process |",
-             "|---|---|---|--:|--:|--:|--:|---|"]
+             "all-reduce ms/token | same text as one process | rank peak RSS MiB | load s |",
+             "|---|---|---|--:|--:|--:|--:|---|--:|--:|"]
     for r in rows:
         reduce = "" if r["all_reduce_ms"] is None else f"{r['all_reduce_ms']:.2f}"
         same = {True: "yes", False: "**no**", None: ""}[r["same_tokens"]]
+        rss = "" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
+        load = "" if r["peak_rss_mib"] is None or r["load_s"] is None else f"{r['load_s']:.1f}"
         lines.append(f"| {r['precision']} | {r['config']} | {r['backend']} | {r['next_ms']:.2f} "
-                     f"| {r['vs_one_process']:.2f} | {r['first_ms']:.1f} | {reduce} | {same} |")
+                     f"| {r['vs_one_process']:.2f} | {r['first_ms']:.1f} | {reduce} | {same} "
+                     f"| {rss} | {load} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     stem = args.output_dir / f"native-tp-{args.model}-{machine_slug()}"  # replaces the baseline

@@ -114,13 +114,18 @@ def place_in_arena(objects: list[Any]) -> dict[str, Any]:
             total += -(-tensor.nbytes // ALIGN_BYTES) * ALIGN_BYTES
     arena, advised = huge_page_buffer(total)
     copies: dict[tuple, torch.Tensor] = {}
-    for owner, name, tensor in slots:
+    for index, (owner, name, tensor) in enumerate(slots):
         key = _view_of(tensor)
         if key not in copies:
             start = offsets[key]
             copy = arena[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
             copies[key] = copy.copy_(tensor)
         setattr(owner, name, copies[key])
+        # Let go of the original as soon as it is copied: a tensor nothing else holds is freed
+        # now, so the weights are not in memory twice while the arena fills (the arena's pages
+        # are only taken as they are written).
+        slots[index] = (None, "", copies[key])
+        del tensor
     return {"arena_bytes": total, "tensors": len(copies), "madvise_hugepage": advised,
             "thp_mode": thp_mode(), "arena": arena}
 

@@ -92,6 +92,9 @@ def test_two_ranks_native_match_one_process(tiny, tmp_path, family, quant):
     dist = report["distributed"]
     assert dist["ranks_agree"] is True
     assert dist["all_reduce_ms_per_token"] > 0
+    # read layer by layer from the folder's safetensors; an encoder-decoder loads whole
+    assert dist["load_path"] == ("whole model per rank, cut by llmbench" if family == "t5"
+                                 else "meta+checkpoint, layer by layer, cut by llmbench")
     for rank in dist["ranks"]:
         # sequential blocks reduce twice per layer, parallel ones once, plus the logits
         assert rank["all_reduce_calls_per_token"] >= 2
@@ -148,6 +151,42 @@ def test_checkpoint_folder_two_ranks_native_match_one_process(tiny, tmp_path, me
     assert quantization["applied"].startswith("the checkpoint's INT4 weights")
     assert report["distributed"]["ranks_agree"] is True
     assert report["generated_token_ids"] == single_instance(folder, [])
+
+
+@pytest.mark.parametrize(("family", "flags"), [
+    ("llama", ["--dtype", "bfloat16", "--ipex-weight-only-quantization", "--weight-dtype",
+               "INT8"]),
+    ("mixtral", ["--dtype", "bfloat16", "--ipex-weight-only-quantization", "--weight-dtype",
+                 "INT4", "--group-size", "32"]),
+    ("llama", ["--dtype", "bfloat16"])])
+def test_layer_by_layer_load_is_the_whole_load(tmp_path, embedded_model_dir, family, flags):
+    """Read layer by layer (each layer quantized from fp32 as it is read, its float parts in
+    bf16, then cut) the ranks hold exactly what loading the whole model first gives them:
+    the same tokens in bf16 with INT8 / INT4 (a tied lm_head quantized from fp32, a MoE
+    router left in bf16), with less memory per rank."""
+    overrides = {"tie_word_embeddings": True} if family == "llama" else {}
+    model = make_tiny_model(family, tmp_path / "model", embedded_model_dir, **overrides)
+    reports = {}
+    for load in ("layers", "whole"):
+        out = tmp_path / load
+        result = launch("-m", str(model), "--backend", "native", *RUN, *flags,
+                        "--output-dir", str(out), timeout=600, launcher="direct",
+                        env={"LLMBENCH_TP_LOAD": load})
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[load] = only_report(out)
+    layers, whole = reports["layers"], reports["whole"]
+    assert layers["distributed"]["load_path"] == "meta+checkpoint, layer by layer, cut by llmbench"
+    assert whole["distributed"]["load_path"] == "whole model per rank, cut by llmbench"
+    assert "loading the whole model on every rank: LLMBENCH_TP_LOAD=whole" in whole["notes"]
+    assert layers["generated_token_ids"] == whole["generated_token_ids"]
+    for key in ("tensor_parallel", "weight_bytes_per_token", "decode_step"):
+        assert layers["backend"][key] == whole["backend"][key], key
+    if "--weight-dtype" in flags:
+        quant = layers["backend"]["quantization"]
+        for key in ("scheme", "formats", "quantized_projections", "native_projections_replaced"):
+            assert quant[key] == whole["backend"]["quantization"][key], key
+    assert [r["local_weight_bytes"] for r in layers["distributed"]["ranks"]] == [
+        r["local_weight_bytes"] for r in whole["distributed"]["ranks"]]
 
 
 def test_what_is_not_native_falls_back_loudly(tmp_path, embedded_model_dir):
@@ -239,26 +278,28 @@ def test_attention_split_shares_out_heads():
     from llmbench.backends.blocks import Unsupported
     from llmbench.backends.tensor_parallel import attention_split, check, kv_map
 
-    def native(heads, kv_heads, latent=None, cross=False):
+    def native(heads, kv_heads, latent=None):
         return SimpleNamespace(heads=heads, kv_heads=kv_heads,
-                               block=SimpleNamespace(latent=latent),
-                               layers=[SimpleNamespace(cross_q=object() if cross else None)])
+                               block=SimpleNamespace(latent=latent))
 
     # (first KV head, KV heads, first query head, query heads) per rank
     # SmolLM2: 5 + 4 query heads, KV head 1 on both ranks; the local KV head of each query head
-    assert attention_split(native(9, 3), 2) == [(0, 2, 0, 5), (1, 2, 5, 4)]
-    assert [kv_map(native(9, 3), s) for s in attention_split(native(9, 3), 2)] == [
+    assert attention_split(native(9, 3), 2, False) == [(0, 2, 0, 5), (1, 2, 5, 4)]
+    assert [kv_map(native(9, 3), s) for s in attention_split(native(9, 3), 2, False)] == [
         [0, 0, 0, 1, 1], [0, 1, 1, 1]]
     # whole groups where the heads allow: the usual grouping, no map
-    assert attention_split(native(8, 4), 2) == [(0, 2, 0, 4), (2, 2, 4, 4)]
+    assert attention_split(native(8, 4), 2, False) == [(0, 2, 0, 4), (2, 2, 4, 4)]
     assert kv_map(native(8, 4), (0, 2, 0, 4)) is None
     # cross-attention keeps whole KV heads per rank (2 + 1 here)
-    assert attention_split(native(9, 3, cross=True), 2) == [(0, 2, 0, 6), (2, 1, 6, 3)]
-    assert attention_split(native(4, 1), 2) == [(0, 1, 0, 2), (0, 1, 2, 2)]  # MQA: replicated
-    assert attention_split(native(8, 2), 4) == [(0, 1, 0, 2), (0, 1, 2, 2), (1, 1, 4, 2),
-                                                (1, 1, 6, 2)]
-    assert attention_split(native(4, 4, latent=object()), 2) == [(0, 1, 0, 2), (0, 1, 2, 2)]
-    assert attention_split(native(71, 1), 2) == [(0, 1, 0, 36), (0, 1, 36, 35)]  # Falcon-7B
+    assert attention_split(native(9, 3), 2, True) == [(0, 2, 0, 6), (2, 1, 6, 3)]
+    # MQA: replicated
+    assert attention_split(native(4, 1), 2, False) == [(0, 1, 0, 2), (0, 1, 2, 2)]
+    assert attention_split(native(8, 2), 4, False) == [(0, 1, 0, 2), (0, 1, 2, 2),
+                                                       (1, 1, 4, 2), (1, 1, 6, 2)]
+    assert attention_split(native(4, 4, latent=object()), 2, False) == [(0, 1, 0, 2),
+                                                                        (0, 1, 2, 2)]
+    # Falcon-7B
+    assert attention_split(native(71, 1), 2, False) == [(0, 1, 0, 36), (0, 1, 36, 35)]
     for heads, kv_heads, world in ((4, 3, 6), (8, 3, 4), (2, 1, 4)):
         with pytest.raises(Unsupported):
             check(native(heads, kv_heads), world)

@@ -199,6 +199,17 @@ class LayerParts:
     cross_k_norm: torch.Tensor | None = None
     gates: tuple[float, float] | None = None
 
+    def sources(self) -> list[Source]:
+        """Every HF weight this layer's projections (router and kv_b included) are made of."""
+        lists = [self.qkv, self.o, self.gate_up, self.down, self.router, self.q_b, self.kv_b,
+                 self.cross_q, self.cross_kv, self.cross_o]
+        for gate_up, down in [*self.experts, *([self.shared] if self.shared else [])]:
+            lists += [gate_up, down]
+        if self.mamba is not None:
+            lists += [self.mamba.in_proj, self.mamba.x_proj, self.mamba.dt_proj,
+                      self.mamba.out_proj]
+        return [source for found in lists if found for source in found]
+
 
 @dataclass
 class ModelParts:

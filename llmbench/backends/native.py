@@ -327,7 +327,10 @@ class NativeModel:
     """Any decoder that llmbench.backends.blocks describes, over our kernels, with a generate()
     for the benchmark loop."""
 
-    def __init__(self, hf_model: Any, kv_cache_dtype: str) -> None:
+    def __init__(self, hf_model: Any, kv_cache_dtype: str, stream: Any = None) -> None:
+        """stream: for a model loaded layer by layer (llmbench.distributed.native_load), what
+        fills each layer's weights just before the layer is taken (`before`), and gets the
+        layer just after (`after`: quantize, cut and free it); None: every weight is there."""
         parts = blocks.map_model(hf_model)  # raises blocks.Unsupported
         block = parts.block
         config = hf_model.config
@@ -367,17 +370,26 @@ class NativeModel:
         self.post_norm = block.residual == "post"
         # Which HF rows make each projection (install_native quantizes through the same map).
         self.sources: dict[str, list[blocks.Source]] = {}
-        self.layers = [self._take_layer(hf_model, index, layer)
-                       for index, layer in enumerate(parts.layers)]
+        self.layers = []
+        for index, layer_parts in enumerate(parts.layers):
+            if stream is not None:
+                stream.before(layer_parts.sources())
+            layer = self._take_layer(hf_model, index, layer_parts)
+            if stream is not None:
+                stream.after(self, index, layer, layer_parts.sources())
+            self.layers.append(layer)
         lm_head = modules[parts.lm_head]
         self.sources["lm_head"] = [blocks.Source(parts.lm_head)]
+        if stream is not None:
+            stream.before(self.sources["lm_head"])
         self.lm_head = Linear(lm_head.weight.detach(),
                               None if lm_head.bias is None else lm_head.bias.detach())
         self.tied = lm_head.weight.data_ptr() == self.embed.data_ptr()
         self.activation = block.activation
         first = self.layers[0]
-        self.intermediate = (first.down if first.down is not None
-                             else first.experts[0].down).weight.shape[1]
+        down = first.down if first.down is not None else first.experts[0].down
+        # (quantized already, and cut, when a stream loaded it)
+        self.intermediate = getattr(down, "in_features", None) or down.weight.shape[1]
         # False runs every decode step as torch ops (tests and benchmarks compare the two).
         self.use_compiled_step = True
         # False keeps bound prompts on the Python prefill too (A/B runs: compiled_prefill()).
@@ -459,15 +471,19 @@ class NativeModel:
         __call__(x fp32 [M, K]) -> fp32 [M, N] and an `nbytes` property fits. Names are
         Layer.projections' names and "lm_head" (MoE routers stay float)."""
         for index, layer in enumerate(self.layers):
-            for name, owner, attr in layer.projections(index):
-                setattr(owner, attr, convert(name, getattr(owner, attr)))
-            if layer.w_uk is not None:  # MLA's kv_b: absorbed from what quantization made of it
-                kv_b = torch.cat((layer.w_uk, layer.w_uv), dim=1).flatten(0, 1)
-                converted = convert(f"layers.{index}.kv_b", Linear(kv_b))
-                self._absorb(layer, converted.dequantize() if hasattr(converted, "dequantize")
-                             else converted.weight)
+            self.map_layer(index, layer, convert)
         self.lm_head = convert("lm_head", self.lm_head)
         self.place_weights()
+
+    def map_layer(self, index: int, layer: Layer, convert: Callable[[str, Linear], Any]) -> None:
+        """map_linears for one layer (a model loaded layer by layer converts each as it comes)."""
+        for name, owner, attr in layer.projections(index):
+            setattr(owner, attr, convert(name, getattr(owner, attr)))
+        if layer.w_uk is not None:  # MLA's kv_b: absorbed from what quantization made of it
+            kv_b = torch.cat((layer.w_uk, layer.w_uv), dim=1).flatten(0, 1)
+            converted = convert(f"layers.{index}.kv_b", Linear(kv_b))
+            self._absorb(layer, converted.dequantize() if hasattr(converted, "dequantize")
+                         else converted.weight)
 
     def place_weights(self) -> None:
         """Copy the decode weights into one huge-page arena, in the order a step reads them
@@ -1438,7 +1454,12 @@ def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str,
                                       "fallback_reason": note})
     if place_weights:
         native.place_weights()
-    return PreparedModel(model=native, backend="native", details={
+    return PreparedModel(model=native, backend="native", details=details(native, dtype))
+
+
+def details(native: NativeModel, dtype: str) -> dict[str, Any]:
+    """The report's backend section for a native model running `dtype` weights."""
+    return {
         "kernels": kernels.isa(),
         "kernels_built": kernels.available(),
         "kernels_import_error": kernels.import_error(),
@@ -1450,4 +1471,4 @@ def prepare(model: Any, *, dtype: str, family: str, kv_cache_dtype: str,
         "tied_embedding": native.tied,
         "block": native.block.describe(),
         "weight_bytes_per_token": native.weight_bytes,
-    })
+    }

@@ -137,7 +137,7 @@ def check(native: Any, world: int) -> None:
                           "the same number of ranks, which split its query heads)")
 
 
-def attention_split(native: Any, world: int) -> list[tuple[int, int, int, int]]:
+def attention_split(native: Any, world: int, cross: bool) -> list[tuple[int, int, int, int]]:
     """Per rank: (first KV head, KV heads, first query head, query heads). Latent attention:
     query heads, the latent (one KV head every head reads) whole on every rank. KV heads >=
     ranks: the query heads as evenly as the count allows, each rank with the KV heads its
@@ -152,7 +152,7 @@ def attention_split(native: Any, world: int) -> list[tuple[int, int, int, int]]:
         return [(0, 1, sum(split[:r]), split[r]) for r in range(world)]
     group = native.heads // native.kv_heads
     if native.kv_heads >= world:
-        if any(layer.cross_q is not None for layer in native.layers):
+        if cross:
             split = _even(native.kv_heads, world)
             return [(sum(split[:r]), split[r], sum(split[:r]) * group, split[r] * group)
                     for r in range(world)]
@@ -186,8 +186,8 @@ def _down_of(layer: Any) -> Any:
     return layer.down if layer.down is not None else layer.experts[0].down
 
 
-def _grain(native: Any) -> int:
-    group = getattr(_down_of(native.layers[0]), "group_size", 0)
+def _grain(layer: Any) -> int:
+    group = getattr(_down_of(layer), "group_size", 0)
     return group if group and group > 0 else 0
 
 
@@ -263,65 +263,93 @@ def _rows_out(linear: Any) -> int:
     return linear.out_features if hasattr(linear, "out_features") else linear.weight.shape[0]
 
 
+class Cutter:
+    """One rank's cut of a NativeModel, a layer at a time: `layer` cuts one decoder layer
+    (before the next is even loaded, when the model is loaded layer by layer:
+    llmbench.distributed.native_load), `finish` the lm_head and the model's own sizes."""
+
+    def __init__(self, native: Any, comm: Communicator, cross: bool) -> None:
+        """native: the model's sizes (heads, kv_heads, head_dim, block) set, its layers not
+        needed yet; cross: its layers have cross-attention (whole KV-head groups per rank)."""
+        world, rank = comm.world, comm.rank
+        check(native, world)
+        self.native, self.comm, self.world, self.rank = native, comm, world, rank
+        d = native.head_dim
+        self.latent = native.block.latent
+        self.split = attention_split(native, world, cross)
+        first, count, q_first, heads = self.split[rank]
+        self.local_kv = kv_map(native, self.split[rank])
+        q_rows = torch.arange(q_first * d, (q_first + heads) * d)
+        k_rows = native.heads * d + torch.arange(first * d, (first + count) * d)
+        self.qkv_rows = torch.cat((q_rows, k_rows, k_rows + native.kv_heads * d))
+        self.gated = native.block.mlp == "gated"
+        self.grain = self.units = None  # from the first layer cut
+        self.width = 0
+
+    def layer(self, index: int, layer: Any) -> None:
+        """Cut one decoder layer (float, or with quantized projections installed) in place."""
+        native, rank, world = self.native, self.rank, self.world
+        d = native.head_dim
+        first, count, q_first, heads = self.split[rank]
+        if self.grain is None:
+            self.grain = _grain(layer)
+            self.units = _units(_width(_down_of(layer)), world, self.grain)
+        if self.latent is not None:
+            _cut_latent(layer, native, self.latent, q_first, heads, rank, f"layers.{index}")
+        elif layer.qkv is not None:  # (a Mamba layer has none: it runs whole on every rank)
+            layer.qkv = _rows(layer.qkv, self.qkv_rows, f"layers.{index}.qkv")
+            layer.o = _columns(layer.o, q_first * d, heads * d, rank == 0, f"layers.{index}.o")
+        if layer.cross_q is not None:
+            _cut_cross(layer, native, first, count, q_first, heads, rank, f"layers.{index}")
+        # A mixture-of-experts layer: every expert cut like a dense MLP (its units shared out
+        # over the ranks), the router whole on every rank, so each rank routes alike
+        mlps = ([(layer, f"layers.{index}")] if layer.down is not None else
+                [(expert, f"layers.{index}.experts.{e}") for e, expert in enumerate(layer.experts)])
+        if layer.shared is not None:
+            mlps.append((layer.shared, f"layers.{index}.shared"))
+        for owner, name in mlps:
+            kept = _cut_mlp(owner, rank, world, self.grain, self.gated, name)
+            self.width = self.width or kept
+
+    def finish(self) -> None:
+        """The lm_head's vocabulary rows, the position biases' heads, and the model's sizes
+        and all-reduce: call once every layer is cut."""
+        native, rank, world, split = self.native, self.rank, self.world, self.split
+        _, count, q_first, heads = split[rank]
+        vocab = _rows_out(native.lm_head)
+        per = -(-vocab // world)
+        first, last = rank * per, min(vocab, (rank + 1) * per)
+        native.lm_head = _rows(native.lm_head, torch.arange(first, last), "lm_head")
+        native.vocab = (vocab, first, last)
+        if native.alibi_slopes is not None:
+            native.alibi_slopes = native.alibi_slopes[q_first:q_first + heads].contiguous()
+        if native.relative_bias is not None:  # T5: [heads, queries, keys] -> this rank's heads
+            native.relative_bias = _HeadSlice(native.relative_bias, q_first, heads)
+        native.heads, native.intermediate = heads, self.width
+        if self.latent is None:
+            native.kv_heads = count
+            native.set_kv_map(self.local_kv)
+        native.comm = self.comm
+        native.tp_split = {"kv_heads": [kv for _, kv, _, _ in split],
+                           "heads": [n for _, _, _, n in split], "mlp_units": self.units}
+        share = 1 if self.latent is not None else max(1, world // native.block.kv_heads)
+        if share > 1:  # ranks per KV head
+            native.tp_split["kv_replicated_on_ranks"] = share
+        shared = sum(kv for _, kv, _, _ in split) - native.block.kv_heads
+        if self.latent is None and share == 1 and shared > 0:  # groups straddling two ranks
+            native.tp_split["kv_heads_on_two_ranks"] = shared
+        if any(layer.mamba is not None for layer in native.layers):
+            native.tp_split["mamba"] = "whole on every rank"
+        native._plan, native._plan_note = None, ""  # rebuilt over the slices
+
+
 def shard(native: Any, comm: Communicator) -> None:
     """Cut `native` (a NativeModel, float or with quantized projections installed) to this
     rank's slice, in place, and make its steps all-reduce through `comm`."""
-    world, rank = comm.world, comm.rank
-    check(native, world)
-    d = native.head_dim
-    latent = native.block.latent
-    split = attention_split(native, world)
-    first, count, q_first, heads = split[rank]
-    local_kv = kv_map(native, split[rank])
-    share = 1 if latent is not None else max(1, world // native.kv_heads)  # ranks per KV head
-    q_rows = torch.arange(q_first * d, (q_first + heads) * d)
-    k_rows = native.heads * d + torch.arange(first * d, (first + count) * d)
-    qkv_rows = torch.cat((q_rows, k_rows, k_rows + native.kv_heads * d))
-    grain = _grain(native)
-    units = _units(_width(_down_of(native.layers[0])), world, grain)
-    gated = native.block.mlp == "gated"
-    width = 0
-    for i, layer in enumerate(native.layers):
-        if latent is not None:
-            _cut_latent(layer, native, latent, q_first, heads, rank, f"layers.{i}")
-        elif layer.qkv is not None:  # (a Mamba layer has none: it runs whole on every rank)
-            layer.qkv = _rows(layer.qkv, qkv_rows, f"layers.{i}.qkv")
-            layer.o = _columns(layer.o, q_first * d, heads * d, rank == 0, f"layers.{i}.o")
-        if layer.cross_q is not None:
-            _cut_cross(layer, native, first, count, q_first, heads, rank, f"layers.{i}")
-        # A mixture-of-experts layer: every expert cut like a dense MLP (its units shared out
-        # over the ranks), the router whole on every rank, so each rank routes alike
-        mlps = ([(layer, f"layers.{i}")] if layer.down is not None else
-                [(expert, f"layers.{i}.experts.{e}") for e, expert in enumerate(layer.experts)])
-        if layer.shared is not None:
-            mlps.append((layer.shared, f"layers.{i}.shared"))
-        for owner, name in mlps:
-            kept = _cut_mlp(owner, rank, world, grain, gated, name)
-            width = width or kept
-    vocab = _rows_out(native.lm_head)
-    per = -(-vocab // world)
-    first, last = rank * per, min(vocab, (rank + 1) * per)
-    native.lm_head = _rows(native.lm_head, torch.arange(first, last), "lm_head")
-    native.vocab = (vocab, first, last)
-    if native.alibi_slopes is not None:
-        native.alibi_slopes = native.alibi_slopes[q_first:q_first + heads].contiguous()
-    if native.relative_bias is not None:  # T5: [heads, queries, keys] -> this rank's heads
-        native.relative_bias = _HeadSlice(native.relative_bias, q_first, heads)
-    native.heads, native.intermediate = heads, width
-    if latent is None:
-        native.kv_heads = count
-        native.set_kv_map(local_kv)
-    native.comm = comm
-    native.tp_split = {"kv_heads": [kv for _, kv, _, _ in split],
-                       "heads": [n for _, _, _, n in split], "mlp_units": units}
-    if share > 1:
-        native.tp_split["kv_replicated_on_ranks"] = share
-    shared = sum(kv for _, kv, _, _ in split) - native.block.kv_heads
-    if latent is None and share == 1 and shared > 0:  # groups straddling two ranks
-        native.tp_split["kv_heads_on_two_ranks"] = shared
-    if any(layer.mamba is not None for layer in native.layers):
-        native.tp_split["mamba"] = "whole on every rank"
-    native._plan, native._plan_note = None, ""  # rebuilt over the slices
+    cutter = Cutter(native, comm, any(layer.cross_q is not None for layer in native.layers))
+    for index, layer in enumerate(native.layers):
+        cutter.layer(index, layer)
+    cutter.finish()
 
 
 def communicator(rank: int, world: int, shared_memory: bool) -> Communicator:

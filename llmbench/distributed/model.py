@@ -220,7 +220,7 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
     every rank and then sliced, which needs the whole model's memory on each rank."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     from llmbench.models import REMOTE_CODE_FAMILIES, LoadedModel, load_config
@@ -238,12 +238,7 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
     remote = family.model_type in REMOTE_CODE_FAMILIES
     auto_class = AutoModelForSeq2SeqLM if family.seq2seq else AutoModelForCausalLM
     start = time.perf_counter()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=remote)
-    except Exception as exc:
-        raise UserError(f"cannot load the tokenizer of {source.display_name}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(source, remote)
 
     files = weight_files(Path(source.path)) if source.kind != "hub" else []
     model = None
@@ -337,6 +332,19 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
                        local_weight_bytes=local, notes=notes, checkpoint=checkpoint)
 
 
+def load_tokenizer(source: Any, remote: bool) -> Any:
+    """The model's tokenizer, with a pad token (batches need one; eos is the usual stand-in)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=remote)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of {source.display_name}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_autotp_multimodal(settings: Settings, request: Any, info: RankInfo
                            ) -> tuple[AutoTPModel, Any]:
     """A multimodal model whole on every rank, its language model then sharded by AutoTP (the
@@ -370,33 +378,52 @@ def load_autotp_multimodal(settings: Settings, request: Any, info: RankInfo
 def load_native_tp(settings: Settings, scheme: Any, info: RankInfo,
                    shared_memory: bool, request: Any = None
                    ) -> tuple[AutoTPModel | None, Any, Any, str | None]:
-    """--autotp --backend native: the model whole on every rank (quantized whole, as one
-    process would, when asked), made a NativeModel (a multimodal model's language model: its
-    encoders stay transformers' own, run whole on every rank), then cut to this rank's slice
+    """--autotp --backend native: from a local folder of safetensors, the model read layer by
+    layer, each layer made native (quantized as one process would, when asked) and cut to this
+    rank's slice before the next is read (distributed.native_load); otherwise the model whole
+    on every rank (quantized whole), made a NativeModel (a multimodal model's language model:
+    its encoders stay transformers' own, run whole on every rank), then cut
     (backends.tensor_parallel). Returns (AutoTPModel, PreparedModel, Prompt of a multimodal
     request or None, None), or (None, None, None, reason) on every rank alike when this model
     or setting is not cut natively (the caller runs AutoTP stock)."""
     from llmbench.backends import tensor_parallel
     from llmbench.backends.blocks import Unsupported
+    from llmbench.distributed import native_load
 
     if info.local_rank == 0:
-        source, _ = resolve_local(settings.model.model_name_or_path)
+        source, conversion_seconds = resolve_local(settings.model.model_name_or_path)
     barrier()
     if info.local_rank != 0:
-        source, _ = resolve_local(settings.model.model_name_or_path)
+        source, conversion_seconds = resolve_local(settings.model.model_name_or_path)
     path = source.path if source.kind != "hub" else settings.model.model_name_or_path
-    loaded, prepared, prompt, reason = _native_whole(settings, scheme, path, request,
-                                                     announce=info.rank == 0)
-    native = None
-    if reason is None:
-        native = getattr(prepared.model, "native", prepared.model)  # a multimodal runner's
-        comm = tensor_parallel.communicator(info.rank, info.world_size, shared_memory)
+    comm = tensor_parallel.communicator(info.rank, info.world_size, shared_memory)
+    # Layer by layer where the checkpoint allows (each rank then holds its slice and one layer),
+    # else the whole model on every rank, then cut.
+    problem = native_load.stream_problem(settings, scheme, source, request)
+    reason = native = prompt = None
+    if problem is None:
         try:
-            start = time.perf_counter()
-            tensor_parallel.shard(native, comm)
-            loaded.load_seconds += time.perf_counter() - start
+            streamed = native_load.load_streamed(settings, scheme, source, conversion_seconds,
+                                                 comm, load_tokenizer(source, False))
         except Unsupported as exc:
+            streamed = None
             reason = str(exc)
+        if isinstance(streamed, str):
+            problem = streamed
+        elif streamed is not None:
+            loaded, prepared = streamed
+            native = prepared.model
+    if problem is not None:
+        loaded, prepared, prompt, reason = _native_whole(settings, scheme, path, request,
+                                                         announce=info.rank == 0)
+        if reason is None:
+            native = getattr(prepared.model, "native", prepared.model)  # a multimodal runner's
+            try:
+                start = time.perf_counter()
+                tensor_parallel.shard(native, comm)
+                loaded.load_seconds += time.perf_counter() - start
+            except Unsupported as exc:
+                reason = str(exc)
     # Every rank must take the same path: one rank on stock AutoTP and another on the native
     # step would wait for each other's collectives forever (a slice can be refused on one rank
     # only, e.g. a narrow expert that leaves a rank no units).
@@ -413,16 +440,21 @@ def load_native_tp(settings: Settings, scheme: Any, info: RankInfo,
         prepared.details["quantization"].update({
             "applied": ("the checkpoint's INT4 weights loaded whole on every rank" if
                         loaded.quantized is not None else "quantized whole on every rank as "
-                        "one process would") + ", then each rank cut its slices of the integers "
-                       "and scales",
+                        "one process would" if problem is not None else "each layer quantized "
+                        "whole on every rank as one process would, as it was read") +
+                       ", then each rank cut its slices of the integers and scales",
             "weight_bytes_per_token": loaded.decode_weight_bytes})
     notes = []
+    if problem is not None:
+        notes.append(f"loading the whole model on every rank: {problem}")
     if request is not None:
         notes.append("a multimodal model loads whole on every rank; its language model runs "
                      "native, cut across the ranks; the encoders ("
                      f"{', '.join(multimodal_encoders(request))}) run whole on every rank")
-    return (AutoTPModel(loaded=loaded, load_path="whole model per rank, cut by llmbench",
-                        local_weight_bytes=local, notes=notes), prepared, prompt, None)
+    load_path = ("whole model per rank, cut by llmbench" if problem is not None
+                 else native_load.LOAD_PATH)
+    return (AutoTPModel(loaded=loaded, load_path=load_path, local_weight_bytes=local,
+                        notes=notes), prepared, prompt, None)
 
 
 def multimodal_encoders(request: Any) -> tuple[str, ...]:

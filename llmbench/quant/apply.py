@@ -56,14 +56,14 @@ def linear_modules(model: torch.nn.Module, lm_head: bool = True) -> dict[str, to
     """The nn.Linear modules quantization covers, by name: every one at least MIN_IN_FEATURES
     wide (and, unless lm_head, not the output projection)."""
     output = model.get_output_embeddings()
-    found = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module.in_features < MIN_IN_FEATURES:
-            continue
-        if module is output and not lm_head:
-            continue
-        found[name] = module
-    return found
+    return {name: module for name, module in model.named_modules()
+            if is_quantized_linear(module, module is output, lm_head)}
+
+
+def is_quantized_linear(module: Any, is_output: bool, lm_head: bool) -> bool:
+    """Whether weight-only quantization covers this module (linear_modules' rule)."""
+    return (isinstance(module, torch.nn.Linear) and module.in_features >= MIN_IN_FEATURES
+            and (lm_head or not is_output))
 
 
 def projection_scheme(scheme: Scheme, is_output: bool) -> Scheme:
@@ -149,20 +149,27 @@ def install_native(native: Any, qlinears: dict[str, Any]) -> int:
     """Map quantized projections into a NativeModel through its `sources` (which HF modules,
     which rows, in which order: llmbench.backends.blocks); returns how many projections it
     replaced. A projection whose parts are not all quantized stays float."""
-    replaced = 0
-
-    def convert(name: str, linear: Any) -> Any:
-        nonlocal replaced
-        sources = native.sources[name]
-        if not all(source.name in qlinears for source in sources):
-            return linear
-        replaced += 1
-        return fuse([qlinears[source.name] if source.rows is None
-                      else take_rows(qlinears[source.name], source.rows)
-                      for source in sources])
-
+    convert = NativeConverter(native, qlinears)
     native.map_linears(convert)
-    return replaced
+    return convert.replaced
+
+
+class NativeConverter:
+    """What NativeModel.map_linears / map_layer call for each projection: the quantized one
+    fused from `qlinears` by the projection's sources, or the float one where they are not all
+    quantized. `replaced` counts the projections replaced."""
+
+    def __init__(self, native: Any, qlinears: dict[str, Any]) -> None:
+        self.native, self.qlinears, self.replaced = native, qlinears, 0
+
+    def __call__(self, name: str, linear: Any) -> Any:
+        sources = self.native.sources[name]
+        if not all(source.name in self.qlinears for source in sources):
+            return linear
+        self.replaced += 1
+        return fuse([self.qlinears[source.name] if source.rows is None
+                     else take_rows(self.qlinears[source.name], source.rows)
+                     for source in sources])
 
 
 def float_bytes_outside(model: torch.nn.Module, swapped: set[str]) -> int:
@@ -293,6 +300,15 @@ def quantization_details(qlinears: dict[str, Any], scheme: Scheme) -> dict[str, 
     return details
 
 
+def ready_to_run(qlinears: dict[str, Any], scheme: Scheme, dtype: str) -> dict[str, Any]:
+    """The projections as a model in `dtype` runs them: fallback (float) projections in that
+    dtype, each set to compute as --lowp-mode says (set_compute)."""
+    if dtype == "bfloat16":
+        qlinears = {n: q.to_bf16() if isinstance(q, FloatLinear) else q
+                    for n, q in qlinears.items()}
+    return set_compute(qlinears, scheme)
+
+
 def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dtype: str,
                       kv_cache_dtype: str, scheme: Scheme,
                       float_overrides: dict[str, torch.Tensor] | None = None) -> Any:
@@ -305,10 +321,7 @@ def prepare_quantized(loaded: Any, qlinears: dict[str, Any], *, backend: str, dt
                         "quantization path is not wired in")
     model = loaded.model
     set_float_tensors(model, float_overrides or {})
-    if dtype == "bfloat16":  # fallback projections run in the model's dtype
-        qlinears = {n: q.to_bf16() if isinstance(q, FloatLinear) else q
-                    for n, q in qlinears.items()}
-    qlinears = set_compute(qlinears, scheme)
+    qlinears = ready_to_run(qlinears, scheme, dtype)
     if scheme.lowp_mode in LOWP_DTYPES:
         print(f"note: {lowp_description(scheme.lowp_mode)}", flush=True)
     swapped = set(qlinears)
