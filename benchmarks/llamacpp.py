@@ -103,18 +103,27 @@ def measure(model_file: Path, prompt_ids: list[int], new_tokens: int, num_iter: 
     llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=len(prompt_ids) + new_tokens + 8,
                           n_batch=len(prompt_ids) + new_tokens + 8, n_ubatch=512,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:
+        # the last position's logits straight from the context: llm.scores is only filled
+        # with logits_all=True (which would compute them for every prompt position), and
+        # read as zeros it made every "greedy" token id 0 here until 2026-12-07
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(vocab,))))
+
     firsts, nexts, tokens = [], [], []
     for iteration in range(num_warmup + num_iter):
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt_ids)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = greedy()
         first = time.perf_counter() - start
         steps, tokens = [], [token]
         for _ in range(new_tokens - 1):
             start = time.perf_counter()
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = greedy()
             steps.append(time.perf_counter() - start)
             tokens.append(token)
         if iteration >= num_warmup:

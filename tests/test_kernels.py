@@ -113,16 +113,20 @@ def test_linear_f32(isa, M, N, Kd, gs, bias):
 
 @pytest.mark.parametrize("M", [12, 13, 16, 20, 33, 40, 46, 64, 70, 150])
 def test_linear_f32_outer_products(isa, M):
-    """fp32 prefills as outer products (gemv_impl.h, AVX-512 paths; the dense tiles elsewhere):
-    one padded vector, none between one and two vectors, a remainder on the dense tiles (40,
-    70), a padded last vector (46), several chunks (70, 150), weight-row tails (N % 8), a K
-    tail, a bias, and rows of x further apart than K (a column slice)."""
+    """fp32 prefills as outer products (gemv_impl.h, AVX2 and AVX-512 paths; the dense tiles
+    elsewhere), and bf16 ones on AVX2 (each tile's rows widened first): one padded vector, none
+    between one and two vectors, a remainder on the dense tiles (40, 70), a padded last vector
+    (46), several chunks (70, 150), weight-row tails (N % 8), a K tail, a bias, and rows of x
+    further apart than K (a column slice)."""
     x, w, b = _data(M, 141, 67, True)
     wide = torch.zeros(M, 80)
     wide[:, :67] = x
     compiled = K.compiled()
     _check(compiled.linear_f32(wide[:, :67], w, b), R.linear_f32(x, w, b), x, w, b)
     _check(compiled.linear_f32(x, w, None), R.linear_f32(x, w, None), x, w, None)
+    wb = w.bfloat16()
+    _check(compiled.linear_bf16w(wide[:, :67], wb, b), R.linear_bf16w(x, wb, b), x, wb.float(), b)
+    _check(compiled.linear_bf16w(x, wb, None), R.linear_bf16w(x, wb, None), x, wb.float(), None)
 
 
 def test_set_outer_rows_switches_the_outer_products(isa):

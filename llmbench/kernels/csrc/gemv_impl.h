@@ -524,6 +524,56 @@ void rows_f32(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 }
 #define LLMB_F32_ROWS &rows_f32
 #define LLMB_F32_PREP &prep_f32
+
+// bf16 weights from as many rows on as fp32 ones (LLMB_BF16_OUTER: paths without bf16 dot
+// products): each tile's R rows are widened once into an fp32 buffer that stays in L1, and
+// the fp32 outer products run on it against every chunk of rows, where the dense bf16 tiles
+// widened every weight again for each tile of activation rows.
+#if defined(LLMB_BF16_OUTER)
+template <int R>
+inline void widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, int64_t M,
+                          float* buf) {
+  const int64_t K = a.K, kv = K / W * W;
+  GemvArgs b = a;  // the fp32 tiles on buf: its rows 0..R-1 are weight rows n..n+R-1
+  b.w = buf;
+  int64_t n = n_begin;
+  auto tile = [&](auto rows_const) {
+    constexpr int RT = decltype(rows_const)::value;
+    for (int r = 0; r < RT; ++r) {
+      const uint16_t* w = static_cast<const uint16_t*>(a.w) + (n + r) * K;
+      float* o = buf + r * K;
+      for (int64_t k = 0; k < kv; k += W) vst_f32(o + k, FmtBF16::load(w + k));
+      for (int64_t k = kv; k < K; ++k) o[k] = bf16_bits_to_f32(w[k]);
+    }
+    b.y = a.y + n;
+    b.bias = a.bias ? a.bias + n : nullptr;
+    outer_rows_tile<RT>(b, 0, M);
+    n += RT;
+  };
+  while (n + R <= n_end) tile(std::integral_constant<int, R>{});
+  if constexpr (R > 4)
+    while (n + 4 <= n_end) tile(std::integral_constant<int, 4>{});
+  while (n < n_end) tile(std::integral_constant<int, 1>{});
+}
+
+// False (nothing computed) where x is not on the outer products or the buffer can't be had:
+// the caller runs its own bf16 tiles.
+bool rows_bf16_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  const int64_t M = outer_m(a);
+  if (M == 0 || a.xp == nullptr) return false;
+  // malloc, not a std container: this header is compiled under ISA target pragmas.
+  float* buf = static_cast<float*>(std::malloc(sizeof(float) * 8 * a.K));
+  if (buf == nullptr) return false;
+  switch ((M < kOuterChunk ? M + W - 1 : kOuterChunk) / W) {
+    case 1: widened_outer<outer_r(1)>(a, n_begin, n_end, M, buf); break;
+    case 2: widened_outer<outer_r(2)>(a, n_begin, n_end, M, buf); break;
+    case 3: widened_outer<outer_r(3)>(a, n_begin, n_end, M, buf); break;
+    default: widened_outer<outer_r(LLMB_OUTER_MV)>(a, n_begin, n_end, M, buf); break;
+  }
+  std::free(buf);
+  return true;
+}
+#endif
 #else
 #define LLMB_F32_ROWS &rows<DenseKern<FmtF32>>
 #define LLMB_F32_PREP nullptr

@@ -519,10 +519,29 @@ struct I4Q8Kern {
 #endif
 
 // The table of a unit that has both shims: these kernels for bf16, int8 and int4.
+#if defined(LLMB_BF16_OUTER)
+// bf16 weights on the fp32 outer products from their row threshold on (gemv_impl.h), on the
+// pair tiles below it; x is laid out for whichever runs.
+void rows_bf16_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  if (!rows_bf16_outer(a, n_begin, n_end)) rows<BF16PairKern>(a, n_begin, n_end);
+}
+void prep_bf16_int(const GemvArgs& a, float* out) {
+  if (outer_m(a) > 0)
+    prep_f32(a, out);
+  else
+    prep_bf16(a, out);
+}
+#define LLMB_INT_BF16_ROWS &rows_bf16_int
+#define LLMB_INT_BF16_PREP &prep_bf16_int
+#else
+#define LLMB_INT_BF16_ROWS &rows<BF16PairKern>
+#define LLMB_INT_BF16_PREP &prep_bf16
+#endif
+
 #define LLMB_INT_KERNEL_TABLE(NAME)                                                    \
   {                                                                                    \
-    NAME, {LLMB_F32_ROWS, &rows<BF16PairKern>, &rows<I8Int16Kern>,                            \
+    NAME, {LLMB_F32_ROWS, LLMB_INT_BF16_ROWS, &rows<I8Int16Kern>,                      \
            LLMB_I4_INT16 ? &rows_i4_int : &rows_i4},                                   \
-    {LLMB_F32_PREP, &prep_bf16, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr}         \
+    {LLMB_F32_PREP, LLMB_INT_BF16_PREP, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr}  \
     LLMB_STEP_FNS LLMB_I4Q8_FNS                                                        \
   }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
 
@@ -72,6 +73,9 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
 #define LLMB_OUTER_M_MIN 8
 #define LLMB_OUTER_MV 2
 #define LLMB_OUTER_REGS 16
+// bf16 weights on those outer products too, each tile's rows widened once (no bf16 dot
+// products here).
+#define LLMB_BF16_OUTER 1
 #include "gemv_impl.h"
 
 using VI = __m256i;
