@@ -525,26 +525,20 @@ void rows_f32(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 #define LLMB_F32_ROWS &rows_f32
 #define LLMB_F32_PREP &prep_f32
 
-// bf16 weights from as many rows on as fp32 ones (LLMB_BF16_OUTER: paths without bf16 dot
-// products): each tile's R rows are widened once into an fp32 buffer that stays in L1, and
-// the fp32 outer products run on it against every chunk of rows, where the dense bf16 tiles
-// widened every weight again for each tile of activation rows.
-#if defined(LLMB_BF16_OUTER)
-template <int R>
+// Weights of other formats on these outer products, tile by tile: each tile's R weight rows
+// are made fp32 once (widen(n, out): row n's K floats) into `buf`, which stays in L1, and the
+// outer products run on it against every chunk of rows, where the formats' own tiles convert
+// every weight again for each tile of activation rows. buf holds 8 rows of K floats.
+template <int R, class Widen>
 inline void widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, int64_t M,
-                          float* buf) {
-  const int64_t K = a.K, kv = K / W * W;
+                          float* buf, const Widen& widen) {
   GemvArgs b = a;  // the fp32 tiles on buf: its rows 0..R-1 are weight rows n..n+R-1
   b.w = buf;
+  b.scales = nullptr;
   int64_t n = n_begin;
   auto tile = [&](auto rows_const) {
     constexpr int RT = decltype(rows_const)::value;
-    for (int r = 0; r < RT; ++r) {
-      const uint16_t* w = static_cast<const uint16_t*>(a.w) + (n + r) * K;
-      float* o = buf + r * K;
-      for (int64_t k = 0; k < kv; k += W) vst_f32(o + k, FmtBF16::load(w + k));
-      for (int64_t k = kv; k < K; ++k) o[k] = bf16_bits_to_f32(w[k]);
-    }
+    for (int r = 0; r < RT; ++r) widen(n + r, buf + r * a.K);
     b.y = a.y + n;
     b.bias = a.bias ? a.bias + n : nullptr;
     outer_rows_tile<RT>(b, 0, M);
@@ -556,22 +550,36 @@ inline void widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, int
   while (n < n_end) tile(std::integral_constant<int, 1>{});
 }
 
-// False (nothing computed) where x is not on the outer products or the buffer can't be had:
-// the caller runs its own bf16 tiles.
-bool rows_bf16_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+// False (nothing computed) where x is not laid out for the outer products (prep_f32) or the
+// buffer can't be had: the caller runs its format's own tiles.
+template <class Widen>
+bool rows_widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, const Widen& widen) {
   const int64_t M = outer_m(a);
   if (M == 0 || a.xp == nullptr) return false;
   // malloc, not a std container: this header is compiled under ISA target pragmas.
   float* buf = static_cast<float*>(std::malloc(sizeof(float) * 8 * a.K));
   if (buf == nullptr) return false;
   switch ((M < kOuterChunk ? M + W - 1 : kOuterChunk) / W) {
-    case 1: widened_outer<outer_r(1)>(a, n_begin, n_end, M, buf); break;
-    case 2: widened_outer<outer_r(2)>(a, n_begin, n_end, M, buf); break;
-    case 3: widened_outer<outer_r(3)>(a, n_begin, n_end, M, buf); break;
-    default: widened_outer<outer_r(LLMB_OUTER_MV)>(a, n_begin, n_end, M, buf); break;
+    case 1: widened_outer<outer_r(1)>(a, n_begin, n_end, M, buf, widen); break;
+    case 2: widened_outer<outer_r(2)>(a, n_begin, n_end, M, buf, widen); break;
+    case 3: widened_outer<outer_r(3)>(a, n_begin, n_end, M, buf, widen); break;
+    default: widened_outer<outer_r(LLMB_OUTER_MV)>(a, n_begin, n_end, M, buf, widen); break;
   }
   std::free(buf);
   return true;
+}
+#define LLMB_WIDENED_OUTER 1
+
+// bf16 weights from as many rows on as fp32 ones (LLMB_BF16_OUTER: paths without bf16 dot
+// products).
+#if defined(LLMB_BF16_OUTER)
+bool rows_bf16_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  const int64_t K = a.K, kv = K / W * W;
+  return rows_widened_outer(a, n_begin, n_end, [&](int64_t n, float* o) {
+    const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * K;
+    for (int64_t k = 0; k < kv; k += W) vst_f32(o + k, FmtBF16::load(w + k));
+    for (int64_t k = kv; k < K; ++k) o[k] = bf16_bits_to_f32(w[k]);
+  });
 }
 #endif
 #else
@@ -759,7 +767,14 @@ inline bool dequant_prefill(const GemvArgs& a) {
 }
 
 // False (nothing computed) when the buffer can't be allocated: the caller runs its own tiles.
+// Where x is laid out for the outer products (prep_i4_int), the dequantized rows run them
+// (rows_widened_outer), else 4 rows at a time on the dense fp32 tiles.
 bool rows_dequant_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+#if defined(LLMB_WIDENED_OUTER)
+  if (rows_widened_outer(a, n_begin, n_end,
+                         [&](int64_t n, float* out) { dequant_row_i4(a, n, out); }))
+    return true;
+#endif
   const int64_t K = a.K;
   // malloc, not a std container: this header is compiled under ISA target pragmas.
   float* buf = static_cast<float*>(std::malloc(sizeof(float) * 4 * K));

@@ -369,6 +369,15 @@ struct I4Int16Kern {
   }
 };
 
+// x for the int4 x int16 kernels, or for the outer products where dequantized rows run them
+// (rows_dequant_i4: the prefill rows of dequant_prefill).
+void prep_i4_int(const GemvArgs& a, float* out) {
+#if defined(LLMB_WIDENED_OUTER)
+  if (dequant_prefill(a) && outer_m(a) > 0) return prep_f32(a, out);
+#endif
+  prep_i4(a, out);
+}
+
 void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   if (i4_int_ok(a) && !dequant_prefill(a)) {
     rows<I4Int16Kern>(a, n_begin, n_end);
@@ -542,6 +551,6 @@ void prep_bf16_int(const GemvArgs& a, float* out) {
   {                                                                                    \
     NAME, {LLMB_F32_ROWS, LLMB_INT_BF16_ROWS, &rows<I8Int16Kern>,                      \
            LLMB_I4_INT16 ? &rows_i4_int : &rows_i4},                                   \
-    {LLMB_F32_PREP, LLMB_INT_BF16_PREP, &prep_i8, LLMB_I4_INT16 ? &prep_i4 : nullptr}  \
+    {LLMB_F32_PREP, LLMB_INT_BF16_PREP, &prep_i8, LLMB_I4_INT16 ? &prep_i4_int : nullptr} \
     LLMB_STEP_FNS LLMB_I4Q8_FNS                                                        \
   }

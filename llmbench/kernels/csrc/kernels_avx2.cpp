@@ -76,6 +76,10 @@ inline void vld_i4x32(const uint8_t* p, V* q) {
 // bf16 weights on those outer products too, each tile's rows widened once (no bf16 dot
 // products here).
 #define LLMB_BF16_OUTER 1
+// INT4 weight-only prefill rows dequantized to fp32 once per tile, on the same outer products
+// (rows_dequant_i4), for K up to 1536 (the tile's rows then stay in L1).
+#define LLMB_DEQUANT_PREFILL_M 8
+#define LLMB_DEQUANT_PREFILL_KMAX 1536
 #include "gemv_impl.h"
 
 using VI = __m256i;
