@@ -130,6 +130,23 @@ def test_query_heads_split_across_a_kv_group(tmp_path, embedded_model_dir, decod
                                                             else 1, beams=beams)
 
 
+def test_query_heads_split_on_the_int4_groups(tmp_path, embedded_model_dir):
+    """INT4 groups wider than a head (32 over 16-wide heads, as SmolLM2's 128 over 64): the
+    ranks' query heads are split so that o's column cut falls on whole groups (4 + 5 heads,
+    where 5 + 4 would cut a group: before, the run stopped there). The tokens are one native
+    process's with the same quantization."""
+    model = make_tiny_model("llama", tmp_path / "model", embedded_model_dir, hidden_size=144,
+                            num_attention_heads=9, num_key_value_heads=3)
+    flags = ["--ipex-weight-only-quantization", "--weight-dtype", "INT4", "--group-size", "32"]
+    result = launch("-m", str(model), "--backend", "native", *RUN, *flags,
+                    "--output-dir", str(tmp_path / "out"), timeout=600, launcher="direct")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = only_report(tmp_path / "out")
+    assert report["backend"]["name"] == "native"
+    assert report["backend"]["tensor_parallel"]["heads"] == [4, 5]
+    assert report["generated_token_ids"] == single_instance(model, flags)
+
+
 @pytest.mark.parametrize("method", ["gptq_v2", "awq"])
 def test_checkpoint_folder_two_ranks_native_match_one_process(tiny, tmp_path, method):
     """-m of a GPTQ / AWQ folder (INT4, group 32): every rank cuts its slices of the folder's
@@ -300,6 +317,10 @@ def test_attention_split_shares_out_heads():
                                                                         (0, 1, 2, 2)]
     # Falcon-7B
     assert attention_split(native(71, 1), 2, False) == [(0, 1, 0, 36), (0, 1, 36, 35)]
+    # INT4 groups of 128 in o over 64-wide heads: boundaries at even heads (4 + 5, not 5 + 4)
+    assert attention_split(native(9, 3), 2, False, 2) == [(0, 2, 0, 4), (1, 2, 4, 5)]
+    assert attention_split(native(3, 3), 2, False, 2) == [(0, 2, 0, 2), (2, 1, 2, 1)]
+    assert attention_split(native(2, 2), 2, False, 2) == [(0, 1, 0, 1), (1, 1, 1, 1)]  # too few
     for heads, kv_heads, world in ((4, 3, 6), (8, 3, 4), (2, 1, 4)):
         with pytest.raises(Unsupported):
             check(native(heads, kv_heads), world)

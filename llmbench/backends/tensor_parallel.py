@@ -38,6 +38,7 @@ smaller.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,17 @@ class Communicator:
 def _even(count: int, world: int) -> list[int]:
     """count split into world runs as even as possible, the larger first."""
     return [count // world + (1 if r < count % world else 0) for r in range(world)]
+
+
+def _even_steps(count: int, world: int, step: int) -> list[int]:
+    """count split into world runs as even as possible in whole steps (every run but the last
+    a multiple of `step`, the remainder on the last); plain _even where that leaves a run
+    empty."""
+    if step <= 1 or count // step < world:
+        return _even(count, world)
+    runs = [n * step for n in _even(count // step, world)]
+    runs[-1] += count - sum(runs)
+    return runs
 
 
 def _units(inter: int, world: int, grain: int) -> list[int]:
@@ -137,7 +149,18 @@ def check(native: Any, world: int) -> None:
                           "the same number of ranks, which split its query heads)")
 
 
-def attention_split(native: Any, world: int, cross: bool) -> list[tuple[int, int, int, int]]:
+def head_step(native: Any, o_group: int) -> int:
+    """Query heads per rank boundary so that the output projection's column cut falls on its
+    quantization groups (o_group input channels; 0: float, any head): SmolLM2's 64-wide heads
+    with INT4 groups of 128 cut at even heads."""
+    if o_group <= 0:
+        return 1
+    width = native.block.latent.v_dim if native.block.latent is not None else native.head_dim
+    return o_group // math.gcd(o_group, width)
+
+
+def attention_split(native: Any, world: int, cross: bool,
+                    step: int = 1) -> list[tuple[int, int, int, int]]:
     """Per rank: (first KV head, KV heads, first query head, query heads). Latent attention:
     query heads, the latent (one KV head every head reads) whole on every rank. KV heads >=
     ranks: the query heads as evenly as the count allows, each rank with the KV heads its
@@ -146,9 +169,10 @@ def attention_split(native: Any, world: int, cross: bool) -> list[tuple[int, int
     one rank waited for the other after every attention). Models with cross-attention keep
     whole groups per rank (its batched GEMMs need them). Fewer KV heads than ranks: each KV
     head on world / kv_heads ranks, which split its query heads as evenly as the count allows
-    (Falcon-7B's 71 over 2: 36 + 35)."""
+    (Falcon-7B's 71 over 2: 36 + 35). step: query heads between rank boundaries (head_step),
+    where the count allows."""
     if native.block.latent is not None:
-        split = _even(native.heads, world)
+        split = _even_steps(native.heads, world, step)
         return [(0, 1, sum(split[:r]), split[r]) for r in range(world)]
     group = native.heads // native.kv_heads
     if native.kv_heads >= world:
@@ -156,7 +180,7 @@ def attention_split(native: Any, world: int, cross: bool) -> list[tuple[int, int
             split = _even(native.kv_heads, world)
             return [(sum(split[:r]), split[r], sum(split[:r]) * group, split[r] * group)
                     for r in range(world)]
-        heads = _even(native.heads, world)
+        heads = _even_steps(native.heads, world, step)
         out = []
         for r in range(world):
             q_first = sum(heads[:r])
@@ -268,15 +292,19 @@ class Cutter:
     (before the next is even loaded, when the model is loaded layer by layer:
     llmbench.distributed.native_load), `finish` the lm_head and the model's own sizes."""
 
-    def __init__(self, native: Any, comm: Communicator, cross: bool) -> None:
+    def __init__(self, native: Any, comm: Communicator, cross: bool, first: Any) -> None:
         """native: the model's sizes (heads, kv_heads, head_dim, block) set, its layers not
-        needed yet; cross: its layers have cross-attention (whole KV-head groups per rank)."""
+        needed yet; cross: its layers have cross-attention (whole KV-head groups per rank);
+        first: the first decoder layer, quantized as it will run (the output projection's
+        groups set where ranks may split the heads)."""
         world, rank = comm.world, comm.rank
         check(native, world)
         self.native, self.comm, self.world, self.rank = native, comm, world, rank
         d = native.head_dim
         self.latent = native.block.latent
-        self.split = attention_split(native, world, cross)
+        o_group = getattr(first.o, "group_size", 0) if first.o is not None else 0
+        self.split = attention_split(native, world, cross,
+                                     head_step(native, o_group if o_group > 0 else 0))
         first, count, q_first, heads = self.split[rank]
         self.local_kv = kv_map(native, self.split[rank])
         q_rows = torch.arange(q_first * d, (q_first + heads) * d)
@@ -346,7 +374,8 @@ class Cutter:
 def shard(native: Any, comm: Communicator) -> None:
     """Cut `native` (a NativeModel, float or with quantized projections installed) to this
     rank's slice, in place, and make its steps all-reduce through `comm`."""
-    cutter = Cutter(native, comm, any(layer.cross_q is not None for layer in native.layers))
+    cutter = Cutter(native, comm, any(layer.cross_q is not None for layer in native.layers),
+                    native.layers[0])
     for index, layer in enumerate(native.layers):
         cutter.layer(index, layer)
     cutter.finish()

@@ -262,7 +262,7 @@ class LayerStream:
         if self.cutter is None:
             # (encoder-decoder and multimodal models, the ones with cross-attention, are not
             # streamed)
-            self.cutter = Cutter(native, self.comm, cross=False)
+            self.cutter = Cutter(native, self.comm, cross=False, first=layer)
         self.cutter.layer(index, layer)
         self.release(sources)
 
