@@ -515,11 +515,140 @@ struct I4Q8Kern {
     }
   }
 };
+
+#if defined(LLMB_I4Q8_OUTER)
+// From LLMB_I4Q8_OUTER activation rows on, the u8 x s8 products run as outer products, as the
+// fp32 prefill does: 4 weights of one row (u8, unpacked once per tile into an L1 buffer) are
+// broadcast against a vector holding 4 int8 levels of each of 8 activation rows, so one
+// vpmaddubsw serves 8 rows, with no horizontal sums; int16 sums of up to 8 such steps (8 x 2 x
+// 15 x 127 < 32768) are widened once into fp32 per-group sums, scaled per group at its end:
+//   y[m, n] = sum_g s[n, g] sx[m, g] (sum_{k in g} q[n, k] xq[m, k] - z[n, g] isum[m, g]).
+// prep lays out, after prep_i4q8's own (sx, isum, levels in unit order), per chunk of 8 rows:
+// sx and isum transposed [NG][8], then the levels [K / 4][8 rows][4] (rows past M zero).
+inline bool i4q8_outer(const GemvArgs& a) {
+  return a.M >= LLMB_I4Q8_OUTER && a.group_size % 32 == 0;
+}
+inline int64_t i4q8_outer_offset(const GemvArgs& a) {
+  return q8_levels_offset(a) + (a.M * a.K + 63) / 64 * 16;
+}
+inline int64_t i4q8_chunk_floats(const GemvArgs& a) { return 16 * a.ngroups + 2 * a.K; }
+
+void prep_i4q8_outer(const GemvArgs& a, float* out) {
+  prep_i4q8(a, out);
+  if (!i4q8_outer(a)) return;
+  const int64_t M = a.M, K = a.K, NG = a.ngroups, C = (M + 7) / 8;
+  const float* sx = out;
+  const float* isum = out + M * NG;
+  const int8_t* q = reinterpret_cast<const int8_t*>(out + q8_levels_offset(a));
+  for (int64_t c = 0; c < C; ++c) {
+    float* sxT = out + i4q8_outer_offset(a) + c * i4q8_chunk_floats(a);
+    float* isT = sxT + 8 * NG;
+    int8_t* xo = reinterpret_cast<int8_t*>(isT + 8 * NG);
+    for (int64_t g = 0; g < NG; ++g)
+      for (int j = 0; j < 8; ++j) {
+        const int64_t m = c * 8 + j;
+        sxT[g * 8 + j] = m < M ? sx[m * NG + g] : 0.f;
+        isT[g * 8 + j] = m < M ? isum[m * NG + g] : 0.f;
+      }
+    for (int j = 0; j < 8; ++j) {
+      const int64_t m = c * 8 + j;
+      for (int64_t k = 0; k < K; k += 4) {
+        // natural positions k..k+3 -> their place in prep_i4q8's unit order (see above):
+        // four in a row there too
+        const int64_t i = k % 64;
+        const int64_t pos = k - i + (i < 16 ? i : i < 32 ? i + 16 : i < 48 ? i - 16 : i);
+        int32_t four = 0;
+        if (m < M) std::memcpy(&four, q + m * K + pos, sizeof(four));
+        std::memcpy(xo + k * 8 + j * 4, &four, sizeof(four));
+      }
+    }
+  }
+}
+
+// R weight rows (u8 levels at wb, K each) x the 8-row chunks [c0, c0 + CC).
+template <int R, int CC>
+inline void i4q8_outer_tile(const GemvArgs& a, int64_t n0, const uint8_t* wb, int64_t c0) {
+  const int64_t K = a.K, NG = a.ngroups, QG = a.group_size / 4;
+  const float* base = a.xp + i4q8_outer_offset(a) + c0 * i4q8_chunk_floats(a);
+  const float* sxT[CC];
+  const float* isT[CC];
+  const int8_t* xo[CC];
+  for (int c = 0; c < CC; ++c) {
+    sxT[c] = base + c * i4q8_chunk_floats(a);
+    isT[c] = sxT[c] + 8 * NG;
+    xo[c] = reinterpret_cast<const int8_t*>(isT[c] + 8 * NG);
+  }
+  V tot[R][CC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CC; ++c) tot[r][c] = vzero();
+  for (int64_t g = 0; g < NG; ++g) {
+    V gs[R][CC];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CC; ++c) gs[r][c] = vzero();
+    for (int64_t q0 = g * QG; q0 < (g + 1) * QG; q0 += 8) {
+      const int64_t q1 = q0 + 8 < (g + 1) * QG ? q0 + 8 : (g + 1) * QG;
+      VI part[R][CC];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < CC; ++c) part[r][c] = vi_zero();
+      for (int64_t qd = q0; qd < q1; ++qd) {
+        for (int r = 0; r < R; ++r) {
+          const VI w = vi_bcast4(wb + r * K + qd * 4);
+          for (int c = 0; c < CC; ++c)
+            part[r][c] = vi_dot16_u8s8(part[r][c], w, vi_load(xo[c] + qd * 32));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < CC; ++c) gs[r][c] = vadd(gs[r][c], vi_to_ps(vi_widen16(part[r][c])));
+    }
+    for (int r = 0; r < R; ++r) {
+      const V s = vset1(a.scales[(n0 + r) * NG + g]), z = vset1(a.zeros[(n0 + r) * NG + g]);
+      for (int c = 0; c < CC; ++c) {
+        const V f = vsub(gs[r][c], vmul(z, vld_f32(isT[c] + g * 8)));
+        tot[r][c] = vfma(f, vmul(s, vld_f32(sxT[c] + g * 8)), tot[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CC; ++c) {
+      float lanes[8];
+      vst_f32(lanes, tot[r][c]);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t m = (c0 + c) * 8 + j;
+        if (m < a.M) a.y[m * a.ldy + n0 + r] = lanes[j] + (a.bias ? a.bias[n0 + r] : 0.f);
+      }
+    }
+}
+
+template <int R>
+inline void i4q8_outer_rows(const GemvArgs& a, int64_t n, uint8_t* wb) {
+  for (int r = 0; r < R; ++r) unpack_i4_row(static_cast<const uint8_t*>(a.w) + (n + r) * (a.K / 2),
+                                            a.K, wb + r * a.K);
+  const int64_t C = (a.M + 7) / 8;
+  int64_t c = 0;
+  for (; c + 2 <= C; c += 2) i4q8_outer_tile<R, 2>(a, n, wb, c);
+  if (c < C) i4q8_outer_tile<R, 1>(a, n, wb, c);
+}
+
+void rows_i4q8_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  uint8_t* wb = i4q8_outer(a) ? static_cast<uint8_t*>(std::malloc(2 * a.K)) : nullptr;
+  if (wb == nullptr) return rows<I4Q8Kern>(a, n_begin, n_end);
+  int64_t n = n_begin;
+  for (; n + 2 <= n_end; n += 2) i4q8_outer_rows<2>(a, n, wb);
+  for (; n < n_end; ++n) i4q8_outer_rows<1>(a, n, wb);
+  std::free(wb);
+}
+#define LLMB_I4Q8_ROWS &rows_i4q8_outer
+#define LLMB_I4Q8_PREP &prep_i4q8_outer
+#else
+#define LLMB_I4Q8_ROWS &rows<I4Q8Kern>
+#define LLMB_I4Q8_PREP &prep_i4q8
+#endif
+
 #ifndef LLMB_I4Q8_IN_TABLE  // 0: the unit puts them in a table of its own (neondot)
 #define LLMB_I4Q8_IN_TABLE 1
 #endif
 #if LLMB_I4Q8_IN_TABLE
-#define LLMB_I4Q8_FNS , &rows<I4Q8Kern>, &prep_i4q8
+#define LLMB_I4Q8_FNS , LLMB_I4Q8_ROWS, LLMB_I4Q8_PREP
 #else
 #define LLMB_I4Q8_FNS
 #endif

@@ -128,6 +128,29 @@ inline void unit_weights(const uint8_t* p, VI* w) {
 inline VI vi_dot_u8s8(VI acc, VI w, VI x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
+// The outer-product form of the int4 x int8 prefill (gemv_int_impl.h, LLMB_I4Q8_OUTER):
+// from 8 activation rows on.
+#define LLMB_I4Q8_OUTER 8
+inline VI vi_dot16_u8s8(VI acc16, VI w, VI x) {
+  return _mm256_add_epi16(acc16, _mm256_maddubs_epi16(w, x));
+}
+inline VI vi_widen16(VI v16) { return _mm256_madd_epi16(v16, _mm256_set1_epi16(1)); }
+inline VI vi_bcast4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+// One row of packed int4 (16 bytes per 32 elements: low nibbles 0-15, high 16-31) -> K u8.
+inline void unpack_i4_row(const uint8_t* p, int64_t K, uint8_t* out) {
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + b * 16));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32), _mm_and_si128(v, low4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32 + 16),
+                     _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+  }
+}
 inline int levels16(const float* x, V scale, int8_t* q) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   V r0 = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x), scale), kRound);
