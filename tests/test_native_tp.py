@@ -206,6 +206,21 @@ def test_layer_by_layer_load_is_the_whole_load(tmp_path, embedded_model_dir, fam
         r["local_weight_bytes"] for r in whole["distributed"]["ranks"]]
 
 
+def test_a_checkpoint_cut_short_stops_every_rank_in_one_line(tmp_path, embedded_model_dir):
+    """A safetensors file cut short (a copy interrupted): the layer-by-layer load says which
+    file and by how much, on one line per rank, and the run exits non-zero."""
+    model = make_tiny_model("llama", tmp_path / "model", embedded_model_dir)
+    weights = next(model.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    result = launch("-m", str(model), "--backend", "native", *RUN,
+                    "--output-dir", str(tmp_path / "out"), timeout=600, launcher="direct")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "is cut short" in line]
+    assert errors and all(line.startswith("error: rank ") for line in errors), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_what_is_not_native_falls_back_loudly(tmp_path, embedded_model_dir):
     """An activation the native step lacks (quick_gelu in a llama): stock AutoTP runs, and the
     console and the report say why."""

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from llmbench.distributed.shards import weight_files
+from llmbench.errors import UserError
 
 LOAD_PATH = "meta+checkpoint, layer by layer, cut by llmbench"
 
@@ -52,8 +53,17 @@ class CheckpointReader:
         for path in files:
             with open(path, "rb") as handle:
                 size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(size))
+                try:
+                    header = json.loads(handle.read(size))
+                except ValueError as exc:
+                    raise UserError(f"{path} is not a readable safetensors file "
+                                    f"(its header: {exc})") from exc
             header.pop("__metadata__", None)
+            # every tensor must lie inside the file (a copy cut short would fail to map)
+            end = 8 + size + max((e["data_offsets"][1] for e in header.values()), default=0)
+            if path.stat().st_size < end:
+                raise UserError(f"{path} is cut short: {path.stat().st_size} bytes, its "
+                                f"header needs {end}")
             for name, entry in header.items():
                 self.raw[name] = (path, 8 + size, entry)
         self._handles: dict[Path, Any] = {}
@@ -101,8 +111,6 @@ class CheckpointReader:
     def _read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         path, start, entry = self.raw[key]
         if entry["dtype"] not in _DTYPES:
-            from llmbench.errors import UserError
-
             raise UserError(f"weight {key} is stored as {entry['dtype']}, which llmbench "
                             "does not read")
         if path not in self._handles:
@@ -193,8 +201,6 @@ class LayerStream:
         found = next(n for n in names if n in self.reader.where)
         value = self.reader.read(found, dtype if tensor.is_floating_point() else tensor.dtype)
         if tuple(value.shape) != tuple(tensor.shape):
-            from llmbench.errors import UserError
-
             raise UserError(f"weight {found} has shape {tuple(value.shape)} in the checkpoint, "
                             f"{tuple(tensor.shape)} in the model")
         if isinstance(tensor, torch.nn.Parameter):
