@@ -302,6 +302,19 @@ def decode_step_bytes(model: Any, decoder: Any) -> int:
     return sum(p.numel() * p.element_size() for p in tensors.values())
 
 
+def load_tokenizer(source: ModelSource, remote: bool) -> Any:
+    """The model's tokenizer, with a pad token (batches need one; eos is the usual stand-in)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=remote)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of {source.display_name}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(name_or_path: str | None, dtype: str, config_file: str | None = None) -> LoadedModel:
     """Resolve, (convert,) and load a model and its tokenizer in `dtype`, in eval mode."""
     import torch

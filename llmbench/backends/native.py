@@ -372,11 +372,12 @@ class NativeModel:
         self.sources: dict[str, list[blocks.Source]] = {}
         self.layers = []
         for index, layer_parts in enumerate(parts.layers):
+            sources = layer_parts.sources() if stream is not None else []
             if stream is not None:
-                stream.before(layer_parts.sources())
+                stream.before(sources)
             layer = self._take_layer(hf_model, index, layer_parts)
             if stream is not None:
-                stream.after(self, index, layer, layer_parts.sources())
+                stream.after(self, index, layer, sources)
             self.layers.append(layer)
         lm_head = modules[parts.lm_head]
         self.sources["lm_head"] = [blocks.Source(parts.lm_head)]

@@ -223,7 +223,7 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
-    from llmbench.models import REMOTE_CODE_FAMILIES, LoadedModel, load_config
+    from llmbench.models import REMOTE_CODE_FAMILIES, LoadedModel, load_config, load_tokenizer
 
     hf_logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype)
@@ -332,19 +332,6 @@ def load_autotp_model(name_or_path: str | None, dtype: str, config_file: str | N
                        local_weight_bytes=local, notes=notes, checkpoint=checkpoint)
 
 
-def load_tokenizer(source: Any, remote: bool) -> Any:
-    """The model's tokenizer, with a pad token (batches need one; eos is the usual stand-in)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=remote)
-    except Exception as exc:
-        raise UserError(f"cannot load the tokenizer of {source.display_name}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def load_autotp_multimodal(settings: Settings, request: Any, info: RankInfo
                            ) -> tuple[AutoTPModel, Any]:
     """A multimodal model whole on every rank, its language model then sharded by AutoTP (the
@@ -404,7 +391,7 @@ def load_native_tp(settings: Settings, scheme: Any, info: RankInfo,
     if problem is None:
         try:
             streamed = native_load.load_streamed(settings, scheme, source, conversion_seconds,
-                                                 comm, load_tokenizer(source, False))
+                                                 comm)
         except Unsupported as exc:
             streamed = None
             reason = str(exc)

@@ -197,18 +197,22 @@ class LayerStream:
         tensor = getattr(owner, leaf)
         if not tensor.is_meta:
             return
-        names = self.names[id(tensor)]
-        found = next(n for n in names if n in self.reader.where)
+        found = self._stored_name(tensor)
         value = self.reader.read(found, dtype if tensor.is_floating_point() else tensor.dtype)
         if tuple(value.shape) != tuple(tensor.shape):
             raise UserError(f"weight {found} has shape {tuple(value.shape)} in the checkpoint, "
                             f"{tuple(tensor.shape)} in the model")
         if isinstance(tensor, torch.nn.Parameter):
             value = torch.nn.Parameter(value, requires_grad=False)
+        names = self.names.pop(id(tensor))
         for alias in names:
             holder, key = _owner(self.model, alias)
             (holder._parameters if key in holder._parameters else holder._buffers)[key] = value
-        self.names[id(value)] = self.names.pop(id(tensor))
+        self.names[id(value)] = names
+
+    def _stored_name(self, tensor: torch.Tensor) -> str:
+        """The name among the tensor's that the checkpoint has it under."""
+        return next(n for n in self.names[id(tensor)] if n in self.reader.where)
 
     def fill_small(self) -> None:
         """Everything but the projections (nn.Linear weights and stacked expert tensors),
@@ -317,8 +321,7 @@ class LayerStream:
         tensor = getattr(owner, leaf)
         if tensor.dtype == torch.float32:
             return tensor.detach()
-        names = self.names[id(tensor)]
-        return self.reader.read(next(n for n in names if n in self.reader.where), torch.float32)
+        return self.reader.read(self._stored_name(tensor), torch.float32)
 
     def _in_dtype(self, linear: Any) -> Any:
         """A float projection left unquantized (or a router), in the model's dtype as one
@@ -368,7 +371,7 @@ def stream_problem(settings: Any, scheme: Any, source: Any, request: Any) -> str
 
 
 def load_streamed(settings: Any, scheme: Any, source: Any, conversion_seconds: float,
-                  comm: Any, tokenizer: Any) -> tuple[Any, Any] | str:
+                  comm: Any) -> tuple[Any, Any] | str:
     """(LoadedModel, PreparedModel native and cut to this rank), or why the checkpoint can't
     be streamed (its names are not the model's). Raises blocks.Unsupported where native does
     not run this model (the caller runs stock AutoTP)."""
@@ -376,7 +379,7 @@ def load_streamed(settings: Any, scheme: Any, source: Any, conversion_seconds: f
     from transformers import AutoModelForCausalLM
 
     from llmbench.backends import PreparedModel, native
-    from llmbench.models import LoadedModel, load_config
+    from llmbench.models import LoadedModel, load_config, load_tokenizer
     from llmbench.quant.apply import lowp_description, quantization_details
     from llmbench.quant.linears import LOWP_DTYPES
 
@@ -412,7 +415,8 @@ def load_streamed(settings: Any, scheme: Any, source: Any, conversion_seconds: f
     embedding = model.get_input_embeddings().weight
     tied = stream.output is not None and stream.output.weight is embedding
     loaded = LoadedModel(
-        model=built, tokenizer=tokenizer, config=config, family=family, source=source,
+        model=built, tokenizer=load_tokenizer(source, False), config=config, family=family,
+        source=source,
         dtype=settings.model.dtype, load_seconds=time.perf_counter() - start,
         conversion_seconds=conversion_seconds, num_parameters=sum(p.numel() for p in params),
         weight_bytes=weight_bytes,
