@@ -407,12 +407,10 @@ void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 // [M, K] as bytes.
 inline int64_t q8_levels_offset(const GemvArgs& a) { return (2 * a.M * a.ngroups + 15) & ~int64_t{15}; }
 
-void prep_i4q8(const GemvArgs& a, float* out) {
+// The activation scales sx [M, NG]: per row, per block of the row (act_block), or one for all.
+void act_scales_i4q8(const GemvArgs& a, float* sx) {
   const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups;
   const int64_t bk = (a.act_block > 0 && a.act_block < K) ? a.act_block : K;  // whole groups
-  float* sx = out;
-  float* isum = out + M * NG;
-  int8_t* q = reinterpret_cast<int8_t*>(out + q8_levels_offset(a));
   auto absmax = [&](const float* x, int64_t n) {
     V top = vzero();
     for (int64_t k = 0; k < n; k += W) top = vmax(top, vabs(vld_f32(x + k)));
@@ -429,6 +427,14 @@ void prep_i4q8(const GemvArgs& a, float* out) {
         sx[m * NG + g] = std::max(top / 127.f, 1e-8f);
     }
   }
+}
+
+void prep_i4q8(const GemvArgs& a, float* out) {
+  const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups;
+  float* sx = out;
+  float* isum = out + M * NG;
+  int8_t* q = reinterpret_cast<int8_t*>(out + q8_levels_offset(a));
+  act_scales_i4q8(a, sx);
   for (int64_t m = 0; m < M; ++m) {
     const float* x = a.x + m * a.ldx;
     for (int64_t g = 0; g < NG; ++g) {
@@ -523,8 +529,9 @@ struct I4Q8Kern {
 // vpmaddubsw serves 8 rows, with no horizontal sums; int16 sums of up to 8 such steps (8 x 2 x
 // 15 x 127 < 32768) are widened once into fp32 per-group sums, scaled per group at its end:
 //   y[m, n] = sum_g s[n, g] sx[m, g] (sum_{k in g} q[n, k] xq[m, k] - z[n, g] isum[m, g]).
-// prep lays out, after prep_i4q8's own (sx, isum, levels in unit order), per chunk of 8 rows:
-// sx and isum transposed [NG][8], then the levels [K / 4][8 rows][4] (rows past M zero).
+// prep keeps prep_i4q8's room (sx [M, NG] at its start, the rest unused), then lays out per chunk
+// of 8 rows: sx and isum transposed [NG][8], then the levels [K / 4][8 rows][4] (rows past M
+// zero).
 inline bool i4q8_outer(const GemvArgs& a) {
   return a.M >= LLMB_I4Q8_OUTER && a.group_size % 32 == 0;
 }
@@ -534,38 +541,44 @@ inline int64_t i4q8_outer_offset(const GemvArgs& a) {
 inline int64_t i4q8_chunk_floats(const GemvArgs& a) { return 16 * a.ngroups + 2 * a.K; }
 
 void prep_i4q8_outer(const GemvArgs& a, float* out) {
-  prep_i4q8(a, out);
-  if (!i4q8_outer(a)) return;
-  const int64_t M = a.M, K = a.K, NG = a.ngroups, C = (M + 7) / 8;
-  const float* sx = out;
-  const float* isum = out + M * NG;
-  const int8_t* q = reinterpret_cast<const int8_t*>(out + q8_levels_offset(a));
+  if (!i4q8_outer(a)) return prep_i4q8(a, out);
+  // Only this layout is read (rows_i4q8_outer): the levels go straight to their place, 4 at a
+  // time, instead of through prep_i4q8's unit order (its region stays unused).
+  const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups, C = (M + 7) / 8;
+  float* sx = out;  // [M, NG], as prep_i4q8 lays it out
+  act_scales_i4q8(a, sx);
   for (int64_t c = 0; c < C; ++c) {
     float* sxT = out + i4q8_outer_offset(a) + c * i4q8_chunk_floats(a);
     float* isT = sxT + 8 * NG;
     int8_t* xo = reinterpret_cast<int8_t*>(isT + 8 * NG);
-    for (int64_t g = 0; g < NG; ++g)
-      for (int j = 0; j < 8; ++j) {
-        const int64_t m = c * 8 + j;
-        sxT[g * 8 + j] = m < M ? sx[m * NG + g] : 0.f;
-        isT[g * 8 + j] = m < M ? isum[m * NG + g] : 0.f;
-      }
     for (int j = 0; j < 8; ++j) {
       const int64_t m = c * 8 + j;
-      for (int64_t k = 0; k < K; k += 4) {
-        // natural positions k..k+3 -> their place in prep_i4q8's unit order (see above):
-        // four in a row there too
-        const int64_t i = k % 64;
-        const int64_t pos = k - i + (i < 16 ? i : i < 32 ? i + 16 : i < 48 ? i - 16 : i);
-        int32_t four = 0;
-        if (m < M) std::memcpy(&four, q + m * K + pos, sizeof(four));
-        std::memcpy(xo + k * 8 + j * 4, &four, sizeof(four));
+      if (m >= M) {  // padding rows: zero levels and scales
+        for (int64_t g = 0; g < NG; ++g) sxT[g * 8 + j] = isT[g * 8 + j] = 0.f;
+        for (int64_t k = 0; k < K; k += 4) std::memset(xo + k * 8 + j * 4, 0, 4);
+        continue;
+      }
+      const float* x = a.x + m * a.ldx;
+      for (int64_t g = 0; g < NG; ++g) {
+        const V scale = vset1(sx[m * NG + g]);
+        int sum = 0;
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+          alignas(16) int8_t lv[16];
+          sum += levels16(x + k, scale, lv);
+          for (int i = 0; i < 16; i += 4) std::memcpy(xo + (k + i) * 8 + j * 4, lv + i, 4);
+        }
+        sxT[g * 8 + j] = sx[m * NG + g];
+        isT[g * 8 + j] = static_cast<float>(sum);
       }
     }
   }
 }
 
 // R weight rows (u8 levels at wb, K each) x the 8-row chunks [c0, c0 + CC).
+// Registers (16 on AVX2): R x CC int16 step sums and R x CC int32 group sums; the fp32 totals
+// live in `acc` (L1), updated once per group. The 8 steps of a sum are unrolled with each
+// accumulator pinned (vi_keep), or the compiler reassociates the int16 adds into a tree and
+// spills every product; as a loop with a variable bound it copied each accumulator every step.
 template <int R, int CC>
 inline void i4q8_outer_tile(const GemvArgs& a, int64_t n0, const uint8_t* wb, int64_t c0) {
   const int64_t K = a.K, NG = a.ngroups, QG = a.group_size / 4;
@@ -578,51 +591,51 @@ inline void i4q8_outer_tile(const GemvArgs& a, int64_t n0, const uint8_t* wb, in
     isT[c] = sxT[c] + 8 * NG;
     xo[c] = reinterpret_cast<const int8_t*>(isT[c] + 8 * NG);
   }
-  V tot[R][CC];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CC; ++c) tot[r][c] = vzero();
+  alignas(32) float acc[R][CC][8] = {};
   for (int64_t g = 0; g < NG; ++g) {
-    V gs[R][CC];
+    VI gs[R][CC];
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < CC; ++c) gs[r][c] = vzero();
-    for (int64_t q0 = g * QG; q0 < (g + 1) * QG; q0 += 8) {
-      const int64_t q1 = q0 + 8 < (g + 1) * QG ? q0 + 8 : (g + 1) * QG;
+      for (int c = 0; c < CC; ++c) gs[r][c] = vi_zero();
+    for (int64_t q0 = g * QG; q0 < (g + 1) * QG; q0 += 8) {  // QG % 8 == 0 (i4q8_outer)
       VI part[R][CC];
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < CC; ++c) part[r][c] = vi_zero();
-      for (int64_t qd = q0; qd < q1; ++qd) {
+      const uint8_t* wq = wb + q0 * 4;
+#pragma GCC unroll 8
+      for (int st = 0; st < 8; ++st) {
+        VI xv[CC];
+        for (int c = 0; c < CC; ++c) xv[c] = vi_load(xo[c] + (q0 + st) * 32);
         for (int r = 0; r < R; ++r) {
-          const VI w = vi_bcast4(wb + r * K + qd * 4);
-          for (int c = 0; c < CC; ++c)
-            part[r][c] = vi_dot16_u8s8(part[r][c], w, vi_load(xo[c] + qd * 32));
+          const VI w = vi_bcast4(wq + r * K + st * 4);
+          for (int c = 0; c < CC; ++c) {
+            part[r][c] = vi_dot16_u8s8(part[r][c], w, xv[c]);
+            vi_keep(part[r][c]);
+          }
         }
       }
       for (int r = 0; r < R; ++r)
-        for (int c = 0; c < CC; ++c) gs[r][c] = vadd(gs[r][c], vi_to_ps(vi_widen16(part[r][c])));
+        for (int c = 0; c < CC; ++c) gs[r][c] = vi_add(gs[r][c], vi_widen16(part[r][c]));
     }
     for (int r = 0; r < R; ++r) {
       const V s = vset1(a.scales[(n0 + r) * NG + g]), z = vset1(a.zeros[(n0 + r) * NG + g]);
       for (int c = 0; c < CC; ++c) {
-        const V f = vsub(gs[r][c], vmul(z, vld_f32(isT[c] + g * 8)));
-        tot[r][c] = vfma(f, vmul(s, vld_f32(sxT[c] + g * 8)), tot[r][c]);
+        const V f = vsub(vi_to_ps(gs[r][c]), vmul(z, vld_f32(isT[c] + g * 8)));
+        vst_f32(acc[r][c], vfma(f, vmul(s, vld_f32(sxT[c] + g * 8)), vld_f32(acc[r][c])));
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CC; ++c) {
-      float lanes[8];
-      vst_f32(lanes, tot[r][c]);
+    for (int c = 0; c < CC; ++c)
       for (int j = 0; j < 8; ++j) {
         const int64_t m = (c0 + c) * 8 + j;
-        if (m < a.M) a.y[m * a.ldy + n0 + r] = lanes[j] + (a.bias ? a.bias[n0 + r] : 0.f);
+        if (m < a.M) a.y[m * a.ldy + n0 + r] = acc[r][c][j] + (a.bias ? a.bias[n0 + r] : 0.f);
       }
-    }
 }
 
 template <int R>
 inline void i4q8_outer_rows(const GemvArgs& a, int64_t n, uint8_t* wb) {
-  for (int r = 0; r < R; ++r) unpack_i4_row(static_cast<const uint8_t*>(a.w) + (n + r) * (a.K / 2),
-                                            a.K, wb + r * a.K);
+  const uint8_t* packed = static_cast<const uint8_t*>(a.w) + n * (a.K / 2);
+  for (int r = 0; r < R; ++r) unpack_i4_row(packed + r * (a.K / 2), a.K, wb + r * a.K);
   const int64_t C = (a.M + 7) / 8;
   int64_t c = 0;
   for (; c + 2 <= C; c += 2) i4q8_outer_tile<R, 2>(a, n, wb, c);
@@ -630,10 +643,11 @@ inline void i4q8_outer_rows(const GemvArgs& a, int64_t n, uint8_t* wb) {
 }
 
 void rows_i4q8_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
-  uint8_t* wb = i4q8_outer(a) ? static_cast<uint8_t*>(std::malloc(2 * a.K)) : nullptr;
-  if (wb == nullptr) return rows<I4Q8Kern>(a, n_begin, n_end);
+  if (!i4q8_outer(a)) return rows<I4Q8Kern>(a, n_begin, n_end);
+  uint8_t* wb = static_cast<uint8_t*>(std::malloc(3 * a.K));
+  if (wb == nullptr) throw std::bad_alloc();  // prep laid x out for the outer products only
   int64_t n = n_begin;
-  for (; n + 2 <= n_end; n += 2) i4q8_outer_rows<2>(a, n, wb);
+  for (; n + 3 <= n_end; n += 3) i4q8_outer_rows<3>(a, n, wb);
   for (; n < n_end; ++n) i4q8_outer_rows<1>(a, n, wb);
   std::free(wb);
 }

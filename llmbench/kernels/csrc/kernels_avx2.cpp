@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <type_traits>
 
 #include "common.h"
@@ -134,6 +135,8 @@ inline VI vi_dot_u8s8(VI acc, VI w, VI x) {
 inline VI vi_dot16_u8s8(VI acc16, VI w, VI x) {
   return _mm256_add_epi16(acc16, _mm256_maddubs_epi16(w, x));
 }
+// Pins an accumulator to a register at this point (see i4q8_outer_tile).
+inline void vi_keep(VI& v) { __asm__("" : "+x"(v)); }
 inline VI vi_widen16(VI v16) { return _mm256_madd_epi16(v16, _mm256_set1_epi16(1)); }
 inline VI vi_bcast4(const uint8_t* p) {
   int32_t v;
