@@ -78,8 +78,11 @@ rms_norm = kernels.rms_norm
 # (AMX, AVX512-BF16, Arm BF16) run torch's bf16 GEMM on activations rounded to bf16, as stock
 # bf16 does, instead of widening the weights to fp32 for an fp32 GEMM. Measured on a Xeon with
 # AMX, 2 threads, SmolLM2-135M's linears at 32 rows: 28 ms against 67 ms. Elsewhere bf16 GEMM is
-# emulated and slower than the widening, so it stays fp32 there.
-BF16_PREFILL_GEMM = has_native_bf16()
+# emulated and slower than the widening, so it stays fp32 there. Kernels forced onto the avx2 or
+# generic path (LLMBENCH_KERNELS_ISA) stand for a CPU without bf16 math, whose prefill this then
+# runs (the AVX2 comparisons in docs/performance.md: before, they timed the bf16-math prefill's
+# Python layers on the AVX2 kernels, which no CPU runs).
+BF16_PREFILL_GEMM = has_native_bf16() and kernels.isa() not in ("avx2", "generic")
 
 
 def prefill_matmul() -> str:
@@ -89,6 +92,8 @@ def prefill_matmul() -> str:
                 "activations rounded to bf16, fp32 sums, fp32 residual")
     if BF16_PREFILL_GEMM:
         return "bf16 GEMM (CPU has bf16 matrix math): activations rounded to bf16, fp32 residual"
+    if has_native_bf16():
+        return f"fp32 GEMM on weights widened from bf16 (kernels forced onto {kernels.isa()})"
     return "fp32 GEMM on weights widened from bf16 (CPU lacks bf16 matrix math)"
 
 

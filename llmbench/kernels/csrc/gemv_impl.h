@@ -450,21 +450,28 @@ void prep_f32(const GemvArgs& a, float* out) {
   }
 }
 
+// The bytes a tile prefetches while it computes (the next tile's weight rows): the tiles read
+// their rows 4 bytes per row and step, too slowly for the hardware prefetchers to stream them.
+struct Ahead {
+  const char* p = nullptr;  // null: nothing
+  int64_t bytes = 0;        // at most R * K * 4 (R lines per 16 steps)
+};
+
 // Weight rows [n0, n0 + R) x the `rows` activation rows of the chunk at xt (first row m0).
 template <int R, int MV>
-inline void outer_tile(const GemvArgs& a, int64_t n0, const float* xt, int64_t m0, int64_t rows) {
+inline void outer_tile(const GemvArgs& a, int64_t n0, const float* xt, int64_t m0, int64_t rows,
+                       Ahead next) {
   const int64_t K = a.K;
   const float* w = static_cast<const float*>(a.w) + n0 * K;
   V acc[R][MV];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MV; ++j) acc[r][j] = vzero();
-  // The tile reads its R rows 4 bytes per row and step, too slowly for the hardware
-  // prefetchers to stream them: each 16 steps it prefetches R lines of the next tile's rows
-  // (contiguous after these), so that tile is in cache when it starts.
-  const char* next = reinterpret_cast<const char*>(w + LLMB_OUTER_PF * R * K);
   for (int64_t k = 0; k < K; ++k) {
-    if (LLMB_OUTER_PF && k % 16 == 0)
-      for (int r = 0; r < R; ++r) __builtin_prefetch(next + (k / 16 * R + r) * 64, 0, LLMB_OUTER_PF_LOC);
+    if (LLMB_OUTER_PF && next.p != nullptr && k % 16 == 0)
+      for (int r = 0; r < R; ++r) {
+        const int64_t off = (k / 16 * R + r) * 64;
+        if (off < next.bytes) __builtin_prefetch(next.p + off, 0, LLMB_OUTER_PF_LOC);
+      }
     V xv[MV];
     for (int j = 0; j < MV; ++j) xv[j] = vld_f32(xt + k * (MV * W) + j * W);
     for (int r = 0; r < R; ++r) {
@@ -484,15 +491,15 @@ inline void outer_tile(const GemvArgs& a, int64_t n0, const float* xt, int64_t m
 // R weight rows at n against every chunk of the first M = outer_m(a) rows (the weight rows
 // stay in L1 from one chunk to the next), then against the rows past M on the dense tiles.
 template <int R>
-inline void outer_rows_tile(const GemvArgs& a, int64_t n, int64_t M) {
+inline void outer_rows_tile(const GemvArgs& a, int64_t n, int64_t M, Ahead next) {
   for (int64_t m0 = 0; m0 < M; m0 += kOuterChunk) {
     const int64_t rows = M - m0 < kOuterChunk ? M - m0 : kOuterChunk;
     const float* xt = a.xp + m0 * a.K;
     switch ((rows + W - 1) / W) {
-      case 1: outer_tile<R, 1>(a, n, xt, m0, rows); break;
-      case 2: if constexpr (LLMB_OUTER_MV >= 2) outer_tile<R, 2>(a, n, xt, m0, rows); break;
-      case 3: if constexpr (LLMB_OUTER_MV >= 3) outer_tile<R, 3>(a, n, xt, m0, rows); break;
-      default: if constexpr (LLMB_OUTER_MV >= 4) outer_tile<R, LLMB_OUTER_MV>(a, n, xt, m0, rows); break;
+      case 1: outer_tile<R, 1>(a, n, xt, m0, rows, next); break;
+      case 2: if constexpr (LLMB_OUTER_MV >= 2) outer_tile<R, 2>(a, n, xt, m0, rows, next); break;
+      case 3: if constexpr (LLMB_OUTER_MV >= 3) outer_tile<R, 3>(a, n, xt, m0, rows, next); break;
+      default: if constexpr (LLMB_OUTER_MV >= 4) outer_tile<R, LLMB_OUTER_MV>(a, n, xt, m0, rows, next); break;
     }
   }
   if (M < a.M) {
@@ -504,11 +511,16 @@ inline void outer_rows_tile(const GemvArgs& a, int64_t n, int64_t M) {
 
 template <int R>
 inline void outer_rows(const GemvArgs& a, int64_t n_begin, int64_t n_end, int64_t M) {
+  // the next tile's rows are contiguous after these
+  auto ahead = [&](int64_t n, int rows) {
+    return Ahead{reinterpret_cast<const char*>(static_cast<const float*>(a.w) + (n + rows) * a.K),
+                 rows * a.K * static_cast<int64_t>(sizeof(float))};
+  };
   int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) outer_rows_tile<R>(a, n, M);
+  for (; n + R <= n_end; n += R) outer_rows_tile<R>(a, n, M, ahead(n, R));
   if constexpr (R > 4)
-    for (; n + 4 <= n_end; n += 4) outer_rows_tile<4>(a, n, M);
-  for (; n < n_end; ++n) outer_rows_tile<1>(a, n, M);
+    for (; n + 4 <= n_end; n += 4) outer_rows_tile<4>(a, n, M, ahead(n, 4));
+  for (; n < n_end; ++n) outer_rows_tile<1>(a, n, M, ahead(n, 1));
 }
 
 void rows_f32(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
@@ -528,10 +540,12 @@ void rows_f32(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 // Weights of other formats on these outer products, tile by tile: each tile's R weight rows
 // are made fp32 once (widen(n, out): row n's K floats) into `buf`, which stays in L1, and the
 // outer products run on it against every chunk of rows, where the formats' own tiles convert
-// every weight again for each tile of activation rows. buf holds 8 rows of K floats.
+// every weight again for each tile of activation rows. buf holds 8 rows of K floats. The
+// source rows (row_bytes each from a.w) of the next tile are prefetched while one computes:
+// without, widening bf16 rows waited on memory for a quarter of SmolLM2's bf16 prefill.
 template <int R, class Widen>
 inline void widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, int64_t M,
-                          float* buf, const Widen& widen) {
+                          float* buf, int64_t row_bytes, const Widen& widen) {
   GemvArgs b = a;  // the fp32 tiles on buf: its rows 0..R-1 are weight rows n..n+R-1
   b.w = buf;
   b.scales = nullptr;
@@ -541,7 +555,8 @@ inline void widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, int
     for (int r = 0; r < RT; ++r) widen(n + r, buf + r * a.K);
     b.y = a.y + n;
     b.bias = a.bias ? a.bias + n : nullptr;
-    outer_rows_tile<RT>(b, 0, M);
+    const int64_t ahead = std::min<int64_t>(RT * row_bytes, RT * a.K * int64_t{sizeof(float)});
+    outer_rows_tile<RT>(b, 0, M, Ahead{static_cast<const char*>(a.w) + (n + RT) * row_bytes, ahead});
     n += RT;
   };
   while (n + R <= n_end) tile(std::integral_constant<int, R>{});
@@ -553,17 +568,18 @@ inline void widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, int
 // False (nothing computed) where x is not laid out for the outer products (prep_f32) or the
 // buffer can't be had: the caller runs its format's own tiles.
 template <class Widen>
-bool rows_widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, const Widen& widen) {
+bool rows_widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, int64_t row_bytes,
+                        const Widen& widen) {
   const int64_t M = outer_m(a);
   if (M == 0 || a.xp == nullptr) return false;
   // malloc, not a std container: this header is compiled under ISA target pragmas.
   float* buf = static_cast<float*>(std::malloc(sizeof(float) * 8 * a.K));
   if (buf == nullptr) return false;
   switch ((M < kOuterChunk ? M + W - 1 : kOuterChunk) / W) {
-    case 1: widened_outer<outer_r(1)>(a, n_begin, n_end, M, buf, widen); break;
-    case 2: widened_outer<outer_r(2)>(a, n_begin, n_end, M, buf, widen); break;
-    case 3: widened_outer<outer_r(3)>(a, n_begin, n_end, M, buf, widen); break;
-    default: widened_outer<outer_r(LLMB_OUTER_MV)>(a, n_begin, n_end, M, buf, widen); break;
+    case 1: widened_outer<outer_r(1)>(a, n_begin, n_end, M, buf, row_bytes, widen); break;
+    case 2: widened_outer<outer_r(2)>(a, n_begin, n_end, M, buf, row_bytes, widen); break;
+    case 3: widened_outer<outer_r(3)>(a, n_begin, n_end, M, buf, row_bytes, widen); break;
+    default: widened_outer<outer_r(LLMB_OUTER_MV)>(a, n_begin, n_end, M, buf, row_bytes, widen); break;
   }
   std::free(buf);
   return true;
@@ -575,7 +591,7 @@ bool rows_widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, const
 #if defined(LLMB_BF16_OUTER)
 bool rows_bf16_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   const int64_t K = a.K, kv = K / W * W;
-  return rows_widened_outer(a, n_begin, n_end, [&](int64_t n, float* o) {
+  return rows_widened_outer(a, n_begin, n_end, 2 * K, [&](int64_t n, float* o) {
     const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * K;
     for (int64_t k = 0; k < kv; k += W) vst_f32(o + k, FmtBF16::load(w + k));
     for (int64_t k = kv; k < K; ++k) o[k] = bf16_bits_to_f32(w[k]);
@@ -771,7 +787,7 @@ inline bool dequant_prefill(const GemvArgs& a) {
 // (rows_widened_outer), else 4 rows at a time on the dense fp32 tiles.
 bool rows_dequant_i4(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 #if defined(LLMB_WIDENED_OUTER)
-  if (rows_widened_outer(a, n_begin, n_end,
+  if (rows_widened_outer(a, n_begin, n_end, a.K / 2,
                          [&](int64_t n, float* out) { dequant_row_i4(a, n, out); }))
     return true;
 #endif
