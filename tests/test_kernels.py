@@ -220,8 +220,8 @@ def test_int4_with_int8_activations(isa, mode, M):
     C = K.compiled()
     amx = bool(C.amx_i4_takes(M, 640, gs, spec.sym, spec.block))
     assert not amx or (isa == "avx512vnni" and spec.sym and M >= 2)
-    u8s8 = spec.sym and M <= K.STREAM_M_MAX["int4"] and C.set_i4q8()
-    assert u8s8 == (spec.sym and M <= K.STREAM_M_MAX["int4"] and isa.startswith("avx"))
+    u8s8 = spec.sym and M <= K.STREAM_M_MAX["int4_lowp"] and C.set_i4q8()
+    assert u8s8 == (spec.sym and M <= K.STREAM_M_MAX["int4_lowp"] and isa.startswith("avx"))
     exact = amx or u8s8
     _check(y, ref, levels, R.dequantize_int4(p, s, z, gs), b,
            int16_x=False if exact else _int4_levels(p, s, gs))

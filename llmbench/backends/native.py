@@ -515,9 +515,13 @@ class NativeModel:
         # to torch's GEMM there, which the C++ prefill's projections would not (SmolLM2, 1024
         # tokens, one noisy evening: INT4 3.7 s on the C++ path against 2.0, INT8 2.0 against
         # 1.7).
-        self._prefill_rows = min((kernels.STREAM_M_MAX["int8" if spec["fmt"] == _FMT_I8
-                                                       else "int4"]
-                                  for spec in specs.values()
+        def row_limit(spec: dict[str, Any]) -> int:
+            if spec["fmt"] == _FMT_I8:
+                return kernels.STREAM_M_MAX["int8"]
+            lowp = spec.get("act_levels") and spec.get("act_sym")
+            return kernels.STREAM_M_MAX["int4_lowp" if lowp else "int4"]
+
+        self._prefill_rows = min((row_limit(spec) for spec in specs.values()
                                   if spec and spec["fmt"] in (_FMT_I8, _FMT_I4)), default=None)
         missing = [name for name, spec in specs.items() if spec is None]
         if not kernels.available() or not hasattr(kernels.compiled(), "DecodePlan"):

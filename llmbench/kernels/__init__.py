@@ -110,8 +110,16 @@ SMALL_M_MAX = 16
 # outer products (gemv_impl.h), and torch's GEMM took 1.3-1.5x their time at 64 rows, 1.0-1.1x
 # at 128 and less beyond (benchmarks/bench_prefill.py --threads 2 --cold-mib 200; whole native
 # fp32 prefills of 64 / 128 tokens: 78.8 / 143.7 ms against 101.3 / 150.6 ms with 32).
-STREAM_M_MAX_BASE = {"f32": 32, "bf16": 32, "int8": 64, "int4": 256}
-STREAM_M_MAX_BY_ISA = {"avx512": {"bf16": 8, "f32": 128}, "avx512vnni": {"bf16": 8, "f32": 128}}
+# INT4 with --lowp-mode INT8's symmetric levels ("int4_lowp") has a limit of its own. The AVX2
+# path runs them as u8 x s8 outer products (gemv_int_impl.h, LLMB_I4Q8_OUTER), faster than
+# torch's GEMM on dequantized weights at every row count measured (10 layers of SmolLM2's
+# projections, 2 threads, 300 / 512 / 1024 rows: 64-72 / 127-130 / 292-298 ms against 193-212 /
+# 298-301 / 396-441), so it has none there. The avx512 path without AMX (dot-product tiles) wins
+# at 300 rows (136-139 against 225 ms) and loses at 1024 (562 against 422-443): it keeps 256.
+# AMX takes any row count anyway (amx_i4_takes).
+STREAM_M_MAX_BASE = {"f32": 32, "bf16": 32, "int8": 64, "int4": 256, "int4_lowp": 256}
+STREAM_M_MAX_BY_ISA = {"avx512": {"bf16": 8, "f32": 128}, "avx512vnni": {"bf16": 8, "f32": 128},
+                       "avx2": {"int4_lowp": 1 << 40}}
 # The active path's limits (updated in place by set_isa, so readers may keep a reference).
 STREAM_M_MAX = dict(STREAM_M_MAX_BASE)
 
@@ -333,7 +341,7 @@ def linear_int4w(
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if _C is not None and not _FORCE_FALLBACK and x.dim() and rows:
         if act is not None and x.dtype == torch.float32 and (
-                rows <= STREAM_M_MAX["int4"]
+                rows <= STREAM_M_MAX["int4_lowp" if act.sym else "int4"]
                 or _C.amx_i4_takes(rows, K, int(group_size), act.sym, act.block)):
             return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias, True,
                                    act.per_tensor, act.sym, act.block)
