@@ -56,6 +56,9 @@ using RowsFn = void (*)(const GemvArgs&, int64_t n_begin, int64_t n_end);
 // avx2 bf16 and int8 kernels, and the fp32 outer products, whose chunks pad M).
 using PrepFn = void (*)(const GemvArgs&, float* out);
 constexpr int64_t kPrepRowsPad = 64;
+// The same for rows [m0, m1) only (m0 a multiple of 8, m1 too or M), where each row's
+// preparation depends on that row alone: run_rows splits it over the threads.
+using PrepRowsFn = void (*)(const GemvArgs&, float* out, int64_t m0, int64_t m1);
 
 // fp32 weights multiply x as outer products (gemv_impl.h) from this many rows on: -1 (the
 // default) the path's own threshold, LLMB_OUTER_M_MIN; 0 never (set_outer_rows: A/B runs).
@@ -86,6 +89,7 @@ struct KernelTable {
   // levels then go through fn[kI4] as floats.
   RowsFn i4q8 = nullptr;
   PrepFn i4q8_prep = nullptr;
+  PrepRowsFn i4q8_prep_rows = nullptr;  // i4q8_prep by rows: not for act_per_tensor
 };
 
 // int4 / int8 weights x int8 activations on AMX-INT8, and bf16 weights on AMX-BF16

@@ -407,8 +407,9 @@ void rows_i4_int(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 // [M, K] as bytes.
 inline int64_t q8_levels_offset(const GemvArgs& a) { return (2 * a.M * a.ngroups + 15) & ~int64_t{15}; }
 
-// The activation scales sx [M, NG]: per row, per block of the row (act_block), or one for all.
-void act_scales_i4q8(const GemvArgs& a, float* sx) {
+// The activation scales sx [M, NG] of rows [m0, m1): per row, per block of the row
+// (act_block), or one for all (act_per_tensor: the top of all M rows).
+void act_scales_i4q8(const GemvArgs& a, float* sx, int64_t m0, int64_t m1) {
   const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups;
   const int64_t bk = (a.act_block > 0 && a.act_block < K) ? a.act_block : K;  // whole groups
   auto absmax = [&](const float* x, int64_t n) {
@@ -421,7 +422,7 @@ void act_scales_i4q8(const GemvArgs& a, float* sx) {
     if (a.act_per_tensor)
       for (int64_t m = 0; m < M; ++m)
         tensor_top = std::max(tensor_top, absmax(a.x + m * a.ldx + b * bk, bk));
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = m0; m < m1; ++m) {
       const float top = a.act_per_tensor ? tensor_top : absmax(a.x + m * a.ldx + b * bk, bk);
       for (int64_t g = b * bk / G; g < (b + 1) * bk / G; ++g)
         sx[m * NG + g] = std::max(top / 127.f, 1e-8f);
@@ -429,13 +430,14 @@ void act_scales_i4q8(const GemvArgs& a, float* sx) {
   }
 }
 
-void prep_i4q8(const GemvArgs& a, float* out) {
+// Rows [m0, m1) of the prepared buffer (see prep_i4q8_rows_fn).
+void prep_i4q8_rows(const GemvArgs& a, float* out, int64_t m0, int64_t m1) {
   const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups;
   float* sx = out;
   float* isum = out + M * NG;
   int8_t* q = reinterpret_cast<int8_t*>(out + q8_levels_offset(a));
-  act_scales_i4q8(a, sx);
-  for (int64_t m = 0; m < M; ++m) {
+  act_scales_i4q8(a, sx, m0, m1);
+  for (int64_t m = m0; m < m1; ++m) {
     const float* x = a.x + m * a.ldx;
     for (int64_t g = 0; g < NG; ++g) {
       const V scale = vset1(sx[m * NG + g]);
@@ -449,6 +451,8 @@ void prep_i4q8(const GemvArgs& a, float* out) {
     }
   }
 }
+
+void prep_i4q8(const GemvArgs& a, float* out) { prep_i4q8_rows(a, out, 0, a.M); }
 
 // ROW: one activation scale per row (no act_block): it is applied once, at the end, so each
 // group's scaling is one broadcast per weight row instead of one product per tile entry.
@@ -540,14 +544,12 @@ inline int64_t i4q8_outer_offset(const GemvArgs& a) {
 }
 inline int64_t i4q8_chunk_floats(const GemvArgs& a) { return 16 * a.ngroups + 2 * a.K; }
 
-void prep_i4q8_outer(const GemvArgs& a, float* out) {
-  if (!i4q8_outer(a)) return prep_i4q8(a, out);
-  // Only this layout is read (rows_i4q8_outer): the levels go straight to their place, 4 at a
-  // time, instead of through prep_i4q8's unit order (its region stays unused).
-  const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups, C = (M + 7) / 8;
-  float* sx = out;  // [M, NG], as prep_i4q8 lays it out
-  act_scales_i4q8(a, sx);
-  for (int64_t c = 0; c < C; ++c) {
+// The levels of chunks [c0, c1) in their place, 4 at a time (only this layout is read:
+// rows_i4q8_outer); the scales of their rows are in sx already.
+void i4q8_outer_levels(const GemvArgs& a, float* out, int64_t c0, int64_t c1) {
+  const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups;
+  const float* sx = out;  // [M, NG], as prep_i4q8 lays it out
+  for (int64_t c = c0; c < c1; ++c) {
     float* sxT = out + i4q8_outer_offset(a) + c * i4q8_chunk_floats(a);
     float* isT = sxT + 8 * NG;
     int8_t* xo = reinterpret_cast<int8_t*>(isT + 8 * NG);
@@ -572,6 +574,18 @@ void prep_i4q8_outer(const GemvArgs& a, float* out) {
       }
     }
   }
+}
+
+void prep_i4q8_outer(const GemvArgs& a, float* out) {
+  if (!i4q8_outer(a)) return prep_i4q8(a, out);
+  act_scales_i4q8(a, out, 0, a.M);
+  i4q8_outer_levels(a, out, 0, (a.M + 7) / 8);
+}
+
+void prep_i4q8_outer_rows(const GemvArgs& a, float* out, int64_t m0, int64_t m1) {
+  if (!i4q8_outer(a)) return prep_i4q8_rows(a, out, m0, m1);
+  act_scales_i4q8(a, out, m0, m1);
+  i4q8_outer_levels(a, out, m0 / 8, (m1 + 7) / 8);
 }
 
 // R weight rows (u8 levels at wb, K each) x the 8-row chunks [c0, c0 + CC).
@@ -653,16 +667,18 @@ void rows_i4q8_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 }
 #define LLMB_I4Q8_ROWS &rows_i4q8_outer
 #define LLMB_I4Q8_PREP &prep_i4q8_outer
+#define LLMB_I4Q8_PREP_ROWS &prep_i4q8_outer_rows
 #else
 #define LLMB_I4Q8_ROWS &rows<I4Q8Kern>
 #define LLMB_I4Q8_PREP &prep_i4q8
+#define LLMB_I4Q8_PREP_ROWS &prep_i4q8_rows
 #endif
 
 #ifndef LLMB_I4Q8_IN_TABLE  // 0: the unit puts them in a table of its own (neondot)
 #define LLMB_I4Q8_IN_TABLE 1
 #endif
 #if LLMB_I4Q8_IN_TABLE
-#define LLMB_I4Q8_FNS , LLMB_I4Q8_ROWS, LLMB_I4Q8_PREP
+#define LLMB_I4Q8_FNS , LLMB_I4Q8_ROWS, LLMB_I4Q8_PREP, LLMB_I4Q8_PREP_ROWS
 #else
 #define LLMB_I4Q8_FNS
 #endif

@@ -218,7 +218,8 @@ const KernelTable kDotTable = {
     kTable.attn,
     kTable.act,
     &rows<I4Q8Kern>,
-    &prep_i4q8};
+    &prep_i4q8,
+    &prep_i4q8_rows};
 
 bool cpu_has_dotprod() {
 #if defined(__linux__)
