@@ -196,7 +196,21 @@ def test_checkpoint_slices_for_autotp_are_the_checkpoints_own_weights(k, group):
         assert torch.equal(part.dequantize(), reference[:, offset:offset + width])
     with pytest.raises(UserError, match="not on the checkpoint's groups"):
         columns_of(whole, group // 2, group, "proj")
+    # act-order: every rank keeps the whole projection, the other ranks' channels weighted 0
+    # (by their integer zero points, as GPTQ checkpoints store them)
     whole.perm = torch.randperm(k)
+    whole.zeros = whole.zeros.round()
+    reference = whole.dequantize()
+    x = torch.randn(3, k)
+    total = torch.zeros(3, 24)
+    for offset, width in ((0, cut), (cut, k - cut)):
+        part = columns_of(whole, offset, width, "proj")
+        assert part.in_features == width and part.bias is None
+        assert torch.equal(part.dequantize(), reference[:, offset:offset + width])
+        total += part(x[:, offset:offset + width])
+    # each rank rounds its own channels to int16 levels (the kernels' weight-only input)
+    torch.testing.assert_close(total + whole.bias, whole(x), rtol=0, atol=5e-3)
+    whole.zeros[0, 0] = 15.5  # a zero point no 4-bit level equals: refused
     with pytest.raises(UserError, match="act-order"):
         columns_of(whole, 0, cut, "proj")
 

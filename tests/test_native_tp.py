@@ -147,14 +147,17 @@ def test_query_heads_split_on_the_int4_groups(tmp_path, embedded_model_dir):
     assert report["generated_token_ids"] == single_instance(model, flags)
 
 
-@pytest.mark.parametrize("method", ["gptq_v2", "awq"])
-def test_checkpoint_folder_two_ranks_native_match_one_process(tiny, tmp_path, method):
+@pytest.mark.parametrize(("method", "act_order"), [("gptq_v2", False), ("awq", False),
+                                                   ("gptq", True)])
+def test_checkpoint_folder_two_ranks_native_match_one_process(tiny, tmp_path, method, act_order):
     """-m of a GPTQ / AWQ folder (INT4, group 32): every rank cuts its slices of the folder's
-    own integers and scales; the tokens are one native process's on the same folder."""
+    own integers and scales; the tokens are one native process's on the same folder. With
+    act-order (desc_act) each rank keeps the row-parallel projections whole, the other rank's
+    input channels weighted zero."""
     from test_gptq import write_checkpoint_folder
 
     folder = tmp_path / method
-    write_checkpoint_folder(tiny["llama"], folder, method)
+    write_checkpoint_folder(tiny["llama"], folder, method, act_order)
     result = launch("-m", str(folder), "--backend", "native", *RUN,
                     "--output-dir", str(tmp_path / "out"), timeout=600, launcher="direct")
     assert result.returncode == 0, result.stderr[-3000:]

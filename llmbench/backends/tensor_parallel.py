@@ -106,6 +106,17 @@ def _rows(linear: Any, index: torch.Tensor, name: str) -> Any:
         sliced = rows_of(linear, index.tolist())
         _copy_compute(linear, sliced)
         return sliced
+    if getattr(linear, "kind", None) == "concat":  # parts that could not be fused (act-order
+        # INT4 with a permutation each): each part's own rows of `index`, in order
+        if not torch.equal(index, torch.sort(index).values):
+            raise Unsupported(f"tensor parallel native: {name} is cut out of order")
+        parts, first = [], 0
+        for part in linear.parts:
+            mine = index[(index >= first) & (index < first + part.out_features)] - first
+            if mine.numel():
+                parts.append(_rows(part, mine, name))
+            first += part.out_features
+        return type(linear)(parts)
     raise Unsupported(f"tensor parallel native: {name} is {getattr(linear, 'kind', linear)}, "
                       "which is not cut across ranks (float, INT8 and INT4 are)")
 

@@ -289,10 +289,7 @@ def columns_of(linear: Any, offset: int, width: int, name: str) -> Any:
                           linear.zeros, None)
     group = linear.group_size
     if linear.perm is not None:
-        raise UserError(f"--autotp with an act-order (desc_act) checkpoint: {name}'s input "
-                        "channels are permuted, so a rank's slice of them is not a run of whole "
-                        "groups; run it single instance, or use a checkpoint made without "
-                        "act-order")
+        return act_order_columns(linear, offset, width, name)
     end = offset + width
     if offset % group or (width % group and end != linear.in_features):
         raise UserError(f"--autotp: {name} is split at input channel {offset} (+{width}), not on "
@@ -306,6 +303,31 @@ def columns_of(linear: Any, offset: int, width: int, name: str) -> Any:
     groups = slice(offset // group, -(-padded_end // group))
     return Int4Linear(kernels.pack_int4(part.contiguous()), linear.scales[:, groups],
                       linear.zeros[:, groups], group, width)
+
+
+def act_order_columns(linear: Int4Linear, offset: int, width: int, name: str) -> Int4Linear:
+    """columns_of for an act-order (desc_act) projection: its groups gather input channels from
+    the whole row, so this rank's channels sit in every group and no run of whole groups holds
+    them. The rank keeps every group, with the other ranks' channels weighted exactly zero (their
+    level set to their group's zero point) and gathered as zeros (-1 in its permutation): the
+    same sums of its own channels, for reading the whole projection instead of its share."""
+    from llmbench import kernels
+
+    q = kernels.unpack_int4(linear.packed)  # [N, padded_in], in the permuted order
+    positions = torch.arange(linear.perm.numel())
+    own = (linear.perm >= offset) & (linear.perm < offset + width)
+    others = positions[~own]
+    zeros = linear.zeros[:, others // linear.group_size]
+    if others.numel() and (not torch.equal(zeros, zeros.round()) or zeros.min() < 0
+                           or zeros.max() > 15):
+        raise UserError(f"--autotp with an act-order (desc_act) checkpoint: {name}'s zero "
+                        "points are not all 4-bit levels, so the other ranks' input channels "
+                        "can't be weighted zero in this rank's slice; run it single instance, "
+                        "or use a checkpoint made without act-order")
+    q[:, others] = zeros.to(q.dtype)
+    perm = torch.where(own, linear.perm - offset, torch.full_like(linear.perm, -1))
+    return Int4Linear(kernels.pack_int4(q.contiguous()), linear.scales, linear.zeros,
+                      linear.group_size, width, None, perm)
 
 
 def slice_checkpoint_autotp(model: torch.nn.Module, whole: dict[str, Any],

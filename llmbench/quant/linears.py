@@ -102,7 +102,9 @@ class Int8Linear:
 class Int4Linear:
     """Packed 4-bit (llmbench.kernels layout), w = (q - zero) * scale per group of `group_size`
     input channels. K is zero-padded up to a multiple of the group size (a partial last group,
-    e.g. K = 576 with groups of 128); `perm` reorders the input channels (GPTQ act-order)."""
+    e.g. K = 576 with groups of 128); `perm` reorders the input channels (GPTQ act-order): x's
+    channel perm[j] goes to position j, or a zero where perm[j] is -1 (a tensor-parallel slice's
+    positions of the other ranks' channels: autotp.act_order_columns)."""
 
     kind = "int4"
     act_levels: int8_act.ActLevels | None = None  # --lowp-mode INT8: int8 activations
@@ -119,10 +121,20 @@ class Int4Linear:
         self.out_features = self.packed.shape[0]
         self.bias = None if bias is None else bias.float().contiguous()
         self.perm = None if perm is None else perm.long().contiguous()
+        self._gather: tuple[torch.Tensor, torch.Tensor, bool] | None = None
+
+    def _gather_index(self) -> tuple[torch.Tensor, bool]:
+        """perm as an index into x, and whether x needs a zero appended (-1 reads it)."""
+        if self._gather is None or self._gather[0] is not self.perm:
+            gaps = bool((self.perm < 0).any())
+            index = torch.where(self.perm < 0, self.in_features, self.perm) if gaps else self.perm
+            self._gather = (self.perm, index, gaps)
+        return self._gather[1], self._gather[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
-            x = x.index_select(-1, self.perm)
+            index, gaps = self._gather_index()
+            x = (F.pad(x, (0, 1)) if gaps else x).index_select(-1, index)
         # x stays in_features wide: linear_int4w zero-pads it up to padded_in (in C++ where
         # the kernels run: F.pad's call cost was a tenth of a 32-token INT4 prefill). The
         # activation levels come after the permutation: their blocks follow the groups.
@@ -131,10 +143,13 @@ class Int4Linear:
 
     def dequantize(self) -> torch.Tensor:
         w = kernels.dequantize_int4(self.packed, self.scales, self.zeros, self.group_size)
-        w = w[:, : self.in_features]
-        if self.perm is not None:
-            w = torch.empty_like(w).index_copy_(1, self.perm, w)
-        return w
+        if self.perm is None:
+            return w[:, : self.in_features]
+        # each gathered position into the channel it reads (-1: none, in a tensor-parallel
+        # slice the other ranks' channels, weighted 0)
+        read = torch.nonzero(self.perm >= 0).squeeze(1)
+        out = torch.zeros(w.shape[0], self.in_features, dtype=w.dtype)
+        return out.index_copy_(1, self.perm[read], w[:, read])
 
     @property
     def nbytes(self) -> int:

@@ -106,7 +106,8 @@ CacheView view_of(const at::Tensor& t, bool fp8, const char* what) {
 struct Projection {
   LinearDesc d;
   int64_t in_features = 0;      // width of the input it receives (<= d.K)
-  const int64_t* perm = nullptr;  // input channel order, [in_features], or nullptr
+  const int64_t* perm = nullptr;  // x's channel for each of the first perm_len positions (-1:
+  int64_t perm_len = 0;           // a zero), or nullptr (act-order; -1 in a TP slice)
   at::Tensor weight;              // the same weights as a tensor, for the GEMM path
 };
 
@@ -264,13 +265,14 @@ class DecodePlan {
     p.in_features = in_features > 0 ? in_features : d.K;
     TORCH_CHECK(p.in_features <= d.K, "decode_step: in_features larger than the weights' K");
     if (perm.has_value()) {
-      TORCH_CHECK(perm->scalar_type() == at::kLong && perm->numel() == p.in_features &&
-                      perm->is_contiguous(),
-                  "decode_step: perm must be contiguous int64 [in_features]");
+      TORCH_CHECK(perm->scalar_type() == at::kLong && perm->numel() >= p.in_features &&
+                      perm->numel() <= d.K && perm->is_contiguous(),
+                  "decode_step: perm must be contiguous int64 [in_features..K]");
       const int64_t* idx = keep(*perm).data_ptr<int64_t>();
-      for (int64_t i = 0; i < p.in_features; ++i)
-        TORCH_CHECK(idx[i] >= 0 && idx[i] < p.in_features, "decode_step: perm out of range");
+      for (int64_t i = 0; i < perm->numel(); ++i)
+        TORCH_CHECK(idx[i] >= -1 && idx[i] < p.in_features, "decode_step: perm out of range");
       p.perm = idx;
+      p.perm_len = perm->numel();
     }
     linears_.push_back(p);
     return static_cast<int64_t>(linears_.size()) - 1;
@@ -1148,7 +1150,8 @@ class DecodePlan {
       const float* src = x + r * n;
       float* dst = staged_.data() + r * K;
       if (p.perm)
-        for (int64_t i = 0; i < n; ++i) dst[i] = src[p.perm[i]];
+        for (int64_t i = 0; i < p.perm_len; ++i)
+          if (p.perm[i] >= 0) dst[i] = src[p.perm[i]];  // staged_ is zeroed
       else
         std::copy_n(src, n, dst);
     }
