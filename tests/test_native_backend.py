@@ -177,6 +177,26 @@ def test_native_refuses_what_it_does_not_do(args, needle, embedded_model_dir, tm
     assert_one_line_error(result, needle)
 
 
+def test_kernels_forced_onto_avx2_prefill_bf16_as_an_avx2_cpu(tmp_path):
+    """LLMBENCH_KERNELS_ISA=avx2 on a CPU with bf16 math stands for a CPU without it: the bf16
+    prefill widens the weights for the fp32 kernels (the compiled prefill an AVX2 CPU runs),
+    and the report says the kernels were forced."""
+    from llmbench import kernels
+    from llmbench.environment import has_native_bf16
+
+    if not has_native_bf16() or "avx2" not in kernels.supported_isas():
+        pytest.skip("needs a CPU with bf16 math and the avx2 kernels")
+    result = run_entry("run.py", "--benchmark", "--dtype", "bfloat16", "--backend", "native",
+                       "--greedy", "--input-tokens", "32", "--max-new-tokens", "2",
+                       "--num-iter", "1", "--num-warmup", "0", "--output-dir", str(tmp_path),
+                       env={"LLMBENCH_KERNELS_ISA": "avx2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    backend = only_report(tmp_path)["backend"]
+    assert backend["kernels"] == "avx2"
+    assert backend["prefill_matmul"] == ("fp32 GEMM on weights widened from bf16 (kernels forced "
+                                         "onto avx2)")
+
+
 @pytest.mark.parametrize("bf16_gemm", [True, False])
 def test_bf16_prefill_either_way_matches_stock_bf16(bf16_gemm, embedded_model_dir, monkeypatch):
     """Both bf16 prefill paths (bf16 GEMM where the CPU has bf16 math, fp32 on widened weights

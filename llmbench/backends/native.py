@@ -518,8 +518,7 @@ class NativeModel:
         def row_limit(spec: dict[str, Any]) -> int:
             if spec["fmt"] == _FMT_I8:
                 return kernels.STREAM_M_MAX["int8"]
-            lowp = spec.get("act_levels") and spec.get("act_sym")
-            return kernels.STREAM_M_MAX["int4_lowp" if lowp else "int4"]
+            return kernels.int4_stream_rows(bool(spec.get("act_levels") and spec.get("act_sym")))
 
         self._prefill_rows = min((row_limit(spec) for spec in specs.values()
                                   if spec and spec["fmt"] in (_FMT_I8, _FMT_I4)), default=None)

@@ -79,6 +79,7 @@ __all__ = [
     "force_fallback",
     "SMALL_M_MAX",
     "STREAM_M_MAX",
+    "int4_stream_rows",
     "linear_f32",
     "linear_bf16w",
     "linear_int8w",
@@ -122,6 +123,12 @@ STREAM_M_MAX_BY_ISA = {"avx512": {"bf16": 8, "f32": 128}, "avx512vnni": {"bf16":
                        "avx2": {"int4_lowp": 1 << 40}}
 # The active path's limits (updated in place by set_isa, so readers may keep a reference).
 STREAM_M_MAX = dict(STREAM_M_MAX_BASE)
+
+
+def int4_stream_rows(sym_int8_levels: bool) -> int:
+    """Up to how many rows INT4 weights run on the kernels: with --lowp-mode INT8's symmetric
+    levels (sym_int8_levels) the "int4_lowp" limit, else "int4"."""
+    return STREAM_M_MAX["int4_lowp" if sym_int8_levels else "int4"]
 
 
 def _update_stream_limits() -> None:
@@ -341,7 +348,7 @@ def linear_int4w(
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if _C is not None and not _FORCE_FALLBACK and x.dim() and rows:
         if act is not None and x.dtype == torch.float32 and (
-                rows <= STREAM_M_MAX["int4_lowp" if act.sym else "int4"]
+                rows <= int4_stream_rows(act.sym)
                 or _C.amx_i4_takes(rows, K, int(group_size), act.sym, act.block)):
             return _C.linear_int4w(x, qweight, scales, zeros, group_size, bias, True,
                                    act.per_tensor, act.sym, act.block)

@@ -120,21 +120,23 @@ class Int4Linear:
         self.padded_in = 2 * self.packed.shape[1]
         self.out_features = self.packed.shape[0]
         self.bias = None if bias is None else bias.float().contiguous()
-        self.perm = None if perm is None else perm.long().contiguous()
-        self._gather: tuple[torch.Tensor, torch.Tensor, bool] | None = None
+        self.perm = perm
 
-    def _gather_index(self) -> tuple[torch.Tensor, bool]:
-        """perm as an index into x, and whether x needs a zero appended (-1 reads it)."""
-        if self._gather is None or self._gather[0] is not self.perm:
-            gaps = bool((self.perm < 0).any())
-            index = torch.where(self.perm < 0, self.in_features, self.perm) if gaps else self.perm
-            self._gather = (self.perm, index, gaps)
-        return self._gather[1], self._gather[2]
+    @property
+    def perm(self) -> torch.Tensor | None:
+        return self._perm
+
+    @perm.setter
+    def perm(self, perm: torch.Tensor | None) -> None:
+        self._perm = None if perm is None else perm.long().contiguous()
+        # the gather's index into x, which -1s point past: x then gets a zero appended
+        self._gaps = self._perm is not None and bool((self._perm < 0).any())
+        self._gather = (torch.where(self._perm < 0, self.in_features, self._perm) if self._gaps
+                        else self._perm)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
-            index, gaps = self._gather_index()
-            x = (F.pad(x, (0, 1)) if gaps else x).index_select(-1, index)
+            x = (F.pad(x, (0, 1)) if self._gaps else x).index_select(-1, self._gather)
         # x stays in_features wide: linear_int4w zero-pads it up to padded_in (in C++ where
         # the kernels run: F.pad's call cost was a tenth of a 32-token INT4 prefill). The
         # activation levels come after the permutation: their blocks follow the groups.

@@ -454,7 +454,7 @@ void prep_f32(const GemvArgs& a, float* out) {
 // their rows 4 bytes per row and step, too slowly for the hardware prefetchers to stream them.
 struct Ahead {
   const char* p = nullptr;  // null: nothing
-  int64_t bytes = 0;        // at most R * K * 4 (R lines per 16 steps)
+  int64_t bytes = 0;        // of which a tile covers R * K * 4 at most (R lines per 16 steps)
 };
 
 // Weight rows [n0, n0 + R) x the `rows` activation rows of the chunk at xt (first row m0).
@@ -555,8 +555,8 @@ inline void widened_outer(const GemvArgs& a, int64_t n_begin, int64_t n_end, int
     for (int r = 0; r < RT; ++r) widen(n + r, buf + r * a.K);
     b.y = a.y + n;
     b.bias = a.bias ? a.bias + n : nullptr;
-    const int64_t ahead = std::min<int64_t>(RT * row_bytes, RT * a.K * int64_t{sizeof(float)});
-    outer_rows_tile<RT>(b, 0, M, Ahead{static_cast<const char*>(a.w) + (n + RT) * row_bytes, ahead});
+    outer_rows_tile<RT>(b, 0, M, Ahead{static_cast<const char*>(a.w) + (n + RT) * row_bytes,
+                                       RT * row_bytes});
     n += RT;
   };
   while (n + R <= n_end) tile(std::integral_constant<int, R>{});

@@ -430,7 +430,7 @@ void act_scales_i4q8(const GemvArgs& a, float* sx, int64_t m0, int64_t m1) {
   }
 }
 
-// Rows [m0, m1) of the prepared buffer (see prep_i4q8_rows_fn).
+// Rows [m0, m1) of the prepared buffer (PrepRowsFn, common.h).
 void prep_i4q8_rows(const GemvArgs& a, float* out, int64_t m0, int64_t m1) {
   const int64_t M = a.M, K = a.K, G = a.group_size, NG = a.ngroups;
   float* sx = out;
@@ -576,17 +576,13 @@ void i4q8_outer_levels(const GemvArgs& a, float* out, int64_t c0, int64_t c1) {
   }
 }
 
-void prep_i4q8_outer(const GemvArgs& a, float* out) {
-  if (!i4q8_outer(a)) return prep_i4q8(a, out);
-  act_scales_i4q8(a, out, 0, a.M);
-  i4q8_outer_levels(a, out, 0, (a.M + 7) / 8);
-}
-
 void prep_i4q8_outer_rows(const GemvArgs& a, float* out, int64_t m0, int64_t m1) {
   if (!i4q8_outer(a)) return prep_i4q8_rows(a, out, m0, m1);
   act_scales_i4q8(a, out, m0, m1);
   i4q8_outer_levels(a, out, m0 / 8, (m1 + 7) / 8);
 }
+
+void prep_i4q8_outer(const GemvArgs& a, float* out) { prep_i4q8_outer_rows(a, out, 0, a.M); }
 
 // R weight rows (u8 levels at wb, K each) x the 8-row chunks [c0, c0 + CC).
 // Registers (16 on AVX2): R x CC int16 step sums and R x CC int32 group sums; the fp32 totals
