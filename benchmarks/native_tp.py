@@ -39,6 +39,10 @@ from llmbench.environment import machine_slug  # noqa: E402
 PRECISIONS = {"fp32": [], "bf16": ["--dtype", "bfloat16"],
               "int8": ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]}
 MS = 1000.0
+# --isa avx2: every library held to AVX2 in every run (ours, ATen's kernels, oneDNN, MKL), so an
+# AVX-512 machine measures what an AVX2 machine's code paths do (not its memory system)
+ISA_ENV = {"avx2": {"LLMBENCH_KERNELS_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                    "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def free_port() -> int:
@@ -66,7 +70,8 @@ def run(model: str | None, flags: list[str], ranks: int, args: argparse.Namespac
                        *common, "--skip-quality"]
         else:
             command = [sys.executable, str(ROOT / "run.py"), *common]
-        full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
+        full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **ISA_ENV.get(args.isa, {}),
+                    **(env or {})}
         result = subprocess.run(command, capture_output=True, text=True, env=full_env)
         if result.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -79,9 +84,12 @@ def summarize(name: str, precision: str, report: dict[str, Any]) -> dict[str, An
     stats = report["statistics"]
     dist = report.get("distributed", {})
     ranks = dist.get("ranks", [])
+    next_s = stats["next_token_latency_s"]
     return {"config": name, "precision": precision, "backend": report["backend"]["name"],
             "first_ms": stats["first_token_latency_s"]["p50"] * MS,
-            "next_ms": stats["next_token_latency_s"]["p50"] * MS,
+            "next_ms": next_s["p50"] * MS,
+            # what one decoding step reads (all ranks together), back from the report's GB/s
+            "weight_bytes": stats["decode_weight_read_gb_per_s"] * next_s["mean"] * 1e9,
             "all_reduce_ms": dist.get("all_reduce_ms_per_token"),
             # the largest rank's peak resident memory, and how the ranks loaded the model
             "peak_rss_mib": max(r["peak_rss_bytes"] for r in ranks) / 2**20 if ranks else None,
@@ -101,11 +109,21 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--input-tokens", type=int, default=32)
     parser.add_argument("--no-stock", action="store_true", help="skip the stock AutoTP row")
+    parser.add_argument("--isa", choices=sorted(ISA_ENV),
+                        help="hold every library to this ISA in every run (" + ", ".join(
+                            f"{k}: {' '.join(f'{n}={v}' for n, v in e.items())}"
+                            for k, e in ISA_ENV.items()) + ")")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    from compare_backends import resolve_model
+    import torch
+    from compare_backends import read_bandwidth_gb_per_s, resolve_model
 
     model = resolve_model(args.model)
+    # the floor every config is held to: one read of the weights at the machine's read
+    # bandwidth with as many threads as the ranks have together, measured before the runs
+    torch.set_num_threads(args.ranks)
+    bandwidth = max(read_bandwidth_gb_per_s().values())
+    print(f"read bandwidth {bandwidth:.1f} GB/s ({args.ranks} threads)", flush=True)
     rows: list[dict[str, Any]] = []
     for precision in args.precisions.split(","):
         flags = ["--backend", "native", *PRECISIONS[precision]]
@@ -123,11 +141,13 @@ def main() -> int:
             found.append(summarize(f"{args.ranks} ranks, whole model loaded per rank",
                                    precision, run(model, flags, args.ranks, args,
                                                   {"LLMBENCH_TP_LOAD": "whole"})))
-            if not args.no_stock:
-                found.append(summarize(f"{args.ranks} ranks, stock AutoTP", precision,
-                                       run(model, PRECISIONS[precision], args.ranks, args)))
+        if not args.no_stock:
+            found.append(summarize(f"{args.ranks} ranks, stock AutoTP", precision,
+                                   run(model, PRECISIONS[precision], args.ranks, args)))
         for row in found:
             row["vs_one_process"] = row["next_ms"] / single["next_ms"]
+            # the single process's bytes: a rank's report counts what all ranks read together
+            row["x_floor"] = row["next_ms"] / (single["weight_bytes"] / bandwidth / 1e6)
             row["same_tokens"] = (row["tokens"] == single["tokens"]
                                   if row is not single and row["tokens"] else None)
             print(f"{precision} {row['config']}: next {row['next_ms']:.2f} ms "
@@ -135,29 +155,44 @@ def main() -> int:
                   + (f", all-reduce {row['all_reduce_ms']:.2f} ms/token"
                      if row["all_reduce_ms"] is not None else ""), flush=True)
         rows += found
+    # the measure: how many times faster than stock AutoTP in fp32 on the same ranks
+    stock_fp32 = next((r for r in rows if r["backend"] != "native" and r["precision"] == "fp32"),
+                      None)
+    for r in rows:
+        r["stock_fp32_over_this"] = stock_fp32["next_ms"] / r["next_ms"] if stock_fp32 else None
     from llmbench.environment import collect_environment
 
     env = collect_environment()
+    held = (f"; every run held to {args.isa.upper()} ("
+            + ", ".join(f"{n}={v}" for n, v in ISA_ENV[args.isa].items()) + ")"
+            if args.isa else "")
     command = "python benchmarks/native_tp.py " + " ".join(sys.argv[1:])
     lines = [f"# native tensor parallel: {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"{env['cpu']['model']} ({', '.join(env['cpu']['isa'])}), model {args.model}, "
              f"{args.input_tokens} in / {args.max_new_tokens} out, greedy, p50 of "
-             f"{args.num_iter} iterations after {args.num_warmup} warm-up", "",
+             f"{args.num_iter} iterations after {args.num_warmup} warm-up; read bandwidth "
+             f"{bandwidth:.1f} GB/s ({args.ranks} threads), `x floor` = next token over the "
+             f"one process's weight bytes per token read at that rate{held}", "",
              f"`{command.strip()}`", "",
-             "| precision | config | backend | next ms | x one process | first ms | "
-             "all-reduce ms/token | same text as one process | rank peak RSS MiB | load s |",
-             "|---|---|---|--:|--:|--:|--:|---|--:|--:|"]
+             "| precision | config | backend | next ms | x one process | x floor | "
+             "stock fp32 AutoTP / this | first ms | all-reduce ms/token | "
+             "same text as one process | rank peak RSS MiB | load s |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|---|--:|--:|"]
     for r in rows:
         reduce = "" if r["all_reduce_ms"] is None else f"{r['all_reduce_ms']:.2f}"
         same = {True: "yes", False: "**no**", None: ""}[r["same_tokens"]]
+        stock = "" if r["stock_fp32_over_this"] is None else f"{r['stock_fp32_over_this']:.2f}"
         rss = "" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
         load = "" if r["peak_rss_mib"] is None or r["load_s"] is None else f"{r['load_s']:.1f}"
         lines.append(f"| {r['precision']} | {r['config']} | {r['backend']} | {r['next_ms']:.2f} "
-                     f"| {r['vs_one_process']:.2f} | {r['first_ms']:.1f} | {reduce} | {same} "
+                     f"| {r['vs_one_process']:.2f} | {r['x_floor']:.2f} | {stock} "
+                     f"| {r['first_ms']:.1f} | {reduce} | {same} "
                      f"| {rss} | {load} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    stem = args.output_dir / f"native-tp-{args.model}-{machine_slug()}"  # replaces the baseline
+    held_tag = f"-{args.isa}" if args.isa else ""
+    # replaces the baseline of the same model, machine and held ISA
+    stem = args.output_dir / f"native-tp-{args.model}-{machine_slug()}{held_tag}"
     write_text(Path(f"{stem}.md"), text)
     for r in rows:
         r.pop("tokens", None)

@@ -22,7 +22,8 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
              "fphp")
 RUNTIME_ENV_VARS = ("OMP_NUM_THREADS", "KMP_AFFINITY", "KMP_BLOCKTIME", "KMP_TPAUSE",
                     "KMP_SETTINGS", "LD_PRELOAD", "MALLOC_CONF", "OMP_PROC_BIND", "OMP_PLACES",
-                    "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+                    "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                    "MKL_ENABLE_INSTRUCTIONS", "LLMBENCH_KERNELS_ISA")
 PACKAGES = ("torch", "transformers", "accelerate", "gguf", "numpy", "safetensors", "tokenizers",
             "psutil", "deepspeed", "lm_eval", "torchao", "intel_extension_for_pytorch")
 
