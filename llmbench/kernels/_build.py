@@ -27,6 +27,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(PKG_DIR))
 SOURCES = [
     "ops.cpp",
     "decode_step.cpp",
+    "quant_search.cpp",
     "kernels_generic.cpp",
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",

@@ -138,6 +138,16 @@ def _clipped_grid_rows(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[flo
         torch.sub(wg, lo[:, :, None], out=out)
         return out.div_(s[:, :, None]).round_().clamp_(0, levels)
 
+    compiled = kernels.compiled()
+    if compiled is not None and len(grid) > 1:
+        # every shrink's scales (and lows) from torch, the error pass over the weights in C++
+        # (quant_search.cpp: the same fp32 steps per element, the group sums in another order)
+        found = [scale_and_low(shrink) for shrink in grid]
+        best_index = compiled.clip_search(
+            wg.contiguous(), torch.stack([f[0] for f in found]),
+            None if sym else torch.stack([f[1] for f in found]), float(levels))
+        s, lo = scale_and_low(torch.tensor(grid, dtype=torch.float32)[best_index])
+        return on_grid(s, lo, torch.empty_like(wg)), s, lo
     buffer = torch.empty_like(wg)
     best_err = best_index = None
     for index, shrink in enumerate(grid):

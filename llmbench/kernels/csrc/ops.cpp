@@ -729,6 +729,7 @@ void rope_qk_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
 }
 
 void register_decode(pybind11::module& m);  // decode_step.cpp
+void register_quant_search(pybind11::module& m);  // quant_search.cpp
 
 }  // namespace llmb
 
@@ -772,4 +773,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "force 'generic'/'avx2'/'avx512'/'avx512vnni' or 'auto'; returns the active name");
   m.def("supported_isas", &llmb::supported_isas);
   llmb::register_decode(m);
+  llmb::register_quant_search(m);
 }
