@@ -128,6 +128,9 @@ def test_run_py_quantizes_saves_then_benchmarks_native(tmp_path, tiny_llama):
     assert report["backend"]["name"] == "native"
     q = report["backend"]["quantization"]
     assert q["scheme"]["weight_dtype"] == "INT4" and q["native_projections_replaced"] == 9
+    # the default --lowp-mode AUTO is not IPEX's AUTO (int8 activations for INT4): said so
+    assert q["lowp_mode"].startswith("AUTO: fp32 activations") and "--lowp-mode INT8" in (
+        q["lowp_mode"])
     # 2 layers x (qkv, o, gate_up, down) int4 + lm_head int8: far below the fp32 weights.
     assert report["backend"]["weight_bytes_per_token"] < 0.35 * 4 * sum(
         v["in_features"] * v["out_features"] for v in meta["layout"].values())

@@ -225,6 +225,12 @@ def set_compute(qlinears: dict[str, Any], scheme: Scheme) -> dict[str, Any]:
     return {name: with_compute(linear, scheme) for name, linear in qlinears.items()}
 
 
+# The same command line means another computation than in IPEX's scripts: say so in the report.
+AUTO_LOWP_NOTE = ("AUTO: fp32 activations. IPEX's scripts took AUTO as int8 activations for "
+                  "INT4 weights (and GPTQ checkpoints) and bf16 for INT8 weights; --lowp-mode "
+                  "INT8 or BF16 asks for those")
+
+
 def lowp_description(lowp_mode: str) -> str:
     from llmbench.environment import has_native_bf16, has_native_fp16
 
@@ -293,6 +299,8 @@ def quantization_details(qlinears: dict[str, Any], scheme: Scheme) -> dict[str, 
     compute = compute_description(qlinears, scheme)
     if compute is not None:
         details["compute"] = compute
+    if scheme.lowp_mode == "AUTO" and scheme.weight_dtype in ("INT8", "INT4"):
+        details["lowp_mode"] = AUTO_LOWP_NOTE
     pure_torch = [k for k in kinds if k.split("-")[0] in ("nf4", "fp8", "int8g")]
     if pure_torch:
         details["note"] = (f"{', '.join(pure_torch)} weights are dequantized in pure torch on "
