@@ -105,25 +105,33 @@ def _clipped_grid(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, .
     the small search AWQ's and llama.cpp's quantizers also do. For INT8 per channel on the
     embedded model this takes the perplexity cost from +0.71% (full range) to +0.16%.
     sym: q in [-levels, levels], w ~ q * s (lo None). Else q in [0, levels], w ~ q * s + lo.
-    Returns (q as float, s [rows, groups], lo [rows, groups] or None)."""
+    Returns (q: int16 where the compiled search ran, else float; s [rows, groups]; lo [rows,
+    groups] or None)."""
+    wg = wg.contiguous()  # (so that every block of rows is too)
     rows = max(1, _SEARCH_ELEMENTS // max(1, wg.shape[1] * wg.shape[2]))
-    if wg.shape[0] <= rows:
-        return _clipped_grid_rows(wg, levels, sym, grid)
-    parts = [_clipped_grid_rows(wg[i:i + rows], levels, sym, grid)
+    compiled = kernels.compiled() if len(grid) > 1 else None
+    # the compiled search writes the levels into one tensor: no float copy of the weights, no cat
+    q = None if compiled is None else torch.empty(wg.shape, dtype=torch.int16)
+    parts = [_clipped_grid_rows(wg[i:i + rows], levels, sym, grid,
+                                None if q is None else q[i:i + rows])
              for i in range(0, wg.shape[0], rows)]
-    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-            None if sym else torch.cat([p[2] for p in parts]))
+    if len(parts) == 1:
+        return parts[0]
+    return (q if q is not None else torch.cat([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]), None if sym else torch.cat([p[2] for p in parts]))
 
 
 def _clipped_grid_rows(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, ...],
+                       levels_out: torch.Tensor | None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """_clipped_grid on one block of rows: the squared error of every shrink into one reused
-    buffer, keeping only the index of the best shrink per group (the first one on ties), then
-    the grid of that shrink once."""
-    if sym:
-        amax0 = wg.abs().amax(dim=2)
-    else:
-        lo0, hi0 = wg.amin(dim=2), wg.amax(dim=2)
+    """_clipped_grid on one block of rows: the squared error of every shrink, keeping only the
+    index of the best shrink per group (the first one on ties), then the grid of that shrink
+    once. levels_out (int16, wg's shape): the compiled search (quant_search.cpp) does the
+    error pass and the levels, with the same fp32 steps per element (only the group sums add
+    in another order); else the torch loop, into one reused buffer."""
+    lo0, hi0 = (torch.aminmax(wg, dim=2) if levels_out is None
+                else kernels.compiled().group_ranges(wg))
+    amax0 = torch.maximum(-lo0, hi0) if sym else None  # = |wg|'s max, exactly
 
     def scale_and_low(shrink: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if sym:
@@ -138,16 +146,14 @@ def _clipped_grid_rows(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[flo
         torch.sub(wg, lo[:, :, None], out=out)
         return out.div_(s[:, :, None]).round_().clamp_(0, levels)
 
-    compiled = kernels.compiled()
-    if compiled is not None and len(grid) > 1:
-        # every shrink's scales (and lows) from torch, the error pass over the weights in C++
-        # (quant_search.cpp: the same fp32 steps per element, the group sums in another order)
+    if levels_out is not None:
         found = [scale_and_low(shrink) for shrink in grid]
-        best_index = compiled.clip_search(
-            wg.contiguous(), torch.stack([f[0] for f in found]),
-            None if sym else torch.stack([f[1] for f in found]), float(levels))
+        best_index = kernels.compiled().clip_search(
+            wg, torch.stack([f[0] for f in found]),
+            None if sym else torch.stack([f[1] for f in found]), float(levels), levels_out)
+        # the same float32 shrink values as each search step's, so s and lo are its own
         s, lo = scale_and_low(torch.tensor(grid, dtype=torch.float32)[best_index])
-        return on_grid(s, lo, torch.empty_like(wg)), s, lo
+        return levels_out, s, lo
     buffer = torch.empty_like(wg)
     best_err = best_index = None
     for index, shrink in enumerate(grid):
