@@ -291,13 +291,17 @@ def test_a_rank_killed_mid_run_ends_every_rank(tiny, tmp_path):
     assert "Summary" not in result.stdout
 
 
-def test_a_slice_refused_on_one_rank_sends_every_rank_to_stock(tmp_path, embedded_model_dir):
+@pytest.mark.parametrize("quant", [[], ["--ipex-weight-only-quantization", "--weight-dtype",
+                                          "INT8"]], ids=["fp32", "int8"])
+def test_a_slice_refused_on_one_rank_sends_every_rank_to_stock(tmp_path, embedded_model_dir,
+                                                               quant):
     """Experts of 8 units leave rank 1 none to take: only rank 1 refuses its slice, and every
     rank must then take the stock path together (one rank on each would wait for the other's
-    collectives forever)."""
+    collectives forever). With INT8 the ranks share each weight's clipping search through an
+    all-reduce, so rank 1 goes on quantizing every layer before it says no."""
     model = make_tiny_model("deepseek_v2", tmp_path / "model", embedded_model_dir,
                             moe_intermediate_size=8)
-    result = launch("-m", str(model), "--backend", "native", *RUN[:3], "2", *RUN[4:],
+    result = launch("-m", str(model), "--backend", "native", *RUN[:3], "2", *RUN[4:], *quant,
                     "--output-dir", str(tmp_path / "out"), timeout=600, launcher="direct")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "is too narrow for 2 ranks" in result.stdout

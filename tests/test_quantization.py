@@ -71,6 +71,34 @@ def test_compiled_clipping_search_picks_the_torch_searchs_ranges(dtype, group, s
         assert torch.equal(again.dequantize(), compiled.dequantize())
 
 
+@pytest.mark.parametrize("dtype,group,sym", [("INT8", -1, False), ("INT4", 32, True)])
+def test_search_shared_by_two_ranks_is_one_process_search(dtype, group, sym):
+    """rtn.search_shared (tensor-parallel ranks loading one model): each rank searches half of
+    every weight's rows and the ranks sum their choices; the levels and scales are one
+    process's bit for bit. Two ranks played in turn: rank 1's share kept, then added to rank
+    0's in its all-reduce."""
+    from llmbench import kernels
+    from llmbench.quant.rtn import search_shared
+
+    if not kernels.available():
+        pytest.skip("the compiled kernels are not built")
+    torch.manual_seed(1)
+    # 1200 rows of 1000: blocks of 524 rows, so the ranks' halves (600 each) cut through one
+    weights = [torch.randn(1200, 1000) * 0.02, torch.randn(40, 1000) * 0.02]
+    scheme = Scheme("woq", dtype, group, sym)
+    alone = [quantize_weight(w, None, scheme) for w in weights]
+    shares: list[torch.Tensor] = []
+    with search_shared(1, 2, lambda t: shares.append(t.clone())):
+        for w in weights:
+            quantize_weight(w, None, scheme)
+    with search_shared(0, 2, lambda t: t.add_(shares.pop(0))):
+        shared = [quantize_weight(w, None, scheme) for w in weights]
+    assert not shares
+    for one, two in zip(alone, shared, strict=True):
+        for name, tensor in one.tensors().items():
+            assert torch.equal(tensor, two.tensors()[name]), name
+
+
 def test_group_size_rules():
     assert resolve_group_size("INT4", 0) == 128 and resolve_group_size("INT8", 0) == -1
     assert resolve_group_size("INT4", 64) == 64 and resolve_group_size("INT4", -1) == -1

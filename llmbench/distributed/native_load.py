@@ -14,6 +14,7 @@ model's (transformers renames some families' tensors at load)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -174,6 +175,12 @@ class LayerStream:
             self.names.setdefault(id(tensor), []).append(name)
         self.output = model.get_output_embeddings()
         self.cutter: Any = None
+        # With a scheme, the ranks share each weight's clipping search (rtn.search_shared): an
+        # all-reduce per weight, so every rank must quantize every layer, in the same order.
+        # A cut refused on this rank alone (a narrow expert leaving it no units) is then held
+        # until every layer is quantized, and raised then.
+        self.shared = scheme is not None and comm.world > 1
+        self.refused: Exception | None = None
         self.formats: dict[str, Any] = {}  # kind and int8 compute of each quantized weight
         self.replaced = 0
 
@@ -262,6 +269,7 @@ class LayerStream:
     # ---- NativeModel's hooks ---------------------------------------------------------------
 
     def after(self, native: Any, index: int, layer: Any, sources: list[Any]) -> None:
+        from llmbench.backends.blocks import Unsupported
         from llmbench.backends.tensor_parallel import Cutter
 
         if self.scheme is not None:
@@ -269,11 +277,17 @@ class LayerStream:
                                                                              convert))
         for _, owner, attr in [*layer.projections(index), ("router", layer, "router")]:
             setattr(owner, attr, self._in_dtype(getattr(owner, attr)))
-        if self.cutter is None:
-            # (encoder-decoder and multimodal models, the ones with cross-attention, are not
-            # streamed)
-            self.cutter = Cutter(native, self.comm, cross=False, first=layer)
-        self.cutter.layer(index, layer)
+        try:
+            if self.refused is None:
+                if self.cutter is None:
+                    # (encoder-decoder and multimodal models, the ones with cross-attention,
+                    # are not streamed)
+                    self.cutter = Cutter(native, self.comm, cross=False, first=layer)
+                self.cutter.layer(index, layer)
+        except Unsupported as exc:
+            if not self.shared:
+                raise
+            self.refused = exc
         self.release(sources)
 
     def finish(self, native: Any) -> None:
@@ -283,15 +297,33 @@ class LayerStream:
             def convert_head(convert: Any) -> None:
                 native.lm_head = convert("lm_head", native.lm_head)
             self._quantize(native, sources, convert_head)
+        if self.refused is not None:
+            raise self.refused
         native.lm_head = self._in_dtype(native.lm_head)
         self.cutter.finish()
         self.release(sources)
 
     def _quantize(self, native: Any, sources: list[Any], install: Any) -> None:
-        from llmbench.quant.apply import NativeConverter, projection_scheme, ready_to_run
-        from llmbench.quant.rtn import quantize_weight
+        from llmbench.quant.apply import NativeConverter, ready_to_run
+        from llmbench.quant.rtn import search_shared
 
         found = {}
+        with contextlib.ExitStack() as stack:
+            if self.shared:
+                stack.enter_context(search_shared(self.comm.rank, self.comm.world,
+                                                  self.comm.all_reduce))
+            self._quantize_sources(sources, found)
+        found = ready_to_run(found, self.scheme, _dtype_name(self.dtype))
+        self.formats.update({name: _Format(q.kind, getattr(q, "act_qmax", 0.0))
+                             for name, q in found.items()})
+        convert = NativeConverter(native, found)
+        install(convert)
+        self.replaced += convert.replaced
+
+    def _quantize_sources(self, sources: list[Any], found: dict[str, Any]) -> None:
+        from llmbench.quant.apply import projection_scheme
+        from llmbench.quant.rtn import quantize_weight
+
         for source in sources:
             if source.name in found:
                 continue
@@ -307,12 +339,6 @@ class LayerStream:
                 None if getattr(module, "bias", None) is None
                 else self._fp32(f"{source.module}.bias"),
                 projection_scheme(self.scheme, module is self.output))
-        found = ready_to_run(found, self.scheme, _dtype_name(self.dtype))
-        self.formats.update({name: _Format(q.kind, getattr(q, "act_qmax", 0.0))
-                             for name, q in found.items()})
-        convert = NativeConverter(native, found)
-        install(convert)
-        self.replaced += convert.replaced
 
     def _fp32(self, name: str) -> torch.Tensor:
         """A weight as the quantizer reads it: fp32 from the checkpoint (an lm_head tied to the

@@ -3,6 +3,8 @@ result type GPTQ fills (the settings are llmbench.quant.scheme's)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +100,26 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, scheme: Sch
 _SEARCH_ELEMENTS = 1 << 19
 
 
+# Set by search_shared: (rank, world, all_reduce) of ranks that quantize the same weights.
+_SEARCH_SHARE: tuple[int, int, Callable[[torch.Tensor], Any]] | None = None
+
+
+@contextlib.contextmanager
+def search_shared(rank: int, world: int, all_reduce: Callable[[torch.Tensor], Any],
+                  ) -> Iterator[None]:
+    """Within it, ranks that each quantize the same weights in the same order (tensor-parallel
+    ranks loading one model, each then keeping its slice) share the compiled clipping search:
+    each searches its 1/world of every weight's rows, and the chosen shrinks are summed across
+    the ranks (all_reduce: in place, over a float32 tensor), so every rank ends with the whole
+    result, bit for bit what one process finds."""
+    global _SEARCH_SHARE
+    _SEARCH_SHARE = (rank, world, all_reduce) if world > 1 else None
+    try:
+        yield
+    finally:
+        _SEARCH_SHARE = None
+
+
 def _clipped_grid(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, ...],
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest of [rows, groups, size] weights onto an integer grid, each group's range
@@ -109,64 +131,104 @@ def _clipped_grid(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, .
     groups] or None)."""
     wg = wg.contiguous()  # (so that every block of rows is too)
     rows = max(1, _SEARCH_ELEMENTS // max(1, wg.shape[1] * wg.shape[2]))
-    compiled = kernels.compiled() if len(grid) > 1 else None
+    starts = range(0, wg.shape[0], rows)
+    if kernels.compiled() is None or len(grid) == 1:
+        parts = [_GroupRanges(wg[i:i + rows], levels, sym).torch_search(grid) for i in starts]
+        if len(parts) == 1:
+            return parts[0]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                None if sym else torch.cat([p[2] for p in parts]))
     # the compiled search writes the levels into one tensor: no float copy of the weights, no cat
-    q = None if compiled is None else torch.empty(wg.shape, dtype=torch.int16)
-    parts = [_clipped_grid_rows(wg[i:i + rows], levels, sym, grid,
-                                None if q is None else q[i:i + rows])
-             for i in range(0, wg.shape[0], rows)]
-    if len(parts) == 1:
-        return parts[0]
-    return (q if q is not None else torch.cat([p[0] for p in parts]),
-            torch.cat([p[1] for p in parts]), None if sym else torch.cat([p[2] for p in parts]))
+    q = torch.empty(wg.shape, dtype=torch.int16)
+    shrinks = torch.tensor(grid, dtype=torch.float32)
+    if _SEARCH_SHARE is None:
+        parts = []
+        for i in starts:
+            block = _GroupRanges(wg[i:i + rows], levels, sym)
+            # the same float32 shrink values as each search step's, so s and lo are its own
+            parts.append(block.scale_and_low(shrinks[block.search(grid, q[i:i + rows])]))
+    else:  # this rank's rows searched, everyone's summed, then every block's levels
+        rank, world, all_reduce = _SEARCH_SHARE
+        first, last = wg.shape[0] * rank // world, wg.shape[0] * (rank + 1) // world
+        best = torch.zeros(wg.shape[:2], dtype=torch.float32)
+        for i in range(first, last, rows):
+            end = min(i + rows, last)
+            best[i:end] = _GroupRanges(wg[i:end], levels, sym).search(grid, None).float()
+        all_reduce(best)
+        best = best.long()
+        parts = [_GroupRanges(wg[i:i + rows], levels, sym).write_levels(
+            shrinks[best[i:i + rows]], q[i:i + rows])
+                 for i in starts]
+    return (q, torch.cat([p[0] for p in parts]),
+            None if sym else torch.cat([p[1] for p in parts]))
 
 
-def _clipped_grid_rows(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, ...],
-                       levels_out: torch.Tensor | None,
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """_clipped_grid on one block of rows: the squared error of every shrink, keeping only the
-    index of the best shrink per group (the first one on ties), then the grid of that shrink
-    once. levels_out (int16, wg's shape): the compiled search (quant_search.cpp) does the
-    error pass and the levels, with the same fp32 steps per element (only the group sums add
-    in another order); else the torch loop, into one reused buffer."""
-    lo0, hi0 = (torch.aminmax(wg, dim=2) if levels_out is None
-                else kernels.compiled().group_ranges(wg))
-    amax0 = torch.maximum(-lo0, hi0) if sym else None  # = |wg|'s max, exactly
+class _GroupRanges:
+    """One block of rows of [rows, groups, size] weights, its groups' ranges found: the scale
+    (and low) of any shrink of them, and the search over shrinks."""
 
-    def scale_and_low(shrink: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if sym:
-            return (amax0 * shrink / levels).clamp_min(1e-12), None
-        lo = lo0 * shrink
-        return ((hi0 * shrink - lo) / levels).clamp_min(1e-12), lo
+    def __init__(self, wg: torch.Tensor, levels: int, sym: bool) -> None:
+        compiled = kernels.compiled()
+        self.wg, self.levels, self.sym = wg, levels, sym
+        self.lo0, self.hi0 = (torch.aminmax(wg, dim=2) if compiled is None
+                              else compiled.group_ranges(wg))
+        self.amax0 = torch.maximum(-self.lo0, self.hi0) if sym else None  # = max |wg|, exactly
 
-    def on_grid(s: torch.Tensor, lo: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    def scale_and_low(self, shrink: float | torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.sym:
+            return (self.amax0 * shrink / self.levels).clamp_min(1e-12), None
+        lo = self.lo0 * shrink
+        return ((self.hi0 * shrink - lo) / self.levels).clamp_min(1e-12), lo
+
+    def search(self, grid: tuple[float, ...], levels_out: torch.Tensor | None) -> torch.Tensor:
+        """The compiled search (quant_search.cpp: the same fp32 steps per element as torch's,
+        only the group sums add in another order): the best shrink's index per group, its
+        levels written into levels_out (int16, the block's shape) where given."""
+        found = [self.scale_and_low(shrink) for shrink in grid]
+        return kernels.compiled().clip_search(
+            self.wg, torch.stack([f[0] for f in found]),
+            None if self.sym else torch.stack([f[1] for f in found]), float(self.levels),
+            levels_out)
+
+    def write_levels(self, shrink: torch.Tensor, levels_out: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write the levels of each group's given shrink (float32 [rows, groups]) into
+        levels_out; returns (s, lo)."""
+        s, lo = self.scale_and_low(shrink)
+        kernels.compiled().clip_search(self.wg, s[None], None if lo is None else lo[None],
+                                       float(self.levels), levels_out)
+        return s, lo
+
+    def on_grid(self, s: torch.Tensor, lo: torch.Tensor | None, out: torch.Tensor
+                ) -> torch.Tensor:
+        levels = self.levels
         if lo is None:
-            torch.div(wg, s[:, :, None], out=out)
+            torch.div(self.wg, s[:, :, None], out=out)
             return out.round_().clamp_(-levels, levels)
-        torch.sub(wg, lo[:, :, None], out=out)
+        torch.sub(self.wg, lo[:, :, None], out=out)
         return out.div_(s[:, :, None]).round_().clamp_(0, levels)
 
-    if levels_out is not None:
-        found = [scale_and_low(shrink) for shrink in grid]
-        best_index = kernels.compiled().clip_search(
-            wg, torch.stack([f[0] for f in found]),
-            None if sym else torch.stack([f[1] for f in found]), float(levels), levels_out)
-        # the same float32 shrink values as each search step's, so s and lo are its own
-        s, lo = scale_and_low(torch.tensor(grid, dtype=torch.float32)[best_index])
-        return levels_out, s, lo
-    buffer = torch.empty_like(wg)
-    best_err = best_index = None
-    for index, shrink in enumerate(grid):
-        s, lo = scale_and_low(shrink)
-        rebuilt = on_grid(s, lo, buffer).mul_(s[:, :, None])
-        if lo is not None:
-            rebuilt.add_(lo[:, :, None])
-        err = rebuilt.sub_(wg).square_().sum(dim=2)
-        if best_err is None:
-            best_err, best_index = err, torch.zeros(err.shape, dtype=torch.long)
-            continue
-        best_index[err < best_err] = index
-        best_err = torch.minimum(err, best_err)
-    # The same float32 shrink values as the loop's, so s, lo and q are the loop's bit for bit.
-    s, lo = scale_and_low(torch.tensor(grid, dtype=torch.float32)[best_index])
-    return on_grid(s, lo, torch.empty_like(wg)), s, lo
+    def torch_search(self, grid: tuple[float, ...],
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The search in torch (no compiled kernels): the squared error of every shrink into
+        one reused buffer, keeping only the index of the best shrink per group (the first one
+        on ties), then the grid of that shrink once. Returns (q as float, s, lo)."""
+        wg = self.wg
+        buffer = torch.empty_like(wg)
+        best_err = best_index = None
+        for index, shrink in enumerate(grid):
+            s, lo = self.scale_and_low(shrink)
+            rebuilt = self.on_grid(s, lo, buffer).mul_(s[:, :, None])
+            if lo is not None:
+                rebuilt.add_(lo[:, :, None])
+            err = rebuilt.sub_(wg).square_().sum(dim=2)
+            if best_err is None:
+                best_err, best_index = err, torch.zeros(err.shape, dtype=torch.long)
+                continue
+            best_index[err < best_err] = index
+            best_err = torch.minimum(err, best_err)
+        # The same float32 shrink values as the loop's, so s, lo and q are the loop's bit for
+        # bit.
+        s, lo = self.scale_and_low(torch.tensor(grid, dtype=torch.float32)[best_index])
+        return self.on_grid(s, lo, torch.empty_like(wg)), s, lo
