@@ -402,7 +402,7 @@ def load_native_tp(settings: Settings, scheme: Any, info: RankInfo,
             native = prepared.model
     if problem is not None:
         loaded, prepared, prompt, reason = _native_whole(settings, scheme, path, request,
-                                                         announce=info.rank == 0)
+                                                         comm, announce=info.rank == 0)
         if reason is None:
             native = getattr(prepared.model, "native", prepared.model)  # a multimodal runner's
             try:
@@ -450,11 +450,12 @@ def multimodal_encoders(request: Any) -> tuple[str, ...]:
     return LAYOUTS[request.family.model_type].encoders
 
 
-def _native_whole(settings: Settings, scheme: Any, path: str, request: Any, announce: bool
-                  ) -> tuple[Any, Any, Any, str | None]:
+def _native_whole(settings: Settings, scheme: Any, path: str, request: Any, comm: Any,
+                  announce: bool) -> tuple[Any, Any, Any, str | None]:
     """load_native_tp's first part: (LoadedModel, PreparedModel native and uncut, the
     multimodal prompt or None, None), or (.., reason) when native does not run it. announce:
-    print what a GPTQ/AWQ folder holds, as one process does (rank 0)."""
+    print what a GPTQ/AWQ folder holds, as one process does (rank 0). comm: the ranks share
+    round to nearest's clipping search through it (every rank quantizes the same model)."""
     from llmbench import backends
 
     if request is not None:
@@ -478,10 +479,13 @@ def _native_whole(settings: Settings, scheme: Any, path: str, request: Any, anno
 
             prepared = prepare_checkpoint_folder(settings, loaded, "native", announce=announce)
         elif scheme is not None:
+            from llmbench.quant.rtn import search_shared
             from llmbench.quant.workflow import quantize_in_process
 
             # the whole model, as one process quantizes it (rank 0 says what ran, once cut)
-            prepared = quantize_in_process(settings, loaded, scheme, "native", announce=False)
+            with search_shared(comm.rank, comm.world, comm.all_reduce):
+                prepared = quantize_in_process(settings, loaded, scheme, "native",
+                                               announce=False)
         else:
             prepared = backends.prepare(loaded.model, backend="native",
                                         dtype=settings.model.dtype,
