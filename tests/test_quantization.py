@@ -71,17 +71,27 @@ def test_compiled_clipping_search_picks_the_torch_searchs_ranges(dtype, group, s
         assert torch.equal(again.dequantize(), compiled.dequantize())
 
 
-@pytest.mark.parametrize("dtype,group,sym", [("INT8", -1, False), ("INT4", 32, True)])
-def test_search_shared_by_two_ranks_is_one_process_search(dtype, group, sym):
+@pytest.mark.parametrize("dtype,group,sym,compiled", [
+    ("INT8", -1, False, True), ("INT4", 32, True, True), ("INT8", -1, True, False)])
+def test_search_shared_by_two_ranks_is_one_process_search(dtype, group, sym, compiled):
     """rtn.search_shared (tensor-parallel ranks loading one model): each rank searches half of
     every weight's rows and the ranks sum their choices; the levels and scales are one
-    process's bit for bit. Two ranks played in turn: rank 1's share kept, then added to rank
-    0's in its all-reduce."""
+    process's bit for bit, with the compiled search or torch's (a rank without the kernels
+    still takes part in the all-reduces). Two ranks played in turn: rank 1's share kept, then
+    added to rank 0's in its all-reduce."""
+    import contextlib
+
     from llmbench import kernels
     from llmbench.quant.rtn import search_shared
 
-    if not kernels.available():
+    if compiled and not kernels.available():
         pytest.skip("the compiled kernels are not built")
+    context = contextlib.nullcontext() if compiled else kernels.force_fallback()
+    with context:
+        _two_ranks_play_in_turn(dtype, group, sym, search_shared)
+
+
+def _two_ranks_play_in_turn(dtype: str, group: int, sym: bool, search_shared) -> None:
     torch.manual_seed(1)
     # 1200 rows of 1000: blocks of 524 rows, so the ranks' halves (600 each) cut through one
     weights = [torch.randn(1200, 1000) * 0.02, torch.randn(40, 1000) * 0.02]

@@ -131,36 +131,38 @@ def _clipped_grid(wg: torch.Tensor, levels: int, sym: bool, grid: tuple[float, .
     groups] or None)."""
     wg = wg.contiguous()  # (so that every block of rows is too)
     rows = max(1, _SEARCH_ELEMENTS // max(1, wg.shape[1] * wg.shape[2]))
-    starts = range(0, wg.shape[0], rows)
-    if kernels.compiled() is None or len(grid) == 1:
-        parts = [_GroupRanges(wg[i:i + rows], levels, sym).torch_search(grid) for i in starts]
-        if len(parts) == 1:
-            return parts[0]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                None if sym else torch.cat([p[2] for p in parts]))
-    # the compiled search writes the levels into one tensor: no float copy of the weights, no cat
-    q = torch.empty(wg.shape, dtype=torch.int16)
+    compiled = kernels.compiled() is not None and len(grid) > 1
+    # the same float32 shrink values as each search step's, so s and lo are its own
     shrinks = torch.tensor(grid, dtype=torch.float32)
-    if _SEARCH_SHARE is None:
-        parts = []
-        for i in starts:
-            block = _GroupRanges(wg[i:i + rows], levels, sym)
-            # the same float32 shrink values as each search step's, so s and lo are its own
-            parts.append(block.scale_and_low(shrinks[block.search(grid, q[i:i + rows])]))
-    else:  # this rank's rows searched, everyone's summed, then every block's levels
+    # the compiled search writes the levels into one tensor: no float copy of the weights, no cat
+    q = torch.empty(wg.shape, dtype=torch.int16) if compiled else None
+    chosen = None
+    if _SEARCH_SHARE is not None:  # this rank's rows searched, everyone's choices summed
         rank, world, all_reduce = _SEARCH_SHARE
         first, last = wg.shape[0] * rank // world, wg.shape[0] * (rank + 1) // world
-        best = torch.zeros(wg.shape[:2], dtype=torch.float32)
+        summed = torch.zeros(wg.shape[:2], dtype=torch.float32)
         for i in range(first, last, rows):
             end = min(i + rows, last)
-            best[i:end] = _GroupRanges(wg[i:end], levels, sym).search(grid, None).float()
-        all_reduce(best)
-        best = best.long()
-        parts = [_GroupRanges(wg[i:i + rows], levels, sym).write_levels(
-            shrinks[best[i:i + rows]], q[i:i + rows])
-                 for i in starts]
-    return (q, torch.cat([p[0] for p in parts]),
-            None if sym else torch.cat([p[1] for p in parts]))
+            block = _GroupRanges(wg[i:end], levels, sym)
+            found = block.search(grid, None) if compiled else block.torch_search(grid)
+            summed[i:end] = found.float()
+        all_reduce(summed)
+        chosen = summed.long()
+    parts = []
+    for i in range(0, wg.shape[0], rows):
+        block = _GroupRanges(wg[i:i + rows], levels, sym)
+        out = None if q is None else q[i:i + rows]
+        if chosen is not None:
+            parts.append(block.grid_of(shrinks[chosen[i:i + rows]], out))
+        elif compiled:  # the levels written as it searches
+            parts.append(block.grid_of(shrinks[block.search(grid, out)], out, written=True))
+        else:
+            parts.append(block.grid_of(shrinks[block.torch_search(grid)], None))
+
+    def joined(index: int) -> torch.Tensor:
+        return parts[0][index] if len(parts) == 1 else torch.cat([p[index] for p in parts])
+
+    return (q if q is not None else joined(0), joined(1), None if sym else joined(2))
 
 
 class _GroupRanges:
@@ -191,14 +193,19 @@ class _GroupRanges:
             None if self.sym else torch.stack([f[1] for f in found]), float(self.levels),
             levels_out)
 
-    def write_levels(self, shrink: torch.Tensor, levels_out: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Write the levels of each group's given shrink (float32 [rows, groups]) into
-        levels_out; returns (s, lo)."""
+    def grid_of(self, shrink: torch.Tensor, levels_out: torch.Tensor | None,
+                written: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q, s, lo) of each group's given shrink (float32 [rows, groups]): the levels in
+        levels_out (int16, written by the compiled kernel unless `written` already), else a
+        float tensor from torch."""
         s, lo = self.scale_and_low(shrink)
-        kernels.compiled().clip_search(self.wg, s[None], None if lo is None else lo[None],
-                                       float(self.levels), levels_out)
-        return s, lo
+        if levels_out is None:
+            return self.on_grid(s, lo, torch.empty_like(self.wg)), s, lo
+        if not written:
+            kernels.compiled().clip_search(self.wg, s[None], None if lo is None else lo[None],
+                                           float(self.levels), levels_out)
+        return levels_out, s, lo
 
     def on_grid(self, s: torch.Tensor, lo: torch.Tensor | None, out: torch.Tensor
                 ) -> torch.Tensor:
@@ -209,11 +216,10 @@ class _GroupRanges:
         torch.sub(self.wg, lo[:, :, None], out=out)
         return out.div_(s[:, :, None]).round_().clamp_(0, levels)
 
-    def torch_search(self, grid: tuple[float, ...],
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def torch_search(self, grid: tuple[float, ...]) -> torch.Tensor:
         """The search in torch (no compiled kernels): the squared error of every shrink into
         one reused buffer, keeping only the index of the best shrink per group (the first one
-        on ties), then the grid of that shrink once. Returns (q as float, s, lo)."""
+        on ties). Returns that index, int64 [rows, groups]."""
         wg = self.wg
         buffer = torch.empty_like(wg)
         best_err = best_index = None
@@ -228,7 +234,4 @@ class _GroupRanges:
                 continue
             best_index[err < best_err] = index
             best_err = torch.minimum(err, best_err)
-        # The same float32 shrink values as the loop's, so s, lo and q are the loop's bit for
-        # bit.
-        s, lo = self.scale_and_low(torch.tensor(grid, dtype=torch.float32)[best_index])
-        return self.on_grid(s, lo, torch.empty_like(wg)), s, lo
+        return best_index
