@@ -108,10 +108,11 @@ _SEARCH_SHARE: tuple[int, int, Callable[[torch.Tensor], Any]] | None = None
 def search_shared(rank: int, world: int, all_reduce: Callable[[torch.Tensor], Any],
                   ) -> Iterator[None]:
     """Within it, ranks that each quantize the same weights in the same order (tensor-parallel
-    ranks loading one model, each then keeping its slice) share the compiled clipping search:
-    each searches its 1/world of every weight's rows, and the chosen shrinks are summed across
-    the ranks (all_reduce: in place, over a float32 tensor), so every rank ends with the whole
-    result, bit for bit what one process finds."""
+    ranks loading one model, each then keeping its slice) share the clipping search: each
+    searches its 1/world of every weight's rows, and the chosen shrinks are summed across the
+    ranks (all_reduce: in place, over a float32 tensor; one call per weight on every rank,
+    compiled kernels or not), so every rank ends with the whole result, bit for bit what one
+    process finds."""
     global _SEARCH_SHARE
     _SEARCH_SHARE = (rank, world, all_reduce) if world > 1 else None
     try:
