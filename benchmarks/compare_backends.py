@@ -40,7 +40,13 @@ from llmbench.atomic import save_png, write_text  # noqa: E402
 from llmbench.backends import prepare  # noqa: E402
 from llmbench.bench import run_benchmark  # noqa: E402
 from llmbench.cli.flags import Parser, non_negative_int, positive_int  # noqa: E402
-from llmbench.environment import collect_environment, machine_slug  # noqa: E402
+from llmbench.environment import (  # noqa: E402
+    HELD_ISA_ENV,
+    collect_environment,
+    held_isa_text,
+    hold_isa,
+    machine_slug,
+)
 from llmbench.memory import huge_page_buffer, huge_page_bytes  # noqa: E402
 from llmbench.models import cache_root, load_model  # noqa: E402
 from llmbench.prompts import Prompt, build_prompt  # noqa: E402
@@ -508,9 +514,14 @@ def main() -> int:
                         help="measure every config in this process instead of one child each")
     parser.add_argument("--plot", action="store_true",
                         help="also write a PNG: first- and next-token bars per config")
+    parser.add_argument("--isa", choices=sorted(HELD_ISA_ENV),
+                        help="hold every library to this ISA, this process and every config "
+                        "(llmbench.environment.HELD_ISA_ENV; llama.cpp rows run the build on "
+                        "PYTHONPATH, see docs/performance.md)")
     parser.add_argument("--one-config", help=argparse.SUPPRESS)  # a child's single config
     parser.add_argument("--model-path", help=argparse.SUPPRESS)  # the child's resolved model
     args = parser.parse_args()
+    hold_isa(args.isa)
     if args.one_config:
         row = measure_or_error(args.model_path or None, args.one_config, args)
         print(ROW_MARK + json.dumps(row, default=str), flush=True)
@@ -544,10 +555,14 @@ def main() -> int:
                 f"{'this one process' if args.same_process else 'a process of its own'}. "
                 "Latencies are medians "
                 f"over {args.num_iter} iterations after {args.num_warmup} warm-up. floor = "
-                "weight bytes per token / read bandwidth.\n\n" + table(rows, bandwidth) + "\n")
+                "weight bytes per token / read bandwidth."
+                + (f" {held_isa_text(args.isa)}." if args.isa else "")
+                + "\n\n" + table(rows, bandwidth) + "\n")
     print(markdown)
     out = Path(args.output_dir)
-    stem = f"compare-{args.model.replace('/', '_')}-{machine_slug()}"  # replaces the baseline
+    held = f"-{args.isa}" if args.isa else ""
+    # replaces the baseline of the same model, machine and held ISA
+    stem = f"compare-{args.model.replace('/', '_')}-{machine_slug()}{held}"
     write_text(out / f"{stem}.md", markdown)
     write_text(out / f"{stem}.json", json.dumps(
         {"model": args.model, "bandwidth_gb_per_s": bandwidth,

@@ -34,15 +34,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from llmbench.atomic import write_text  # noqa: E402
-from llmbench.environment import machine_slug  # noqa: E402
+from llmbench.environment import (  # noqa: E402
+    HELD_ISA_ENV,
+    held_isa_text,
+    hold_isa,
+    machine_slug,
+)
 
 PRECISIONS = {"fp32": [], "bf16": ["--dtype", "bfloat16"],
               "int8": ["--ipex-weight-only-quantization", "--weight-dtype", "INT8"]}
 MS = 1000.0
-# --isa avx2: every library held to AVX2 in every run (ours, ATen's kernels, oneDNN, MKL), so an
-# AVX-512 machine measures what an AVX2 machine's code paths do (not its memory system)
-ISA_ENV = {"avx2": {"LLMBENCH_KERNELS_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
-                    "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def free_port() -> int:
@@ -70,8 +71,7 @@ def run(model: str | None, flags: list[str], ranks: int, args: argparse.Namespac
                        *common, "--skip-quality"]
         else:
             command = [sys.executable, str(ROOT / "run.py"), *common]
-        full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **ISA_ENV.get(args.isa, {}),
-                    **(env or {})}
+        full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
         result = subprocess.run(command, capture_output=True, text=True, env=full_env)
         if result.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -109,12 +109,12 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--input-tokens", type=int, default=32)
     parser.add_argument("--no-stock", action="store_true", help="skip the stock AutoTP row")
-    parser.add_argument("--isa", choices=sorted(ISA_ENV),
-                        help="hold every library to this ISA in every run (" + ", ".join(
-                            f"{k}: {' '.join(f'{n}={v}' for n, v in e.items())}"
-                            for k, e in ISA_ENV.items()) + ")")
+    parser.add_argument("--isa", choices=sorted(HELD_ISA_ENV),
+                        help="hold every library to this ISA, this process and every run "
+                        "(llmbench.environment.HELD_ISA_ENV)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    hold_isa(args.isa)
     import torch
     from compare_backends import read_bandwidth_gb_per_s, resolve_model
 
@@ -163,9 +163,7 @@ def main() -> int:
     from llmbench.environment import collect_environment
 
     env = collect_environment()
-    held = (f"; every run held to {args.isa.upper()} ("
-            + ", ".join(f"{n}={v}" for n, v in ISA_ENV[args.isa].items()) + ")"
-            if args.isa else "")
+    held = f". {held_isa_text(args.isa)}" if args.isa else ""
     command = "python benchmarks/native_tp.py " + " ".join(sys.argv[1:])
     lines = [f"# native tensor parallel: {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"{env['cpu']['model']} ({', '.join(env['cpu']['isa'])}), model {args.model}, "

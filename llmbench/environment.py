@@ -24,6 +24,32 @@ RUNTIME_ENV_VARS = ("OMP_NUM_THREADS", "KMP_AFFINITY", "KMP_BLOCKTIME", "KMP_TPA
                     "KMP_SETTINGS", "LD_PRELOAD", "MALLOC_CONF", "OMP_PROC_BIND", "OMP_PLACES",
                     "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
                     "MKL_ENABLE_INSTRUCTIONS", "LLMBENCH_KERNELS_ISA")
+# What benchmarks' --isa sets: every library held to one ISA (our kernels, ATen's CPU kernels,
+# oneDNN, MKL), so that a CPU with more runs the code paths a CPU with only that one would (its
+# memory system stays its own).
+HELD_ISA_ENV = {"avx2": {"LLMBENCH_KERNELS_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                         "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def hold_isa(name: str | None) -> None:
+    """Run this script again with every library held to `name` (HELD_ISA_ENV), unless it is
+    already: the libraries read these variables once, at their first use."""
+    if not name:
+        return
+    wanted = HELD_ISA_ENV[name]
+    if any(os.environ.get(key) != value for key, value in wanted.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
+
+
+def held_isa_text(name: str | None) -> str:
+    """The sentence a benchmark's header gives a held ISA ("" for none)."""
+    if not name:
+        return ""
+    return (f"Every library held to {name.upper()} ("
+            + ", ".join(f"{k}={v}" for k, v in HELD_ISA_ENV[name].items()) + ")")
+
+
 PACKAGES = ("torch", "transformers", "accelerate", "gguf", "numpy", "safetensors", "tokenizers",
             "psutil", "deepspeed", "lm_eval", "torchao", "intel_extension_for_pytorch")
 

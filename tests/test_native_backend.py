@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -195,6 +197,28 @@ def test_kernels_forced_onto_avx2_prefill_bf16_as_an_avx2_cpu(tmp_path):
     assert backend["kernels"] == "avx2"
     assert backend["prefill_matmul"] == ("fp32 GEMM on weights widened from bf16 (kernels forced "
                                          "onto avx2)")
+
+
+def test_kernels_forced_onto_avx2_run_int8_prefills_as_a_cpu_without_amx():
+    """LLMBENCH_KERNELS_ISA=avx2 on a CPU with AMX-INT8: dynamic int8 activations past the
+    kernels' rows go to the fp32 GEMM on the integer values (what a CPU without AMX-INT8 runs),
+    not to this CPU's AMX torch._int_mm, and the report's compute line says the kernels were
+    forced."""
+    import subprocess
+
+    from llmbench import kernels
+    from llmbench.environment import has_int8_matmul
+
+    if not has_int8_matmul() or "avx2" not in kernels.supported_isas():
+        pytest.skip("needs a CPU with AMX-INT8 and the avx2 kernels")
+    probe = ("from llmbench.kernels import int8_act; "
+             "print(int8_act.INT8_GEMM, int8_act.gemm_rows()); print(int8_act.describe())")
+    for forced, gemm in (("avx2", "False"), ("", "True")):
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                env={**os.environ, "LLMBENCH_KERNELS_ISA": forced}, check=True)
+        flag, describe = result.stdout.splitlines()
+        assert flag.split()[0] == gemm, (forced, result.stdout)
+        assert ("(kernels forced onto avx2)" in describe) == (forced == "avx2"), describe
 
 
 @pytest.mark.parametrize("bf16_gemm", [True, False])

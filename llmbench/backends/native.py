@@ -82,7 +82,7 @@ rms_norm = kernels.rms_norm
 # generic path (LLMBENCH_KERNELS_ISA) stand for a CPU without bf16 math, whose prefill this then
 # runs (the AVX2 comparisons in docs/performance.md: before, they timed the bf16-math prefill's
 # Python layers on the AVX2 kernels, which no CPU runs).
-BF16_PREFILL_GEMM = has_native_bf16() and kernels.isa() not in ("avx2", "generic")
+BF16_PREFILL_GEMM = has_native_bf16() and not kernels.path_without_matrix_units()
 
 
 def prefill_matmul() -> str:

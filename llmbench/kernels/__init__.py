@@ -185,6 +185,14 @@ def isa() -> str:
     return _C.isa() if available() else "torch-fallback"
 
 
+def path_without_matrix_units() -> bool:
+    """The active path is avx2 or generic: on a CPU with bf16 math or AMX-INT8 that means the
+    kernels were forced there (LLMBENCH_KERNELS_ISA) to stand for a CPU without them, and the
+    torch paths chosen for those units follow (native.BF16_PREFILL_GEMM, int8_act.INT8_GEMM),
+    so that such a run times what that CPU would run."""
+    return isa() in ("avx2", "generic")
+
+
 def supported_isas() -> list[str]:
     """ISA paths usable on this CPU with this build ([] without the extension)."""
     return list(_C.supported_isas()) if _C is not None else []

@@ -31,7 +31,10 @@ from llmbench import kernels
 from llmbench.environment import has_int8_matmul
 
 INT8_MAX = 127.0
-INT8_GEMM = has_int8_matmul()
+# (not with the kernels forced onto avx2 or generic: those stand for a CPU without AMX-INT8,
+# whose oneDNN int8 GEMM is 30-50x slower than fp32 GEMM; before 2026-12-07 such runs timed
+# this CPU's AMX _int_mm in their INT8-lowp prefill)
+INT8_GEMM = has_int8_matmul() and not kernels.path_without_matrix_units()
 # Above how many rows dynamic int8 activations go to torch._int_mm where INT8_GEMM holds (the
 # compiled decode step too: DecodePlan.set_gemm_rows). SmolLM2's 30 layers of int8
 # projections, 2 threads, AMX Xeon: 8 rows 15.3 ms on the kernels vs 15.7 on _int_mm, 16 rows
@@ -52,7 +55,8 @@ def describe() -> str:
         return (f"int8 x int8 -> int32 for M < {amx} ({kernels.isa()}); more rows: AMX-INT8 "
                 "tiles (llmbench kernels)")
     longer = ("oneDNN int8 GEMM (torch._int_mm)" if INT8_GEMM
-              else "int8 numerics, fp32 GEMM compute")
+              else "int8 numerics, fp32 GEMM compute" + (
+                  f" (kernels forced onto {kernels.isa()})" if has_int8_matmul() else ""))
     return (f"int8 x int8 -> int32 for M <= {gemm_rows()} ({kernels.isa()}); "
             f"more rows: {longer}")
 
