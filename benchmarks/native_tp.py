@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from llmbench.atomic import write_text  # noqa: E402
+from llmbench.cli.flags import Parser, positive_int  # noqa: E402
 from llmbench.environment import (  # noqa: E402
     HELD_ISA_ENV,
     held_isa_text,
@@ -99,10 +100,10 @@ def summarize(name: str, precision: str, report: dict[str, Any]) -> dict[str, An
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (embedded), tinyllama-1b (random weights) or any -m value")
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=positive_int, default=2)
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--num-iter", type=int, default=3)
     parser.add_argument("--num-warmup", type=int, default=1)
@@ -114,6 +115,9 @@ def main() -> int:
                         "(llmbench.environment.HELD_ISA_ENV)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    unknown = [p for p in args.precisions.split(",") if p not in PRECISIONS]
+    if unknown:
+        parser.error(f"--precisions: unknown {', '.join(unknown)} (use {', '.join(PRECISIONS)})")
     hold_isa(args.isa)
     import torch
     from compare_backends import read_bandwidth_gb_per_s, resolve_model

@@ -14,7 +14,6 @@ model's (transformers renames some families' tensors at load)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
@@ -304,41 +303,33 @@ class LayerStream:
         self.release(sources)
 
     def _quantize(self, native: Any, sources: list[Any], install: Any) -> None:
-        from llmbench.quant.apply import NativeConverter, ready_to_run
-        from llmbench.quant.rtn import search_shared
+        from llmbench.quant.apply import NativeConverter, projection_scheme, ready_to_run
+        from llmbench.quant.rtn import quantize_weight, search_shared
 
         found = {}
-        with contextlib.ExitStack() as stack:
-            if self.shared:
-                stack.enter_context(search_shared(self.comm.rank, self.comm.world,
-                                                  self.comm.all_reduce))
-            self._quantize_sources(sources, found)
+        # (one rank: search_shared leaves the search as it is)
+        with search_shared(self.comm.rank, self.comm.world, self.comm.all_reduce):
+            for source in sources:
+                if source.name in found:
+                    continue
+                if source.expert is not None:
+                    found[source.name] = quantize_weight(
+                        self._fp32(source.module)[source.expert], None, self.scheme)
+                    continue
+                module = self.model.get_submodule(source.module)
+                if not self._weights(source)[0][1]:  # not quantized (too narrow)
+                    continue
+                found[source.name] = quantize_weight(
+                    self._fp32(f"{source.module}.weight"),
+                    None if getattr(module, "bias", None) is None
+                    else self._fp32(f"{source.module}.bias"),
+                    projection_scheme(self.scheme, module is self.output))
         found = ready_to_run(found, self.scheme, _dtype_name(self.dtype))
         self.formats.update({name: _Format(q.kind, getattr(q, "act_qmax", 0.0))
                              for name, q in found.items()})
         convert = NativeConverter(native, found)
         install(convert)
         self.replaced += convert.replaced
-
-    def _quantize_sources(self, sources: list[Any], found: dict[str, Any]) -> None:
-        from llmbench.quant.apply import projection_scheme
-        from llmbench.quant.rtn import quantize_weight
-
-        for source in sources:
-            if source.name in found:
-                continue
-            if source.expert is not None:
-                found[source.name] = quantize_weight(
-                    self._fp32(source.module)[source.expert], None, self.scheme)
-                continue
-            module = self.model.get_submodule(source.module)
-            if not self._weights(source)[0][1]:  # not quantized (too narrow)
-                continue
-            found[source.name] = quantize_weight(
-                self._fp32(f"{source.module}.weight"),
-                None if getattr(module, "bias", None) is None
-                else self._fp32(f"{source.module}.bias"),
-                projection_scheme(self.scheme, module is self.output))
 
     def _fp32(self, name: str) -> torch.Tensor:
         """A weight as the quantizer reads it: fp32 from the checkpoint (an lm_head tied to the

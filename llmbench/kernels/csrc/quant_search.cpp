@@ -1,5 +1,5 @@
-// The clipping search of round-to-nearest quantization (llmbench.quant.rtn._clipped_grid_rows)
-// in one pass per group: for each range shrink, the squared error of the group rebuilt from
+// The clipping search of round-to-nearest quantization (llmbench.quant.rtn._clipped_grid,
+// _GroupRanges) in one pass per group: for each range shrink, the squared error of the group rebuilt from
 // its grid, kept in registers. In torch each shrink is ~10 passes over a [rows, groups, size]
 // buffer (div, round, clamp, mul, sub, square, sum, compare), which made INT8's 26-shrink
 // search about 20 M weights/s per thread: a minute for a 1B model, on every rank under
